@@ -1,0 +1,14 @@
+"""tensornet_openmm: TensorNet potentials for OpenMM.
+
+The model (:class:`TensorNet`, :func:`load_model`, :func:`save_model`) imports neither OpenMM nor
+openmm-torch; the OpenMM-facing helpers are imported on first use.
+"""
+
+from .nn import TensorNet
+
+__version__ = "0.1.0"
+__all__ = ["TensorNet", "__version__"]
+
+from .checkpoints import load_model, save_model  # noqa: E402
+
+__all__ += ["load_model", "save_model"]

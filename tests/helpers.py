@@ -1,0 +1,63 @@
+"""Helpers shared by the tests: molecules, pair lists, energies and forces."""
+
+from __future__ import annotations
+
+import torch
+
+from tensornet_openmm import TensorNet
+
+
+def random_molecule(
+    n_atoms: int,
+    species=(1, 6, 7, 8),
+    spread: float = 3.0,
+    dtype=torch.float64,
+    min_distance: float = 0.8,
+    generator: torch.Generator | None = None,
+):
+    """Atomic numbers and positions (A) of a random, non-overlapping cluster."""
+    g = generator or torch.Generator().manual_seed(n_atoms)
+    species = torch.tensor(species)
+    while True:
+        pos = (torch.rand(n_atoms, 3, generator=g, dtype=torch.float64) - 0.5) * 2 * spread
+        d = torch.cdist(pos, pos) + 1e3 * torch.eye(n_atoms)
+        if d.min() > min_distance:
+            break
+    z = species[torch.randint(len(species), (n_atoms,), generator=g)]
+    return z, pos.to(dtype)
+
+
+def all_pairs(batch: torch.Tensor) -> torch.Tensor:
+    """Every ordered pair (i, j), i != j, of atoms in the same molecule: shape (2, n_pairs)."""
+    same = batch[:, None] == batch[None, :]
+    same.fill_diagonal_(False)
+    return same.nonzero().T.contiguous()
+
+
+def energy_forces(model: TensorNet, z, pos, batch=None, total_charge=None, edge_index=None):
+    """Energies (eV, per molecule) and forces (eV/A) of ``model`` with an all-pairs list."""
+    pos = pos.detach().clone().requires_grad_(True)
+    if edge_index is None:
+        edge_index = all_pairs(torch.zeros_like(z) if batch is None else batch)
+    energy = model(z, pos, edge_index, batch=batch, total_charge=total_charge)
+    (grad,) = torch.autograd.grad(energy.sum(), pos)
+    return energy.detach(), -grad
+
+
+def randomize(module: torch.nn.Module, scale: float = 0.3, generator=None) -> None:
+    """Overwrite every parameter and float buffer with random values (in place)."""
+    g = generator or torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, tensor in list(module.named_parameters()):
+            tensor.copy_(torch.randn(tensor.shape, generator=g, dtype=torch.float64) * scale)
+
+
+def assert_close(actual, expected, dtype=torch.float64, rtol_scale: float = 1.0):
+    from conftest import ATOL, RTOL
+
+    torch.testing.assert_close(
+        actual.to(torch.float64),
+        expected.to(torch.float64),
+        rtol=RTOL[dtype] * rtol_scale,
+        atol=ATOL[dtype] * rtol_scale,
+    )

@@ -1,0 +1,134 @@
+"""Physical properties of the TensorNet energy model, float64."""
+
+import math
+
+import pytest
+import torch
+from helpers import all_pairs, assert_close, energy_forces, random_molecule
+
+from tensornet_openmm import TensorNet
+
+
+def _model(group="O(3)", layers=2, **kw):
+    torch.manual_seed(11)
+    model = TensorNet(
+        hidden_channels=16,
+        num_layers=layers,
+        num_rbf=10,
+        max_z=10,
+        equivariance_invariance_group=group,
+        dtype=torch.float64,
+        **kw,
+    )
+    with torch.no_grad():  # non-trivial LayerNorms
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def _rotation(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.det(q))  # proper rotation
+
+
+@pytest.mark.parametrize("group", ["O(3)", "SO(3)"])
+def test_rotation_translation_invariance_and_force_equivariance(group):
+    model = _model(group)
+    z, pos = random_molecule(12)
+    e, f = energy_forces(model, z, pos)
+    rot = _rotation(1)
+    e2, f2 = energy_forces(
+        model, z, pos @ rot.T + torch.tensor([3.0, -7.0, 11.0], dtype=torch.float64)
+    )
+    assert_close(e2, e)
+    assert_close(f2, f @ rot.T)
+
+
+def test_reflection_invariance_o3_only():
+    z, pos = random_molecule(12)
+    mirror = pos * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+    e, _ = energy_forces(_model("O(3)"), z, pos)
+    assert_close(energy_forces(_model("O(3)"), z, mirror)[0], e)
+    e_so3, _ = energy_forces(_model("SO(3)"), z, pos)
+    # SO(3) models are chiral: a mirror image changes the energy (slightly, for random weights)
+    assert not torch.allclose(energy_forces(_model("SO(3)"), z, mirror)[0], e_so3, rtol=1e-10)
+
+
+def test_permutation_invariance():
+    model = _model()
+    z, pos = random_molecule(12)
+    perm = torch.randperm(12)
+    e, f = energy_forces(model, z, pos)
+    e2, f2 = energy_forces(model, z[perm], pos[perm])
+    assert_close(e2, e)
+    assert_close(f2, f[perm])
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_forces_are_minus_gradient_by_finite_differences(layers):
+    model = _model(layers=layers)
+    z, pos = random_molecule(8, spread=2.0)
+    charge = torch.tensor([1.0], dtype=torch.float64)
+    _, forces = energy_forces(model, z, pos, total_charge=charge)
+    h = 1e-5
+    edges = all_pairs(torch.zeros_like(z))
+    for atom, axis in [(0, 0), (3, 1), (7, 2)]:
+        step = torch.zeros_like(pos)
+        step[atom, axis] = h
+        plus = model(z, pos + step, edges, total_charge=charge)
+        minus = model(z, pos - step, edges, total_charge=charge)
+        numeric = (-(plus - minus) / (2 * h)).detach()
+        assert abs(numeric.item() - forces[atom, axis].item()) < 1e-7 * max(
+            1.0, abs(numeric.item())
+        )
+
+
+def test_pair_beyond_cutoff_has_exactly_zero_force():
+    model = _model(cutoff_upper=4.0)
+    z = torch.tensor([6, 8])
+    for distance in (4.0, 4.0 + 1e-9, 6.0):
+        pos = torch.tensor([[0.0, 0.0, 0.0], [distance, 0.0, 0.0]], dtype=torch.float64)
+        _, forces = energy_forces(model, z, pos)
+        assert torch.count_nonzero(forces) == 0
+    pos = torch.tensor([[0.0, 0.0, 0.0], [3.9, 0.0, 0.0]], dtype=torch.float64)
+    assert torch.count_nonzero(energy_forces(model, z, pos)[1]) > 0
+
+
+def test_far_apart_fragments_are_additive():
+    model = _model()
+    z1, p1 = random_molecule(7)
+    z2, p2 = random_molecule(9)
+    e1, f1 = energy_forces(model, z1, p1)
+    e2, f2 = energy_forces(model, z2, p2)
+    shift = torch.tensor([40.0, 0.0, 0.0], dtype=torch.float64)
+    e12, f12 = energy_forces(model, torch.cat([z1, z2]), torch.cat([p1, p2 + shift]))
+    # mean is added once per molecule: the fragments count it twice
+    assert_close(e12, e1 + e2 - model.mean)
+    assert_close(f12, torch.cat([f1, f2]))
+
+
+def test_padding_slots_contribute_nothing():
+    model = _model()
+    z, pos = random_molecule(10)
+    edges = all_pairs(torch.zeros_like(z))
+    vec = pos[edges[0]] - pos[edges[1]]
+    pad_edges = torch.cat([edges, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    pad_vec = torch.cat([vec, torch.full((5, 3), 2 * model.cutoff_upper, dtype=torch.float64)])
+    e = model(z, pos, edges, vec)
+    assert_close(model(z, pos, pad_edges, pad_vec), e)
+
+
+def test_scripted_equals_eager_and_double():
+    model = TensorNet(hidden_channels=16, num_layers=2, num_rbf=8, max_z=10)
+    z, pos = random_molecule(9, dtype=torch.float32)
+    scripted = torch.jit.script(model)
+    e, f = energy_forces(model, z, pos)
+    e_s, f_s = energy_forces(scripted, z, pos)
+    assert torch.equal(e, e_s) or torch.allclose(e, e_s, rtol=1e-6, atol=0)
+    assert torch.allclose(f, f_s, rtol=1e-5, atol=1e-6)
+    model64 = model.double()
+    e64, _ = energy_forces(model64, z, pos.double())
+    assert e64.dtype == torch.float64
+    assert math.isclose(float(e64), float(e), rel_tol=1e-5)
