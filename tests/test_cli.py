@@ -1,6 +1,5 @@
 """The command line, driven through main([...])."""
 
-
 from tensornet_openmm import TensorNet, save_model
 from tensornet_openmm.cli import main
 

@@ -6,7 +6,6 @@ A = (X - X^T) / 2 (skew-symmetric, vector part) and S = (X + X^T) / 2 - I (symme
 "norm" follows the reference: the squared Frobenius norm.
 """
 
-
 import torch
 from torch import Tensor
 

@@ -7,7 +7,6 @@ at r = 0 (``self_basis``, shape (1, num_rbf)). A pair at or beyond the upper cut
 exactly zero, so padded pair slots only need a distance >= cutoff_upper.
 """
 
-
 import torch
 from torch import Tensor, nn
 

@@ -1,6 +1,5 @@
 """The TensorNet energy model: representation, output head, reference energies, mean and std."""
 
-
 import torch
 from torch import Tensor, nn
 
