@@ -53,4 +53,46 @@ def vector_from_skew(a: Tensor) -> Tensor:
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """Per-channel 3x3 matrix product of (n, 3, 3, F) tensors."""
-    return torch.einsum("nijf,njkf->nikf", a, b)
+    return (
+        a[:, :, 0, None] * b[:, None, 0]
+        + a[:, :, 1, None] * b[:, None, 1]
+        + a[:, :, 2, None] * b[:, None, 2]
+    )
+
+
+# Packed per-edge form: 10 components per channel, (n, 10, F):
+# [I, vx, vy, vz, Sxx, Syy, Szz, Sxy, Sxz, Syz] where A = skew(v). Messages travel packed.
+def pack(iso: Tensor, skew: Tensor, sym: Tensor) -> Tensor:
+    """(n, F), (n, 3, 3, F), (n, 3, 3, F) -> (n, 10, F)."""
+    comps = (
+        iso,
+        skew[:, 2, 1],
+        skew[:, 0, 2],
+        skew[:, 1, 0],
+        sym[:, 0, 0],
+        sym[:, 1, 1],
+        sym[:, 2, 2],
+        sym[:, 0, 1],
+        sym[:, 0, 2],
+        sym[:, 1, 2],
+    )
+    return torch.stack(comps, dim=1)
+
+
+def unpack(p: Tensor) -> Tensor:
+    """(n, 10, F) -> the full tensor I Id + skew(v) + S, shape (n, 3, 3, F)."""
+    i, vx, vy, vz = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
+    sxx, syy, szz, sxy, sxz, syz = p[:, 4], p[:, 5], p[:, 6], p[:, 7], p[:, 8], p[:, 9]
+    rows = (
+        i + sxx, sxy - vz, sxz + vy,
+        sxy + vz, i + syy, syz - vx,
+        sxz - vy, syz + vx, i + szz,
+    )  # fmt: skip
+    return torch.stack(rows, dim=1).reshape(p.shape[0], 3, 3, p.shape[2])
+
+
+def edge_geometry(rhat: Tensor) -> Tensor:
+    """Per-pair packed factors of the embedding, (P, 3) -> (P, 10): [1, rhat, rhat rhat^T]."""
+    x, y, z = rhat[:, 0], rhat[:, 1], rhat[:, 2]
+    one = torch.ones_like(x)
+    return torch.stack((one, x, y, z, x * x, y * y, z * z, x * y, x * z, y * z), dim=1)

@@ -1,5 +1,9 @@
 """TensorNet's embedding and interaction layers (channels-last tensors, shape (n, 3, 3, F)).
 
+Per-pair messages travel in the packed 10-component form of :mod:`.algebra` (scalar, vector and
+6 symmetric components) rather than as full 3x3 tensors; channel-mixing linears commute with
+taking components, so they act on the packed form too.
+
 Pairs are given as ``src`` (receiving atom i) and ``dst`` (sending atom j) with distances ``r``
 and unit vectors ``rhat`` of r_ij = pos[i] - pos[j]. Self pairs are NOT in the pair list: their
 contributions (distance 0, unit vector 0) are added per atom, with the radial functions evaluated
@@ -40,6 +44,11 @@ def _scatter(index: Tensor, values: Tensor, n: int) -> Tensor:
     return out.index_add(0, index, values)
 
 
+def _message(index: Tensor, f: Tensor, f0: Tensor, parts: Tensor, n: int) -> Tensor:
+    """sum_j f(ij) parts[j] over pairs, plus the self pair f0 parts[i]; parts (n, c, F)."""
+    return _scatter(index[0], f * parts[index[1]], n) + f0 * parts
+
+
 class TensorEmbedding(nn.Module):
     """Builds the initial per-atom tensors X_i from neighbours' species and geometry."""
 
@@ -70,6 +79,16 @@ class TensorEmbedding(nn.Module):
         )
         self.init_norm = nn.LayerNorm(f, dtype=dtype)
 
+    def _project(self, basis: Tensor) -> Tensor:
+        """The three distance projections at once: (P, K) -> (P, 3, F)."""
+        weight = torch.cat(
+            (self.distance_proj1.weight, self.distance_proj2.weight, self.distance_proj3.weight)
+        )
+        bias = torch.cat(
+            (self.distance_proj1.bias, self.distance_proj2.bias, self.distance_proj3.bias)
+        )
+        return nn.functional.linear(basis, weight, bias).reshape(basis.shape[0], 3, -1)
+
     def forward(
         self,
         z: Tensor,
@@ -80,32 +99,36 @@ class TensorEmbedding(nn.Module):
         basis: Tensor,
         self_basis: Tensor,
     ) -> Tensor:
-        n = z.shape[0]
+        n, f = z.shape[0], self.hidden_channels
         species = self.emb(z)  # (n, F)
-        z_pair = self.emb2(torch.cat((species[src], species[dst]), dim=1))  # (P, F)
-        z_self = self.emb2(torch.cat((species, species), dim=1))  # (n, F)
+        # emb2([e_i, e_j]) is linear: split it into a receiver part and a sender part per atom
+        w = self.emb2.weight
+        z_recv = nn.functional.linear(species, w[:, :f])
+        z_send = nn.functional.linear(species, w[:, f:])
+        z_pair = z_recv[src] + z_send[dst] + self.emb2.bias  # (P, F)
+        z_self = z_recv + z_send + self.emb2.bias  # (n, F)
+
         cz = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None] * z_pair
+        f_i, f_a, f_s = (self._project(basis) * cz[:, None, :]).unbind(1)  # (P, F) each
+        geometry = algebra.edge_geometry(rhat)  # (P, 10): [1, rhat, rhat rhat^T]
+        iso = _scatter(src, f_i, n)
+        vec = _scatter(src, f_a[:, None] * geometry[:, 1:4, None], n)  # (n, 3, F)
+        sym = _scatter(src, f_s[:, None] * geometry[:, 4:10, None], n)  # sum f_S rhat rhat^T
         cut0 = cosine_cutoff(torch.zeros_like(r[:1]), self.cutoff_lower, self.cutoff_upper)
+        iso = iso + cut0 * z_self * self._project(self_basis)[0, 0]  # plus the self pair
+        diag = sym[:, 0:3]
+        diag = diag - diag.mean(1, keepdim=True)  # make S traceless
+        offdiag = sym[:, 3:6]
 
-        iso = _scatter(src, self.distance_proj1(basis) * cz, n)
-        iso = iso + cut0 * z_self * self.distance_proj1(self_basis)  # self pairs
-        f_a = self.distance_proj2(basis) * cz  # (P, F)
-        vec = _scatter(src, f_a[:, None, :] * rhat[:, :, None], n)  # (n, 3, F)
-        f_s = self.distance_proj3(basis) * cz
-        outer = rhat[:, :, None] * rhat[:, None, :]  # (P, 3, 3)
-        sym = _scatter(src, f_s[:, None, None, :] * outer[..., None], n)
-        # rhat rhat^T summed, then made traceless (exact for unit vectors and for zero vectors)
-        sym = sym - algebra.scalar_to_tensor(sym.diagonal(dim1=1, dim2=2).mean(-1))
-        x = algebra.compose(iso, algebra.skew_from_vector(vec), sym)
-
+        x = algebra.unpack(torch.cat((iso[:, None], vec, diag, offdiag), dim=1))
         gates = self.init_norm(algebra.squared_norm(x))
         for linear in self.linears_scalar:
             gates = self.act(linear(gates))
-        gates = gates.reshape(n, 3, self.hidden_channels)
+        gates = gates.reshape(n, 3, f)
         iso = self.linears_tensor[0](iso) * gates[:, 0]
-        skew = self.linears_tensor[1](algebra.skew_from_vector(vec)) * gates[:, 1, None, None]
-        sym = self.linears_tensor[2](sym) * gates[:, 2, None, None]
-        return algebra.compose(iso, skew, sym)
+        vec = self.linears_tensor[1](vec) * gates[:, 1, None]
+        sym = self.linears_tensor[2](torch.cat((diag, offdiag), dim=1)) * gates[:, 2, None]
+        return algebra.unpack(torch.cat((iso[:, None], vec, sym), dim=1))
 
 
 class Interaction(nn.Module):
@@ -145,13 +168,14 @@ class Interaction(nn.Module):
         h = h * cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None]
         return h.reshape(h.shape[0], 3, self.hidden_channels)
 
-    def _mix(
-        self, first: int, iso: Tensor, skew: Tensor, sym: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _mix(self, first: int, packed: Tensor) -> Tensor:
+        """Channel mixing W_first, W_first+1, W_first+2 of the I, A, S parts of a packed tensor."""
         lin = self.linears_tensor
         if first == 0:
-            return lin[0](iso), lin[1](skew), lin[2](sym)
-        return lin[3](iso), lin[4](skew), lin[5](sym)
+            parts = (lin[0](packed[:, 0:1]), lin[1](packed[:, 1:4]), lin[2](packed[:, 4:10]))
+        else:
+            parts = (lin[3](packed[:, 0:1]), lin[4](packed[:, 1:4]), lin[5](packed[:, 4:10]))
+        return torch.cat(parts, dim=1)
 
     def forward(
         self,
@@ -164,28 +188,23 @@ class Interaction(nn.Module):
         charge_factor: Tensor,
     ) -> Tensor:
         n = x.shape[0]
-        f = self._filters(basis, r)  # (P, 3, F)
+        f_i, f_a, f_s = self._filters(basis, r).unbind(1)  # (P, F) each
         f0 = self._filters(self_basis, torch.zeros_like(r[:1]))[0]  # (3, F), the self pair
 
         x = x / (algebra.squared_norm(x) + 1.0)[:, None, None, :]
-        iso, skew, sym = self._mix(0, *algebra.decompose(x))
-        y = algebra.compose(iso, skew, sym)
-
-        vec = algebra.vector_from_skew(skew)  # (n, 3, F)
-        m_iso = _scatter(src, f[:, 0] * iso[dst], n) + f0[0] * iso
-        m_vec = _scatter(src, f[:, 1, None] * vec[dst], n) + f0[1] * vec
-        m_sym = _scatter(src, f[:, 2, None, None] * sym[dst], n) + f0[2] * sym
-        msg = algebra.compose(m_iso, algebra.skew_from_vector(m_vec), m_sym)
+        y_packed = self._mix(0, algebra.pack(*algebra.decompose(x)))  # (n, 10, F)
+        y = algebra.unpack(y_packed)
+        pairs = torch.stack((src, dst))
+        m_iso = _message(pairs, f_i[:, None], f0[0], y_packed[:, 0:1], n)
+        m_vec = _message(pairs, f_a[:, None], f0[1], y_packed[:, 1:4], n)
+        m_sym = _message(pairs, f_s[:, None], f0[2], y_packed[:, 4:10], n)
+        msg = algebra.unpack(torch.cat((m_iso, m_vec, m_sym), dim=1))
 
         q = charge_factor[:, None, None, None]
         if self.o3:
             c = q * (algebra.matmul(msg, y) + algebra.matmul(y, msg))
         else:
             c = 2.0 * algebra.matmul(y, msg)
-        iso, skew, sym = algebra.decompose(c)
         scale = 1.0 / (algebra.squared_norm(c) + 1.0)  # (n, F)
-        iso, skew, sym = self._mix(
-            3, iso * scale, skew * scale[:, None, None], sym * scale[:, None, None]
-        )
-        dx = algebra.compose(iso, skew, sym)
+        dx = algebra.unpack(self._mix(3, algebra.pack(*algebra.decompose(c)) * scale[:, None]))
         return x + dx + q * algebra.matmul(dx, dx)
