@@ -1,7 +1,5 @@
 """Our checkpoint format and the reference importer's error handling."""
 
-import pickle
-
 import pytest
 import torch
 from helpers import energy_forces, random_molecule
@@ -45,12 +43,7 @@ class Opaque:
 
 def test_pickled_reference_file_needs_explicit_trust(tmp_path):
     path = tmp_path / "ref.ckpt"
-    with open(path, "wb") as handle:
-        torch.save(
-            {"hyper_parameters": {"model": "tensornet"}, "state_dict": {}, "x": Opaque()},
-            handle,
-            pickle_protocol=pickle.DEFAULT_PROTOCOL,
-        )
+    torch.save({"hyper_parameters": {"model": "tensornet"}, "state_dict": {}, "x": Opaque()}, path)
     with pytest.raises(ValueError, match="trust_pickle=True"):
         load_model(path)
 
