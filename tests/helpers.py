@@ -44,14 +44,6 @@ def energy_forces(model: TensorNet, z, pos, batch=None, total_charge=None, edge_
     return energy.detach(), -grad
 
 
-def randomize(module: torch.nn.Module, scale: float = 0.3, generator=None) -> None:
-    """Overwrite every parameter and float buffer with random values (in place)."""
-    g = generator or torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for _, tensor in list(module.named_parameters()):
-            tensor.copy_(torch.randn(tensor.shape, generator=g, dtype=torch.float64) * scale)
-
-
 def assert_close(actual, expected, dtype=torch.float64, rtol_scale: float = 1.0):
     from conftest import ATOL, RTOL
 

@@ -19,11 +19,6 @@ def scalar_to_tensor(iso: Tensor) -> Tensor:
     return iso[:, None, None, :] * _eye(iso)
 
 
-def compose(iso: Tensor, skew: Tensor, sym: Tensor) -> Tensor:
-    """I Id + A + S with ``iso`` (n, F) and ``skew``, ``sym`` (n, 3, 3, F)."""
-    return scalar_to_tensor(iso) + skew + sym
-
-
 def decompose(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Split ``x`` (n, 3, 3, F) into tr/3 (n, F), skew part and symmetric traceless part."""
     xt = x.transpose(1, 2)
@@ -36,19 +31,6 @@ def decompose(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def squared_norm(x: Tensor) -> Tensor:
     """Squared Frobenius norm of each 3x3 block: (n, 3, 3, F) -> (n, F)."""
     return (x * x).sum((1, 2))
-
-
-def skew_from_vector(v: Tensor) -> Tensor:
-    """(n, 3, F) -> (n, 3, 3, F) with skew(v) w = v x w for each channel."""
-    zero = torch.zeros_like(v[:, 0])
-    x, y, z = v[:, 0], v[:, 1], v[:, 2]
-    rows = (zero, -z, y, z, zero, -x, -y, x, zero)
-    return torch.stack(rows, dim=1).reshape(v.shape[0], 3, 3, v.shape[2])
-
-
-def vector_from_skew(a: Tensor) -> Tensor:
-    """Inverse of :func:`skew_from_vector` for exactly skew tensors: (n, 3, 3, F) -> (n, 3, F)."""
-    return torch.stack((a[:, 2, 1], a[:, 0, 2], a[:, 1, 0]), dim=1)
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -91,8 +73,7 @@ def unpack(p: Tensor) -> Tensor:
     return torch.stack(rows, dim=1).reshape(p.shape[0], 3, 3, p.shape[2])
 
 
-def edge_geometry(rhat: Tensor) -> Tensor:
-    """Per-pair packed factors of the embedding, (P, 3) -> (P, 10): [1, rhat, rhat rhat^T]."""
-    x, y, z = rhat[:, 0], rhat[:, 1], rhat[:, 2]
-    one = torch.ones_like(x)
-    return torch.stack((one, x, y, z, x * x, y * y, z * z, x * y, x * z, y * z), dim=1)
+def symmetric_outer(v: Tensor) -> Tensor:
+    """The 6 components [xx, yy, zz, xy, xz, yz] of v v^T: (P, 3) -> (P, 6)."""
+    x, y, z = v[:, 0], v[:, 1], v[:, 2]
+    return torch.stack((x * x, y * y, z * z, x * y, x * z, y * z), dim=1)

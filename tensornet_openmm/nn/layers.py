@@ -110,10 +110,10 @@ class TensorEmbedding(nn.Module):
 
         cz = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None] * z_pair
         f_i, f_a, f_s = (self._project(basis) * cz[:, None, :]).unbind(1)  # (P, F) each
-        geometry = algebra.edge_geometry(rhat)  # (P, 10): [1, rhat, rhat rhat^T]
         iso = _scatter(src, f_i, n)
-        vec = _scatter(src, f_a[:, None] * geometry[:, 1:4, None], n)  # (n, 3, F)
-        sym = _scatter(src, f_s[:, None] * geometry[:, 4:10, None], n)  # sum f_S rhat rhat^T
+        vec = _scatter(src, f_a[:, None] * rhat[:, :, None], n)  # (n, 3, F)
+        outer = algebra.symmetric_outer(rhat)[:, :, None]  # (P, 6, 1)
+        sym = _scatter(src, f_s[:, None] * outer, n)  # sum f_S rhat rhat^T, packed
         cut0 = cosine_cutoff(torch.zeros_like(r[:1]), self.cutoff_lower, self.cutoff_upper)
         iso = iso + cut0 * z_self * self._project(self_basis)[0, 0]  # plus the self pair
         diag = sym[:, 0:3]
