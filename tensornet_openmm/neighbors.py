@@ -123,16 +123,15 @@ def neighbor_pairs(
     """
     if capacity < 0:
         pairs = _dynamic(positions, cutoff, box)
-        vectors = positions[pairs[0]] - positions[pairs[1]]
-        if box is not None:
-            vectors = minimum_image(vectors, box)
+        used = torch.ones(pairs.shape[1], dtype=torch.bool, device=positions.device)
         count = torch.tensor(pairs.shape[1], device=positions.device)
-        return pairs, vectors, count
-    pairs, used, count = _fixed(positions, cutoff, box, capacity)
+    else:
+        pairs, used, count = _fixed(positions, cutoff, box, capacity)
     vectors = positions[pairs[0]] - positions[pairs[1]]
     if box is not None:
         vectors = minimum_image(vectors, box)
-    padding = torch.zeros_like(vectors)
-    padding[:, 0] = 2.0 * cutoff
-    vectors = torch.where(used[:, None], vectors, padding)
+    if capacity >= 0:
+        padding = torch.zeros_like(vectors)
+        padding[:, 0] = 2.0 * cutoff
+        vectors = torch.where(used[:, None], vectors, padding)
     return pairs, vectors, count

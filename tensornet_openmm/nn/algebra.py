@@ -42,8 +42,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     )
 
 
-# Packed per-edge form: 10 components per channel, (n, 10, F):
-# [I, vx, vy, vz, Sxx, Syy, Szz, Sxy, Sxz, Syz] where A = skew(v). Messages travel packed.
+# Packed per-atom form: 10 components per channel, (n, 10, F):
+# [I, vx, vy, vz, Sxx, Syy, Szz, Sxy, Sxz, Syz] where A = skew(v).
 def pack(iso: Tensor, skew: Tensor, sym: Tensor) -> Tensor:
     """(n, F), (n, 3, 3, F), (n, 3, 3, F) -> (n, 10, F)."""
     comps = (

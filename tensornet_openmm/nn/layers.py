@@ -1,8 +1,10 @@
 """TensorNet's embedding and interaction layers (channels-last tensors, shape (n, 3, 3, F)).
 
-Per-pair messages travel in the packed 10-component form of :mod:`.algebra` (scalar, vector and
-6 symmetric components) rather than as full 3x3 tensors; channel-mixing linears commute with
-taking components, so they act on the packed form too.
+Per-pair messages never hold full 3x3 tensors: the scalar (P, F), vector (P, 3, F) and
+symmetric (P, 6, F) parts travel as separate tensors (no slicing of pair-sized tensors, whose
+backward is costly). Per atom, features switch between full tensors and the packed 10-component
+form of :mod:`.algebra`; channel-mixing linears commute with taking components, so they act on
+the packed form.
 
 Pairs are given as ``src`` (receiving atom i) and ``dst`` (sending atom j) with distances ``r``
 and unit vectors ``rhat`` of r_ij = pos[i] - pos[j]. Self pairs are NOT in the pair list: their
@@ -44,9 +46,9 @@ def _scatter(index: Tensor, values: Tensor, n: int) -> Tensor:
     return out.index_add(0, index, values)
 
 
-def _message(index: Tensor, f: Tensor, f0: Tensor, parts: Tensor, n: int) -> Tensor:
+def _message(src: Tensor, dst: Tensor, f: Tensor, f0: Tensor, parts: Tensor, n: int) -> Tensor:
     """sum_j f(ij) parts[j] over pairs, plus the self pair f0 parts[i]; parts (n, c, F)."""
-    return _scatter(index[0], f * parts[index[1]], n) + f0 * parts
+    return _scatter(src, f * parts[dst], n) + f0 * parts
 
 
 class TensorEmbedding(nn.Module):
@@ -194,10 +196,9 @@ class Interaction(nn.Module):
         x = x / (algebra.squared_norm(x) + 1.0)[:, None, None, :]
         y_packed = self._mix(0, algebra.pack(*algebra.decompose(x)))  # (n, 10, F)
         y = algebra.unpack(y_packed)
-        pairs = torch.stack((src, dst))
-        m_iso = _message(pairs, f_i[:, None], f0[0], y_packed[:, 0:1], n)
-        m_vec = _message(pairs, f_a[:, None], f0[1], y_packed[:, 1:4], n)
-        m_sym = _message(pairs, f_s[:, None], f0[2], y_packed[:, 4:10], n)
+        m_iso = _message(src, dst, f_i[:, None], f0[0], y_packed[:, 0:1], n)
+        m_vec = _message(src, dst, f_a[:, None], f0[1], y_packed[:, 1:4], n)
+        m_sym = _message(src, dst, f_s[:, None], f0[2], y_packed[:, 4:10], n)
         msg = algebra.unpack(torch.cat((m_iso, m_vec, m_sym), dim=1))
 
         q = charge_factor[:, None, None, None]
