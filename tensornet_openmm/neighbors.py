@@ -1,7 +1,18 @@
 """Pair search for TensorNet: free space and periodic (triclinic) boxes, TorchScript-clean.
 
 Returns ordered pairs (i, j), i != j, both directions, with r_ij = pos[i] - pos[j] under the
-minimum-image convention; the model adds the self pairs. Two modes:
+minimum-image convention; the model adds the self pairs.
+
+Strategies (one interface, identical pair sets):
+
+- ``"brute"``: every pair is tested, in row blocks, so temporaries stay at about 4M elements
+  whatever the system size (no N x N array). Cost O(N^2); fastest for small systems.
+- ``"cell"``: atoms are binned into cells at least one cutoff wide (in fractional coordinates for a
+  periodic box) and only the 27 surrounding cells are searched. Cost O(N).
+- ``"cluster"``: torch-cluster's ``radius_graph`` (no periodic box; eager only, not TorchScript).
+- ``"auto"``: ``"cell"`` from :data:`CELL_LIST_MIN_ATOMS` atoms on, ``"brute"`` below.
+
+Two modes:
 
 - dynamic (``capacity < 0``): exactly the pairs within the cutoff; shapes depend on the data.
 - fixed capacity (``capacity >= 0``): shapes are fixed, as CUDA-graph capture needs. Unused slots
@@ -16,10 +27,43 @@ with :func:`check_box` before use. Positions need not be wrapped into the box.
 This module does not import OpenMM.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+STRATEGIES = ("auto", "brute", "cell", "cluster")
+
+
+def cell_list_min_atoms() -> int:
+    """Atoms from which ``"auto"`` uses the cell list (see benchmarks/bench_neighbors.py)."""
+    return 1000
+
+
+CELL_LIST_MIN_ATOMS = cell_list_min_atoms()
+
+
+def _block_elements() -> int:
+    """Candidate pairs tested at once: bounds the temporaries whatever the system size."""
+    return 1 << 22
+
+
+def _cell_margin() -> float:
+    """Cells slightly wider than the cutoff absorb rounding in the binning."""
+    return 1.0 + 1e-3
+
+
+class PairList(NamedTuple):
+    """Result of :func:`neighbor_pairs`."""
+
+    edge_index: Tensor
+    """(2, P) int64: pairs (i, j), both directions, i != j."""
+    vectors: Tensor
+    """(P, 3): pos[i] - pos[j] under minimum image; differentiable in the positions."""
+    distances: Tensor
+    """(P,): lengths of ``vectors``."""
+    num_pairs: Tensor
+    """() int64: pairs within the cutoff; above the capacity when pairs were dropped."""
 
 
 def check_box(box: Tensor, cutoff: float) -> None:
@@ -53,80 +97,192 @@ def minimum_image(d: Tensor, box: Tensor) -> Tensor:
     return d - torch.round(d[..., 0:1] / box[0, 0]) * box[0]
 
 
-def _displacements(pos: Tensor, rows: Tensor, box: Optional[Tensor]) -> Tensor:
-    """pos[rows, None] - pos[None, :] with minimum image: (len(rows), N, 3)."""
-    d = pos[rows, None, :] - pos[None, :, :]
+def _close(pos: Tensor, i: Tensor, j: Tensor, ok: Tensor, cutoff: float, box: Optional[Tensor]):
+    """Mask of the candidates (i, j) that are valid, distinct and closer than the cutoff."""
+    d = pos[i] - pos[j]
     if box is not None:
         d = minimum_image(d, box)
-    return d
+    return ok & (i != j) & ((d * d).sum(-1) < cutoff * cutoff)
 
 
-def _within(d: Tensor, rows: Tensor, cutoff: float) -> Tensor:
-    """Mask of pairs closer than the cutoff, excluding i == j: (len(rows), N)."""
-    close = (d * d).sum(-1) < cutoff * cutoff
-    cols = torch.arange(d.shape[1], device=d.device)
-    return close & (rows[:, None] != cols[None, :])
+class _Compactor:
+    """Collects accepted candidates block by block, as a list or into fixed slots."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        self.capacity = capacity
+        self.found: list[Tensor] = []
+        size = max(capacity, 0) + 1  # the last slot swallows pairs past the capacity
+        self.slots = torch.zeros((2, size), dtype=torch.int64, device=device)
+        self.used = torch.zeros(size, dtype=torch.bool, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, i: Tensor, j: Tensor, mask: Tensor):
+        if self.capacity < 0:
+            keep = mask.nonzero().squeeze(1)
+            self.found.append(torch.stack((i[keep], j[keep])))
+            return
+        slot = self.count + torch.cumsum(mask.to(torch.int64), 0) - 1
+        self.count = self.count + mask.sum()
+        target = torch.where(mask & (slot < self.capacity), slot, self.capacity)
+        self.slots[0].index_put_((target,), i)
+        self.slots[1].index_put_((target,), j)
+        self.used.index_put_((target,), mask)
+
+    def pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.capacity < 0:
+            device = self.slots.device
+            pairs = torch.cat(self.found, dim=1) if len(self.found) > 0 else self.slots[:, :0]
+            used = torch.ones(pairs.shape[1], dtype=torch.bool, device=device)
+            return pairs, used, torch.tensor(pairs.shape[1], device=device)
+        used = self.used[: self.capacity]
+        pairs = torch.where(used, self.slots[:, : self.capacity], 0)
+        return pairs, used, self.count
 
 
-def _dynamic(pos: Tensor, cutoff: float, box: Optional[Tensor], block: int = 1024) -> Tensor:
-    """Row blocks of ``block`` atoms bound the temporaries to block x N."""
+def _brute(pos: Tensor, cutoff: float, box: Optional[Tensor], out: _Compactor) -> None:
     n = pos.shape[0]
-    blocks = []
-    with torch.no_grad():
-        for start in range(0, n, block):
-            rows = torch.arange(start, min(n, start + block), device=pos.device)
-            mask = _within(_displacements(pos, rows, box), rows, cutoff)
-            ij = mask.nonzero()
-            blocks.append(torch.stack((ij[:, 0] + start, ij[:, 1])))
-    return torch.cat(blocks, dim=1)
+    block = max(1, _block_elements() // max(n, 1))
+    cols = torch.arange(n, device=pos.device)
+    for start in range(0, n, block):
+        rows = torch.arange(start, min(n, start + block), device=pos.device)
+        i = rows[:, None].expand(-1, n).reshape(-1)
+        j = cols[None, :].expand(rows.shape[0], -1).reshape(-1)
+        out.add(i, j, _close(pos, i, j, torch.ones_like(i, dtype=torch.bool), cutoff, box))
 
 
-def _fixed(pos: Tensor, cutoff: float, box: Optional[Tensor], capacity: int):
+def _cells(pos: Tensor, cutoff: float, box: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Cell id of every atom (N,), the ids of its 27 neighbour cells (N, 27), cells per axis (3,).
+
+    Computed in float64. Cells are at least ``cutoff`` wide (perpendicular width for a box), so any
+    pair within the cutoff lies in the same or adjacent cells. An id of -1 marks "no such cell".
+    """
+    x = pos.detach().to(torch.float64)
+    width = cutoff * _cell_margin()
+    off = torch.tensor([-1, 0, 1], dtype=torch.int64, device=pos.device)
+    off = torch.stack(torch.meshgrid(off, off, off, indexing="ij"), -1).reshape(27, 3)
+    if box is not None:
+        # inv_ex: no error check, so no host synchronisation inside a CUDA graph
+        inverse = torch.linalg.inv_ex(box.detach().to(torch.float64)).inverse
+        frac = x @ inverse
+        frac = frac - torch.floor(frac)
+        # distance between lattice planes, per axis: cells must be this wide / n_cells
+        plane_spacing = 1.0 / torch.linalg.vector_norm(inverse, dim=0)
+        n_cells = torch.clamp(torch.floor(plane_spacing / width), min=1).to(torch.int64)
+        cell = torch.minimum(torch.floor(frac * n_cells).to(torch.int64), n_cells - 1)
+        nb = torch.remainder(cell[:, None, :] + off[None], n_cells)
+        # with fewer than 3 cells on an axis, offsets -1 and +1 would revisit a cell
+        repeat = ((off == 1) & (n_cells < 3)) | ((off == -1) & (n_cells < 2))
+        invalid = repeat.any(-1)[None, :].expand(nb.shape[0], -1)
+    else:
+        low = x.min(0).values if x.shape[0] > 0 else torch.zeros(3, dtype=x.dtype, device=x.device)
+        cell = torch.floor((x - low) / width).to(torch.int64)
+        n_cells = (cell.max(0).values + 1) if x.shape[0] > 0 else torch.ones_like(off[0])
+        nb = cell[:, None, :] + off[None]
+        invalid = ((nb < 0) | (nb >= n_cells)).any(-1)
+    nb_id = (nb[..., 0] * n_cells[1] + nb[..., 1]) * n_cells[2] + nb[..., 2]
+    cell_id = (cell[:, 0] * n_cells[1] + cell[:, 1]) * n_cells[2] + cell[:, 2]
+    return cell_id, torch.where(invalid, -1, nb_id), n_cells
+
+
+def _cell_list(
+    pos: Tensor, cutoff: float, box: Optional[Tensor], cell_capacity: int, out: _Compactor
+) -> Tensor:
+    """Search the 27 neighbour cells of every atom; returns whether a cell overflowed."""
     n = pos.shape[0]
-    with torch.no_grad():
-        rows = torch.arange(n, device=pos.device)
-        flat = _within(_displacements(pos, rows, box), rows, cutoff).reshape(-1)
-        slot = torch.cumsum(flat.to(torch.int64), 0) - 1  # position of each pair in the output
-        count = slot[-1] + 1
-        keep = flat & (slot < capacity)
-        target = torch.where(keep, slot, torch.full_like(slot, capacity))  # the rest: dump slot
-        ids = torch.full((capacity + 1,), -1, dtype=torch.int64, device=pos.device)
-        ids = ids.scatter(0, target, torch.arange(n * n, device=pos.device))[:capacity]
-        used = ids >= 0
-        ids = torch.where(used, ids, torch.zeros_like(ids))
-        pairs = torch.stack((ids // n, ids % n))
-    return pairs, used, count
+    cell_id, nb_id, _ = _cells(pos, cutoff, box)
+    cell_id, order = torch.sort(cell_id)
+    start = torch.searchsorted(cell_id, nb_id)
+    end = torch.searchsorted(cell_id, nb_id, right=True)
+    fill = end - start
+    most = cell_capacity
+    if cell_capacity < 0:
+        most = int(fill.max().item()) if n > 0 else 0
+    overflow = (fill > most).any() if n > 0 else torch.zeros((), dtype=torch.bool)
+    slots = torch.arange(most, device=pos.device)
+    block = max(1, _block_elements() // max(27 * most, 1))
+    for first in range(0, n, block):
+        rows = torch.arange(first, min(n, first + block), device=pos.device)
+        k = start[rows, :, None] + slots  # (B, 27, most) positions in the sorted order
+        ok = (k < end[rows, :, None]).reshape(-1)
+        j = order[torch.clamp(k, max=n - 1).reshape(-1)]
+        i = rows[:, None].expand(-1, 27 * most).reshape(-1)
+        out.add(i, j, _close(pos, i, j, ok, cutoff, box))
+    return overflow
+
+
+@torch.jit.unused
+def _radius_graph(pos: Tensor, cutoff: float, out: _Compactor) -> None:
+    try:
+        from torch_cluster import radius_graph
+    except ImportError as error:
+        raise ImportError(
+            "the 'cluster' strategy needs torch-cluster: pip install 'tensornet-openmm[cluster]' "
+            "(or use strategy='cell', which needs nothing extra)"
+        ) from error
+    # a slightly larger radius and our own test keep the pair set identical to the other strategies
+    found = radius_graph(pos.detach(), cutoff * (1 + 1e-6), max_num_neighbors=pos.shape[0])
+    j, i = found[0], found[1]
+    out.add(i, j, _close(pos, i, j, torch.ones_like(i, dtype=torch.bool), cutoff, None))
 
 
 def neighbor_pairs(
-    positions: Tensor, cutoff: float, box: Optional[Tensor] = None, capacity: int = -1
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Pairs within ``cutoff``, both directions, by brute force.
+    positions: Tensor,
+    cutoff: float,
+    box: Optional[Tensor] = None,
+    capacity: int = -1,
+    strategy: str = "auto",
+    cell_capacity: int = -1,
+) -> PairList:
+    """Pairs within ``cutoff``, both directions, i != j.
 
     Parameters
     ----------
     positions : Tensor, shape (n_atoms, 3)
-        Any length unit; ``cutoff`` and ``box`` in the same unit.
+        Any length unit; ``cutoff`` and ``box`` in the same unit. Need not be wrapped.
     cutoff : float
+        Pairs with distance strictly below it are returned.
     box : Tensor, shape (3, 3), optional
         Periodic box, rows a, b, c, reduced form (see :func:`check_box`).
     capacity : int
         Number of pair slots; negative for the dynamic mode.
-
-    Returns
-    -------
-    edge_index : Tensor, shape (2, n_pairs or capacity), int64
-    vectors : Tensor, shape (n_pairs or capacity, 3)
-        pos[i] - pos[j] (minimum image); differentiable with respect to ``positions``.
-    num_pairs : Tensor, shape (), int64
-        The number of pairs within the cutoff; larger than ``capacity`` on overflow.
+    strategy : str
+        ``"auto"``, ``"brute"``, ``"cell"`` or ``"cluster"`` (see the module docstring).
+    cell_capacity : int
+        Cell list in the fixed-capacity mode only (which must set it): atoms per cell to search. A
+        fuller cell makes ``num_pairs`` exceed ``capacity``, so it reads as an overflow. The dynamic
+        mode searches the fullest cell (one host synchronisation).
     """
-    if capacity < 0:
-        pairs = _dynamic(positions, cutoff, box)
-        used = torch.ones(pairs.shape[1], dtype=torch.bool, device=positions.device)
-        count = torch.tensor(pairs.shape[1], device=positions.device)
-    else:
-        pairs, used, count = _fixed(positions, cutoff, box, capacity)
+    if strategy not in ["auto", "brute", "cell", "cluster"]:
+        raise ValueError(
+            "unknown strategy '" + strategy + "'; choose 'auto', 'brute', 'cell' or 'cluster'"
+        )
+    if capacity >= 0 and positions.shape[0] == 0:
+        raise ValueError("a fixed-capacity search needs at least one atom (padding uses atom 0)")
+    if strategy == "auto":
+        strategy = "cell" if positions.shape[0] >= cell_list_min_atoms() else "brute"
+    out = _Compactor(capacity, positions.device)
+    with torch.no_grad():
+        if strategy == "brute":
+            _brute(positions, cutoff, box, out)
+        elif strategy == "cell":
+            if capacity >= 0 and cell_capacity < 0:
+                raise ValueError(
+                    "a fixed-capacity cell-list search needs cell_capacity (atoms per cell) >= 0"
+                )
+            # the dynamic mode always searches the fullest cell: it has no way to report a drop
+            fixed_cells = cell_capacity if capacity >= 0 else -1
+            overflow = _cell_list(positions, cutoff, box, fixed_cells, out)
+            if capacity >= 0:  # a full cell may hide pairs: report it as an overflow
+                flagged = torch.clamp(out.count, min=capacity + 1)
+                out.count = torch.where(overflow, flagged, out.count)
+        else:
+            if box is not None:
+                raise ValueError(
+                    "torch-cluster's radius_graph does not handle periodic boxes; "
+                    "use strategy='cell' or 'brute'"
+                )
+            _radius_graph(positions, cutoff, out)
+    pairs, used, count = out.pairs()
     vectors = positions[pairs[0]] - positions[pairs[1]]
     if box is not None:
         vectors = minimum_image(vectors, box)
@@ -134,4 +290,4 @@ def neighbor_pairs(
         padding = torch.zeros_like(vectors)
         padding[:, 0] = 2.0 * cutoff
         vectors = torch.where(used[:, None], vectors, padding)
-    return pairs, vectors, count
+    return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)

@@ -6,18 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from tensornet_openmm import TensorNet
+from tensornet_openmm import TensorNet, neighbors
 from tensornet_openmm.neighbors import check_box, neighbor_pairs
 
 CUBIC = np.diag([12.0, 12.0, 12.0])
 TRICLINIC = np.array([[12.0, 0.0, 0.0], [3.6, 10.8, 0.0], [-2.4, 3.0, 10.2]])
+# reduced, but so skewed that the cell list has one or two cells per axis
+SKEWED = np.array([[10.0, 0.0, 0.0], [4.9, 10.0, 0.0], [-4.9, 4.9, 11.0]])
+STRATEGIES = ["brute", "cell"]
 
 
 def reference_pairs(pos, cutoff, box=None):
     """{(i, j): vector} for every i != j with an image closer than the cutoff (any image)."""
     shifts = np.zeros((1, 3))
     if box is not None:
-        shifts = np.array(list(itertools.product(range(-2, 3), repeat=3))) @ box
+        spacing = 1.0 / np.linalg.norm(np.linalg.inv(box), axis=0)  # between lattice planes
+        k = int(np.ceil((np.ptp(pos, axis=0).max() + cutoff) / spacing.min()))
+        shifts = np.array(list(itertools.product(range(-k, k + 1), repeat=3))) @ box
     out = {}
     for i in range(len(pos)):
         d = pos[i] - (pos[:, None, :] + shifts[None, :, :])  # (n, n_shifts, 3)
@@ -29,7 +34,9 @@ def reference_pairs(pos, cutoff, box=None):
     return out
 
 
-def as_dict(pairs, vectors, count=None):
+def as_dict(pairs, vectors=None, count=None):
+    if isinstance(pairs, neighbors.PairList):
+        pairs, vectors, count = pairs.edge_index, pairs.vectors, pairs.num_pairs
     n = pairs.shape[1] if count is None else min(int(count), pairs.shape[1])
     return {
         (int(i), int(j)): v
@@ -43,19 +50,40 @@ def assert_same(found, expected):
         np.testing.assert_allclose(found[key], vec, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("box", [None, CUBIC, TRICLINIC], ids=["free", "cubic", "triclinic"])
+BOXES = {"free": None, "cubic": CUBIC, "triclinic": TRICLINIC, "skewed": SKEWED}
+CASES = [(b, s) for b in BOXES for s in STRATEGIES] + [("free", "cluster")]  # cluster: no boxes
+
+
+@pytest.mark.parametrize("box_name, strategy", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_random_system_matches_reference(box, dtype):
+def test_random_system_matches_reference(box_name, strategy, dtype):
+    box = BOXES[box_name]
+    if strategy == "cluster":
+        pytest.importorskip("torch_cluster")
     rng = np.random.default_rng(3)
-    pos = rng.uniform(-3.0, 15.0, size=(120, 3))  # many atoms outside the box: not wrapped
+    pos = rng.uniform(-8.0, 20.0, size=(150, 3))  # many atoms outside the box: not wrapped
     expected = reference_pairs(pos, 5.0, box)
     box_t = None if box is None else torch.tensor(box, dtype=dtype)
-    pairs, vectors, count = neighbor_pairs(torch.tensor(pos, dtype=dtype), 5.0, box_t)
-    assert int(count) == len(expected) == pairs.shape[1]
+    found = neighbor_pairs(torch.tensor(pos, dtype=dtype), 5.0, box_t, strategy=strategy)
+    assert int(found.num_pairs) == found.edge_index.shape[1] == found.distances.shape[0]
+    torch.testing.assert_close(found.distances, found.vectors.norm(dim=1))
     if dtype == torch.float64:
-        assert_same(as_dict(pairs, vectors), expected)
+        assert int(found.num_pairs) == len(expected)
+        assert_same(as_dict(found), expected)
     else:  # float32 rounding can move a pair sitting within 1e-5 of the cutoff
-        assert len(set(as_dict(pairs, vectors)) ^ set(expected)) <= 2
+        assert len(set(as_dict(found)) ^ set(expected)) <= 2
+
+
+@pytest.mark.parametrize("box", [None, TRICLINIC], ids=["free", "triclinic"])
+def test_strategies_agree_in_float32(box):
+    """Same candidates test, same arithmetic: identical pair sets and vectors in float32 too."""
+    rng = np.random.default_rng(8)
+    pos = torch.tensor(rng.uniform(-8.0, 20.0, size=(300, 3)), dtype=torch.float32)
+    box_t = None if box is None else torch.tensor(box, dtype=torch.float32)
+    results = [as_dict(neighbor_pairs(pos, 5.0, box_t, strategy=s)) for s in STRATEGIES]
+    assert set(results[0]) == set(results[1])
+    for key, vec in results[0].items():
+        assert np.array_equal(results[1][key], vec)
 
 
 def test_water_box_and_lattice_shifts():
@@ -73,28 +101,69 @@ def test_water_box_and_lattice_shifts():
     expected = reference_pairs(pos, 5.0, box)
     shifted = pos + np.random.default_rng(0).integers(-2, 3, size=(len(pos), 3)) @ box
     for p in (pos, shifted):  # molecules split across the boundary and shifted by lattice vectors
-        pairs, vectors, _ = neighbor_pairs(torch.tensor(p), 5.0, torch.tensor(box))
-        assert_same(as_dict(pairs, vectors), expected)
+        for strategy in STRATEGIES:
+            found = neighbor_pairs(torch.tensor(p), 5.0, torch.tensor(box), strategy=strategy)
+            assert_same(as_dict(found), expected)
 
 
-def test_pairs_exactly_at_the_cutoff_are_excluded():
+@pytest.mark.parametrize("strategy", STRATEGIES + ["cluster"])
+def test_pairs_exactly_at_the_cutoff_are_excluded(strategy):
+    if strategy == "cluster":
+        pytest.importorskip("torch_cluster")
     pos = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 2.5, 0.0]], dtype=torch.float64)
-    pairs, _, count = neighbor_pairs(pos, 3.0)
+    found = neighbor_pairs(pos, 3.0, strategy=strategy)
     # (0, 1) sits exactly at the cutoff and is excluded; (1, 2) is 3.9 apart
-    assert int(count) == 2 and {tuple(p) for p in pairs.T.tolist()} == {(0, 2), (2, 0)}
+    assert int(found.num_pairs) == 2
+    assert {tuple(p) for p in found.edge_index.T.tolist()} == {(0, 2), (2, 0)}
+    # the same across a periodic boundary: 0 and 1 are 3.0 apart through the face of the box
+    box = torch.eye(3, dtype=torch.float64) * 10.0
+    wrapped = torch.tensor([[0.5, 0.0, 0.0], [7.5, 0.0, 0.0], [0.5, 2.5, 0.0]], dtype=torch.float64)
+    if strategy != "cluster":
+        found = neighbor_pairs(wrapped, 3.0, box, strategy=strategy)
+        assert {tuple(p) for p in found.edge_index.T.tolist()} == {(0, 2), (2, 0)}
 
 
-def test_fixed_capacity_pads_and_reports_overflow():
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fixed_capacity_pads_and_reports_overflow(strategy):
     rng = np.random.default_rng(5)
-    pos = torch.tensor(rng.uniform(0, 12, size=(60, 3)))
-    box = torch.tensor(TRICLINIC)
-    pairs, vectors, count = neighbor_pairs(pos, 5.0, box)
-    fixed, fvec, fcount = neighbor_pairs(pos, 5.0, box, capacity=int(count) + 37)
-    assert fixed.shape == (2, int(count) + 37) and int(fcount) == int(count)
-    assert_same(as_dict(fixed, fvec, fcount), as_dict(pairs, vectors))
-    assert torch.all(fvec[int(count) :].norm(dim=1) == 10.0)  # padding: length 2 * cutoff
-    small, _, scount = neighbor_pairs(pos, 5.0, box, capacity=10)
-    assert small.shape == (2, 10) and int(scount) == int(count) > 10  # overflow is visible
+    pos = torch.tensor(rng.uniform(0, 24, size=(400, 3)))
+    box = torch.tensor(TRICLINIC * 2)
+    dynamic = neighbor_pairs(pos, 5.0, box, strategy=strategy)
+    count = int(dynamic.num_pairs)
+    fixed = neighbor_pairs(pos, 5.0, box, count + 37, strategy, cell_capacity=64)
+    assert fixed.edge_index.shape == (2, count + 37) and int(fixed.num_pairs) == count
+    assert_same(as_dict(fixed), as_dict(dynamic))
+    assert torch.all(fixed.vectors[count:].norm(dim=1) == 10.0)  # padding: length 2 * cutoff
+    assert torch.all(fixed.distances[count:] == 10.0)
+    small = neighbor_pairs(pos, 5.0, box, 10, strategy, cell_capacity=64)
+    assert small.edge_index.shape == (2, 10) and int(small.num_pairs) == count  # overflow visible
+    assert set(as_dict(small)) <= set(as_dict(dynamic))
+
+
+def test_full_cell_reads_as_overflow():
+    pos = torch.tensor(np.random.default_rng(6).uniform(0, 24, size=(400, 3)))
+    box = torch.tensor(TRICLINIC * 2)
+    count = int(neighbor_pairs(pos, 5.0, box).num_pairs)
+    short = neighbor_pairs(pos, 5.0, box, count + 100, "cell", cell_capacity=3)
+    assert int(short.num_pairs) > count + 100  # pairs may be missing: flagged, never silent
+    with pytest.raises(ValueError, match="cell_capacity"):
+        neighbor_pairs(pos, 5.0, box, count, "cell")
+
+
+def test_auto_strategy_and_bad_arguments(monkeypatch):
+    pos = torch.rand(50, 3, dtype=torch.float64) * 10
+    calls = []
+    real = neighbors._cell_list
+    monkeypatch.setattr(neighbors, "_cell_list", lambda *a: calls.append(1) or real(*a))
+    neighbor_pairs(pos, 3.0)
+    assert not calls  # small: brute force
+    big = torch.rand(neighbors.CELL_LIST_MIN_ATOMS, 3, dtype=torch.float64) * 40
+    neighbor_pairs(big, 3.0)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="unknown strategy 'kd'"):
+        neighbor_pairs(pos, 3.0, strategy="kd")
+    with pytest.raises(ValueError, match="periodic"):
+        neighbor_pairs(pos, 3.0, torch.tensor(CUBIC), strategy="cluster")
 
 
 def test_padded_pairs_change_neither_energy_nor_forces():
@@ -106,7 +175,7 @@ def test_padded_pairs_change_neither_energy_nor_forces():
     box = torch.tensor(CUBIC)
     results = []
     for capacity in (-1, 5000):
-        pairs, vectors, _ = neighbor_pairs(pos, 5.0, box, capacity)
+        pairs, vectors, _, _ = neighbor_pairs(pos, 5.0, box, capacity)
         energy = model(z, pos, pairs, vectors)
         results.append((energy, torch.autograd.grad(energy.sum(), pos)[0]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
@@ -116,7 +185,7 @@ def test_padded_pairs_change_neither_energy_nor_forces():
 def test_gradients_flow_through_vectors():
     pos = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 0.5], [11.5, 0.0, 0.0]], dtype=torch.float64)
     pos.requires_grad_(True)
-    _, vectors, _ = neighbor_pairs(pos, 3.0, torch.tensor(CUBIC))
+    vectors = neighbor_pairs(pos, 3.0, torch.tensor(CUBIC)).vectors
     (vectors * vectors).sum().backward()
     # d/dpos_i of |r_ij|^2 + |r_ji|^2 is 4 r_ij, summed over the neighbours j of i
     expected = np.zeros((3, 3))
@@ -128,10 +197,12 @@ def test_gradients_flow_through_vectors():
 def test_scripted_equals_eager():
     scripted = torch.jit.script(neighbor_pairs)
     pos = torch.rand(30, 3, dtype=torch.float64) * 12
-    box = torch.tensor(TRICLINIC)
-    for capacity in (-1, 900):
-        a, b = scripted(pos, 5.0, box, capacity), neighbor_pairs(pos, 5.0, box, capacity)
-        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for box in (None, torch.tensor(TRICLINIC)):
+        for strategy in STRATEGIES:
+            for capacity in (-1, 900):
+                args = (pos, 5.0, box, capacity, strategy, 30)
+                a, b = scripted(*args), neighbor_pairs(*args)
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize(
