@@ -12,3 +12,16 @@ __all__ = ["TensorNet", "__version__"]
 from .checkpoints import load_model, save_model  # noqa: E402
 
 __all__ += ["load_model", "save_model"]
+
+_LAZY = {"create_force": "forces"}  # need OpenMM: imported on first use
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += list(_LAZY)

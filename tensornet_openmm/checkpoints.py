@@ -56,7 +56,9 @@ def save_model(
         Destination; written to a temporary file first and renamed, so an existing checkpoint
         is never left half-written.
     metadata : mapping, optional
-        Plain data (str, numbers, lists, dicts) stored with the model, e.g. training provenance.
+        Plain data (str, numbers, lists, dicts) stored with the model, e.g. training provenance;
+        merged over ``model.metadata``. ``"elements"`` (atomic numbers the model was trained on)
+        is checked when the model is put into an OpenMM System.
     """
     if not isinstance(model, TensorNet):
         raise TypeError(f"save_model expects a TensorNet, got {type(model).__name__}")
@@ -68,7 +70,7 @@ def save_model(
         "config": model.config.to_dict(),
         "dtype": _dtype_name(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "metadata": dict(metadata or {}),
+        "metadata": {**model.metadata, **(metadata or {})},
         "versions": {"tensornet_openmm": __version__, "torch": str(torch.__version__)},
     }
     path = Path(path)
@@ -140,6 +142,7 @@ def _from_ours(payload: Mapping[str, Any], path: Path) -> TensorNet:
     dtype = _DTYPES[payload["dtype"]]
     model = TensorNet(**config.to_dict(), dtype=dtype)
     model.load_state_dict(payload["state_dict"])
+    model.metadata = dict(payload.get("metadata", {}))
     return model
 
 

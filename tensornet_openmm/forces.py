@@ -5,9 +5,12 @@ OpenMM and openmm-torch are imported lazily, so ``import tensornet_openmm`` work
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 
 _INSTALL_HINT = (
@@ -18,7 +21,9 @@ _INSTALL_HINT = (
 
 def _openmmtorch():
     try:
-        import openmmtorch
+        # openmmtorch imports the deprecated simtk.openmm shim, which prints a warning
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            import openmmtorch
     except ImportError as err:  # pragma: no cover - exercised only without openmmtorch
         raise ImportError(f"{_INSTALL_HINT} ({err})") from err
     return openmmtorch
@@ -73,4 +78,228 @@ def make_torch_force(
     force.setForceGroup(int(force_group))
     for name, default in global_parameters:
         force.addGlobalParameter(str(name), float(default))
+    return force
+
+
+def _nm_array(values, name: str) -> np.ndarray:
+    """An (n, 3) float64 array in nm from an OpenMM Quantity or a plain array (nm)."""
+    if hasattr(values, "value_in_unit"):
+        import openmm.unit as u
+
+        values = values.value_in_unit(u.nanometer)
+    array = np.asarray([[float(c) for c in row] for row in values], dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (n, 3) in nm; got {array.shape}")
+    return array
+
+
+def create_force(
+    model,
+    atomic_numbers: Sequence[int],
+    atoms: Sequence[int] | None = None,
+    periodic: bool = False,
+    total_charge: float = 0.0,
+    cuda_graphs: bool = True,
+    force_group: int = 0,
+    *,
+    positions=None,
+    box_vectors=None,
+    capacity: int | None = None,
+    capacity_margin: float = 1.5,
+    strategy: str = "auto",
+    outputs_forces: bool = False,
+    cuda_graph_warmup_steps: int = 10,
+    lambda_parameter: str | None = None,
+    name: str = "TensorNet",
+):
+    """An ``openmmtorch.TorchForce`` evaluating a TensorNet on some or all particles of a System.
+
+    Parameters
+    ----------
+    model : TensorNet, str or Path
+        The model, or a checkpoint path for :func:`tensornet_openmm.load_model`.
+    atomic_numbers : sequence of int
+        One per ML atom (in the order of ``atoms``).
+    atoms : sequence of int, optional
+        Particle indices of the ML atoms (default: every particle, ``len(atomic_numbers)`` of them).
+    periodic : bool
+        Use the System's periodic box (minimum image within the ML region).
+    total_charge : float
+        Total charge of the ML region, in e.
+    cuda_graphs : bool
+        Capture in a CUDA graph on the CUDA platform. The pair list then has a fixed capacity;
+        without graphs it is dynamic (exact, no capacity to exceed).
+    force_group : int
+        OpenMM force group, 0 to 31.
+    positions : Quantity or (n_particles, 3) array in nm, optional
+        Positions of all particles, to size the pair capacity (recommended with CUDA graphs;
+        required for large systems, which use the cell list).
+    box_vectors : Quantity or (3, 3) array in nm, optional
+        The periodic box, checked against the model's cutoff now (and again every step).
+    capacity : int, optional
+        Pair slots; default: sized from ``positions`` with ``capacity_margin``.
+    capacity_margin : float
+        Slots per pair found at ``positions`` (and per atom in the fullest cell).
+    strategy : str
+        Pair search: "auto", "brute" or "cell".
+    outputs_forces : bool
+        Compute forces inside the module (``setOutputsForces``).
+    cuda_graph_warmup_steps : int
+        Eager steps before capture.
+    lambda_parameter : str, optional
+        Name of a global parameter that scales the energy (default value 1), with its energy
+        derivative enabled, e.g. for ML/MM interpolation.
+    name : str
+        The force's name in the System.
+
+    Returns
+    -------
+    openmmtorch.TorchForce
+
+    Notes
+    -----
+    With a fixed capacity, an overflow makes the energy and forces NaN, so the step fails
+    loudly; rebuild the force from current positions and restart (see
+    :mod:`tensornet_openmm.export`).
+    """
+    from .checkpoints import load_model
+    from .export import (
+        TensorNetForce,
+        check_periodic_box,
+        pair_capacity,
+        script,
+        validate_elements,
+    )
+    from .nn import TensorNet
+
+    if not isinstance(model, TensorNet):
+        model = load_model(model)
+    if strategy not in ("auto", "brute", "cell"):
+        raise ValueError(
+            f"strategy {strategy!r} cannot run inside OpenMM; choose 'auto', 'brute' or 'cell'"
+        )
+    validate_elements(model, atomic_numbers)
+    n_ml = len(atomic_numbers)
+    box = None
+    if box_vectors is not None:
+        box = _nm_array(box_vectors, "box_vectors")
+        if periodic:
+            check_periodic_box(model, box)
+    ml_positions = None
+    if positions is not None:
+        all_positions = _nm_array(positions, "positions")
+        index = np.arange(n_ml) if atoms is None else np.asarray(list(atoms), dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(all_positions)):
+            raise ValueError(
+                f"ML atom indices span {index.min()}..{index.max()} but positions has "
+                f"{len(all_positions)} particles"
+            )
+        ml_positions = all_positions[index] * 10.0  # Angstrom
+    cell_capacity = -1
+    if not cuda_graphs:
+        capacity = -1
+    else:
+        sized, cell_capacity, strategy = pair_capacity(
+            model, n_ml, ml_positions, None if (box is None or not periodic) else box * 10.0,
+            capacity_margin, strategy,
+        )  # fmt: skip
+        capacity = sized if capacity is None else int(capacity)
+    module = TensorNetForce(
+        model, atomic_numbers, atoms, periodic, total_charge, capacity, strategy, cell_capacity,
+        outputs_forces, scale_parameter=lambda_parameter is not None,
+    )  # fmt: skip
+    parameters = [] if lambda_parameter is None else [(lambda_parameter, 1.0)]
+    force = make_torch_force(
+        script(module), periodic, outputs_forces, cuda_graphs, cuda_graph_warmup_steps,
+        force_group, parameters,
+    )  # fmt: skip
+    if lambda_parameter is not None:
+        force.addEnergyParameterDerivative(lambda_parameter)
+    force.setName(name)
+    return force
+
+
+def save_system(system, path) -> None:
+    """Write ``system`` as OpenMM XML (through a temporary file and a rename).
+
+    The file is standard ``XmlSerializer`` output, plus the names of the TorchForces (which
+    openmm-torch does not record); read it back with :func:`load_system`.
+    """
+    import xml.etree.ElementTree as ET
+
+    import openmm
+
+    root = ET.fromstring(openmm.XmlSerializer.serialize(system))
+    for index, node in enumerate(root.find("Forces") or []):
+        if node.get("type") == "TorchForce":
+            node.set("name", system.getForce(index).getName())
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text('<?xml version="1.0" ?>\n' + ET.tostring(root, encoding="unicode"))
+    tmp.replace(path)
+
+
+def load_system(source):
+    """Read an OpenMM System XML (a path or the XML text), TorchForces included.
+
+    The XML is OpenMM's own format, but the TorchForces in it are rebuilt here, in Python, from
+    their stored module, properties, global parameters and parameter derivatives: the C++
+    deserializer of the PyPI openmm-torch 1.5 wheel crashes against torch 2.9 (segmentation fault
+    in ``torch::jit::load``). Force order and indices are preserved.
+    """
+    import copy
+    import xml.etree.ElementTree as ET
+
+    import openmm
+
+    text = source if isinstance(source, str) and source.lstrip().startswith("<") else None
+    if text is None:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"system file {str(path)!r} does not exist")
+        text = path.read_text()
+    root = ET.fromstring(text)
+    forces = root.find("Forces")
+    torch_nodes = {}
+    if forces is not None:
+        for index, node in enumerate(list(forces)):
+            if node.get("type") == "TorchForce":
+                torch_nodes[index] = node
+                forces.remove(node)
+    system = openmm.XmlSerializer.deserialize(ET.tostring(root, encoding="unicode"))
+    if not torch_nodes:
+        return system
+    others = [copy.deepcopy(system.getForce(i)) for i in range(system.getNumForces())]
+    for i in reversed(range(system.getNumForces())):
+        system.removeForce(i)
+    for index in range(len(others) + len(torch_nodes)):
+        node = torch_nodes.get(index)
+        system.addForce(others.pop(0) if node is None else _torch_force_from_xml(node))
+    return system
+
+
+def _torch_force_from_xml(node):
+    encoded = node.get("encodedFileContents", "")
+    if not encoded:
+        raise ValueError(
+            "a TorchForce in this XML has no stored module (written by an old openmm-torch that "
+            f"only recorded the file name {node.get('file')!r}); rebuild the force"
+        )
+    try:
+        contents = bytes.fromhex(encoded)
+    except ValueError:
+        import base64
+
+        contents = base64.b64decode(encoded)  # openmm-torch before 1.5 used base64
+    properties = {p.get("name"): p.get("value") for p in node.iterfind("Properties/Property")}
+    force = _openmmtorch().TorchForce(torch.jit.load(io.BytesIO(contents)), properties)
+    force.setForceGroup(int(node.get("forceGroup", "0")))
+    force.setUsesPeriodicBoundaryConditions(node.get("usesPeriodic", "0") == "1")
+    force.setOutputsForces(node.get("outputsForces", "0") == "1")
+    for p in node.iterfind("GlobalParameters/Parameter"):
+        force.addGlobalParameter(p.get("name"), float(p.get("default")))
+    for p in node.iterfind("ParameterDerivatives/Parameter"):
+        force.addEnergyParameterDerivative(p.get("name"))
+    if node.get("name"):
+        force.setName(node.get("name"))
     return force

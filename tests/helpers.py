@@ -53,3 +53,21 @@ def assert_close(actual, expected, dtype=torch.float64, rtol_scale: float = 1.0)
         rtol=RTOL[dtype] * rtol_scale,
         atol=ATOL[dtype] * rtol_scale,
     )
+
+
+def quiet_testsystems():
+    """openmmtools.testsystems without its import-time banner."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import openmmtools.testsystems as testsystems
+    return testsystems
+
+
+def small_model(cutoff: float = 4.0, dtype=torch.float64, seed: int = 0, **overrides) -> TensorNet:
+    """A small random TensorNet (16 channels, 2 layers) for OpenMM tests; elements below 10."""
+    torch.manual_seed(seed)
+    hp = dict(hidden_channels=16, num_layers=2, num_rbf=8, max_z=10, cutoff_upper=cutoff)
+    hp.update(overrides)
+    return TensorNet(**hp, dtype=dtype)

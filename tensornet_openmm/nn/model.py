@@ -29,7 +29,7 @@ class TensorNet(nn.Module):
 
     # Plain-Python metadata, not part of the scripted model.
     __jit_unused_properties__ = ["config"]
-    __jit_ignored_attributes__ = ["_config"]
+    __jit_ignored_attributes__ = ["_config", "metadata"]
 
     def __init__(
         self,
@@ -63,6 +63,9 @@ class TensorNet(nn.Module):
             atomref_size=atomref_size,
         )
         self._config = cfg
+        self.metadata: dict = {}
+        """Plain data carried with the model (saved by save_model); ``"elements"`` lists the
+        atomic numbers it was trained on, which create_force checks against the System."""
         self.cutoff_lower = cfg.cutoff_lower
         self.cutoff_upper = cfg.cutoff_upper
         self.max_z = cfg.max_z

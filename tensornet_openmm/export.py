@@ -1,0 +1,316 @@
+"""TorchScript export of a TensorNet with OpenMM's calling convention (nm in, kJ/mol out).
+
+:class:`TensorNetForce` is what openmm-torch evaluates: it takes the positions of every particle of
+the System in nm (plus the box, plus one scalar per global parameter), picks the ML atoms, finds
+their pairs (minimum image in a periodic box), runs TensorNet with the atomic numbers and total
+charge baked in, and returns the energy in kJ/mol (and the forces in kJ/mol/nm on request).
+
+:func:`export` scripts it into a self-contained file (it loads with ``torch.jit.load`` in a process
+that never imported tensornet_openmm) with its metadata stored beside the code;
+:func:`read_metadata` reads that metadata without loading or running the module.
+
+Pair capacity. With a fixed capacity (CUDA graphs) an overflow, that is more pairs than slots or a
+cell fuller than ``cell_capacity``, makes the energy and every force NaN. The step fails loudly
+(OpenMM reports NaN coordinates or energy) instead of using a truncated energy. To recover, rebuild
+the force with a capacity sized from the current positions (``create_force(...,
+positions=state_positions)``), make a new Context and restart from the last good state (the
+runner does this from its last checkpoint).
+
+This module imports neither OpenMM nor openmm-torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .neighbors import cell_list_min_atoms, check_box, neighbor_pairs
+from .nn import TensorNet
+from .units import ANGSTROM_TO_NM, EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
+
+METADATA_NAME = "tensornet_openmm.json"
+"""Name of the metadata record stored in an exported file (``torch.jit`` extra file)."""
+
+DENSITY_BOUND = 0.2
+"""Atoms per cubic Angstrom assumed at most (water: 0.1) when no positions size the capacity."""
+
+
+class TensorNetForce(nn.Module):
+    """A TensorNet with OpenMM's calling convention.
+
+    forward(positions (n_particles, 3) nm, [box (3, 3) nm if periodic], [scale () if
+    ``scale_parameter``]) -> energy () kJ/mol, or (energy, forces (n_particles, 3) kJ/mol/nm) when
+    ``outputs_forces``. Computation runs in the model's dtype; forces come back in the dtype of
+    ``positions``.
+
+    Parameters
+    ----------
+    model : TensorNet
+        Copied; the copy is put in evaluation mode with gradients off for its parameters.
+    atomic_numbers : sequence of int
+        One per ML atom.
+    atoms : sequence of int, optional
+        Indices of the ML atoms among the System's particles (default: all particles, in order).
+    periodic : bool
+        Minimum image in the box that OpenMM passes.
+    total_charge : float
+        Total charge of the ML region, in e.
+    capacity : int
+        Pair slots (fixed shapes, for CUDA graphs); negative for a dynamic pair list.
+    strategy, cell_capacity
+        Pair search, see :func:`tensornet_openmm.neighbors.neighbor_pairs`.
+    outputs_forces : bool
+        Return forces computed inside the module (openmm-torch ``setOutputsForces``).
+    scale_parameter : bool
+        Take one more input, a scalar that multiplies energy and forces (for example the ML/MM
+        interpolation parameter); OpenMM differentiates the energy with respect to it.
+    """
+
+    def __init__(
+        self,
+        model: TensorNet,
+        atomic_numbers: Sequence[int],
+        atoms: Optional[Sequence[int]] = None,
+        periodic: bool = False,
+        total_charge: float = 0.0,
+        capacity: int = -1,
+        strategy: str = "auto",
+        cell_capacity: int = -1,
+        outputs_forces: bool = False,
+        scale_parameter: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        dtype = next(self.model.parameters()).dtype
+        z = torch.as_tensor(np.asarray(atomic_numbers, dtype=np.int64))
+        if z.ndim != 1 or z.numel() == 0:
+            raise ValueError(f"atomic_numbers must be a non-empty list; got shape {tuple(z.shape)}")
+        self.register_buffer("z", z)
+        self.use_subset = atoms is not None
+        index = torch.arange(z.numel()) if atoms is None else torch.as_tensor(list(atoms))
+        if index.shape != z.shape:
+            raise ValueError(
+                f"{index.numel()} ML atom indices but {z.numel()} atomic numbers; give one "
+                "atomic number per ML atom"
+            )
+        self.register_buffer("atoms", index.to(torch.int64))
+        self.register_buffer("total_charge", torch.tensor([float(total_charge)], dtype=dtype))
+        self.periodic = bool(periodic)
+        self.capacity = int(capacity)
+        self.strategy = str(strategy)
+        self.cell_capacity = int(cell_capacity)
+        self.outputs_forces = bool(outputs_forces)
+        self.scale_parameter = bool(scale_parameter)
+        self.cutoff = float(self.model.cutoff_upper)
+        self.dtype = dtype
+        self.nm_to_angstrom = NM_TO_ANGSTROM
+        self.ev_to_kj_per_mol = EV_TO_KJ_PER_MOL
+
+    def energy_and_count(self, positions: Tensor, box: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Energy (kJ/mol, model dtype) of the ML atoms and their number of pairs."""
+        pos = positions.to(self.dtype)
+        if self.use_subset:
+            pos = pos[self.atoms]
+        pos = pos * self.nm_to_angstrom
+        box_a: Optional[Tensor] = None
+        if box is not None:
+            box_a = box.to(self.dtype) * self.nm_to_angstrom
+        pairs = neighbor_pairs(
+            pos, self.cutoff, box_a, self.capacity, self.strategy, self.cell_capacity
+        )
+        energy = self.model(self.z, pos, pairs.edge_index, pairs.vectors, None, self.total_charge)
+        return energy[0] * self.ev_to_kj_per_mol, pairs.num_pairs
+
+    def forward(
+        self, positions: Tensor, arg1: Optional[Tensor] = None, arg2: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        box: Optional[Tensor] = None
+        scale: Optional[Tensor] = None
+        if self.periodic:
+            box, scale = arg1, arg2
+        else:
+            scale = arg1
+        if self.outputs_forces:
+            positions = positions.detach().requires_grad_(True)
+        energy, count = self.energy_and_count(positions, box)
+        # failures make energy and forces NaN without a host synchronisation (CUDA graphs):
+        # a pair-list overflow, or a box (NPT) that shrank below twice the cutoff
+        failed = torch.zeros((), dtype=torch.bool, device=positions.device)
+        if self.capacity >= 0:
+            failed = failed | (count > self.capacity)
+        if box is not None:
+            widths = torch.stack((box[0, 0], box[1, 1], box[2, 2])) * self.nm_to_angstrom
+            failed = failed | (widths.min() < 2.0 * self.cutoff)
+        # the zero term ties every particle to the factor, so on failure all forces are NaN
+        tie = 0.0 * positions.sum().to(energy.dtype)
+        energy = (energy + tie) * torch.where(failed, math.nan, 1.0).to(energy.dtype)
+        if scale is not None:
+            energy = energy * scale.to(energy.dtype)
+        forces = torch.zeros_like(positions)
+        if self.outputs_forces:
+            grad = torch.autograd.grad([energy], [positions], allow_unused=True)[0]
+            if grad is not None:
+                forces = -grad
+        return energy, forces
+
+
+def _returns_tuple(module: TensorNetForce) -> nn.Module:
+    """OpenMM expects a bare energy unless forces are output: wrap accordingly."""
+    return _WithForces(module) if module.outputs_forces else _EnergyOnly(module)
+
+
+class _EnergyOnly(nn.Module):
+    def __init__(self, inner: TensorNetForce) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(
+        self, positions: Tensor, arg1: Optional[Tensor] = None, arg2: Optional[Tensor] = None
+    ) -> Tensor:
+        return self.inner(positions, arg1, arg2)[0]
+
+
+class _WithForces(_EnergyOnly):
+    def forward(  # type: ignore[override]
+        self, positions: Tensor, arg1: Optional[Tensor] = None, arg2: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor]:
+        return self.inner(positions, arg1, arg2)
+
+
+def pair_capacity(
+    model: TensorNet,
+    n_atoms: int,
+    positions_angstrom: Optional[np.ndarray] = None,
+    box_angstrom: Optional[np.ndarray] = None,
+    margin: float = 1.5,
+    strategy: str = "auto",
+) -> tuple[int, int, str]:
+    """Pair slots, cell capacity and strategy for a fixed-capacity (CUDA-graph) pair list.
+
+    From positions: ``margin`` x the pairs (and the fullest cell) found there, plus a floor of
+    64 slots. Without positions: a bound from :data:`DENSITY_BOUND` (atoms per A^3 within the
+    cutoff sphere), never more than all n(n-1) pairs; the cell list needs positions.
+    """
+    if margin < 1.0:
+        raise ValueError(f"capacity margin {margin} must be at least 1")
+    cutoff = float(model.cutoff_upper)
+    if strategy == "auto":
+        strategy = "cell" if n_atoms >= cell_list_min_atoms() else "brute"
+    all_pairs = n_atoms * (n_atoms - 1)
+    if positions_angstrom is None:
+        if strategy == "cell":
+            raise ValueError(
+                f"sizing a cell-list pair capacity for {n_atoms} atoms needs their positions: "
+                "pass positions= (or cuda_graphs=False for a dynamic pair list)"
+            )
+        per_atom = DENSITY_BOUND * 4.0 / 3.0 * math.pi * cutoff**3
+        return min(all_pairs, math.ceil(n_atoms * per_atom)), -1, strategy
+    pos = torch.as_tensor(np.asarray(positions_angstrom, dtype=np.float64))
+    box = None if box_angstrom is None else torch.as_tensor(np.asarray(box_angstrom, np.float64))
+    count = int(neighbor_pairs(pos, cutoff, box, strategy="cell" if n_atoms > 1 else "brute")[3])
+    capacity = min(all_pairs, math.ceil(margin * count) + 64)
+    cell_capacity = -1
+    if strategy == "cell":
+        from .neighbors import _cells
+
+        fullest = int(torch.bincount(_cells(pos, cutoff, box)[0]).max())
+        cell_capacity = math.ceil(margin * fullest) + 4
+    return max(capacity, 1), cell_capacity, strategy
+
+
+def script(module: TensorNetForce) -> torch.jit.ScriptModule:
+    """TorchScript of the module in OpenMM's calling convention."""
+    return torch.jit.script(_returns_tuple(module))
+
+
+def metadata(module: TensorNetForce) -> dict[str, Any]:
+    """What an exported file records about itself (plain JSON data)."""
+    from . import __version__
+
+    model = module.model
+    return {
+        "format": "tensornet_openmm.export",
+        "format_version": 1,
+        "config": model.config.to_dict(),
+        "dtype": str(module.dtype).replace("torch.", ""),
+        "cutoff_nm": module.cutoff * ANGSTROM_TO_NM,
+        "atomic_numbers": module.z.tolist(),
+        "elements": sorted(set(module.z.tolist())),
+        "atoms": module.atoms.tolist() if module.use_subset else None,
+        "total_charge": float(module.total_charge[0]),
+        "periodic": module.periodic,
+        "capacity": module.capacity,
+        "strategy": module.strategy,
+        "cell_capacity": module.cell_capacity,
+        "outputs_forces": module.outputs_forces,
+        "scale_parameter": module.scale_parameter,
+        "units": {"positions": "nm", "box": "nm", "energy": "kJ/mol", "forces": "kJ/mol/nm"},
+        "model_metadata": model.metadata,
+        "versions": {"tensornet_openmm": __version__, "torch": str(torch.__version__)},
+    }
+
+
+def export(module: TensorNetForce, path: str | Path | None = None) -> bytes:
+    """Script ``module`` and save it with its metadata; returns the file's bytes.
+
+    The file is written through a temporary name and a rename when ``path`` is given.
+    """
+    scripted = script(module)
+    buffer = io.BytesIO()
+    extra = {METADATA_NAME: json.dumps(metadata(module), indent=1, default=str)}
+    torch.jit.save(scripted, buffer, _extra_files=extra)
+    data = buffer.getvalue()
+    if path is not None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return data
+
+
+def read_metadata(source: str | Path | bytes) -> dict[str, Any]:
+    """The metadata of an exported file, read from the archive without loading the module."""
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/extra/" + METADATA_NAME)]
+            if not names:
+                raise ValueError(f"{source!r:.80} is a TorchScript file without tensornet metadata")
+            return json.loads(archive.read(names[0]))
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{source!r:.80} is not a TorchScript archive: {err}") from err
+
+
+def validate_elements(model: TensorNet, atomic_numbers: Sequence[int]) -> None:
+    """Raise ValueError when the model cannot describe these elements."""
+    z = [int(v) for v in atomic_numbers]
+    bad = sorted({v for v in z if not 0 < v < model.max_z})
+    if bad:
+        raise ValueError(
+            f"atomic numbers {bad} are outside this model's range 1..{model.max_z - 1} (max_z)"
+        )
+    known = model.metadata.get("elements")
+    if known is not None:
+        missing = sorted(set(z) - {int(v) for v in known})
+        if missing:
+            raise ValueError(
+                f"the model was trained on elements {sorted(int(v) for v in known)} but the ML "
+                f"region contains {missing}; use a model that covers them or leave those atoms MM"
+            )
+
+
+def check_periodic_box(model: TensorNet, box_nm: np.ndarray) -> None:
+    """check_box in nm for this model's cutoff (clear errors for a box that is too small)."""
+    check_box(torch.as_tensor(np.asarray(box_nm, np.float64)) * NM_TO_ANGSTROM, model.cutoff_upper)

@@ -1,0 +1,269 @@
+"""The exported module and create_force: OpenMM Contexts against the eager model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import openmm
+import openmm.unit as u
+import pytest
+import torch
+from helpers import quiet_testsystems, small_model
+
+from tensornet_openmm import create_force
+from tensornet_openmm.export import TensorNetForce, export, read_metadata
+from tensornet_openmm.forces import load_system, save_system
+from tensornet_openmm.neighbors import neighbor_pairs
+from tensornet_openmm.units import EV_TO_KJ_PER_MOL
+
+PLATFORMS = ["Reference", "CPU"]
+
+
+def eager(model, z, pos_nm, box_nm=None):
+    """Energy (kJ/mol) and forces (kJ/mol/nm) of the eager model, all atoms ML."""
+    pos = torch.tensor(pos_nm * 10.0, dtype=torch.float64, requires_grad=True)
+    box = None if box_nm is None else torch.tensor(box_nm * 10.0, dtype=torch.float64)
+    pairs = neighbor_pairs(pos, model.cutoff_upper, box)
+    energy = model(torch.tensor(z), pos, pairs.edge_index, pairs.vectors)[0] * EV_TO_KJ_PER_MOL
+    (grad,) = torch.autograd.grad(energy, pos)
+    return energy.item(), -grad.numpy() * 10.0
+
+
+def context_for(force, n_particles, platform, box_nm=None, extra=()):
+    system = openmm.System()
+    for _ in range(n_particles):
+        system.addParticle(12.0)
+    if box_nm is not None:
+        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box_nm])
+    system.addForce(force)
+    for f in extra:
+        system.addForce(f)
+    integrator = openmm.VerletIntegrator(0.0005)
+    return openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
+
+
+def energy_forces(context, positions_nm, groups=-1):
+    context.setPositions(positions_nm)
+    state = context.getState(getEnergy=True, getForces=True, groups=groups)
+    return (
+        state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole),
+        np.asarray(state.getForces(asNumpy=True).value_in_unit(u.kilojoule_per_mole / u.nanometer)),
+    )
+
+
+def molecule(n=12, seed=1):
+    rng = np.random.default_rng(seed)
+    while True:
+        pos = rng.uniform(0.0, 0.45, size=(n, 3))
+        d = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.eye(n)
+        if d.min() > 0.09:
+            return rng.choice([1, 6, 7, 8], size=n).tolist(), pos
+
+
+@pytest.fixture(scope="module")
+def water():
+    test = quiet_testsystems().WaterBox(box_edge=1.2 * u.nanometer, cutoff=0.5 * u.nanometer)
+    z = [a.element.atomic_number for a in test.topology.atoms()]
+    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
+    box = np.asarray(
+        [v.value_in_unit(u.nanometer) for v in test.system.getDefaultPeriodicBoxVectors()]
+    )
+    return z, pos, box
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("graphs, outputs_forces", [(False, False), (True, False), (True, True)])
+def test_context_equals_eager_model(platform, graphs, outputs_forces):
+    model = small_model()
+    z, pos = molecule()
+    force = create_force(model, z, cuda_graphs=graphs, positions=pos, outputs_forces=outputs_forces)
+    energy, forces = energy_forces(context_for(force, len(z), platform), pos)
+    ref_energy, ref_forces = eager(model, z, pos)
+    assert energy == pytest.approx(ref_energy, rel=1e-8)
+    np.testing.assert_allclose(forces, ref_forces, rtol=1e-8, atol=1e-8 * np.abs(ref_forces).max())
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_ml_subset_of_the_particles(platform):
+    """ML atoms picked by index out of a larger System; other particles get no ML force."""
+    model = small_model()
+    z, pos = molecule(8)
+    everything = np.concatenate([np.random.default_rng(4).uniform(2, 3, size=(5, 3)), pos])
+    atoms = list(range(5, 13))[::-1]  # any order: atomic numbers follow ``atoms``
+    force = create_force(model, z[::-1], atoms=atoms, positions=everything, total_charge=1)
+    energy, forces = energy_forces(context_for(force, 13, platform), everything)
+    module = TensorNetForce(model, z, total_charge=1)
+    ref = module(torch.tensor(pos))[0].item()
+    assert energy == pytest.approx(ref, rel=1e-10)
+    assert np.all(forces[:5] == 0.0) and np.abs(forces[5:]).max() > 0
+
+
+def test_periodic_water_box_wrapped_unwrapped_split_shifted(water):
+    z, pos, box = water
+    model = small_model()
+    module = torch.jit.script(TensorNetForce(model, z, periodic=True))
+    rng = np.random.default_rng(0)
+    shifted = pos + rng.integers(-3, 4, size=(len(pos), 1)).repeat(3, 0).reshape(-1, 3)[
+        : len(pos)
+    ] * np.diag(box)  # whole molecules moved by lattice vectors
+    split = pos - np.floor(pos / np.diag(box)) * np.diag(box)  # every atom wrapped alone
+    scattered = pos + rng.integers(-2, 3, size=(len(pos), 3)) @ box  # each atom its own image
+    tbox = torch.tensor(box)
+    energies = [module(torch.tensor(p), tbox)[0].item() for p in (pos, shifted, split, scattered)]
+    reference, _ = eager(model, z, pos, box)
+    np.testing.assert_allclose(energies, reference, rtol=1e-10)
+    # and through OpenMM, which receives the unwrapped positions
+    force = create_force(model, z, periodic=True, positions=pos, box_vectors=box)
+    context = context_for(force, len(z), "Reference", box)
+    for p in (pos, scattered):
+        assert energy_forces(context, p)[0] == pytest.approx(reference, rel=1e-8)
+
+
+def test_triclinic_box_lattice_shifts():
+    model = small_model()
+    box = np.array([[1.2, 0.0, 0.0], [0.4, 1.1, 0.0], [-0.3, 0.5, 1.0]])
+    rng = np.random.default_rng(7)
+    pos = rng.uniform(0, 1, size=(60, 3)) @ box
+    z = rng.choice([1, 6, 8], size=60).tolist()
+    force = create_force(model, z, periodic=True, positions=pos, box_vectors=box)
+    context = context_for(force, 60, "Reference", box)
+    e0, f0 = energy_forces(context, pos)
+    e1, f1 = energy_forces(context, pos + rng.integers(-2, 3, size=(60, 3)) @ box)
+    assert e1 == pytest.approx(e0, rel=1e-10)
+    np.testing.assert_allclose(f1, f0, atol=1e-8)
+    assert e0 == pytest.approx(eager(model, z, pos, box)[0], rel=1e-8)
+
+
+def test_xml_round_trip(tmp_path):
+    model = small_model()
+    z, pos = molecule()
+    system = openmm.System()
+    for _ in z:
+        system.addParticle(12.0)
+    harmonic = openmm.CustomExternalForce("x^2")
+    harmonic.addParticle(0, [])
+    system.addForce(harmonic)
+    system.addForce(create_force(model, z, positions=pos, force_group=3, lambda_parameter="lam"))
+    system.addForce(openmm.CMMotionRemover())
+    save_system(system, tmp_path / "system.xml")
+    copy = load_system(tmp_path / "system.xml")
+    assert [f.getName() for f in copy.getForces()] == [
+        "CustomExternalForce", "TensorNet", "CMMotionRemover"
+    ]  # fmt: skip
+    assert copy.getForce(1).getForceGroup() == 3
+    results = []
+    for s in (system, copy):
+        context = openmm.Context(s, openmm.VerletIntegrator(0.001),
+                                 openmm.Platform.getPlatformByName("Reference"))  # fmt: skip
+        context.setParameter("lam", 0.5)
+        results.append(energy_forces(context, pos))
+        derivative = context.getState(getParameterDerivatives=True).getEnergyParameterDerivatives()
+        results[-1] += (derivative["lam"],)
+    assert results[0][0] == results[1][0] and results[0][2] == results[1][2] != 0
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_overflow_and_small_box_fail_loudly():
+    model = small_model()
+    z, pos = molecule()
+    force = create_force(model, z, positions=pos, capacity=4)  # far fewer slots than pairs
+    energy, forces = energy_forces(context_for(force, len(z), "Reference"), pos)
+    assert np.isnan(energy) and np.isnan(forces).all()
+    box = np.eye(3) * 1.0
+    force = create_force(model, z, periodic=True, positions=pos, box_vectors=box)
+    context = context_for(force, len(z), "Reference", box)
+    assert np.isfinite(energy_forces(context, pos)[0])
+    context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in np.eye(3) * 0.7])  # < 2 cutoffs
+    assert np.isnan(energy_forces(context, pos)[0])
+    with pytest.raises(ValueError, match="at least twice the cutoff"):
+        create_force(model, z, periodic=True, box_vectors=np.eye(3) * 0.7)
+
+
+def test_elements_not_covered_are_a_build_time_error():
+    model = small_model()
+    with pytest.raises(ValueError, match=r"outside this model's range 1\.\.9"):
+        create_force(model, [1, 6, 17])
+    model.metadata["elements"] = [1, 6, 8]
+    with pytest.raises(ValueError, match=r"trained on elements \[1, 6, 8\].*contains \[7\]"):
+        create_force(model, [1, 6, 7, 8])
+    with pytest.raises(ValueError, match="one atomic number per ML atom"):
+        create_force(model, [1, 6], atoms=[0, 1, 2])
+
+
+def test_lambda_parameter_scales_energy_with_derivative():
+    model = small_model()
+    z, pos = molecule()
+    force = create_force(model, z, positions=pos, lambda_parameter="lambda_ml")
+    context = context_for(force, len(z), "Reference")
+    full, full_forces = energy_forces(context, pos)
+    context.setParameter("lambda_ml", 0.25)
+    quarter, quarter_forces = energy_forces(context, pos)
+    assert quarter == pytest.approx(0.25 * full, rel=1e-12)
+    np.testing.assert_allclose(quarter_forces, 0.25 * full_forces, rtol=1e-10, atol=1e-12)
+    state = context.getState(getParameterDerivatives=True)
+    assert state.getEnergyParameterDerivatives()["lambda_ml"] == pytest.approx(full, rel=1e-10)
+
+
+def test_exported_file_is_self_contained(tmp_path):
+    model = small_model(dtype=torch.float32)
+    model.metadata["elements"] = [1, 6, 7, 8]
+    z, pos = molecule()
+    path = tmp_path / "tensornet.pt"
+    export(TensorNetForce(model, z, total_charge=-1), path)
+    meta = read_metadata(path)
+    assert meta["atomic_numbers"] == z and meta["total_charge"] == -1.0
+    assert meta["units"]["energy"] == "kJ/mol" and meta["cutoff_nm"] == pytest.approx(0.4)
+    assert meta["dtype"] == "float32" and meta["config"]["hidden_channels"] == 16
+    assert meta["model_metadata"]["elements"] == [1, 6, 7, 8]
+    code = (
+        "import sys, json, torch\n"
+        "m = torch.jit.load(sys.argv[1])\n"
+        "pos = torch.tensor(json.loads(sys.argv[2]), dtype=torch.float64)\n"
+        "e = m(pos)\n"
+        "assert 'tensornet_openmm' not in sys.modules\n"
+        "print(json.dumps([e.dtype == torch.float32, e.item()]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path), json.dumps(pos.tolist())],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    is_float32, energy = json.loads(out.stdout)
+    module = TensorNetForce(model, z, total_charge=-1)
+    assert is_float32 and energy == pytest.approx(module(torch.tensor(pos))[0].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="not a TorchScript archive"):
+        read_metadata(b"not a zip file")
+
+
+def test_nve_energy_conservation():
+    """Velocity Verlet on alanine dipeptide, pure ML: the total energy does not drift."""
+    test = quiet_testsystems().AlanineDipeptideVacuum(constraints=None)
+    z = [a.element.atomic_number for a in test.topology.atoms()]
+    pos = test.positions
+    model = small_model(cutoff=5.0)
+    system = openmm.System()
+    for i in range(test.system.getNumParticles()):
+        system.addParticle(test.system.getParticleMass(i))
+    system.addForce(create_force(model, z, positions=pos))
+    dt_fs = 0.5
+    integrator = openmm.VerletIntegrator(dt_fs * u.femtosecond)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(pos)
+    context.setVelocitiesToTemperature(300 * u.kelvin, 1)
+    totals = []
+    for _ in range(40):
+        integrator.step(25)
+        state = context.getState(getEnergy=True)
+        totals.append(
+            (state.getPotentialEnergy() + state.getKineticEnergy()).value_in_unit(
+                u.kilojoule_per_mole
+            )
+        )
+    totals = np.array(totals)
+    time_ns = np.arange(len(totals)) * 25 * dt_fs * 1e-6
+    drift_per_ns = np.polyfit(time_ns, totals, 1)[0]
+    kinetic = state.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
+    print(f"NVE drift {drift_per_ns:.3g} kJ/mol/ns at {dt_fs} fs; fluctuation {totals.std():.3g}")
+    assert np.all(np.isfinite(totals))
+    assert totals.std() < 0.02 * kinetic  # no systematic heating within 0.5 ps
+    assert abs(drift_per_ns) * 5e-4 < 0.02 * kinetic
