@@ -13,7 +13,11 @@ from .checkpoints import load_model, save_model  # noqa: E402
 
 __all__ += ["load_model", "save_model"]
 
-_LAZY = {"create_force": "forces"}  # need OpenMM: imported on first use
+_LAZY = {  # need OpenMM: imported on first use
+    "create_force": "forces",
+    "create_ml_system": "systems",
+    "create_mixed_system": "systems",
+}
 
 
 def __getattr__(name):
