@@ -79,14 +79,23 @@ def save_model(
     tmp.replace(path)
 
 
+SHIPPED_MODELS = Path(__file__).parent / "models"
+
+
+def shipped_models() -> list[str]:
+    """Names of the models shipped inside the package (``load_model(name)``)."""
+    return sorted(p.stem for p in SHIPPED_MODELS.glob("*.pt"))
+
+
 def load_model(path: str | Path, trust_pickle: bool = False) -> TensorNet:
     """Load a TensorNet from our format or from a reference (TorchMD-Net) checkpoint.
 
     Parameters
     ----------
     path : str or Path
-        A file written by :func:`save_model`, or a TorchMD-Net Lightning ``.ckpt`` of a
-        ``tensornet`` model (either gate layout, either output-key style, Atomref priors).
+        A file written by :func:`save_model`, a TorchMD-Net Lightning ``.ckpt`` of a
+        ``tensornet`` model (either gate layout, either output-key style, Atomref priors), or the
+        name of a model shipped with the package (see :func:`shipped_models`).
     trust_pickle : bool
         Reference checkpoints are Python pickles and may need arbitrary code to load. Pass True
         only for files from a source you trust; without it such a file is refused.
@@ -98,7 +107,14 @@ def load_model(path: str | Path, trust_pickle: bool = False) -> TensorNet:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file {str(path)!r} does not exist")
+        shipped = SHIPPED_MODELS / f"{path}.pt"
+        if path.suffix == "" and len(path.parts) == 1 and shipped.is_file():
+            path = shipped
+        else:
+            raise FileNotFoundError(
+                f"model file {str(path)!r} does not exist (models shipped with the package: "
+                f"{shipped_models()})"
+            )
     payload = _read(path, trust_pickle)
     if not isinstance(payload, dict):
         raise ValueError(f"{path} is not a TensorNet checkpoint (found {type(payload).__name__})")

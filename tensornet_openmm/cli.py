@@ -18,6 +18,45 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  {key}: {value}")
     print(f"  dtype: {str(dtype).replace('torch.', '')}")
     print(f"  parameters: {model.num_parameters():,}")
+    print(f"  cutoff: {model.cutoff_upper} A")
+    print(f"  elements: {model.metadata.get('elements', 'not recorded (any Z below max_z)')}")
+    for key in ("level_of_theory", "validation"):
+        if key in model.metadata:
+            print(f"  {key}: {model.metadata[key]}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoints import load_model
+    from .export import TensorNetForce, export, validate_elements
+
+    model = load_model(args.model, trust_pickle=args.trust_pickle)
+    numbers = [int(v) for v in args.atomic_numbers.split(",")]
+    validate_elements(model, numbers)
+    module = TensorNetForce(model, numbers, periodic=args.periodic,
+                            total_charge=args.total_charge)  # fmt: skip
+    export(module, args.output)
+    print(f"wrote {args.output}: {len(numbers)} atoms, periodic={args.periodic}; forward(positions "
+          "nm[, box nm]) -> energy kJ/mol")  # fmt: skip
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import RunError, load_config, parse_override, run
+
+    overrides = [parse_override(text) for text in args.set]
+    for key, value in (("production_steps", args.steps), ("output", args.output),
+                       ("platform", args.platform), ("model", args.model)):  # fmt: skip
+        if value is not None:
+            overrides.append({key: value})
+    if args.no_progress:
+        overrides.append({"progress": False})
+    config = load_config(args.config, overrides)
+    try:
+        run(config, resume=args.resume)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -78,6 +117,21 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .training import TrainConfig, train
+
+    config = TrainConfig.from_yaml(args.config)
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("output", args.output),
+                                   ("device", args.device), ("max_minutes", args.max_minutes),
+                                   ("init_from", args.init_from)) if v is not None}  # fmt: skip
+    config = dataclasses.replace(config, **overrides)
+    config.validate()
+    train(config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensornet-openmm", description="TensorNet potentials in OpenMM."
@@ -91,6 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow loading pickle-based reference checkpoints (runs code)",
     )
     info.set_defaults(func=_cmd_info)
+    fit = sub.add_parser("train", help="fit a TensorNet to energies and forces (YAML config)")
+    fit.add_argument("config", help="training configuration (YAML; see tensornet_openmm.training)")
+    fit.add_argument("--epochs", type=int, help="override the number of epochs")
+    fit.add_argument("--output", help="override the output folder")
+    fit.add_argument("--device", help="override the device (auto, cpu, cuda)")
+    fit.add_argument("--max-minutes", type=float, help="stop after this much wall-clock time")
+    fit.add_argument("--init-from", help="start from this model (fine-tuning)")
+    fit.set_defaults(func=_cmd_train)
+    runner = sub.add_parser("run", help="run MD from a YAML configuration (see simulations/)")
+    runner.add_argument("config", help="run configuration (YAML; see tensornet_openmm.runner)")
+    runner.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a configuration value, e.g. --set ml.atoms=all")  # fmt: skip
+    runner.add_argument("--steps", type=int, help="production steps")
+    runner.add_argument("--output", help="output folder")
+    runner.add_argument("--platform", help="OpenMM platform (auto, CUDA, CPU, Reference)")
+    runner.add_argument("--model", help="model name or file")
+    runner.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    runner.add_argument("--no-progress", action="store_true", help="no progress bar")
+    runner.set_defaults(func=_cmd_run)
+    exporter = sub.add_parser("export", help="write a standalone TorchScript file for OpenMM")
+    exporter.add_argument("model", help="model name or file")
+    exporter.add_argument("-o", "--output", required=True, help="output .pt file")
+    exporter.add_argument("--atomic-numbers", required=True,
+                          help="comma-separated atomic numbers of the ML atoms")  # fmt: skip
+    exporter.add_argument("--periodic", action="store_true", help="the module takes a box")
+    exporter.add_argument("--total-charge", type=float, default=0.0)
+    exporter.add_argument("--trust-pickle", action="store_true")
+    exporter.set_defaults(func=_cmd_export)
     selftest = sub.add_parser("selftest", help="check that the model and the OpenMM stack work")
     selftest.set_defaults(func=_cmd_selftest)
     return parser

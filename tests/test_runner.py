@@ -1,0 +1,139 @@
+"""The MD runner: the shipped simulations, resume after SIGKILL, and clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mdtraj
+import numpy as np
+import pytest
+import torch
+from helpers import small_model
+
+from tensornet_openmm import save_model
+from tensornet_openmm.checkpoints import shipped_models
+from tensornet_openmm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMULATIONS = ROOT / "simulations"
+QUICK = ["--no-progress", "--set", "equilibration_steps=5", "--set", "minimize.max_iterations=20",
+         "--set", "report_interval=5", "--set", "checkpoint_interval=10"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """The shipped model when the package has one; otherwise a small random float32 model."""
+    if "ala2-water-gfn2" in shipped_models():
+        return "ala2-water-gfn2"
+    model = small_model(cutoff=4.5, dtype=torch.float32)
+    model.metadata["elements"] = [1, 6, 7, 8]
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_model(model, path)
+    return str(path)
+
+
+def csv_steps(folder):
+    return np.genfromtxt(folder / "energies.csv", delimiter=",", names=True)["step"].astype(int)
+
+
+@pytest.mark.parametrize("name", ["ala2-vacuum", "ala2-water", "water-box"])
+def test_shipped_simulations_run(name, model_file, tmp_path):
+    out = tmp_path / name
+    argv = ["run", str(SIMULATIONS / f"{name}.yaml"), "--model", model_file, "--steps", "10",
+            "--output", str(out), *QUICK]  # fmt: skip
+    assert main(argv) == 0
+    config = (out / "config.resolved.yaml").read_text()
+    assert "production_steps: 10" in config
+    assert json.loads((out / "model.json").read_text())["metadata"]["elements"] == [1, 6, 7, 8]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 2 and np.isfinite(summary["final_energy_kj_per_mol"])
+    trajectory = next(out.glob("trajectory.*"))
+    top = SIMULATIONS / "alanine-dipeptide.pdb" if name == "ala2-vacuum" else None
+    frames = (
+        mdtraj.load(str(trajectory), top=str(top))
+        if top
+        else mdtraj.load(str(trajectory))
+        if trajectory.suffix == ".h5"
+        else None
+    )
+    if frames is not None:
+        assert len(frames) == 2
+    assert list(csv_steps(out)) == [5, 10]
+
+
+def _run_args(model_file, out, steps):
+    return ["run", str(SIMULATIONS / "ala2-vacuum.yaml"), "--model", model_file, "--steps",
+            str(steps), "--output", str(out), "--platform", "Reference", *QUICK,
+            "--set", "trajectory=trajectory.xtc"]  # fmt: skip
+
+
+def test_resume_after_sigkill_loses_and_repeats_nothing(model_file, tmp_path):
+    steps = 200
+    reference = tmp_path / "uninterrupted"
+    assert main(_run_args(model_file, reference, steps)) == 0
+
+    killed = tmp_path / "killed"
+    code = "import sys; from tensornet_openmm.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *_run_args(model_file, killed, steps)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill at an arbitrary moment past the first checkpoints
+        csv = killed / "energies.csv"
+        if csv.exists() and len(csv.read_text().splitlines()) > 8:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert main([*_run_args(model_file, killed, steps), "--resume"]) == 0
+
+    assert list(csv_steps(killed)) == list(range(5, steps + 1, 5))  # none lost, none repeated
+    top = str(SIMULATIONS / "alanine-dipeptide.pdb")
+    a = mdtraj.load(str(reference / "trajectory.xtc"), top=top)
+    b = mdtraj.load(str(killed / "trajectory.xtc"), top=top)
+    assert len(a) == len(b) == steps // 5
+    np.testing.assert_allclose(b.xyz, a.xyz, atol=2e-3)  # the same trajectory (xtc precision)
+    np.testing.assert_allclose(b.time, a.time)
+
+
+def test_run_errors_are_clear(model_file, tmp_path, capsys):
+    base = ["run", str(SIMULATIONS / "ala2-vacuum.yaml"), "--model", model_file, *QUICK]
+    assert main(["run", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*base, "--set", "integratr.timestep_fs=1"]) == 2
+    assert "unknown configuration key 'integratr'" in capsys.readouterr().err
+    assert main([*base, "--set", "integrator.step=1", "--output", str(tmp_path / "a")]) == 2
+    assert "allowed keys in integrator" in capsys.readouterr().err
+    assert main([*base, "--set", "system.pdb=missing.pdb", "--output", str(tmp_path / "b")]) == 2
+    assert "missing.pdb' does not exist" in capsys.readouterr().err
+    argv = [*base, "--set", "ml.atoms=resname LIG", "--output", str(tmp_path / "c")]
+    assert main(argv) == 2
+    assert "matches no atoms" in capsys.readouterr().err
+
+    narrow = small_model(cutoff=4.5, dtype=torch.float32)
+    narrow.metadata["elements"] = [1, 6, 8]
+    save_model(narrow, tmp_path / "no-nitrogen.pt")
+    assert main([*base, "--model", str(tmp_path / "no-nitrogen.pt"), "--output",
+                 str(tmp_path / "d")]) == 2  # fmt: skip
+    assert "contains [7]" in capsys.readouterr().err
+    wide = small_model(cutoff=7.0, dtype=torch.float32)
+    save_model(wide, tmp_path / "wide.pt")
+    water = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", str(tmp_path / "wide.pt"),
+             "--output", str(tmp_path / "e"), *QUICK]  # fmt: skip
+    assert main(water) == 2
+    assert "at least twice the cutoff" in capsys.readouterr().err
+
+    blow = tmp_path / "blow"  # ML/MM water with a 20 fs step and no minimisation: NaN
+    argv = ["run", str(SIMULATIONS / "ala2-water.yaml"), "--model", model_file, *QUICK,
+            "--set", "integrator.timestep_fs=20", "--set", "minimize.enabled=false",
+            "--set", "equilibration_steps=0",
+            "--steps", "200", "--output", str(blow)]  # fmt: skip
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "Likely causes" in err and "checkpoint.json" in err
+    assert (blow / "energies.csv").exists() and (blow / "checkpoint.json").exists()
+    assert main(argv) == 3  # an existing run is not overwritten without --resume
+    assert "pass --resume" in capsys.readouterr().err
