@@ -54,15 +54,18 @@ class TrainConfig:
     seed: int = 0
     output: str = "training"
     device: str = "auto"
+    metadata: dict = field(default_factory=dict)  # stored with the model, e.g. level_of_theory
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base: Path | None = None) -> TrainConfig:
         config = _from_mapping(cls, values, "training configuration")
-        if base is not None:  # data paths are relative to the config file
+        if base is not None:  # paths are relative to the config file
             resolve = lambda p: str((base / p).resolve()) if p else p  # noqa: E731
             config = dataclasses.replace(
                 config, train=resolve(config.train), validation=resolve(config.validation),
-                test=tuple(resolve(p) for p in config.test),
+                test=tuple(resolve(p) for p in config.test), output=resolve(config.output),
+                init_from=config.init_from if not config.init_from or "/" not in config.init_from
+                else resolve(config.init_from),
             )  # fmt: skip
         config.validate()
         return config
@@ -239,9 +242,10 @@ def train(config: TrainConfig, log=print) -> Path:
         optimizer, factor=config.lr_factor, patience=config.lr_patience, min_lr=config.lr_min
     )
     metadata = {
+        **model.metadata,
+        **config.metadata,
         "elements": sorted(set(train_data.elements) | set(model.metadata.get("elements", []))),
         "training": {k: v for k, v in dataclasses.asdict(config).items()},
-        "level_of_theory": model.metadata.get("level_of_theory"),
     }
     best, best_epoch, start = math.inf, -1, time.time()
     history = out / "history.csv"
