@@ -20,3 +20,33 @@ def test_selftest(capsys):
     assert main(["selftest"]) == 0
     out = capsys.readouterr().out
     assert out.count(": ok") == 2
+
+
+def test_info_shows_elements_and_cutoff(tmp_path, capsys):
+    model = TensorNet(hidden_channels=8, num_layers=1, num_rbf=4, max_z=10, cutoff_upper=4.0)
+    model.metadata["elements"] = [1, 8]
+    save_model(model, tmp_path / "m.pt")
+    assert main(["info", str(tmp_path / "m.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "cutoff: 4.0 A" in out and "elements: [1, 8]" in out
+
+
+def test_export_writes_a_standalone_module(tmp_path, capsys):
+    import torch
+
+    from tensornet_openmm.export import TensorNetForce, read_metadata
+
+    model = TensorNet(hidden_channels=8, num_layers=1, num_rbf=4, max_z=10, dtype=torch.float64)
+    model.metadata["elements"] = [1, 8]
+    save_model(model, tmp_path / "m.pt")
+    out = tmp_path / "water.pt"
+    argv = ["export", str(tmp_path / "m.pt"), "-o", str(out), "--atomic-numbers", "8,1,1"]
+    assert main(argv) == 0
+    assert read_metadata(out)["atomic_numbers"] == [8, 1, 1]
+    positions = torch.tensor([[0.0, 0.0, 0.0], [0.096, 0.0, 0.0], [-0.024, 0.093, 0.0]],
+                             dtype=torch.float64)  # fmt: skip
+    energy = torch.jit.load(str(out))(positions)
+    expected = TensorNetForce(model, [8, 1, 1])(positions)[0]
+    torch.testing.assert_close(energy, expected)
+    assert main([*argv[:-1], "8,1,7"]) == 2  # nitrogen is not among the model's elements
+    assert "contains [7]" in capsys.readouterr().err
