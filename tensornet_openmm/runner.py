@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 DEFAULTS: dict[str, Any] = {
-    "model": None,  # shipped name, our checkpoint, a TorchMD-Net .ckpt, or an exported .pt
+    "model": None,  # shipped name, our checkpoint, a TorchMD-Net .ckpt, or an exported file
     "trust_pickle": False,
     "system": {"pdb": None, "prmtop": None, "inpcrd": None, "xml": None},
     "prepare": {
@@ -213,29 +213,35 @@ def build(config: dict, log=print):
         topology, positions = modeller.topology, modeller.positions
         log(f"prepared: {topology.getNumAtoms()} atoms after hydrogens / solvent")
 
-    model = load_any_model(config)
     periodic = topology.getPeriodicBoxVectors() is not None
-    options = {"cuda_graphs": bool(mlconf["cuda_graphs"])}
-    if mlconf["atoms"] == "all":
-        from .systems import create_ml_system
-
-        system = create_ml_system(topology, model, float(mlconf["total_charge"]),
-                                  positions=positions, **options)  # fmt: skip
-        description = f"pure ML, {topology.getNumAtoms()} atoms"
+    exported = _exported_metadata(config)
+    if exported is not None:
+        model = exported
+        system = _system_from_export(config, topology, exported, periodic)
+        description = f"pure ML (exported module), {topology.getNumAtoms()} atoms"
     else:
-        from .systems import create_mixed_system
+        model = load_any_model(config)
+        options = {"cuda_graphs": bool(mlconf["cuda_graphs"])}
+        if mlconf["atoms"] == "all":
+            from .systems import create_ml_system
 
-        if mm_system is None:
-            mm_system = forcefield.createSystem(
-                topology, nonbondedMethod=app.PME if periodic else app.NoCutoff,
-                nonbondedCutoff=float(config["nonbonded_cutoff_nm"]) * _nm(),
-                constraints=_constraints(config),
+            system = create_ml_system(topology, model, float(mlconf["total_charge"]),
+                                      positions=positions, **options)  # fmt: skip
+            description = f"pure ML, {topology.getNumAtoms()} atoms"
+        else:
+            from .systems import create_mixed_system
+
+            if mm_system is None:
+                mm_system = forcefield.createSystem(
+                    topology, nonbondedMethod=app.PME if periodic else app.NoCutoff,
+                    nonbondedCutoff=float(config["nonbonded_cutoff_nm"]) * _nm(),
+                    constraints=_constraints(config),
+                )  # fmt: skip
+            system = create_mixed_system(
+                topology, mm_system, mlconf["atoms"], model, float(mlconf["total_charge"]),
+                allow_cut_bonds=bool(mlconf["allow_cut_bonds"]), positions=positions, **options,
             )  # fmt: skip
-        system = create_mixed_system(
-            topology, mm_system, mlconf["atoms"], model, float(mlconf["total_charge"]),
-            allow_cut_bonds=bool(mlconf["allow_cut_bonds"]), positions=positions, **options,
-        )  # fmt: skip
-        description = f"ML/MM, ML region {mlconf['atoms']!r} of {topology.getNumAtoms()} atoms"
+            description = f"ML/MM, ML region {mlconf['atoms']!r} of {topology.getNumAtoms()} atoms"
     if config["ensemble"] == "npt":
         import openmm
         import openmm.unit as u
@@ -247,6 +253,79 @@ def build(config: dict, log=print):
             float(config["integrator"]["temperature_k"]) * u.kelvin,
         ))  # fmt: skip
     return model, topology, positions, system, description
+
+
+class ExportedModel:
+    """What the runner needs to know of an exported TorchScript file (its metadata)."""
+
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path, self.meta = path, meta
+        self.metadata = {**meta.get("model_metadata", {}), "exported_atomic_numbers":
+                         meta["atomic_numbers"]}  # fmt: skip
+        self.cutoff_upper = meta["cutoff_nm"] * 10.0
+
+    @property
+    def config(self):
+        from .config import ModelConfig
+
+        return ModelConfig.from_dict(self.meta["config"])
+
+    def num_parameters(self) -> int:
+        import torch
+
+        return sum(p.numel() for p in torch.jit.load(str(self.path)).parameters())
+
+
+def _exported_metadata(config: dict) -> ExportedModel | None:
+    """The metadata of an exported file named by ``model``, or None for other models."""
+    import zipfile
+
+    from .export import read_metadata
+
+    path = _path(config, str(config["model"]))
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    try:
+        return ExportedModel(path, read_metadata(path))
+    except ValueError:
+        return None  # a zip that is not ours: e.g. a checkpoint; load_model decides
+
+
+def _system_from_export(config: dict, topology, exported: ExportedModel, periodic: bool):
+    import openmm
+    import torch
+
+    from .forces import make_torch_force
+    from .systems import _atomic_numbers
+
+    meta = exported.meta
+    if config["ml"]["atoms"] != "all":
+        raise ValueError(
+            "an exported module is fixed to its atoms and runs pure-ML systems only; use the "
+            "model's checkpoint (or shipped name) for ML/MM"
+        )
+    numbers = _atomic_numbers(topology, range(topology.getNumAtoms()))
+    if meta["atomic_numbers"] != numbers or meta.get("atoms") is not None:
+        raise ValueError(
+            f"the exported module {exported.path} was made for {len(meta['atomic_numbers'])} "
+            f"atoms with other atomic numbers than this system's {len(numbers)}; export it again "
+            "for this system (tensornet-openmm export MODEL --atomic-numbers ...)"
+        )
+    if bool(meta["periodic"]) != periodic:
+        raise ValueError(
+            f"the exported module has periodic={meta['periodic']} but the system is "
+            f"{'periodic' if periodic else 'not periodic'}; export it again with the matching flag"
+        )
+    system = openmm.System()
+    for atom in topology.atoms():
+        system.addParticle(atom.element.mass)
+    if periodic:
+        system.setDefaultPeriodicBoxVectors(*topology.getPeriodicBoxVectors())
+    module = torch.jit.load(str(exported.path))
+    system.addForce(make_torch_force(module, periodic, bool(meta["outputs_forces"]),
+                                     bool(config["ml"]["cuda_graphs"])))  # fmt: skip
+    system.addForce(openmm.CMMotionRemover())
+    return system
 
 
 def _nm():
@@ -393,6 +472,13 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
             f"{out} already holds a run (checkpoint.json); pass --resume to continue it or choose "
             "another output folder"
         )
+    console = log
+
+    def log(message: str) -> None:  # noqa: F811 - the console, and run.log in the output folder
+        console(message)
+        with (out / "run.log").open("a") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
     model, topology, positions, system, description = build(config, log)
     if not resume:  # the prepared structure: the topology for reading the trajectory
         import openmm.app as app

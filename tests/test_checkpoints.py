@@ -80,3 +80,18 @@ def test_bad_hyperparameters_are_named():
         TensorNet(activation="relu")
     with pytest.raises(ValueError, match="cutoff_lower"):
         TensorNet(cutoff_lower=5.0, cutoff_upper=4.0)
+
+
+def test_shipped_model_loads_by_name():
+    from tensornet_openmm.checkpoints import shipped_models
+
+    assert "ala2-water-gfn2" in shipped_models()
+    model = load_model("ala2-water-gfn2")
+    assert model.metadata["elements"] == [1, 6, 7, 8]
+    assert "GFN2-xTB" in model.metadata["level_of_theory"]
+    assert model.cutoff_upper == 4.5 and not model.training
+
+
+def test_unknown_model_name_lists_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match=r"shipped with the package: \['ala2-water-gfn2'"):
+        load_model("no-such-model")

@@ -65,6 +65,24 @@ def test_shipped_simulations_run(name, model_file, tmp_path):
     assert list(csv_steps(out)) == [5, 10]
 
 
+def test_exported_module_runs_pure_ml(model_file, tmp_path, capsys):
+    import openmm.app as app
+
+    pdb = app.PDBFile(str(SIMULATIONS / "alanine-dipeptide.pdb"))
+    numbers = ",".join(str(a.element.atomic_number) for a in pdb.topology.atoms())
+    exported = tmp_path / "ala2.pt"
+    assert main(["export", model_file, "-o", str(exported), "--atomic-numbers", numbers]) == 0
+    out = tmp_path / "run"
+    argv = ["run", str(SIMULATIONS / "ala2-vacuum.yaml"), "--model", str(exported), "--steps",
+            "10", "--output", str(out), *QUICK]  # fmt: skip
+    assert main(argv) == 0
+    assert "exported module" in (out / "run.log").read_text()
+    water = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", str(exported), "--output",
+             str(tmp_path / "w"), *QUICK]  # fmt: skip
+    assert main(water) == 2
+    assert "export it again" in capsys.readouterr().err
+
+
 def _run_args(model_file, out, steps):
     return ["run", str(SIMULATIONS / "ala2-vacuum.yaml"), "--model", model_file, "--steps",
             str(steps), "--output", str(out), "--platform", "Reference", *QUICK,
