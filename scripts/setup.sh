@@ -30,6 +30,8 @@ pip install --upgrade pip wheel setuptools
 pip install "torch==2.9.1"
 if [ "$mode" = test ]; then
     pip install -e ".[test]"
+    # the openmm-ml adapter (plugin/, its own distribution; tensornet-openmm is already here)
+    pip install --no-deps -e plugin
     # torch-cluster has no wheel on PyPI; it compiles against the installed torch
     # (about 7 minutes the first time; pip caches the wheel afterwards).
     pip install --no-build-isolation "torch-cluster==1.6.3"

@@ -83,11 +83,14 @@ def make_torch_force(
 
 def _nm_array(values, name: str) -> np.ndarray:
     """An (n, 3) float64 array in nm from an OpenMM Quantity or a plain array (nm)."""
-    if hasattr(values, "value_in_unit"):
-        import openmm.unit as u
+    import openmm.unit as u
 
+    if hasattr(values, "value_in_unit"):
         values = values.value_in_unit(u.nanometer)
-    array = np.asarray([[float(c) for c in row] for row in values], dtype=np.float64)
+    rows = [
+        row.value_in_unit(u.nanometer) if hasattr(row, "value_in_unit") else row for row in values
+    ]
+    array = np.asarray([[float(c) for c in row] for row in rows], dtype=np.float64)
     if array.ndim != 2 or array.shape[1] != 3:
         raise ValueError(f"{name} must have shape (n, 3) in nm; got {array.shape}")
     return array
