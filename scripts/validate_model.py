@@ -48,7 +48,8 @@ def stability(model_name: str, simulation: str, ps: float, out: Path) -> dict:
     overrides = [{"model": model_name, "production_steps": steps, "output": str(out),
                   "progress": False, "report_interval": max(1, steps // 100),
                   "checkpoint_interval": steps, "platform": "CPU",
-                  "ml": {"cuda_graphs": False}}]  # fmt: skip  # CPU: exact dynamic pair list
+                  "ml": {"cuda_graphs": False},  # CPU: the exact dynamic pair list
+                  "minimize": {"max_iterations": 200}}]  # fmt: skip
     config = load_config(ROOT / "simulations" / f"{simulation}.yaml", overrides)
     start = time.time()
     summary = run(config, log=lambda m: print(f"  {simulation}: {m}", flush=True))
