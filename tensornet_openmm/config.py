@@ -27,6 +27,25 @@ def _from_mapping(cls, data: Mapping[str, Any], what: str):
     return cls(**dict(data))
 
 
+def read_yaml_mapping(path, what: str) -> dict:
+    """The top-level mapping of a YAML file; clear errors for a missing, unparsable or non-mapping
+    file (``what`` names the file's role, e.g. "run configuration")."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} {path} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} {path} must be a YAML mapping of settings")
+    return values
+
+
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(choices)}")

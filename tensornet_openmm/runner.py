@@ -104,19 +104,13 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[dict] = ()) -> dict:
-    import yaml
+    from .config import read_yaml_mapping
 
     config = copy.deepcopy(DEFAULTS)
     base = Path.cwd()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"run configuration {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must be a YAML mapping")
-        config = merge(config, values)
-        base = path.parent.resolve()
+        config = merge(config, read_yaml_mapping(path, "run configuration"))
+        base = Path(path).parent.resolve()
     for override in overrides:
         config = merge(config, override)
     config["_base"] = str(base)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoints import load_model, save_model
-from .config import ModelConfig, _from_mapping
+from .config import ModelConfig, _from_mapping, read_yaml_mapping
 from .data import Dataset, read_dataset
 from .neighbors import neighbor_pairs
 from .nn import TensorNet
@@ -72,16 +72,9 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training configuration {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must be a YAML mapping of settings")
+        values = read_yaml_mapping(path, "training configuration")
         values["test"] = tuple(values.get("test", ()))
-        return cls.from_dict(values, path.parent)
+        return cls.from_dict(values, Path(path).parent)
 
     def validate(self) -> None:
         if not 0 < self.validation_fraction < 1 and self.validation is None:

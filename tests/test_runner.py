@@ -121,6 +121,9 @@ def test_run_errors_are_clear(model_file, tmp_path, capsys):
     base = ["run", str(SIMULATIONS / "ala2-vacuum.yaml"), "--model", model_file, *QUICK]
     assert main(["run", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    assert main(["run", str(tmp_path / "broken.yaml")]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
     assert main([*base, "--set", "integratr.timestep_fs=1"]) == 2
     assert "unknown configuration key 'integratr'" in capsys.readouterr().err
     assert main([*base, "--set", "integrator.step=1", "--output", str(tmp_path / "a")]) == 2
