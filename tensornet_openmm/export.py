@@ -66,7 +66,10 @@ class TensorNetForce(nn.Module):
     total_charge : float
         Total charge of the ML region, in e.
     capacity : int
-        Pair slots (fixed shapes, for CUDA graphs); negative for a dynamic pair list.
+        Pair slots (each pair counted once) for fixed shapes, which CUDA-graph capture needs;
+        negative for a dynamic pair list. Fixed shapes are used on CUDA devices only: elsewhere
+        there is nothing to capture, so the exact dynamic list runs and no slot is padding
+        (``fixed_on_cpu=True`` forces them everywhere, for testing).
     strategy, cell_capacity
         Pair search, see :func:`tensornet_openmm.neighbors.neighbor_pairs`.
     outputs_forces : bool
@@ -88,6 +91,7 @@ class TensorNetForce(nn.Module):
         cell_capacity: int = -1,
         outputs_forces: bool = False,
         scale_parameter: bool = False,
+        fixed_on_cpu: bool = False,
     ) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()
@@ -111,6 +115,7 @@ class TensorNetForce(nn.Module):
         self.capacity = int(capacity)
         self.strategy = str(strategy)
         self.cell_capacity = int(cell_capacity)
+        self.fixed_on_cpu = bool(fixed_on_cpu)
         self.outputs_forces = bool(outputs_forces)
         self.scale_parameter = bool(scale_parameter)
         self.cutoff = float(self.model.cutoff_upper)
@@ -118,8 +123,10 @@ class TensorNetForce(nn.Module):
         self.nm_to_angstrom = NM_TO_ANGSTROM
         self.ev_to_kj_per_mol = EV_TO_KJ_PER_MOL
 
-    def energy_and_count(self, positions: Tensor, box: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """Energy (kJ/mol, model dtype) of the ML atoms and their number of pairs."""
+    def energy_and_overflow(
+        self, positions: Tensor, box: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """Energy (kJ/mol, model dtype) of the ML atoms, and whether the pair slots overflowed."""
         pos = positions.to(self.dtype)
         if self.use_subset:
             pos = pos[self.atoms]
@@ -127,11 +134,17 @@ class TensorNetForce(nn.Module):
         box_a: Optional[Tensor] = None
         if box is not None:
             box_a = box.to(self.dtype) * self.nm_to_angstrom
+        capacity, cell_capacity = self.capacity, self.cell_capacity
+        if not (pos.is_cuda or self.fixed_on_cpu):
+            capacity, cell_capacity = -1, -1  # nothing to capture: no padding work
         pairs = neighbor_pairs(
-            pos, self.cutoff, box_a, self.capacity, self.strategy, self.cell_capacity
+            pos, self.cutoff, box_a, capacity, self.strategy, cell_capacity, half=True
         )
-        energy = self.model(self.z, pos, pairs.edge_index, pairs.vectors, None, self.total_charge)
-        return energy[0] * self.ev_to_kj_per_mol, pairs.num_pairs
+        energy = self.model(
+            self.z, pos, pairs.edge_index, pairs.vectors, None, self.total_charge, 1, half=True
+        )
+        overflow = pairs.num_pairs > capacity if capacity >= 0 else torch.zeros_like(pos[0, 0] > 0)
+        return energy[0] * self.ev_to_kj_per_mol, overflow
 
     def forward(
         self, positions: Tensor, arg1: Optional[Tensor] = None, arg2: Optional[Tensor] = None
@@ -144,12 +157,9 @@ class TensorNetForce(nn.Module):
             scale = arg1
         if self.outputs_forces:
             positions = positions.detach().requires_grad_(True)
-        energy, count = self.energy_and_count(positions, box)
+        energy, failed = self.energy_and_overflow(positions, box)
         # failures make energy and forces NaN without a host synchronisation (CUDA graphs):
         # a pair-list overflow, or a box (NPT) that shrank below twice the cutoff
-        failed = torch.zeros((), dtype=torch.bool, device=positions.device)
-        if self.capacity >= 0:
-            failed = failed | (count > self.capacity)
         if box is not None:
             widths = torch.stack((box[0, 0], box[1, 1], box[2, 2])) * self.nm_to_angstrom
             failed = failed | (widths.min() < 2.0 * self.cutoff)
@@ -208,18 +218,19 @@ def pair_capacity(
     cutoff = float(model.cutoff_upper)
     if strategy == "auto":
         strategy = "cell" if n_atoms >= cell_list_min_atoms() else "brute"
-    all_pairs = n_atoms * (n_atoms - 1)
+    all_pairs = n_atoms * (n_atoms - 1) // 2  # each pair counted once (half list)
     if positions_angstrom is None:
         if strategy == "cell":
             raise ValueError(
                 f"sizing a cell-list pair capacity for {n_atoms} atoms needs their positions: "
                 "pass positions= (or cuda_graphs=False for a dynamic pair list)"
             )
-        per_atom = DENSITY_BOUND * 4.0 / 3.0 * math.pi * cutoff**3
+        per_atom = DENSITY_BOUND * 4.0 / 3.0 * math.pi * cutoff**3 / 2.0
         return min(all_pairs, math.ceil(n_atoms * per_atom)), -1, strategy
     pos = torch.as_tensor(np.asarray(positions_angstrom, dtype=np.float64))
     box = None if box_angstrom is None else torch.as_tensor(np.asarray(box_angstrom, np.float64))
-    count = int(neighbor_pairs(pos, cutoff, box, strategy="cell" if n_atoms > 1 else "brute")[3])
+    search = "cell" if n_atoms > 1 else "brute"
+    count = int(neighbor_pairs(pos, cutoff, box, strategy=search, half=True).num_pairs)
     capacity = min(all_pairs, math.ceil(margin * count) + 64)
     cell_capacity = -1
     if strategy == "cell":
@@ -252,6 +263,7 @@ def metadata(module: TensorNetForce) -> dict[str, Any]:
         "total_charge": float(module.total_charge[0]),
         "periodic": module.periodic,
         "capacity": module.capacity,
+        "pairs": "half",
         "strategy": module.strategy,
         "cell_capacity": module.cell_capacity,
         "outputs_forces": module.outputs_forces,

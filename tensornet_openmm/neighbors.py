@@ -1,7 +1,8 @@
 """Pair search for TensorNet: free space and periodic (triclinic) boxes, TorchScript-clean.
 
 Returns ordered pairs (i, j), i != j, both directions, with r_ij = pos[i] - pos[j] under the
-minimum-image convention; the model adds the self pairs.
+minimum-image convention; the model adds the self pairs. With ``half=True`` each pair comes once,
+as i < j (TensorNet's radial filters are symmetric, so the model then does half the pair work).
 
 Strategies (one interface, identical pair sets):
 
@@ -97,12 +98,15 @@ def minimum_image(d: Tensor, box: Tensor) -> Tensor:
     return d - torch.round(d[..., 0:1] / box[0, 0]) * box[0]
 
 
-def _close(pos: Tensor, i: Tensor, j: Tensor, ok: Tensor, cutoff: float, box: Optional[Tensor]):
-    """Mask of the candidates (i, j) that are valid, distinct and closer than the cutoff."""
+def _close(
+    pos: Tensor, i: Tensor, j: Tensor, ok: Tensor, cutoff: float, box: Optional[Tensor], half: bool
+):
+    """Mask of the candidates (i, j) that are valid, distinct (i < j if half) and within cutoff."""
     d = pos[i] - pos[j]
     if box is not None:
         d = minimum_image(d, box)
-    return ok & (i != j) & ((d * d).sum(-1) < cutoff * cutoff)
+    order = (i < j) if half else (i != j)
+    return ok & order & ((d * d).sum(-1) < cutoff * cutoff)
 
 
 class _Compactor:
@@ -139,15 +143,15 @@ class _Compactor:
         return pairs, used, self.count
 
 
-def _brute(pos: Tensor, cutoff: float, box: Optional[Tensor], out: _Compactor) -> None:
+def _brute(pos: Tensor, cutoff: float, box: Optional[Tensor], half: bool, out: _Compactor) -> None:
     n = pos.shape[0]
     block = max(1, _block_elements() // max(n, 1))
-    cols = torch.arange(n, device=pos.device)
     for start in range(0, n, block):
         rows = torch.arange(start, min(n, start + block), device=pos.device)
-        i = rows[:, None].expand(-1, n).reshape(-1)
+        cols = torch.arange(start + 1 if half else 0, n, device=pos.device)  # half: j > i only
+        i = rows[:, None].expand(-1, cols.shape[0]).reshape(-1)
         j = cols[None, :].expand(rows.shape[0], -1).reshape(-1)
-        out.add(i, j, _close(pos, i, j, torch.ones_like(i, dtype=torch.bool), cutoff, box))
+        out.add(i, j, _close(pos, i, j, torch.ones_like(i, dtype=torch.bool), cutoff, box, half))
 
 
 def _cells(pos: Tensor, cutoff: float, box: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,7 +189,12 @@ def _cells(pos: Tensor, cutoff: float, box: Optional[Tensor]) -> tuple[Tensor, T
 
 
 def _cell_list(
-    pos: Tensor, cutoff: float, box: Optional[Tensor], cell_capacity: int, out: _Compactor
+    pos: Tensor,
+    cutoff: float,
+    box: Optional[Tensor],
+    cell_capacity: int,
+    half: bool,
+    out: _Compactor,
 ) -> Tensor:
     """Search the 27 neighbour cells of every atom; returns whether a cell overflowed."""
     n = pos.shape[0]
@@ -206,12 +215,12 @@ def _cell_list(
         ok = (k < end[rows, :, None]).reshape(-1)
         j = order[torch.clamp(k, max=n - 1).reshape(-1)]
         i = rows[:, None].expand(-1, 27 * most).reshape(-1)
-        out.add(i, j, _close(pos, i, j, ok, cutoff, box))
+        out.add(i, j, _close(pos, i, j, ok, cutoff, box, half))
     return overflow
 
 
 @torch.jit.unused
-def _radius_graph(pos: Tensor, cutoff: float, out: _Compactor) -> None:
+def _radius_graph(pos: Tensor, cutoff: float, half: bool, out: _Compactor) -> None:
     try:
         from torch_cluster import radius_graph
     except ImportError as error:
@@ -222,7 +231,7 @@ def _radius_graph(pos: Tensor, cutoff: float, out: _Compactor) -> None:
     # a slightly larger radius and our own test keep the pair set identical to the other strategies
     found = radius_graph(pos.detach(), cutoff * (1 + 1e-6), max_num_neighbors=pos.shape[0])
     j, i = found[0], found[1]
-    out.add(i, j, _close(pos, i, j, torch.ones_like(i, dtype=torch.bool), cutoff, None))
+    out.add(i, j, _close(pos, i, j, torch.ones_like(i, dtype=torch.bool), cutoff, None, half))
 
 
 def neighbor_pairs(
@@ -232,8 +241,9 @@ def neighbor_pairs(
     capacity: int = -1,
     strategy: str = "auto",
     cell_capacity: int = -1,
+    half: bool = False,
 ) -> PairList:
-    """Pairs within ``cutoff``, both directions, i != j.
+    """Pairs within ``cutoff``: both directions (i != j), or each pair once (i < j) if ``half``.
 
     Parameters
     ----------
@@ -251,6 +261,8 @@ def neighbor_pairs(
         Cell list in the fixed-capacity mode only (which must set it): atoms per cell to search. A
         fuller cell makes ``num_pairs`` exceed ``capacity``, so it reads as an overflow. The dynamic
         mode searches the fullest cell (one host synchronisation).
+    half : bool
+        Each pair once, as (i, j) with i < j; ``capacity`` and ``num_pairs`` then count these.
     """
     if strategy not in ["auto", "brute", "cell", "cluster"]:
         raise ValueError(
@@ -263,7 +275,7 @@ def neighbor_pairs(
     out = _Compactor(capacity, positions.device)
     with torch.no_grad():
         if strategy == "brute":
-            _brute(positions, cutoff, box, out)
+            _brute(positions, cutoff, box, half, out)
         elif strategy == "cell":
             if capacity >= 0 and cell_capacity < 0:
                 raise ValueError(
@@ -271,7 +283,7 @@ def neighbor_pairs(
                 )
             # the dynamic mode always searches the fullest cell: it has no way to report a drop
             fixed_cells = cell_capacity if capacity >= 0 else -1
-            overflow = _cell_list(positions, cutoff, box, fixed_cells, out)
+            overflow = _cell_list(positions, cutoff, box, fixed_cells, half, out)
             if capacity >= 0:  # a full cell may hide pairs: report it as an overflow
                 flagged = torch.clamp(out.count, min=capacity + 1)
                 out.count = torch.where(overflow, flagged, out.count)
@@ -281,7 +293,7 @@ def neighbor_pairs(
                     "torch-cluster's radius_graph does not handle periodic boxes; "
                     "use strategy='cell' or 'brute'"
                 )
-            _radius_graph(positions, cutoff, out)
+            _radius_graph(positions, cutoff, half, out)
     pairs, used, count = out.pairs()
     vectors = positions[pairs[0]] - positions[pairs[1]]
     if box is not None:

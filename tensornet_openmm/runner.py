@@ -223,7 +223,7 @@ def build(config: dict, log=print):
                                       positions=positions, **options)  # fmt: skip
             description = f"pure ML, {topology.getNumAtoms()} atoms"
         else:
-            from .systems import create_mixed_system
+            from .systems import create_mixed_system, select_atoms
 
             if mm_system is None:
                 mm_system = forcefield.createSystem(
@@ -235,7 +235,10 @@ def build(config: dict, log=print):
                 topology, mm_system, mlconf["atoms"], model, float(mlconf["total_charge"]),
                 allow_cut_bonds=bool(mlconf["allow_cut_bonds"]), positions=positions, **options,
             )  # fmt: skip
-            description = f"ML/MM, ML region {mlconf['atoms']!r} of {topology.getNumAtoms()} atoms"
+            n_ml = len(select_atoms(topology, mlconf["atoms"]))
+            description = (
+                f"ML/MM, ML region {mlconf['atoms']!r}: {n_ml} of {topology.getNumAtoms()} atoms"
+            )
     if config["ensemble"] == "npt":
         import openmm
         import openmm.unit as u

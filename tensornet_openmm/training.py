@@ -90,7 +90,7 @@ class TrainConfig:
 
 
 class _Frames:
-    """A data set on a device, with pair lists precomputed once (positions are fixed)."""
+    """A data set on a device, with half pair lists precomputed once (positions are fixed)."""
 
     def __init__(self, data: Dataset, cutoff: float, dtype, device) -> None:
         self.data = data
@@ -99,7 +99,7 @@ class _Frames:
             f = data.frame(k)
             pos = torch.tensor(f["positions"], dtype=torch.float64)
             box = None if f["box"] is None else torch.tensor(f["box"], dtype=torch.float64)
-            pairs = neighbor_pairs(pos, cutoff, box)
+            pairs = neighbor_pairs(pos, cutoff, box, half=True)
             shift = pairs.vectors - (pos[pairs.edge_index[0]] - pos[pairs.edge_index[1]])
             self.items.append(
                 {
@@ -145,7 +145,7 @@ def predict(model: TensorNet, batch: dict[str, torch.Tensor], create_graph: bool
     vectors = pos[src] - pos[dst] + batch["shift"]
     energy = model(
         batch["z"], pos, batch["edge_index"], vectors, batch["batch"],
-        batch["charge"].to(pos.dtype), num_molecules=len(batch["n_atoms"]),
+        batch["charge"].to(pos.dtype), num_molecules=len(batch["n_atoms"]), half=True,
     )  # fmt: skip
     (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
     return energy, -grad

@@ -12,8 +12,8 @@ import torch
 from helpers import quiet_testsystems, small_model
 
 from tensornet_openmm import create_force
-from tensornet_openmm.export import TensorNetForce, export, read_metadata
-from tensornet_openmm.forces import load_system, save_system
+from tensornet_openmm.export import TensorNetForce, export, read_metadata, script
+from tensornet_openmm.forces import load_system, make_torch_force, save_system
 from tensornet_openmm.neighbors import neighbor_pairs
 from tensornet_openmm.units import EV_TO_KJ_PER_MOL
 
@@ -167,9 +167,17 @@ def test_xml_round_trip(tmp_path):
 def test_overflow_and_small_box_fail_loudly():
     model = small_model()
     z, pos = molecule()
-    force = create_force(model, z, positions=pos, capacity=4)  # far fewer slots than pairs
+    # fixed shapes (as on CUDA) with far fewer slots than pairs
+    module = TensorNetForce(model, z, capacity=4, fixed_on_cpu=True)
+    force = make_torch_force(script(module))
     energy, forces = energy_forces(context_for(force, len(z), "Reference"), pos)
     assert np.isnan(energy) and np.isnan(forces).all()
+    # off CUDA there is nothing to capture: the exact dynamic list runs whatever the capacity
+    force = create_force(model, z, positions=pos, capacity=4)
+    energy, forces = energy_forces(context_for(force, len(z), "Reference"), pos)
+    expected = eager(model, z, pos)
+    assert energy == pytest.approx(expected[0], rel=1e-10)
+    np.testing.assert_allclose(forces, expected[1], rtol=1e-8, atol=1e-8)
     box = np.eye(3) * 1.0
     force = create_force(model, z, periodic=True, positions=pos, box_vectors=box)
     context = context_for(force, len(z), "Reference", box)

@@ -120,6 +120,22 @@ def test_padding_slots_contribute_nothing():
     assert_close(model(z, pos, pad_edges, pad_vec), e)
 
 
+def test_half_pair_list_gives_the_same_energy_and_forces():
+    model = _model()
+    z, pos = random_molecule(12)
+    edges = all_pairs(torch.zeros_like(z))
+    e_full, f_full = energy_forces(model, z, pos, edge_index=edges)
+    for half in (edges[:, edges[0] < edges[1]], edges[:, edges[0] > edges[1]]):
+        padded = torch.cat([half, torch.zeros(2, 4, dtype=torch.long)], dim=1)  # (0, 0) slots
+        x = pos.detach().clone().requires_grad_(True)
+        vec = x[half[0]] - x[half[1]]
+        vec = torch.cat([vec, torch.full((4, 3), 2 * model.cutoff_upper, dtype=torch.float64)])
+        energy = model(z, x, padded, vec, half=True)
+        (grad,) = torch.autograd.grad(energy.sum(), x)
+        assert_close(energy.detach(), e_full)
+        assert_close(-grad, f_full)
+
+
 def test_scripted_equals_eager_and_double():
     model = TensorNet(hidden_channels=16, num_layers=2, num_rbf=8, max_z=10)
     z, pos = random_molecule(9, dtype=torch.float32)

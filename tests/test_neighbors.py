@@ -140,6 +140,24 @@ def test_fixed_capacity_pads_and_reports_overflow(strategy):
     assert set(as_dict(small)) <= set(as_dict(dynamic))
 
 
+@pytest.mark.parametrize("box_name, strategy", CASES)
+def test_half_list_is_the_full_list_once(box_name, strategy):
+    rng = np.random.default_rng(8)
+    pos = torch.tensor(rng.uniform(-8, 20, size=(300, 3)))
+    box = None if BOXES[box_name] is None else torch.tensor(BOXES[box_name])
+    full = as_dict(neighbor_pairs(pos, 5.0, box, strategy=strategy))
+    expected = {key: vec for key, vec in full.items() if key[0] < key[1]}
+    half = neighbor_pairs(pos, 5.0, box, strategy=strategy, half=True)
+    assert int(half.num_pairs) == len(full) // 2 == len(expected)
+    assert_same(as_dict(half), expected)
+    if strategy != "cluster":  # fixed capacity: padded like the full list, overflow visible
+        fixed = neighbor_pairs(pos, 5.0, box, len(expected) + 9, strategy, 300, half=True)
+        assert fixed.edge_index.shape == (2, len(expected) + 9)
+        assert_same(as_dict(fixed), expected)
+        small = neighbor_pairs(pos, 5.0, box, 10, strategy, 300, half=True)
+        assert int(small.num_pairs) == len(expected)
+
+
 def test_full_cell_reads_as_overflow():
     pos = torch.tensor(np.random.default_rng(6).uniform(0, 24, size=(400, 3)))
     box = torch.tensor(TRICLINIC * 2)

@@ -11,6 +11,11 @@ and unit vectors ``rhat`` of r_ij = pos[i] - pos[j]. Self pairs are NOT in the p
 contributions (distance 0, unit vector 0) are added per atom, with the radial functions evaluated
 at r = 0 (``self_basis``, shape (1, num_rbf)). A pair at or beyond the upper cutoff contributes
 exactly zero, so padded pair slots only need a distance >= cutoff_upper.
+
+Half pair lists (``half=True``): ``src``, ``dst`` and ``rhat`` cover both directions (the first
+half is the list as given, the second the same pairs reversed), while ``r`` and ``basis`` cover
+the first half only. The radial work (filter networks, cutoff), which is symmetric in i and j and
+the bulk of the cost, is then done once per pair and repeated for the reversed pairs.
 """
 
 import torch
@@ -44,6 +49,11 @@ def _scatter(index: Tensor, values: Tensor, n: int) -> Tensor:
     """Sum ``values`` (P, ...) into ``n`` rows by ``index`` (P,)."""
     out = torch.zeros((n,) + values.shape[1:], dtype=values.dtype, device=values.device)
     return out.index_add(0, index, values)
+
+
+def _both_ways(per_pair: Tensor, half: bool) -> Tensor:
+    """Radial values of a half list, repeated for the reversed pairs (see the module docs)."""
+    return torch.cat((per_pair, per_pair)) if half else per_pair
 
 
 def _message(src: Tensor, dst: Tensor, f: Tensor, f0: Tensor, parts: Tensor, n: int) -> Tensor:
@@ -100,6 +110,7 @@ class TensorEmbedding(nn.Module):
         rhat: Tensor,
         basis: Tensor,
         self_basis: Tensor,
+        half: bool = False,
     ) -> Tensor:
         n, f = z.shape[0], self.hidden_channels
         species = self.emb(z)  # (n, F)
@@ -110,8 +121,9 @@ class TensorEmbedding(nn.Module):
         z_pair = z_recv[src] + z_send[dst] + self.emb2.bias  # (P, F)
         z_self = z_recv + z_send + self.emb2.bias  # (n, F)
 
-        cz = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None] * z_pair
-        f_i, f_a, f_s = (self._project(basis) * cz[:, None, :]).unbind(1)  # (P, F) each
+        cut = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None, None]
+        radial = _both_ways(self._project(basis) * cut, half)  # (P, 3, F)
+        f_i, f_a, f_s = (radial * z_pair[:, None, :]).unbind(1)  # (P, F) each
         iso = _scatter(src, f_i, n)
         vec = _scatter(src, f_a[:, None] * rhat[:, :, None], n)  # (n, 3, F)
         outer = algebra.symmetric_outer(rhat)[:, :, None]  # (P, 6, 1)
@@ -188,9 +200,10 @@ class Interaction(nn.Module):
         basis: Tensor,
         self_basis: Tensor,
         charge_factor: Tensor,
+        half: bool = False,
     ) -> Tensor:
         n = x.shape[0]
-        f_i, f_a, f_s = self._filters(basis, r).unbind(1)  # (P, F) each
+        f_i, f_a, f_s = _both_ways(self._filters(basis, r), half).unbind(1)  # (P, F) each
         f0 = self._filters(self_basis, torch.zeros_like(r[:1]))[0]  # (3, F), the self pair
 
         x = x / (algebra.squared_norm(x) + 1.0)[:, None, None, :]

@@ -118,19 +118,24 @@ class TensorNet(nn.Module):
         edge_index: Tensor,
         edge_vec: Tensor,
         charge_factor: Tensor,
+        half: bool = False,
     ) -> Tensor:
         """Per-atom energies (eV, shape (n_atoms,)) before reduction and mean.
 
         ``charge_factor`` (n_atoms,) is 1 + 0.1 q with q the total charge of each atom's molecule.
+        ``half``: the pairs are listed once each (see :meth:`forward`).
         """
         src, dst = edge_index[0], edge_index[1]
         r = torch.sqrt((edge_vec * edge_vec).sum(-1))  # (P,)
         rhat = edge_vec / r[:, None]
         basis = self.distance_expansion(r)  # (P, K)
         self_basis = self.distance_expansion(torch.zeros_like(r[:1]))  # (1, K)
-        x = self.tensor_embedding(z, src, dst, r, rhat, basis, self_basis)
+        if half:  # r and basis stay per pair; directions and unit vectors cover both ways
+            src, dst = torch.cat((src, dst)), torch.cat((dst, src))
+            rhat = torch.cat((rhat, -rhat))
+        x = self.tensor_embedding(z, src, dst, r, rhat, basis, self_basis, half)
         for layer in self.layers:
-            x = layer(x, src, dst, r, basis, self_basis, charge_factor)
+            x = layer(x, src, dst, r, basis, self_basis, charge_factor, half)
         iso, skew, sym = algebra.decompose(x)
         feats = torch.cat(
             (3.0 * iso * iso, algebra.squared_norm(skew), algebra.squared_norm(sym)), dim=-1
@@ -150,6 +155,7 @@ class TensorNet(nn.Module):
         batch: Tensor | None = None,
         total_charge: Tensor | None = None,
         num_molecules: int = 0,
+        half: bool = False,
     ) -> Tensor:
         """Energy of each molecule.
 
@@ -160,7 +166,8 @@ class TensorNet(nn.Module):
         pos : Tensor, shape (n_atoms, 3), Angstrom
             Positions; used for the displacement vectors when ``edge_vec`` is None.
         edge_index : Tensor, shape (2, n_pairs), int64
-            Ordered pairs (i, j), i != j, both directions. Self pairs are added by the model.
+            Ordered pairs (i, j), i != j, both directions (once each if ``half``). Self pairs
+            are added by the model.
             A pair with distance >= cutoff_upper contributes exactly zero (use it for padding).
         edge_vec : Tensor, shape (n_pairs, 3), Angstrom, optional
             r_ij = pos[i] - pos[j] (minimum image in periodic systems). Default: from ``pos``.
@@ -170,6 +177,10 @@ class TensorNet(nn.Module):
             Total charge of each molecule, in e (default 0).
         num_molecules : int
             Number of molecules; 0 infers it from ``batch`` (one host synchronisation).
+        half : bool
+            ``edge_index`` lists each pair once (either direction, for example i < j, as
+            ``neighbor_pairs(..., half=True)`` returns) instead of in both directions. Same
+            energy; the radial networks, most of the cost, run on half as many pairs.
 
         Returns
         -------
@@ -186,7 +197,7 @@ class TensorNet(nn.Module):
             charge_factor = torch.ones(z.shape[0], dtype=edge_vec.dtype, device=z.device)
         else:
             charge_factor = 1.0 + 0.1 * total_charge.to(edge_vec.dtype)[batch]
-        e_atom = self.atomic_energies(z, edge_index, edge_vec, charge_factor)
+        e_atom = self.atomic_energies(z, edge_index, edge_vec, charge_factor, half)
         energy = torch.zeros(num_molecules, dtype=e_atom.dtype, device=e_atom.device)
         energy = energy.index_add(0, batch, e_atom)
         if self.reduce_mean:

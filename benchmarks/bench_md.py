@@ -1,0 +1,448 @@
+"""MD speed of every route from TensorNet into OpenMM: ms/step, ns/day and peak memory.
+
+One command, one table (and a CSV). Every ML route runs the same weights: a random TorchMD-Net
+TensorNet (128 channels, 2 layers, 32 radial functions, 5 A cutoff by default, float32) written as
+a TorchMD-Net checkpoint, which both our loader and TorchMD-Net read.
+
+Routes:
+
+- ``ours``: ``tensornet_openmm.create_force`` (TorchForce running our TorchScript module: half pair
+  list, fixed capacity on CUDA only).
+- ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 neighbour slots per atom, its
+  Warp kernels) scripted into a TorchForce with a thin nm / kJ/mol wrapper.
+- ``pythonforce``: the same checkpoint through openmm-ml's ``MLPotential('torchmdnet')``, that is
+  OpenMM's PythonForce with ``torch.compile`` (the route openmm-ml takes; the first steps compile).
+  Its E0 differs from the others: openmm-ml 1.8 passes ``check_errors=False`` to TorchMD-Net's
+  ``load_model``, which writes it into the checkpoint's hyperparameters before testing them for
+  the old checkpoint layout, so current checkpoints are remapped as old ones (scrambled gate
+  weights). The cost per step is the same, so its timing stands.
+- ``mm``: the MM-only System (amber96 / TIP3P, PME, rigid water, h-bond constraints): the floor.
+
+Systems: ``ala2`` (alanine dipeptide in vacuum, 22 atoms, pure ML), ``ala2-water`` (22 ML atoms in
+TIP3P water with PME, mechanical embedding, 2,269 atoms) and ``water-N`` (periodic pure-ML water
+boxes of about N atoms at liquid density).
+
+Each case runs in a fresh process. Time: LangevinMiddle at 300 K, 1 fs, after warm-up steps (Warp
+kernels, CUDA-graph capture and torch.compile happen there and are excluded), the median of three
+timed blocks sized to ``--seconds``. Peak memory: on CPU the growth of the process's peak resident
+set (Linux VmHWM) from before the System is built; on CUDA torch's peak allocation (OpenMM's own
+buffers are not included). E0 is the initial potential energy: the ML routes agree when the
+weights are the same. A failed case (out of memory, time limit) is a row with its reason; larger
+water boxes are then skipped for that route.
+
+    .venv/bin/python benchmarks/bench_md.py                       # everything, every platform
+    .venv/bin/python benchmarks/bench_md.py --systems ala2 --routes ours reference
+    .venv/bin/python benchmarks/bench_md.py --water-sizes 648 1500 5000 20000 --csv md.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
+
+from tensornet_openmm.units import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
+
+ROUTES = ("ours", "reference", "pythonforce", "mm")
+TIMESTEP_FS = 1.0
+MODEL_DEFAULTS = {"channels": 128, "layers": 2, "rbf": 32, "cutoff": 5.0}
+NEIGHBOR_SLOTS = 64
+
+
+# ---------------------------------------------------------------- systems (run in the worker)
+
+
+def _testsystems():
+    # openmmtools prints a pymbar/JAX banner on import; keep tables clean
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import openmmtools.testsystems as testsystems
+    return testsystems
+
+
+def build_system(name: str):
+    """(topology, positions, MM system, ML atom indices or None for a pure-ML system)."""
+    import openmm.unit as u
+
+    ts = _testsystems()
+    if name == "ala2":
+        test = ts.AlanineDipeptideVacuum()
+        return test.topology, test.positions, test.system, None
+    if name == "ala2-water":
+        test = ts.AlanineDipeptideExplicit()
+        return test.topology, test.positions, test.system, list(range(22))
+    if name.startswith("water-"):
+        n_atoms = int(name.split("-", 1)[1])
+        edge = (n_atoms / 3 / 33.4) ** (1 / 3)  # nm, 33.4 molecules per nm^3
+        cutoff = min(0.9, 0.5 * edge - 0.01)
+        test = ts.WaterBox(box_edge=edge * u.nanometer, cutoff=cutoff * u.nanometer)
+        return test.topology, test.positions, test.system, None
+    raise ValueError(f"unknown system {name!r}; use ala2, ala2-water or water-N")
+
+
+class ReferenceForce(torch.nn.Module):
+    """A TorchMD-Net model with OpenMM's calling convention: nm in, kJ/mol out."""
+
+    def __init__(self, model, atomic_numbers, atoms, periodic: bool):
+        super().__init__()
+        self.model = model
+        self.register_buffer("z", torch.as_tensor(atomic_numbers, dtype=torch.int64))
+        self.register_buffer("batch", torch.zeros(len(atomic_numbers), dtype=torch.int64))
+        index = atoms if atoms is not None else range(len(atomic_numbers))
+        self.register_buffer("atoms", torch.as_tensor(list(index), dtype=torch.int64))
+        self.periodic = periodic
+        self.nm_to_angstrom = NM_TO_ANGSTROM
+        self.ev_to_kj_per_mol = EV_TO_KJ_PER_MOL
+
+    def forward(self, positions: torch.Tensor, box: Optional[torch.Tensor] = None):
+        pos = positions[self.atoms].to(torch.float32) * self.nm_to_angstrom
+        cell: Optional[torch.Tensor] = None
+        if box is not None:
+            cell = box.to(torch.float32) * self.nm_to_angstrom
+        energy, _ = self.model(self.z, pos, self.batch, box=cell)
+        return energy.sum() * self.ev_to_kj_per_mol
+
+
+def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atoms):
+    import openmm
+
+    import tensornet_openmm as tn
+
+    if route == "mm":
+        return mm_system
+    checkpoint = spec["checkpoint"]
+    graphs = spec["graphs"] == "on"
+    if route == "pythonforce":
+        from openmmml import MLPotential
+
+        potential = MLPotential("torchmdnet", modelPath=checkpoint)
+        if ml_atoms is None:
+            return potential.createSystem(topology)
+        return potential.createMixedSystem(topology, mm_system, ml_atoms)
+    model = tn.load_model(checkpoint, trust_pickle=True)
+    if ml_atoms is None:
+        system = tn.create_ml_system(topology, model, positions=positions, cuda_graphs=graphs)
+    else:
+        system = tn.create_mixed_system(
+            topology, mm_system, ml_atoms, model, positions=positions, cuda_graphs=graphs
+        )
+    if route == "ours":
+        return system
+    # reference: our System minus our force, plus TorchMD-Net's model in a TorchForce
+    from torchmdnet.models.model import load_model as load_reference
+
+    from tensornet_openmm.forces import make_torch_force
+
+    index = [i for i, f in enumerate(system.getForces()) if f.getName() == "TensorNet"]
+    if len(index) != 1:
+        raise RuntimeError(f"expected one TensorNet force, found {len(index)}")
+    system.removeForce(index[0])
+    atoms = list(ml_atoms) if ml_atoms is not None else None
+    z = [a.element.atomic_number for a in topology.atoms()]
+    z = [z[i] for i in atoms] if atoms is not None else z
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = load_reference(
+            checkpoint, derivative=False, static_shapes=True,
+            max_num_neighbors=min(NEIGHBOR_SLOTS, len(z)),
+        )  # fmt: skip
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    periodic = system.usesPeriodicBoundaryConditions()
+    module = torch.jit.script(ReferenceForce(reference.eval(), z, atoms, periodic))
+    force = make_torch_force(module, periodic, cuda_graphs=graphs)
+    force.setName("TensorNet (TorchMD-Net)")
+    system.addForce(force)
+    assert isinstance(system, openmm.System)
+    return system
+
+
+# ---------------------------------------------------------------- one case (fresh process)
+
+
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024
+    return math.nan
+
+
+def _reset_peak() -> None:
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM to the current resident set
+
+
+def worker(spec: dict) -> dict:
+    import openmm
+    import openmm.unit as u
+
+    torch.set_num_threads(spec["threads"])
+    cuda = spec["platform"] == "CUDA"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _reset_peak()
+    base_mb = _vm_hwm_mb()
+    topology, positions, mm_system, ml_atoms = build_system(spec["system"])
+    build_start = time.perf_counter()
+    system = route_system(spec["route"], spec, topology, positions, mm_system, ml_atoms)
+    build_s = time.perf_counter() - build_start
+    properties = {"Threads": str(spec["threads"])} if spec["platform"] == "CPU" else {}
+    if cuda:
+        properties = {"Precision": spec["precision"]}
+    integrator = openmm.LangevinMiddleIntegrator(
+        300 * u.kelvin, 1 / u.picosecond, TIMESTEP_FS * u.femtosecond
+    )
+    platform = openmm.Platform.getPlatformByName(spec["platform"])
+    context = openmm.Context(system, integrator, platform, properties)
+    context.setPositions(positions)
+    context.setVelocitiesToTemperature(300 * u.kelvin, 1)
+    e0 = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+
+    def steps(n: int) -> float:
+        start = time.perf_counter()
+        integrator.step(n)
+        context.getState(getPositions=True)  # waits for the device
+        return time.perf_counter() - start
+
+    warmup_s = steps(spec["warmup"])
+    per_step = steps(1)
+    n = int(min(max(spec["seconds"] / 3 / max(per_step, 1e-6), 1), 20000))
+    blocks = [steps(n) / n for _ in range(3)]
+    ms = 1e3 * statistics.median(blocks)
+    state = context.getState(getEnergy=True, getPositions=True)
+    n_ml = system.getNumParticles() if ml_atoms is None else len(ml_atoms)
+    n_ml = 0 if spec["route"] == "mm" else n_ml
+    finite = bool(np.isfinite(state.getPositions(asNumpy=True)._value).all())
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = _vm_hwm_mb() - base_mb
+    return {
+        "atoms": system.getNumParticles(), "ml_atoms": n_ml,
+        "ms_per_step": ms, "ns_per_day": TIMESTEP_FS * 1e-6 * 86400e3 / ms,
+        "peak_mb": peak_mb, "e0_kj_per_mol": e0, "steps_timed": 3 * n, "warmup_s": warmup_s,
+        "build_s": build_s, "finite": finite,
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------- driver
+
+
+def make_checkpoint(folder: Path, channels: int, layers: int, rbf: int, cutoff: float):
+    from torchmdnet.models.model import create_model
+
+    hp = dict(
+        model="tensornet", embedding_dimension=channels, num_layers=layers, num_rbf=rbf,
+        rbf_type="expnorm", trainable_rbf=False, activation="silu", cutoff_lower=0.0,
+        cutoff_upper=cutoff, max_z=128, max_num_neighbors=NEIGHBOR_SLOTS, precision=32,
+        equivariance_invariance_group="O(3)", static_shapes=False, derivative=True,
+        atom_filter=-1, prior_model=None, output_model="Scalar", reduce_op="add",
+        remove_ref_energy=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = create_model(dict(hp))
+    path = folder / "tensornet.ckpt"
+    state = {"model." + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": hp}, path)
+    n_params = sum(p.numel() for p in model.parameters())
+    return path, n_params
+
+
+def available_platforms() -> list[str]:
+    import openmm
+
+    names = [
+        openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())
+    ]
+    return [p for p in ("CPU", "CUDA") if p in names and (p != "CUDA" or _cuda_ok())]
+
+
+def _cuda_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_name(platform: str) -> str:
+    if platform == "CUDA":
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "CPU"
+
+
+def run_case(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"time limit ({timeout:.0f} s)"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    lines = [x for x in done.stderr.splitlines() if x.strip()]
+    reason = lines[-1] if lines else f"exit {done.returncode}"
+    if "out of memory" in done.stderr.lower() or done.returncode in (-9, 137):
+        reason = "out of memory: " + reason
+    return {"error": reason[:160]}
+
+
+def cases(args, platforms):
+    systems = list(args.systems)
+    if "water" in systems:
+        systems.remove("water")
+        systems += [f"water-{n}" for n in args.water_sizes]
+    for platform in platforms:
+        for system in systems:
+            for route in args.routes:
+                if route in ("ours", "reference") and platform == "CUDA":
+                    graph_modes = ["on", "off"] if args.graphs == "both" else [args.graphs]
+                else:
+                    graph_modes = ["-"]  # no capture on CPU; torch.compile decides for itself
+                for graphs in graph_modes:
+                    yield {"platform": platform, "system": system, "route": route, "graphs": graphs}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--systems", nargs="+", default=["ala2", "ala2-water", "water"])
+    parser.add_argument("--water-sizes", type=int, nargs="+", default=[648, 1500])
+    parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
+    parser.add_argument("--platforms", nargs="+", help="default: CPU, and CUDA when present")
+    parser.add_argument("--graphs", default="both", choices=["both", "on", "off"])
+    parser.add_argument("--precision", default="mixed", help="CUDA platform precision")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps (>= graph warm-up)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
+    for key, value in MODEL_DEFAULTS.items():
+        parser.add_argument(f"--{key}", type=type(value), default=value)
+    parser.add_argument("--csv", type=Path)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    platforms = args.platforms or available_platforms()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, n_params = make_checkpoint(
+            Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
+        )
+        failed: set[tuple] = set()  # (platform, route, graphs) that failed on a water box
+        for case in cases(args, platforms):
+            key = (case["platform"], case["route"], case["graphs"])
+            if case["system"].startswith("water-") and key in failed:
+                rows.append({**case, "error": "skipped: a smaller box failed"})
+                continue
+            spec = {**case, "checkpoint": str(checkpoint), "threads": args.threads,
+                    "precision": args.precision, "seconds": args.seconds,
+                    "warmup": args.warmup}  # fmt: skip
+            result = run_case(spec, args.timeout)
+            if "error" in result and case["system"].startswith("water-"):
+                failed.add(key)
+            rows.append({**case, **result})
+            print_row(rows[-1], flush=True)
+    print()
+    for platform in platforms:
+        print(f"platform {platform}: {device_name(platform)}, threads {args.threads}"
+              + (f", precision {args.precision}" if platform == "CUDA" else ""))  # fmt: skip
+    print(
+        f"model: TensorNet {args.channels} channels, {args.layers} layers, {args.rbf} radial "
+        f"functions, cutoff {args.cutoff} A, float32, {n_params:,} parameters; "
+        f"LangevinMiddle {TIMESTEP_FS} fs; reference: {NEIGHBOR_SLOTS} neighbour slots per atom"
+    )
+    print_table(rows)
+    if args.csv:
+        write_csv(rows, args.csv)
+
+
+def speedups(rows):
+    """Steps per second of ours over the reference and PythonForce routes, matched by platform,
+    system and graph setting (PythonForce has one setting: torch.compile decides)."""
+    ms = {}
+    for r in rows:
+        if "ms_per_step" in r:
+            ms[(r["platform"], r["system"], r["route"], r["graphs"])] = r["ms_per_step"]
+    for r in rows:
+        if r["route"] == "ours" and "ms_per_step" in r:
+            ref = ms.get((r["platform"], r["system"], "reference", r["graphs"]))
+            pyf = ms.get((r["platform"], r["system"], "pythonforce", "-"))
+            r["vs_reference"] = ref / r["ms_per_step"] if ref else math.nan
+            r["vs_pythonforce"] = pyf / r["ms_per_step"] if pyf else math.nan
+
+
+COLUMNS = [
+    ("platform", 8, "s"), ("system", 12, "s"), ("atoms", 6, "d"), ("ml_atoms", 6, "d"),
+    ("route", 11, "s"), ("graphs", 6, "s"), ("ms_per_step", 10, ".2f"), ("ns_per_day", 9, ".3f"),
+    ("peak_mb", 8, ".0f"), ("e0_kj_per_mol", 14, ".3f"), ("vs_reference", 7, ".2f"),
+    ("vs_pythonforce", 7, ".2f"),
+]  # fmt: skip
+HEADERS = {"ml_atoms": "ML", "ms_per_step": "ms/step", "ns_per_day": "ns/day",
+           "peak_mb": "peak MB", "e0_kj_per_mol": "E0 kJ/mol", "vs_reference": "x ref",
+           "vs_pythonforce": "x pyf"}  # fmt: skip
+
+
+def _cell(row, key, width, fmt):
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return " " * width
+    return format(value, f"{width}{fmt}") if fmt != "s" else format(str(value), f"<{width}")
+
+
+def print_row(row, flush=False):
+    text = " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[:6])
+    if "error" in row:
+        text += "  FAILED: " + row["error"]
+    else:
+        text += " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[6:10])
+    print(text, file=sys.stderr, flush=flush)
+
+
+def print_table(rows):
+    speedups(rows)
+    print(
+        " ".join(format(HEADERS.get(k, k), f"<{w}" if f == "s" else f">{w}") for k, w, f in COLUMNS)
+    )
+    for row in rows:
+        cells = [_cell(row, k, w, f) for k, w, f in COLUMNS]
+        line = " ".join(cells)
+        if "error" in row:
+            line = " ".join(cells[:6]) + "  " + row["error"]
+        print(line.rstrip())
+    print("x ref / x pyf: steps per second of ours over the reference / PythonForce route "
+          "(same platform, system and graph setting).")  # fmt: skip
+
+
+def write_csv(rows, path: Path):
+    keys = ["platform", "system", "atoms", "ml_atoms", "route", "graphs", "ms_per_step",
+            "ns_per_day", "peak_mb", "e0_kj_per_mol", "vs_reference", "vs_pythonforce",
+            "steps_timed", "warmup_s", "build_s", "finite", "error"]  # fmt: skip
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    main()

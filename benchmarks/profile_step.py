@@ -1,0 +1,139 @@
+"""Where one MD step of our route goes: pair search, model forward, backward, and OpenMM.
+
+For each system the ML force's work is timed piece by piece with the same scripted code that the
+TorchForce runs (half pair list; dynamic on CPU, fixed capacity on CUDA), then a whole
+LangevinMiddle step of the OpenMM System is timed; the remainder is OpenMM's share (integration,
+MM forces, the TorchForce's copies and calling overhead). Medians over ``--repeats`` calls.
+
+    .venv/bin/python benchmarks/profile_step.py [--systems ala2 ala2-water water-648]
+        [--platform CPU] [--threads 2] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
+
+try:
+    from bench_md import MODEL_DEFAULTS, build_system, make_checkpoint
+except ImportError:  # run as a module from the repository root
+    from benchmarks.bench_md import MODEL_DEFAULTS, build_system, make_checkpoint
+
+from tensornet_openmm.neighbors import neighbor_pairs
+
+
+def _median_ms(fn, repeats: int, sync) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def profile(system_name: str, checkpoint: Path, platform: str, repeats: int) -> dict:
+    import openmm
+    import openmm.unit as u
+
+    import tensornet_openmm as tn
+    from tensornet_openmm.export import TensorNetForce
+
+    topology, positions, mm_system, ml_atoms = build_system(system_name)
+    model = tn.load_model(checkpoint, trust_pickle=True)
+    device = torch.device("cuda" if platform == "CUDA" else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    atoms = list(ml_atoms) if ml_atoms is not None else list(range(topology.getNumAtoms()))
+    z_all = [a.element.atomic_number for a in topology.atoms()]
+    pos_nm = torch.tensor(positions.value_in_unit(u.nanometer), dtype=torch.float64)
+    box = topology.getPeriodicBoxVectors()
+    periodic = box is not None
+    box_a = None
+    if periodic:
+        box_a = torch.tensor(box.value_in_unit(u.angstrom), dtype=torch.float32, device=device)
+    module = TensorNetForce(model, [z_all[i] for i in atoms], periodic=periodic)
+    core = module.model.to(device)
+    z = module.z.to(device)
+    pos = (pos_nm[atoms] * 10.0).to(torch.float32).to(device)
+    cutoff = core.cutoff_upper
+    search = torch.jit.script(neighbor_pairs)
+    scripted = torch.jit.script(core)
+    pairs = search(pos, cutoff, box_a, -1, "auto", -1, True)
+
+    def forward():
+        x = pos.detach().requires_grad_(True)
+        p = x[pairs.edge_index[0]] - x[pairs.edge_index[1]]
+        if box_a is not None:
+            from tensornet_openmm.neighbors import minimum_image
+
+            p = minimum_image(p, box_a)
+        return x, scripted(z, x, pairs.edge_index, p, None, None, 1, True)
+
+    def backward():
+        x, energy = forward()
+        torch.autograd.grad(energy.sum(), x)
+
+    nl_ms = _median_ms(lambda: search(pos, cutoff, box_a, -1, "auto", -1, True), repeats, sync)
+    fwd_ms = _median_ms(forward, repeats, sync)
+    fwd_bwd_ms = _median_ms(backward, repeats, sync)
+
+    if ml_atoms is None:
+        system = tn.create_ml_system(topology, model, positions=positions)
+    else:
+        system = tn.create_mixed_system(topology, mm_system, ml_atoms, model, positions=positions)
+    integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, 0.001)
+    properties = {"Threads": str(torch.get_num_threads())} if platform == "CPU" else {}
+    context = openmm.Context(
+        system, integrator, openmm.Platform.getPlatformByName(platform), properties
+    )
+    context.setPositions(positions)
+    context.setVelocitiesToTemperature(300 * u.kelvin, 1)
+    integrator.step(15)  # warm-up (and CUDA-graph capture)
+
+    def step():
+        integrator.step(1)
+        context.getState(getPositions=True)
+
+    step_ms = _median_ms(step, repeats, lambda: None)
+    return {
+        "system": system_name, "atoms": topology.getNumAtoms(), "ml_atoms": len(atoms),
+        "pairs": int(pairs.num_pairs), "search": nl_ms, "forward": fwd_ms,
+        "backward": fwd_bwd_ms - fwd_ms, "openmm": step_ms - nl_ms - fwd_bwd_ms, "step": step_ms,
+    }  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", nargs="+", default=["ala2", "ala2-water", "water-648"])
+    parser.add_argument("--platform", default="CPU")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    for key, value in MODEL_DEFAULTS.items():
+        parser.add_argument(f"--{key}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, n_params = make_checkpoint(
+            Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
+        )
+        rows = [profile(name, checkpoint, args.platform, args.repeats) for name in args.systems]
+    print(f"platform {args.platform}, threads {args.threads}; TensorNet {args.channels} channels, "
+          f"{args.layers} layers, {args.rbf} rbf, cutoff {args.cutoff} A, float32; "
+          "ms per step (median), half pair list")  # fmt: skip
+    keys = ["search", "forward", "backward", "openmm", "step"]
+    print(f"{'system':12s} {'atoms':>6s} {'ML':>5s} {'pairs':>7s} "
+          + " ".join(f"{k:>9s}" for k in keys))  # fmt: skip
+    for r in rows:
+        cells = " ".join(f"{r[k]:9.2f}" for k in keys)
+        print(f"{r['system']:12s} {r['atoms']:6d} {r['ml_atoms']:5d} {r['pairs']:7d} {cells}")
+    print("search + forward + backward: the ML force; openmm: the rest of the step")
+
+
+if __name__ == "__main__":
+    main()
