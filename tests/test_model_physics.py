@@ -148,3 +148,27 @@ def test_scripted_equals_eager_and_double():
     e64, _ = energy_forces(model64, z, pos.double())
     assert e64.dtype == torch.float64
     assert math.isclose(float(e64), float(e), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_pair_blocks_do_not_change_energy_or_forces(monkeypatch, half):
+    """Message sums over many small blocks of pairs equal one pass over all pairs."""
+    from tensornet_openmm.nn import layers
+
+    model = _model()
+    z, pos = random_molecule(12)
+    edges = all_pairs(torch.zeros_like(z))
+    if half:
+        edges = edges[:, edges[0] < edges[1]]
+
+    def energy_and_forces():
+        x = pos.detach().clone().requires_grad_(True)
+        energy = model(z, x, edges, half=half)
+        return energy.detach(), -torch.autograd.grad(energy.sum(), x)[0]
+
+    monkeypatch.setattr(layers, "pair_block", lambda num_pairs, channels, device: num_pairs)
+    e_one, f_one = energy_and_forces()
+    monkeypatch.setattr(layers, "pair_block", lambda num_pairs, channels, device: 5)
+    e_blocks, f_blocks = energy_and_forces()
+    assert_close(e_blocks, e_one)
+    assert_close(f_blocks, f_one)

@@ -1,10 +1,10 @@
 """TensorNet's embedding and interaction layers (channels-last tensors, shape (n, 3, 3, F)).
 
-Per-pair messages never hold full 3x3 tensors: the scalar (P, F), vector (P, 3, F) and
-symmetric (P, 6, F) parts travel as separate tensors (no slicing of pair-sized tensors, whose
-backward is costly). Per atom, features switch between full tensors and the packed 10-component
-form of :mod:`.algebra`; channel-mixing linears commute with taking components, so they act on
-the packed form.
+Per atom, features switch between full tensors and the packed 10-component form of
+:mod:`.algebra`; channel-mixing linears commute with taking components, so they act on the packed
+form. Per pair, messages are packed too: a pair's I, A, S filters multiply the 10 packed
+components of the sender, and the sums run over blocks of pairs (:func:`pair_block`) whose
+temporaries stay in cache on the CPU.
 
 Pairs are given as ``src`` (receiving atom i) and ``dst`` (sending atom j) with distances ``r``
 and unit vectors ``rhat`` of r_ij = pos[i] - pos[j]. Self pairs are NOT in the pair list: their
@@ -12,10 +12,9 @@ contributions (distance 0, unit vector 0) are added per atom, with the radial fu
 at r = 0 (``self_basis``, shape (1, num_rbf)). A pair at or beyond the upper cutoff contributes
 exactly zero, so padded pair slots only need a distance >= cutoff_upper.
 
-Half pair lists (``half=True``): ``src``, ``dst`` and ``rhat`` cover both directions (the first
-half is the list as given, the second the same pairs reversed), while ``r`` and ``basis`` cover
-the first half only. The radial work (filter networks, cutoff), which is symmetric in i and j and
-the bulk of the cost, is then done once per pair and repeated for the reversed pairs.
+Half pair lists (``half=True``): each pair is listed once and its message also flows the other
+way, j <- i, with the unit vector reversed. The radial work (filter networks, cutoff), which is
+symmetric in i and j and the bulk of the cost, is then done once per pair.
 """
 
 import torch
@@ -45,20 +44,59 @@ def _channel_linears(n: int, channels: int, dtype: torch.dtype) -> nn.ModuleList
     return nn.ModuleList(nn.Linear(channels, channels, bias=False, dtype=dtype) for _ in range(n))
 
 
-def _scatter(index: Tensor, values: Tensor, n: int) -> Tensor:
-    """Sum ``values`` (P, ...) into ``n`` rows by ``index`` (P,)."""
-    out = torch.zeros((n,) + values.shape[1:], dtype=values.dtype, device=values.device)
-    return out.index_add(0, index, values)
+def pair_block(num_pairs: int, channels: int, device: torch.device) -> int:
+    """Pairs handled per block by the message sums.
+
+    On the CPU, pair-sized temporaries (block, 10, channels) are kept cache-sized: one pass over
+    all pairs at once streams several hundred MB per layer through memory, and blocks of about
+    :func:`_block_elements` elements run several times faster. On a GPU one block holds every pair
+    (kernel launches, not memory traffic, are what count there).
+    """
+    if device.type != "cpu":
+        return max(num_pairs, 1)
+    return max(1, _block_elements() // (10 * channels))
 
 
-def _both_ways(per_pair: Tensor, half: bool) -> Tensor:
-    """Radial values of a half list, repeated for the reversed pairs (see the module docs)."""
-    return torch.cat((per_pair, per_pair)) if half else per_pair
+def _block_elements() -> int:
+    return 1 << 20
 
 
-def _message(src: Tensor, dst: Tensor, f: Tensor, f0: Tensor, parts: Tensor, n: int) -> Tensor:
-    """sum_j f(ij) parts[j] over pairs, plus the self pair f0 parts[i]; parts (n, c, F)."""
-    return _scatter(src, f * parts[dst], n) + f0 * parts
+def _embedding_sums(
+    sums: list[Tensor],
+    to: Tensor,
+    radial: Tensor,
+    z_pair: Tensor,
+    u: Tensor,
+    uu: Tensor,
+    block: int,
+) -> None:
+    """sums += (f_I, f_A rhat, f_S rhat rhat^T) onto atoms ``to``, block by block, in place.
+
+    f = radial (P, 3, F) x z_pair (P, F); u (P, 3) unit vectors, uu (P, 6) their packed outer
+    products; sums: (n, F), (n, 3, F), (n, 6, F).
+    """
+    pieces = [t.split(block) for t in (to, radial, z_pair, u, uu)]
+    for b in range(len(pieces[0])):
+        f_i, f_a, f_s = (pieces[1][b] * pieces[2][b][:, None]).unbind(1)  # (B, F) each
+        sums[0].index_add_(0, pieces[0][b], f_i)
+        sums[1].index_add_(0, pieces[0][b], f_a[:, None] * pieces[3][b][:, :, None])
+        sums[2].index_add_(0, pieces[0][b], f_s[:, None] * pieces[4][b][:, :, None])
+
+
+def _messages(
+    out: list[Tensor], to: Tensor, filters: Tensor, parts: list[Tensor], source: Tensor, block: int
+) -> None:
+    """out[k] += f_k(ij) parts[k][j] onto atoms i = ``to``, j = ``source``, block by block.
+
+    filters (P, 3, F): f_I, f_A, f_S of each pair; parts and out: (n, 1, F), (n, 3, F),
+    (n, 6, F), out changed in place. The sources are gathered once for all pairs: gathering them
+    block by block would give each block a gradient the size of ``parts``.
+    """
+    to_blocks, filter_blocks = to.split(block), filters.split(block)
+    sent = [p.index_select(0, source).split(block) for p in parts]
+    for b in range(len(to_blocks)):
+        for k, f_k in enumerate(filter_blocks[b].unbind(1)):
+            out[k].index_add_(0, to_blocks[b], f_k[:, None] * sent[k][b])
 
 
 class TensorEmbedding(nn.Module):
@@ -116,23 +154,41 @@ class TensorEmbedding(nn.Module):
         species = self.emb(z)  # (n, F)
         # emb2([e_i, e_j]) is linear: split it into a receiver part and a sender part per atom
         w = self.emb2.weight
-        z_recv = nn.functional.linear(species, w[:, :f])
+        z_recv = nn.functional.linear(species, w[:, :f]) + self.emb2.bias
         z_send = nn.functional.linear(species, w[:, f:])
-        z_pair = z_recv[src] + z_send[dst] + self.emb2.bias  # (P, F)
-        z_self = z_recv + z_send + self.emb2.bias  # (n, F)
 
         cut = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None, None]
-        radial = _both_ways(self._project(basis) * cut, half)  # (P, 3, F)
-        f_i, f_a, f_s = (radial * z_pair[:, None, :]).unbind(1)  # (P, F) each
-        iso = _scatter(src, f_i, n)
-        vec = _scatter(src, f_a[:, None] * rhat[:, :, None], n)  # (n, 3, F)
-        outer = algebra.symmetric_outer(rhat)[:, :, None]  # (P, 6, 1)
-        sym = _scatter(src, f_s[:, None] * outer, n)  # sum f_S rhat rhat^T, packed
+        radial = self._project(basis) * cut  # (P, 3, F), once per listed pair
+        outer = algebra.symmetric_outer(rhat)  # (P, 6)
+        # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
+        sums = [radial.new_zeros((n, f)), radial.new_zeros((n, 3, f)), radial.new_zeros((n, 6, f))]
+        block = pair_block(src.shape[0], f, radial.device)
+        _embedding_sums(
+            sums,
+            src,
+            radial,
+            z_recv.index_select(0, src) + z_send.index_select(0, dst),
+            rhat,
+            outer,
+            block,
+        )
+        if half:  # the reversed pairs: species swapped, unit vectors reversed
+            _embedding_sums(
+                sums,
+                dst,
+                radial,
+                z_recv.index_select(0, dst) + z_send.index_select(0, src),
+                -rhat,
+                outer,
+                block,
+            )
         cut0 = cosine_cutoff(torch.zeros_like(r[:1]), self.cutoff_lower, self.cutoff_upper)
-        iso = iso + cut0 * z_self * self._project(self_basis)[0, 0]  # plus the self pair
-        diag = sym[:, 0:3]
+        z_self = z_recv + z_send
+        iso = sums[0] + cut0 * z_self * self._project(self_basis)[0, 0]  # + self pair
+        vec = sums[1]
+        diag = sums[2][:, 0:3]
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
-        offdiag = sym[:, 3:6]
+        offdiag = sums[2][:, 3:6]
 
         x = algebra.unpack(torch.cat((iso[:, None], vec, diag, offdiag), dim=1))
         gates = self.init_norm(algebra.squared_norm(x))
@@ -182,14 +238,15 @@ class Interaction(nn.Module):
         h = h * cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None]
         return h.reshape(h.shape[0], 3, self.hidden_channels)
 
-    def _mix(self, first: int, packed: Tensor) -> Tensor:
-        """Channel mixing W_first, W_first+1, W_first+2 of the I, A, S parts of a packed tensor."""
+    def _mix(self, first: int, packed: Tensor) -> list[Tensor]:
+        """Channel mixing W_first, W_first+1, W_first+2 of the I, A, S parts of a packed tensor.
+
+        Returns the parts separately: (n, 1, F), (n, 3, F), (n, 6, F).
+        """
         lin = self.linears_tensor
         if first == 0:
-            parts = (lin[0](packed[:, 0:1]), lin[1](packed[:, 1:4]), lin[2](packed[:, 4:10]))
-        else:
-            parts = (lin[3](packed[:, 0:1]), lin[4](packed[:, 1:4]), lin[5](packed[:, 4:10]))
-        return torch.cat(parts, dim=1)
+            return [lin[0](packed[:, 0:1]), lin[1](packed[:, 1:4]), lin[2](packed[:, 4:10])]
+        return [lin[3](packed[:, 0:1]), lin[4](packed[:, 1:4]), lin[5](packed[:, 4:10])]
 
     def forward(
         self,
@@ -202,17 +259,18 @@ class Interaction(nn.Module):
         charge_factor: Tensor,
         half: bool = False,
     ) -> Tensor:
-        n = x.shape[0]
-        f_i, f_a, f_s = _both_ways(self._filters(basis, r), half).unbind(1)  # (P, F) each
-        f0 = self._filters(self_basis, torch.zeros_like(r[:1]))[0]  # (3, F), the self pair
+        filters = self._filters(basis, r)  # (P, 3, F), once per listed pair
+        f0 = self._filters(self_basis, torch.zeros_like(r[:1]))  # (1, 3, F), the self pair
 
         x = x / (algebra.squared_norm(x) + 1.0)[:, None, None, :]
-        y_packed = self._mix(0, algebra.pack(*algebra.decompose(x)))  # (n, 10, F)
-        y = algebra.unpack(y_packed)
-        m_iso = _message(src, dst, f_i[:, None], f0[0], y_packed[:, 0:1], n)
-        m_vec = _message(src, dst, f_a[:, None], f0[1], y_packed[:, 1:4], n)
-        m_sym = _message(src, dst, f_s[:, None], f0[2], y_packed[:, 4:10], n)
-        msg = algebra.unpack(torch.cat((m_iso, m_vec, m_sym), dim=1))
+        parts = self._mix(0, algebra.pack(*algebra.decompose(x)))  # I, A, S of Y, packed
+        y = algebra.unpack(torch.cat(parts, dim=1))
+        msg = [f0[0, k, None] * parts[k] for k in range(3)]  # the self pair, then sum_j f(ij) y_j
+        block = pair_block(src.shape[0], self.hidden_channels, y.device)
+        _messages(msg, src, filters, parts, dst, block)
+        if half:  # the filters are symmetric in i and j
+            _messages(msg, dst, filters, parts, src, block)
+        msg = algebra.unpack(torch.cat(msg, dim=1))
 
         q = charge_factor[:, None, None, None]
         if self.o3:
@@ -220,5 +278,6 @@ class Interaction(nn.Module):
         else:
             c = 2.0 * algebra.matmul(y, msg)
         scale = 1.0 / (algebra.squared_norm(c) + 1.0)  # (n, F)
-        dx = algebra.unpack(self._mix(3, algebra.pack(*algebra.decompose(c)) * scale[:, None]))
+        dx = self._mix(3, algebra.pack(*algebra.decompose(c)) * scale[:, None])
+        dx = algebra.unpack(torch.cat(dx, dim=1))
         return x + dx + q * algebra.matmul(dx, dx)

@@ -130,9 +130,6 @@ class TensorNet(nn.Module):
         rhat = edge_vec / r[:, None]
         basis = self.distance_expansion(r)  # (P, K)
         self_basis = self.distance_expansion(torch.zeros_like(r[:1]))  # (1, K)
-        if half:  # r and basis stay per pair; directions and unit vectors cover both ways
-            src, dst = torch.cat((src, dst)), torch.cat((dst, src))
-            rhat = torch.cat((rhat, -rhat))
         x = self.tensor_embedding(z, src, dst, r, rhat, basis, self_basis, half)
         for layer in self.layers:
             x = layer(x, src, dst, r, basis, self_basis, charge_factor, half)
