@@ -42,8 +42,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .allocator import keep_freed_memory
     from .runner import RunError, load_config, parse_override, run
 
+    keep_freed_memory()
     overrides = [parse_override(text) for text in args.set]
     for key, value in (("production_steps", args.steps), ("output", args.output),
                        ("platform", args.platform), ("model", args.model)):  # fmt: skip
@@ -120,8 +122,10 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from .allocator import keep_freed_memory
     from .training import TrainConfig, train
 
+    keep_freed_memory()
     config = TrainConfig.from_yaml(args.config)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("output", args.output),
                                    ("device", args.device), ("max_minutes", args.max_minutes),

@@ -1,76 +1,90 @@
-"""Cartesian rank-2 tensor algebra for TensorNet, channels last.
+"""Cartesian rank-2 tensor algebra for TensorNet in packed form, channels last.
 
-A feature tensor X has shape (n, 3, 3, channels). It splits into
-I = (tr X / 3) Id (scalar part, stored as the scalar tr X / 3 of shape (n, channels)),
-A = (X - X^T) / 2 (skew-symmetric, vector part) and S = (X + X^T) / 2 - I (symmetric traceless).
-"norm" follows the reference: the squared Frobenius norm.
+A per-atom feature X = I Id + A + S (scalar, skew-symmetric and symmetric traceless parts) is
+stored as its 10 packed components per channel, shape (n, 10, F):
+
+    [I, vx, vy, vz, Sxx, Syy, Szz, Sxy, Sxz, Syz]   with A = skew(v) = [[0, -vz, vy],
+                                                                      [vz, 0, -vx],
+                                                                      [-vy, vx, 0]]
+
+so the decomposition is free and channel-mixing linears act on each part directly. The maps between
+packed and full (n, 3, 3, F) form are linear: :class:`PackedAlgebra` holds them as constant
+matrices, so each is one batched matrix product, and 3x3 products per channel are one broadcast
+product and one sum. "norm" follows the reference: the squared Frobenius norm, a weighted sum of
+squares of the packed components.
 """
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+PARTS = ((0, 1), (1, 4), (4, 10))
+"""Packed component ranges of the I, A and S parts."""
+
+NORM_WEIGHTS = (3.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0)
+"""|X|^2 = sum_c NORM_WEIGHTS[c] p_c^2 (each off-diagonal entry appears twice)."""
 
 
-def _eye(x: Tensor) -> Tensor:
-    return torch.eye(3, dtype=x.dtype, device=x.device)[None, :, :, None]  # (1, 3, 3, 1)
-
-
-def scalar_to_tensor(iso: Tensor) -> Tensor:
-    """(n, F) scalars -> (n, 3, 3, F) multiples of the identity."""
-    return iso[:, None, None, :] * _eye(iso)
-
-
-def decompose(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Split ``x`` (n, 3, 3, F) into tr/3 (n, F), skew part and symmetric traceless part."""
-    xt = x.transpose(1, 2)
-    iso = x.diagonal(dim1=1, dim2=2).mean(-1)  # (n, F)
-    skew = 0.5 * (x - xt)
-    sym = 0.5 * (x + xt) - scalar_to_tensor(iso)
-    return iso, skew, sym
-
-
-def squared_norm(x: Tensor) -> Tensor:
-    """Squared Frobenius norm of each 3x3 block: (n, 3, 3, F) -> (n, F)."""
-    return (x * x).sum((1, 2))
-
-
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """Per-channel 3x3 matrix product of (n, 3, 3, F) tensors."""
-    return (
-        a[:, :, 0, None] * b[:, None, 0]
-        + a[:, :, 1, None] * b[:, None, 1]
-        + a[:, :, 2, None] * b[:, None, 2]
-    )
-
-
-# Packed per-atom form: 10 components per channel, (n, 10, F):
-# [I, vx, vy, vz, Sxx, Syy, Szz, Sxy, Sxz, Syz] where A = skew(v).
-def pack(iso: Tensor, skew: Tensor, sym: Tensor) -> Tensor:
-    """(n, F), (n, 3, 3, F), (n, 3, 3, F) -> (n, 10, F)."""
-    comps = (
-        iso,
-        skew[:, 2, 1],
-        skew[:, 0, 2],
-        skew[:, 1, 0],
-        sym[:, 0, 0],
-        sym[:, 1, 1],
-        sym[:, 2, 2],
-        sym[:, 0, 1],
-        sym[:, 0, 2],
-        sym[:, 1, 2],
-    )
-    return torch.stack(comps, dim=1)
-
-
-def unpack(p: Tensor) -> Tensor:
-    """(n, 10, F) -> the full tensor I Id + skew(v) + S, shape (n, 3, 3, F)."""
-    i, vx, vy, vz = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
-    sxx, syy, szz, sxy, sxz, syz = p[:, 4], p[:, 5], p[:, 6], p[:, 7], p[:, 8], p[:, 9]
+def _full_from_packed(p: Tensor) -> Tensor:
+    """(..., 10) packed components -> (..., 9) row-major entries of I Id + skew(v) + S."""
+    i, vx, vy, vz, sxx, syy, szz, sxy, sxz, syz = p.unbind(-1)
     rows = (
         i + sxx, sxy - vz, sxz + vy,
         sxy + vz, i + syy, syz - vx,
         sxz - vy, syz + vx, i + szz,
     )  # fmt: skip
-    return torch.stack(rows, dim=1).reshape(p.shape[0], 3, 3, p.shape[2])
+    return torch.stack(rows, dim=-1)
+
+
+def _packed_from_full(x: Tensor) -> Tensor:
+    """(..., 9) row-major entries -> (..., 10) packed components of the decomposition."""
+    xx, xy, xz, yx, yy, yz, zx, zy, zz = x.unbind(-1)
+    iso = (xx + yy + zz) / 3.0
+    comps = (
+        iso, 0.5 * (zy - yz), 0.5 * (xz - zx), 0.5 * (yx - xy),
+        xx - iso, yy - iso, zz - iso, 0.5 * (xy + yx), 0.5 * (xz + zx), 0.5 * (yz + zy),
+    )  # fmt: skip
+    return torch.stack(comps, dim=-1)
+
+
+class PackedAlgebra(nn.Module):
+    """The constant matrices of the packed form, as buffers that follow the module's dtype and
+    device (not saved in checkpoints)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        eye = torch.eye(10, dtype=torch.float64)
+        to_full = _full_from_packed(eye).T  # (9, 10): column c = full form of component c
+        to_packed = _packed_from_full(torch.eye(9, dtype=torch.float64)).T  # (10, 9)
+        weights = torch.tensor(NORM_WEIGHTS, dtype=torch.float64)
+        # rows: 3 I^2, |A|^2, |S|^2 from the squared components (the output head's features)
+        part_norms = torch.zeros(3, 10, dtype=torch.float64)
+        for k, (first, last) in enumerate(PARTS):
+            part_norms[k, first:last] = weights[first:last]
+        self.register_buffer("to_full", to_full.to(dtype), persistent=False)
+        self.register_buffer("to_packed", to_packed.to(dtype), persistent=False)
+        self.register_buffer("weights", weights[None].to(dtype), persistent=False)  # (1, 10)
+        self.register_buffer("part_weights", part_norms.to(dtype), persistent=False)
+
+    def full(self, p: Tensor) -> Tensor:
+        """Packed (n, 10, F) -> full (n, 3, 3, F)."""
+        return torch.matmul(self.to_full, p).reshape(p.shape[0], 3, 3, p.shape[2])
+
+    def packed(self, x: Tensor) -> Tensor:
+        """Full (n, 3, 3, F) -> packed components of its I, A, S decomposition, (n, 10, F)."""
+        return torch.matmul(self.to_packed, x.reshape(x.shape[0], 9, x.shape[3]))
+
+    def squared_norm(self, p: Tensor) -> Tensor:
+        """Squared Frobenius norm of packed tensors: (n, 10, F) -> (n, 1, F)."""
+        return torch.matmul(self.weights, p * p)
+
+    def part_norms(self, p: Tensor) -> Tensor:
+        """3 I^2, |A|^2 and |S|^2 of packed tensors: (n, 10, F) -> (n, 3, F)."""
+        return torch.matmul(self.part_weights, p * p)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel 3x3 matrix product of full (n, 3, 3, F) tensors."""
+    return (a[:, :, :, None, :] * b[:, None, :, :, :]).sum(2)
 
 
 def symmetric_outer(v: Tensor) -> Tensor:

@@ -128,6 +128,7 @@ class TensorEmbedding(nn.Module):
             [nn.Linear(f, 2 * f, dtype=dtype), nn.Linear(2 * f, 3 * f, dtype=dtype)]
         )
         self.init_norm = nn.LayerNorm(f, dtype=dtype)
+        self.algebra = algebra.PackedAlgebra(dtype)
 
     def _project(self, basis: Tensor) -> Tensor:
         """The three distance projections at once: (P, K) -> (P, 3, F)."""
@@ -190,15 +191,15 @@ class TensorEmbedding(nn.Module):
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
         offdiag = sums[2][:, 3:6]
 
-        x = algebra.unpack(torch.cat((iso[:, None], vec, diag, offdiag), dim=1))
-        gates = self.init_norm(algebra.squared_norm(x))
+        x = torch.cat((iso[:, None], vec, diag, offdiag), dim=1)  # packed (n, 10, F)
+        gates = self.init_norm(self.algebra.squared_norm(x)[:, 0])
         for linear in self.linears_scalar:
             gates = self.act(linear(gates))
         gates = gates.reshape(n, 3, f)
         iso = self.linears_tensor[0](iso) * gates[:, 0]
         vec = self.linears_tensor[1](vec) * gates[:, 1, None]
         sym = self.linears_tensor[2](torch.cat((diag, offdiag), dim=1)) * gates[:, 2, None]
-        return algebra.unpack(torch.cat((iso[:, None], vec, sym), dim=1))
+        return torch.cat((iso[:, None], vec, sym), dim=1)  # packed (n, 10, F)
 
 
 class Interaction(nn.Module):
@@ -229,6 +230,7 @@ class Interaction(nn.Module):
         )
         self.linears_tensor = _channel_linears(6, f, dtype)
         self.act = ACTIVATIONS[activation]()
+        self.algebra = algebra.PackedAlgebra(dtype)
 
     def _filters(self, basis: Tensor, r: Tensor) -> Tensor:
         """Radial filters f_I, f_A, f_S: (P, num_rbf) -> (P, 3, F), times the cutoff."""
@@ -262,22 +264,22 @@ class Interaction(nn.Module):
         filters = self._filters(basis, r)  # (P, 3, F), once per listed pair
         f0 = self._filters(self_basis, torch.zeros_like(r[:1]))  # (1, 3, F), the self pair
 
-        x = x / (algebra.squared_norm(x) + 1.0)[:, None, None, :]
-        parts = self._mix(0, algebra.pack(*algebra.decompose(x)))  # I, A, S of Y, packed
-        y = algebra.unpack(torch.cat(parts, dim=1))
+        x = x / (self.algebra.squared_norm(x) + 1.0)
+        parts = self._mix(0, x)  # I, A, S of Y, packed
         msg = [f0[0, k, None] * parts[k] for k in range(3)]  # the self pair, then sum_j f(ij) y_j
-        block = pair_block(src.shape[0], self.hidden_channels, y.device)
+        block = pair_block(src.shape[0], self.hidden_channels, x.device)
         _messages(msg, src, filters, parts, dst, block)
         if half:  # the filters are symmetric in i and j
             _messages(msg, dst, filters, parts, src, block)
-        msg = algebra.unpack(torch.cat(msg, dim=1))
+        y = self.algebra.full(torch.cat(parts, dim=1))
+        m = self.algebra.full(torch.cat(msg, dim=1))
 
-        q = charge_factor[:, None, None, None]
+        q = charge_factor[:, None, None]
         if self.o3:
-            c = q * (algebra.matmul(msg, y) + algebra.matmul(y, msg))
+            c = self.algebra.packed(algebra.matmul(m, y) + algebra.matmul(y, m)) * q
         else:
-            c = 2.0 * algebra.matmul(y, msg)
-        scale = 1.0 / (algebra.squared_norm(c) + 1.0)  # (n, F)
-        dx = self._mix(3, algebra.pack(*algebra.decompose(c)) * scale[:, None])
-        dx = algebra.unpack(torch.cat(dx, dim=1))
-        return x + dx + q * algebra.matmul(dx, dx)
+            c = 2.0 * self.algebra.packed(algebra.matmul(y, m))
+        c = c / (self.algebra.squared_norm(c) + 1.0)
+        dx = torch.cat(self._mix(3, c), dim=1)
+        dx_full = self.algebra.full(dx)
+        return x + dx + q * self.algebra.packed(algebra.matmul(dx_full, dx_full))

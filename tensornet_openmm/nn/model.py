@@ -90,6 +90,7 @@ class TensorNet(nn.Module):
             )
             for _ in range(cfg.num_layers)
         )
+        self.algebra = algebra.PackedAlgebra(dtype)
         self.out_norm = nn.LayerNorm(3 * f, dtype=dtype)
         self.linear = nn.Linear(3 * f, f, dtype=dtype)
         self.act = ACTIVATIONS[cfg.activation]()
@@ -133,10 +134,7 @@ class TensorNet(nn.Module):
         x = self.tensor_embedding(z, src, dst, r, rhat, basis, self_basis, half)
         for layer in self.layers:
             x = layer(x, src, dst, r, basis, self_basis, charge_factor, half)
-        iso, skew, sym = algebra.decompose(x)
-        feats = torch.cat(
-            (3.0 * iso * iso, algebra.squared_norm(skew), algebra.squared_norm(sym)), dim=-1
-        )
+        feats = self.algebra.part_norms(x).reshape(x.shape[0], -1)  # (n, 3F)
         h = self.act(self.linear(self.out_norm(feats)))
         energy = self.output_network(h)[:, 0] * self.std
         if self.use_atomref:
