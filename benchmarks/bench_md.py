@@ -24,11 +24,12 @@ boxes of about N atoms at liquid density).
 
 Each case runs in a fresh process. Time: LangevinMiddle at 300 K, 1 fs, after warm-up steps (Warp
 kernels, CUDA-graph capture and torch.compile happen there and are excluded), the median of three
-timed blocks sized to ``--seconds``. Peak memory: on CPU the growth of the process's peak resident
-set (Linux VmHWM) from before the System is built; on CUDA torch's peak allocation (OpenMM's own
-buffers are not included). E0 is the initial potential energy: the ML routes agree when the
-weights are the same. A failed case (out of memory, time limit) is a row with its reason; larger
-water boxes are then skipped for that route.
+timed blocks sized to ``--seconds``. glibc's malloc is tuned in every route as our runner tunes it
+(:mod:`tensornet_openmm.allocator`; ``--allocator default`` or ``both`` to compare). Peak memory:
+on CPU the growth of the process's peak resident set (Linux VmHWM) from before the System is built;
+on CUDA torch's peak allocation (OpenMM's own buffers are not included). E0 is the initial
+potential energy: the ML routes agree when the weights are the same. A failed case (out of memory,
+time limit) is a row with its reason; larger water boxes are then skipped for that route.
 
     .venv/bin/python benchmarks/bench_md.py                       # everything, every platform
     .venv/bin/python benchmarks/bench_md.py --systems ala2 --routes ours reference
@@ -191,6 +192,10 @@ def worker(spec: dict) -> dict:
     import openmm
     import openmm.unit as u
 
+    if spec["allocator"] == "tuned":  # every route alike, as the runner does for ours
+        from tensornet_openmm.allocator import keep_freed_memory
+
+        keep_freed_memory()
     torch.set_num_threads(spec["threads"])
     cuda = spec["platform"] == "CUDA"
     if cuda:
@@ -307,6 +312,7 @@ def run_case(spec: dict, timeout: float) -> dict:
 
 
 def cases(args, platforms):
+    allocators = ["tuned", "default"] if args.allocator == "both" else [args.allocator]
     systems = list(args.systems)
     if "water" in systems:
         systems.remove("water")
@@ -319,7 +325,9 @@ def cases(args, platforms):
                 else:
                     graph_modes = ["-"]  # no capture on CPU; torch.compile decides for itself
                 for graphs in graph_modes:
-                    yield {"platform": platform, "system": system, "route": route, "graphs": graphs}
+                    for allocator in allocators:
+                        yield {"platform": platform, "system": system, "route": route,
+                               "graphs": graphs, "allocator": allocator}  # fmt: skip
 
 
 def main(argv=None):
@@ -332,6 +340,9 @@ def main(argv=None):
     parser.add_argument("--graphs", default="both", choices=["both", "on", "off"])
     parser.add_argument("--precision", default="mixed", help="CUDA platform precision")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allocator", default="tuned", choices=["tuned", "default", "both"],
+                        help="glibc malloc kept tuned (tensornet_openmm.allocator, as the runner "
+                        "does) or left at its defaults, in every route")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps (>= graph warm-up)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
@@ -350,7 +361,7 @@ def main(argv=None):
         )
         failed: set[tuple] = set()  # (platform, route, graphs) that failed on a water box
         for case in cases(args, platforms):
-            key = (case["platform"], case["route"], case["graphs"])
+            key = (case["platform"], case["route"], case["graphs"], case["allocator"])
             if case["system"].startswith("water-") and key in failed:
                 rows.append({**case, "error": "skipped: a smaller box failed"})
                 continue
@@ -378,27 +389,31 @@ def main(argv=None):
 
 def speedups(rows):
     """Steps per second of ours over the reference and PythonForce routes, matched by platform,
-    system and graph setting (PythonForce has one setting: torch.compile decides)."""
+    system, allocator and graph setting (PythonForce has one setting: torch.compile decides)."""
     ms = {}
     for r in rows:
         if "ms_per_step" in r:
-            ms[(r["platform"], r["system"], r["route"], r["graphs"])] = r["ms_per_step"]
+            key = (r["platform"], r["system"], r["route"], r["graphs"], r["allocator"])
+            ms[key] = r["ms_per_step"]
     for r in rows:
         if r["route"] == "ours" and "ms_per_step" in r:
-            ref = ms.get((r["platform"], r["system"], "reference", r["graphs"]))
-            pyf = ms.get((r["platform"], r["system"], "pythonforce", "-"))
+            where = (r["platform"], r["system"])
+            ref = ms.get((*where, "reference", r["graphs"], r["allocator"]))
+            pyf = ms.get((*where, "pythonforce", "-", r["allocator"]))
             r["vs_reference"] = ref / r["ms_per_step"] if ref else math.nan
             r["vs_pythonforce"] = pyf / r["ms_per_step"] if pyf else math.nan
 
 
 COLUMNS = [
     ("platform", 8, "s"), ("system", 12, "s"), ("atoms", 6, "d"), ("ml_atoms", 6, "d"),
-    ("route", 11, "s"), ("graphs", 6, "s"), ("ms_per_step", 10, ".2f"), ("ns_per_day", 9, ".3f"),
+    ("route", 11, "s"), ("graphs", 6, "s"), ("allocator", 7, "s"), ("ms_per_step", 10, ".2f"),
+    ("ns_per_day", 9, ".3f"),
     ("peak_mb", 8, ".0f"), ("e0_kj_per_mol", 14, ".3f"), ("vs_reference", 7, ".2f"),
     ("vs_pythonforce", 7, ".2f"),
 ]  # fmt: skip
-HEADERS = {"ml_atoms": "ML", "ms_per_step": "ms/step", "ns_per_day": "ns/day",
-           "peak_mb": "peak MB", "e0_kj_per_mol": "E0 kJ/mol", "vs_reference": "x ref",
+HEADERS = {"ml_atoms": "ML", "allocator": "malloc", "ms_per_step": "ms/step",
+           "ns_per_day": "ns/day", "peak_mb": "peak MB", "e0_kj_per_mol": "E0 kJ/mol",
+           "vs_reference": "x ref",
            "vs_pythonforce": "x pyf"}  # fmt: skip
 
 
@@ -410,11 +425,11 @@ def _cell(row, key, width, fmt):
 
 
 def print_row(row, flush=False):
-    text = " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[:6])
+    text = " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[:7])
     if "error" in row:
         text += "  FAILED: " + row["error"]
     else:
-        text += " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[6:10])
+        text += " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[7:11])
     print(text, file=sys.stderr, flush=flush)
 
 
@@ -427,16 +442,17 @@ def print_table(rows):
         cells = [_cell(row, k, w, f) for k, w, f in COLUMNS]
         line = " ".join(cells)
         if "error" in row:
-            line = " ".join(cells[:6]) + "  " + row["error"]
+            line = " ".join(cells[:7]) + "  " + row["error"]
         print(line.rstrip())
     print("x ref / x pyf: steps per second of ours over the reference / PythonForce route "
-          "(same platform, system and graph setting).")  # fmt: skip
+          "(same platform, system, malloc setting and graph setting). malloc: glibc tuned by "
+          "tensornet_openmm.allocator (as the runner does) or default, all routes.")  # fmt: skip
 
 
 def write_csv(rows, path: Path):
-    keys = ["platform", "system", "atoms", "ml_atoms", "route", "graphs", "ms_per_step",
-            "ns_per_day", "peak_mb", "e0_kj_per_mol", "vs_reference", "vs_pythonforce",
-            "steps_timed", "warmup_s", "build_s", "finite", "error"]  # fmt: skip
+    keys = ["platform", "system", "atoms", "ml_atoms", "route", "graphs", "allocator",
+            "ms_per_step", "ns_per_day", "peak_mb", "e0_kj_per_mol", "vs_reference",
+            "vs_pythonforce", "steps_timed", "warmup_s", "build_s", "finite", "error"]  # fmt: skip
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, keys, extrasaction="ignore")
         writer.writeheader()

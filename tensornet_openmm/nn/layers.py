@@ -45,58 +45,58 @@ def _channel_linears(n: int, channels: int, dtype: torch.dtype) -> nn.ModuleList
 
 
 def pair_block(num_pairs: int, channels: int, device: torch.device) -> int:
-    """Pairs handled per block by the message sums.
+    """Pairs per block of the pair loops (radial networks and message sums).
 
-    On the CPU, pair-sized temporaries (block, 10, channels) are kept cache-sized: one pass over
-    all pairs at once streams several hundred MB per layer through memory, and blocks of about
-    :func:`_block_elements` elements run several times faster. On a GPU one block holds every pair
-    (kernel launches, not memory traffic, are what count there).
+    On the CPU every pair-sized temporary, the radial networks' activations included, stays
+    block-sized: blocks of about :func:`_block_elements` elements per (block, 10, channels) tensor
+    stay in cache and are reused by the allocator, where one pass over all pairs streams hundreds
+    of MB per layer through freshly mapped memory. Each block's gathers also give gradients the
+    size of the atoms' features, so there are at most :func:`_max_blocks` blocks. On a GPU one
+    block holds every pair (kernel launches, not memory traffic, are what count there).
     """
     if device.type != "cpu":
         return max(num_pairs, 1)
-    return max(1, _block_elements() // (10 * channels))
+    return max(_block_elements() // (10 * channels), -(-num_pairs // _max_blocks()), 1)
 
 
 def _block_elements() -> int:
     return 1 << 20
 
 
+def _max_blocks() -> int:
+    return 64
+
+
 def _embedding_sums(
     sums: list[Tensor],
     to: Tensor,
+    source: Tensor,
     radial: Tensor,
-    z_pair: Tensor,
+    z_recv: Tensor,
+    z_send: Tensor,
     u: Tensor,
     uu: Tensor,
-    block: int,
 ) -> None:
-    """sums += (f_I, f_A rhat, f_S rhat rhat^T) onto atoms ``to``, block by block, in place.
+    """sums += (f_I, f_A rhat, f_S rhat rhat^T) onto atoms ``to``, in place, for one block.
 
-    f = radial (P, 3, F) x z_pair (P, F); u (P, 3) unit vectors, uu (P, 6) their packed outer
-    products; sums: (n, F), (n, 3, F), (n, 6, F).
+    f = radial (B, 3, F) x (z_recv[to] + z_send[source]) (B, F); u (B, 3) unit vectors, uu (B, 6)
+    their packed outer products; sums: (n, F), (n, 3, F), (n, 6, F).
     """
-    pieces = [t.split(block) for t in (to, radial, z_pair, u, uu)]
-    for b in range(len(pieces[0])):
-        f_i, f_a, f_s = (pieces[1][b] * pieces[2][b][:, None]).unbind(1)  # (B, F) each
-        sums[0].index_add_(0, pieces[0][b], f_i)
-        sums[1].index_add_(0, pieces[0][b], f_a[:, None] * pieces[3][b][:, :, None])
-        sums[2].index_add_(0, pieces[0][b], f_s[:, None] * pieces[4][b][:, :, None])
+    species = z_recv.index_select(0, to) + z_send.index_select(0, source)
+    f_i, f_a, f_s = (radial * species[:, None]).unbind(1)  # (B, F) each
+    sums[0].index_add_(0, to, f_i)
+    sums[1].index_add_(0, to, f_a[:, None] * u[:, :, None])
+    sums[2].index_add_(0, to, f_s[:, None] * uu[:, :, None])
 
 
-def _messages(
-    out: list[Tensor], to: Tensor, filters: Tensor, parts: list[Tensor], source: Tensor, block: int
-) -> None:
-    """out[k] += f_k(ij) parts[k][j] onto atoms i = ``to``, j = ``source``, block by block.
+def _messages(out: list[Tensor], to: Tensor, filters: Tensor, parts: list[Tensor], source: Tensor):
+    """out[k] += f_k(ij) parts[k][j] onto atoms i = ``to`` from j = ``source``, one block.
 
-    filters (P, 3, F): f_I, f_A, f_S of each pair; parts and out: (n, 1, F), (n, 3, F),
-    (n, 6, F), out changed in place. The sources are gathered once for all pairs: gathering them
-    block by block would give each block a gradient the size of ``parts``.
+    filters (B, 3, F): f_I, f_A, f_S of each pair; parts and out: (n, 1, F), (n, 3, F),
+    (n, 6, F), out changed in place.
     """
-    to_blocks, filter_blocks = to.split(block), filters.split(block)
-    sent = [p.index_select(0, source).split(block) for p in parts]
-    for b in range(len(to_blocks)):
-        for k, f_k in enumerate(filter_blocks[b].unbind(1)):
-            out[k].index_add_(0, to_blocks[b], f_k[:, None] * sent[k][b])
+    for k, f_k in enumerate(filters.unbind(1)):
+        out[k].index_add_(0, to, f_k[:, None] * parts[k].index_select(0, source))
 
 
 class TensorEmbedding(nn.Module):
@@ -158,31 +158,19 @@ class TensorEmbedding(nn.Module):
         z_recv = nn.functional.linear(species, w[:, :f]) + self.emb2.bias
         z_send = nn.functional.linear(species, w[:, f:])
 
-        cut = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None, None]
-        radial = self._project(basis) * cut  # (P, 3, F), once per listed pair
         outer = algebra.symmetric_outer(rhat)  # (P, 6)
         # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
-        sums = [radial.new_zeros((n, f)), radial.new_zeros((n, 3, f)), radial.new_zeros((n, 6, f))]
-        block = pair_block(src.shape[0], f, radial.device)
-        _embedding_sums(
-            sums,
-            src,
-            radial,
-            z_recv.index_select(0, src) + z_send.index_select(0, dst),
-            rhat,
-            outer,
-            block,
-        )
-        if half:  # the reversed pairs: species swapped, unit vectors reversed
-            _embedding_sums(
-                sums,
-                dst,
-                radial,
-                z_recv.index_select(0, dst) + z_send.index_select(0, src),
-                -rhat,
-                outer,
-                block,
-            )
+        sums = [z_recv.new_zeros((n, f)), z_recv.new_zeros((n, 3, f)), z_recv.new_zeros((n, 6, f))]
+        block = pair_block(src.shape[0], f, z_recv.device)
+        for i, j, r_b, basis_b, u, uu in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            src.split(block), dst.split(block), r.split(block), basis.split(block),
+            rhat.split(block), outer.split(block),
+        ):  # fmt: skip
+            cut = cosine_cutoff(r_b, self.cutoff_lower, self.cutoff_upper)[:, None, None]
+            radial = self._project(basis_b) * cut  # (B, 3, F), once per listed pair
+            _embedding_sums(sums, i, j, radial, z_recv, z_send, u, uu)
+            if half:  # the reversed pair: species swapped, unit vector reversed
+                _embedding_sums(sums, j, i, radial, z_recv, z_send, -u, uu)
         cut0 = cosine_cutoff(torch.zeros_like(r[:1]), self.cutoff_lower, self.cutoff_upper)
         z_self = z_recv + z_send
         iso = sums[0] + cut0 * z_self * self._project(self_basis)[0, 0]  # + self pair
@@ -261,16 +249,19 @@ class Interaction(nn.Module):
         charge_factor: Tensor,
         half: bool = False,
     ) -> Tensor:
-        filters = self._filters(basis, r)  # (P, 3, F), once per listed pair
         f0 = self._filters(self_basis, torch.zeros_like(r[:1]))  # (1, 3, F), the self pair
 
         x = x / (self.algebra.squared_norm(x) + 1.0)
         parts = self._mix(0, x)  # I, A, S of Y, packed
         msg = [f0[0, k, None] * parts[k] for k in range(3)]  # the self pair, then sum_j f(ij) y_j
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
-        _messages(msg, src, filters, parts, dst, block)
-        if half:  # the filters are symmetric in i and j
-            _messages(msg, dst, filters, parts, src, block)
+        for i, j, r_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            src.split(block), dst.split(block), r.split(block), basis.split(block)
+        ):
+            filters = self._filters(basis_b, r_b)  # (B, 3, F), once per listed pair
+            _messages(msg, i, filters, parts, j)
+            if half:  # the filters are symmetric in i and j
+                _messages(msg, j, filters, parts, i)
         y = self.algebra.full(torch.cat(parts, dim=1))
         m = self.algebra.full(torch.cat(msg, dim=1))
 
