@@ -145,6 +145,9 @@ def report(name: str, model, acc, stab, nve, command: str) -> str:
         )
     lines += [
         "",
+        "ns/day is the wall-clock speed of these runs on the machine that made the report, with "
+        "whatever else it was running at the time; `benchmarks/bench_md.py` measures speed.",
+        "",
         "## Energy conservation (NVE)",
         "",
         f"Pure-ML alanine dipeptide in vacuum, velocity Verlet {nve['dt_fs']} fs, {nve['ps']} ps "
