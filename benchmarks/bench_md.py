@@ -133,7 +133,8 @@ def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atom
         potential = MLPotential("torchmdnet", modelPath=checkpoint)
         if ml_atoms is None:
             return potential.createSystem(topology)
-        return potential.createMixedSystem(topology, mm_system, ml_atoms)
+        # TensorNet is short-ranged: openmm-ml asks to be told so for periodic mixed systems
+        return potential.createMixedSystem(topology, mm_system, ml_atoms, mlLongRange=False)
     model = tn.load_model(checkpoint, trust_pickle=True)
     if ml_atoms is None:
         system = tn.create_ml_system(topology, model, positions=positions, cuda_graphs=graphs)
@@ -151,6 +152,8 @@ def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atom
     index = [i for i, f in enumerate(system.getForces()) if f.getName() == "TensorNet"]
     if len(index) != 1:
         raise RuntimeError(f"expected one TensorNet force, found {len(index)}")
+    # before the removal: a pure-ML System has no other periodic force to say it is periodic
+    periodic = system.usesPeriodicBoundaryConditions()
     system.removeForce(index[0])
     atoms = list(ml_atoms) if ml_atoms is not None else None
     z = [a.element.atomic_number for a in topology.atoms()]
@@ -163,7 +166,6 @@ def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atom
         )  # fmt: skip
     for p in reference.parameters():
         p.requires_grad_(False)
-    periodic = system.usesPeriodicBoundaryConditions()
     module = torch.jit.script(ReferenceForce(reference.eval(), z, atoms, periodic))
     force = make_torch_force(module, periodic, cuda_graphs=graphs)
     force.setName("TensorNet (TorchMD-Net)")

@@ -1,10 +1,10 @@
-"""TensorNet's embedding and interaction layers (channels-last tensors, shape (n, 3, 3, F)).
+"""TensorNet's embedding and interaction layers, on packed per-atom tensors (n, 10, F).
 
-Per atom, features switch between full tensors and the packed 10-component form of
-:mod:`.algebra`; channel-mixing linears commute with taking components, so they act on the packed
-form. Per pair, messages are packed too: a pair's I, A, S filters multiply the 10 packed
-components of the sender, and the sums run over blocks of pairs (:func:`pair_block`) whose
-temporaries stay in cache on the CPU.
+Per atom, features are kept in the packed 10-component form of :mod:`.algebra` (I, A, S parts);
+channel-mixing linears act on each part directly, and the full 3x3 form is built only for the
+matrix products. Per pair, the radial networks and the message sums run over blocks of pairs
+(:func:`pair_block`): on the CPU the networks' activations and the messages exist one
+cache-sized block at a time.
 
 Pairs are given as ``src`` (receiving atom i) and ``dst`` (sending atom j) with distances ``r``
 and unit vectors ``rhat`` of r_ij = pos[i] - pos[j]. Self pairs are NOT in the pair list: their
