@@ -24,6 +24,7 @@ try:
 except ImportError:  # run as a module from the repository root
     from benchmarks.bench_md import MODEL_DEFAULTS, build_system, make_checkpoint
 
+from tensornet_openmm.allocator import keep_freed_memory
 from tensornet_openmm.neighbors import neighbor_pairs
 
 
@@ -117,6 +118,7 @@ def main(argv=None):
     for key, value in MODEL_DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value)
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the runner and bench_md do
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, n_params = make_checkpoint(
