@@ -198,7 +198,7 @@ def worker(spec: dict) -> dict:
         from tensornet_openmm.allocator import keep_freed_memory
 
         keep_freed_memory()
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(spec["torch_threads"] or spec["threads"])
     cuda = spec["platform"] == "CUDA"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -341,7 +341,8 @@ def main(argv=None):
     parser.add_argument("--platforms", nargs="+", help="default: CPU, and CUDA when present")
     parser.add_argument("--graphs", default="both", choices=["both", "on", "off"])
     parser.add_argument("--precision", default="mixed", help="CUDA platform precision")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="OpenMM CPU and torch threads")
+    parser.add_argument("--torch-threads", type=int, help="torch's threads, if not --threads")
     parser.add_argument("--allocator", default="tuned", choices=["tuned", "default", "both"],
                         help="glibc malloc kept tuned (tensornet_openmm.allocator, as the runner "
                         "does) or left at its defaults, in every route")  # fmt: skip
@@ -368,6 +369,7 @@ def main(argv=None):
                 rows.append({**case, "error": "skipped: a smaller box failed"})
                 continue
             spec = {**case, "checkpoint": str(checkpoint), "threads": args.threads,
+                    "torch_threads": args.torch_threads,
                     "precision": args.precision, "seconds": args.seconds,
                     "warmup": args.warmup}  # fmt: skip
             result = run_case(spec, args.timeout)
@@ -378,6 +380,7 @@ def main(argv=None):
     print()
     for platform in platforms:
         print(f"platform {platform}: {device_name(platform)}, threads {args.threads}"
+              + (f", torch threads {args.torch_threads}" if args.torch_threads else "")
               + (f", precision {args.precision}" if platform == "CUDA" else ""))  # fmt: skip
     print(
         f"model: TensorNet {args.channels} channels, {args.layers} layers, {args.rbf} radial "
