@@ -172,3 +172,20 @@ def test_pair_blocks_do_not_change_energy_or_forces(monkeypatch, half):
     e_blocks, f_blocks = energy_and_forces()
     assert_close(e_blocks, e_one)
     assert_close(f_blocks, f_one)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_no_pairs_gives_isolated_atoms(half):
+    """A region without pairs (one ion, or atoms beyond the cutoff) has zero forces and the
+    energy of its atoms alone, eager and scripted."""
+    model = _model()
+    z = torch.tensor([1, 8])
+    pos = torch.tensor([[0.0, 0.0, 0.0], [20.0, 0.0, 0.0]], dtype=torch.float64)
+    no_pairs = torch.zeros(2, 0, dtype=torch.long)
+    for m in (model, torch.jit.script(model)):
+        x = pos.clone().requires_grad_(True)
+        energy = m(z, x, no_pairs, half=half)
+        (grad,) = torch.autograd.grad(energy.sum(), x)
+        assert torch.equal(grad, torch.zeros_like(grad))
+        singles = sum(m(z[i : i + 1], pos[i : i + 1], no_pairs, half=half) for i in range(2))
+        assert_close(energy.detach(), singles.detach())

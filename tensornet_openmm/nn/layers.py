@@ -138,7 +138,8 @@ class TensorEmbedding(nn.Module):
         bias = torch.cat(
             (self.distance_proj1.bias, self.distance_proj2.bias, self.distance_proj3.bias)
         )
-        return nn.functional.linear(basis, weight, bias).reshape(basis.shape[0], 3, -1)
+        projected = nn.functional.linear(basis, weight, bias)
+        return projected.reshape(basis.shape[0], 3, self.hidden_channels)  # also for 0 pairs
 
     def forward(
         self,
@@ -171,7 +172,7 @@ class TensorEmbedding(nn.Module):
             _embedding_sums(sums, i, j, radial, z_recv, z_send, u, uu)
             if half:  # the reversed pair: species swapped, unit vector reversed
                 _embedding_sums(sums, j, i, radial, z_recv, z_send, -u, uu)
-        cut0 = cosine_cutoff(torch.zeros_like(r[:1]), self.cutoff_lower, self.cutoff_upper)
+        cut0 = cosine_cutoff(r.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
         z_self = z_recv + z_send
         iso = sums[0] + cut0 * z_self * self._project(self_basis)[0, 0]  # + self pair
         vec = sums[1]
@@ -249,7 +250,7 @@ class Interaction(nn.Module):
         charge_factor: Tensor,
         half: bool = False,
     ) -> Tensor:
-        f0 = self._filters(self_basis, torch.zeros_like(r[:1]))  # (1, 3, F), the self pair
+        f0 = self._filters(self_basis, r.new_zeros(1))  # (1, 3, F), the self pair
 
         x = x / (self.algebra.squared_norm(x) + 1.0)
         parts = self._mix(0, x)  # I, A, S of Y, packed

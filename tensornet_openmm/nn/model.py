@@ -130,7 +130,7 @@ class TensorNet(nn.Module):
         r = torch.sqrt((edge_vec * edge_vec).sum(-1))  # (P,)
         rhat = edge_vec / r[:, None]
         basis = self.distance_expansion(r)  # (P, K)
-        self_basis = self.distance_expansion(torch.zeros_like(r[:1]))  # (1, K)
+        self_basis = self.distance_expansion(r.new_zeros(1))  # (1, K)
         x = self.tensor_embedding(z, src, dst, r, rhat, basis, self_basis, half)
         for layer in self.layers:
             x = layer(x, src, dst, r, basis, self_basis, charge_factor, half)
