@@ -187,7 +187,7 @@ class TensorEmbedding(nn.Module):
         gates = gates.reshape(n, 3, f)
         iso = self.linears_tensor[0](iso) * gates[:, 0]
         vec = self.linears_tensor[1](vec) * gates[:, 1, None]
-        sym = self.linears_tensor[2](torch.cat((diag, offdiag), dim=1)) * gates[:, 2, None]
+        sym = self.linears_tensor[2](x[:, 4:10]) * gates[:, 2, None]  # S of the packed x
         return torch.cat((iso[:, None], vec, sym), dim=1)  # packed (n, 10, F)
 
 
