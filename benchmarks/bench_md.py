@@ -25,7 +25,9 @@ boxes of about N atoms at liquid density).
 Each case runs in a fresh process. Time: LangevinMiddle at 300 K, 1 fs, after warm-up steps (Warp
 kernels, CUDA-graph capture and torch.compile happen there and are excluded), the median of three
 timed blocks sized to ``--seconds``. glibc's malloc is tuned in every route as our runner tunes it
-(:mod:`tensornet_openmm.allocator`; ``--allocator default`` or ``both`` to compare). Peak memory:
+(:mod:`tensornet_openmm.allocator`; ``--allocator default`` or ``both`` to compare), and libgomp's
+idle threads spin briefly, as the runner sets them (:mod:`tensornet_openmm.openmp`; ``--omp-spin
+default`` or ``both`` to compare). Peak memory:
 on CPU the growth of the process's peak resident set (Linux VmHWM) from before the System is built;
 on CUDA torch's peak allocation (OpenMM's own buffers are not included). E0 is the initial
 potential energy: the ML routes agree when the weights are the same. A failed case (out of memory,
@@ -42,6 +44,7 @@ import argparse
 import contextlib
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -298,9 +301,14 @@ def device_name(platform: str) -> str:
 
 
 def run_case(spec: dict, timeout: float) -> dict:
+    from tensornet_openmm import openmp
+
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    env = {k: v for k, v in os.environ.items() if k != openmp.VARIABLE}
+    if spec["spin"] == "short":  # read by libgomp as the worker starts, so set here
+        env = openmp.tuned_environment(env)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"time limit ({timeout:.0f} s)"}
     for line in reversed(done.stdout.splitlines()):
@@ -315,6 +323,7 @@ def run_case(spec: dict, timeout: float) -> dict:
 
 def cases(args, platforms):
     allocators = ["tuned", "default"] if args.allocator == "both" else [args.allocator]
+    spins = ["short", "default"] if args.omp_spin == "both" else [args.omp_spin]
     systems = list(args.systems)
     if "water" in systems:
         systems.remove("water")
@@ -326,10 +335,9 @@ def cases(args, platforms):
                     graph_modes = ["on", "off"] if args.graphs == "both" else [args.graphs]
                 else:
                     graph_modes = ["-"]  # no capture on CPU; torch.compile decides for itself
-                for graphs in graph_modes:
-                    for allocator in allocators:
-                        yield {"platform": platform, "system": system, "route": route,
-                               "graphs": graphs, "allocator": allocator}  # fmt: skip
+                for graphs, allocator, spin in itertools.product(graph_modes, allocators, spins):
+                    yield dict(platform=platform, system=system, route=route, graphs=graphs,
+                               allocator=allocator, spin=spin)  # fmt: skip
 
 
 def main(argv=None):
@@ -346,6 +354,10 @@ def main(argv=None):
     parser.add_argument("--allocator", default="tuned", choices=["tuned", "default", "both"],
                         help="glibc malloc kept tuned (tensornet_openmm.allocator, as the runner "
                         "does) or left at its defaults, in every route")  # fmt: skip
+    parser.add_argument("--omp-spin", default="short", choices=["short", "default", "both"],
+                        help="libgomp's idle threads spin briefly (tensornet_openmm.openmp, "
+                        "as the runner sets them) or as long as by default, in every "
+                        "route")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps (>= graph warm-up)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
@@ -364,7 +376,7 @@ def main(argv=None):
         )
         failed: set[tuple] = set()  # (platform, route, graphs) that failed on a water box
         for case in cases(args, platforms):
-            key = (case["platform"], case["route"], case["graphs"], case["allocator"])
+            key = (case["platform"], case["route"], case["graphs"], case["allocator"], case["spin"])
             if case["system"].startswith("water-") and key in failed:
                 rows.append({**case, "error": "skipped: a smaller box failed"})
                 continue
@@ -394,24 +406,26 @@ def main(argv=None):
 
 def speedups(rows):
     """Steps per second of ours over the reference and PythonForce routes, matched by platform,
-    system, allocator and graph setting (PythonForce has one setting: torch.compile decides)."""
+    system, allocator, spin and graph setting (PythonForce has one setting: torch.compile
+    decides)."""
     ms = {}
     for r in rows:
         if "ms_per_step" in r:
-            key = (r["platform"], r["system"], r["route"], r["graphs"], r["allocator"])
+            key = (r["platform"], r["system"], r["route"], r["graphs"], r["allocator"], r["spin"])
             ms[key] = r["ms_per_step"]
     for r in rows:
         if r["route"] == "ours" and "ms_per_step" in r:
             where = (r["platform"], r["system"])
-            ref = ms.get((*where, "reference", r["graphs"], r["allocator"]))
-            pyf = ms.get((*where, "pythonforce", "-", r["allocator"]))
+            ref = ms.get((*where, "reference", r["graphs"], r["allocator"], r["spin"]))
+            pyf = ms.get((*where, "pythonforce", "-", r["allocator"], r["spin"]))
             r["vs_reference"] = ref / r["ms_per_step"] if ref else math.nan
             r["vs_pythonforce"] = pyf / r["ms_per_step"] if pyf else math.nan
 
 
 COLUMNS = [
     ("platform", 8, "s"), ("system", 12, "s"), ("atoms", 6, "d"), ("ml_atoms", 6, "d"),
-    ("route", 11, "s"), ("graphs", 6, "s"), ("allocator", 7, "s"), ("ms_per_step", 10, ".2f"),
+    ("route", 11, "s"), ("graphs", 6, "s"), ("allocator", 7, "s"), ("spin", 7, "s"),
+    ("ms_per_step", 10, ".2f"),
     ("ns_per_day", 9, ".3f"),
     ("peak_mb", 8, ".0f"), ("e0_kj_per_mol", 14, ".3f"), ("vs_reference", 7, ".2f"),
     ("vs_pythonforce", 7, ".2f"),
@@ -429,12 +443,15 @@ def _cell(row, key, width, fmt):
     return format(value, f"{width}{fmt}") if fmt != "s" else format(str(value), f"<{width}")
 
 
+_CASE = [k for k, _, _ in COLUMNS].index("ms_per_step")  # the columns that name the case
+
+
 def print_row(row, flush=False):
-    text = " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[:7])
+    text = " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[:_CASE])
     if "error" in row:
         text += "  FAILED: " + row["error"]
     else:
-        text += " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[7:11])
+        text += " " + " ".join(_cell(row, k, w, f) for k, w, f in COLUMNS[_CASE : _CASE + 4])
     print(text, file=sys.stderr, flush=flush)
 
 
@@ -447,15 +464,17 @@ def print_table(rows):
         cells = [_cell(row, k, w, f) for k, w, f in COLUMNS]
         line = " ".join(cells)
         if "error" in row:
-            line = " ".join(cells[:7]) + "  " + row["error"]
+            line = " ".join(cells[:_CASE]) + "  " + row["error"]
         print(line.rstrip())
     print("x ref / x pyf: steps per second of ours over the reference / PythonForce route "
-          "(same platform, system, malloc setting and graph setting). malloc: glibc tuned by "
-          "tensornet_openmm.allocator (as the runner does) or default, all routes.")  # fmt: skip
+          "(same platform, system, malloc, spin and graph setting). malloc: glibc tuned by "
+          "tensornet_openmm.allocator (as the runner does) or default; spin: libgomp's idle "
+          "threads spin short (tensornet_openmm.openmp, as the runner sets) or as long as by "
+          "default; all routes alike.")  # fmt: skip
 
 
 def write_csv(rows, path: Path):
-    keys = ["platform", "system", "atoms", "ml_atoms", "route", "graphs", "allocator",
+    keys = ["platform", "system", "atoms", "ml_atoms", "route", "graphs", "allocator", "spin",
             "ms_per_step", "ns_per_day", "peak_mb", "e0_kj_per_mol", "vs_reference",
             "vs_pythonforce", "steps_timed", "warmup_s", "build_s", "finite", "error"]  # fmt: skip
     with open(path, "w", newline="") as handle:

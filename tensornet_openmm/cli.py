@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["run"]:  # the process's own command line
+        from .openmp import restart_with_short_spin
+
+        restart_with_short_spin("tensornet_openmm.cli", sys.argv[1:])  # MM after ML on the CPU
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

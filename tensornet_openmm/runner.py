@@ -502,7 +502,12 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
     except openmm.OpenMMException as err:
         raise ValueError(f"OpenMM cannot build this simulation: {err}") from err
     elements = model.metadata.get("elements", "not recorded")
-    log(f"{description}; platform {platform.getName()} {properties}; model "
+    spin = ""
+    if platform.getName() == "CPU":
+        from .openmp import spin_setting
+
+        spin = f" (OpenMP spin count {spin_setting()})"
+    log(f"{description}; platform {platform.getName()} {properties}{spin}; model "
         f"{config['model']} ({model.num_parameters():,} parameters, cutoff "
         f"{model.cutoff_upper} A, elements {elements})")  # fmt: skip
 
