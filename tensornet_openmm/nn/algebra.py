@@ -62,7 +62,7 @@ class PackedAlgebra(nn.Module):
             part_norms[k, first:last] = weights[first:last]
         self.register_buffer("to_full", to_full.to(dtype), persistent=False)
         self.register_buffer("to_packed", to_packed.to(dtype), persistent=False)
-        self.register_buffer("weights", weights[None].to(dtype), persistent=False)  # (1, 10)
+        self.register_buffer("weights", weights[:, None].to(dtype), persistent=False)  # (10, 1)
         self.register_buffer("part_weights", part_norms.to(dtype), persistent=False)
 
     def full(self, p: Tensor) -> Tensor:
@@ -75,7 +75,7 @@ class PackedAlgebra(nn.Module):
 
     def squared_norm(self, p: Tensor) -> Tensor:
         """Squared Frobenius norm of packed tensors: (n, 10, F) -> (n, 1, F)."""
-        return torch.matmul(self.weights, p * p)
+        return (p * p * self.weights).sum(1, keepdim=True)
 
     def part_norms(self, p: Tensor) -> Tensor:
         """3 I^2, |A|^2 and |S|^2 of packed tensors: (n, 10, F) -> (n, 3, F)."""

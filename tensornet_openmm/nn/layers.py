@@ -187,7 +187,7 @@ class TensorEmbedding(nn.Module):
         gates = gates.reshape(n, 3, f)
         iso = self.linears_tensor[0](iso) * gates[:, 0]
         vec = self.linears_tensor[1](vec) * gates[:, 1, None]
-        sym = self.linears_tensor[2](x[:, 4:10]) * gates[:, 2, None]  # S of the packed x
+        sym = self.linears_tensor[2](x[:, 4:10].contiguous()) * gates[:, 2, None]  # S of x
         return torch.cat((iso[:, None], vec, sym), dim=1)  # packed (n, 10, F)
 
 
@@ -235,9 +235,11 @@ class Interaction(nn.Module):
         Returns the parts separately: (n, 1, F), (n, 3, F), (n, 6, F).
         """
         lin = self.linears_tensor
+        # contiguous parts: a linear on a strided slice runs as one small product per atom
+        iso, vec, sym = packed[:, 0], packed[:, 1:4].contiguous(), packed[:, 4:10].contiguous()
         if first == 0:
-            return [lin[0](packed[:, 0:1]), lin[1](packed[:, 1:4]), lin[2](packed[:, 4:10])]
-        return [lin[3](packed[:, 0:1]), lin[4](packed[:, 1:4]), lin[5](packed[:, 4:10])]
+            return [lin[0](iso)[:, None], lin[1](vec), lin[2](sym)]
+        return [lin[3](iso)[:, None], lin[4](vec), lin[5](sym)]
 
     def forward(
         self,
