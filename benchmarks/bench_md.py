@@ -359,6 +359,9 @@ def main(argv=None):
                         "as the runner sets them) or as long as by default, in every "
                         "route")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every case this many times, round-robin; the table shows the "
+                        "median ms/step and its spread")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps (>= graph warm-up)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     for key, value in MODEL_DEFAULTS.items():
@@ -369,26 +372,29 @@ def main(argv=None):
         print(json.dumps(worker(json.loads(args.worker))))
         return
     platforms = args.platforms or available_platforms()
-    rows = []
+    todo = list(cases(args, platforms))
+    results: list[list[dict]] = [[] for _ in todo]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, n_params = make_checkpoint(
             Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
         )
-        failed: set[tuple] = set()  # (platform, route, graphs) that failed on a water box
-        for case in cases(args, platforms):
-            key = (case["platform"], case["route"], case["graphs"], case["allocator"], case["spin"])
-            if case["system"].startswith("water-") and key in failed:
-                rows.append({**case, "error": "skipped: a smaller box failed"})
-                continue
-            spec = {**case, "checkpoint": str(checkpoint), "threads": args.threads,
-                    "torch_threads": args.torch_threads,
-                    "precision": args.precision, "seconds": args.seconds,
-                    "warmup": args.warmup}  # fmt: skip
-            result = run_case(spec, args.timeout)
-            if "error" in result and case["system"].startswith("water-"):
-                failed.add(key)
-            rows.append({**case, **result})
-            print_row(rows[-1], flush=True)
+        failed: set[tuple] = set()  # (platform, route, graphs, ...) that failed on a water box
+        for _ in range(args.rounds):  # round-robin: every case sees the machine's moods alike
+            for case, done in zip(todo, results, strict=True):
+                key = tuple(case[k] for k in ("platform", "route", "graphs", "allocator", "spin"))
+                if case["system"].startswith("water-") and key in failed:
+                    done.append({"error": "skipped: a smaller box failed"})
+                    continue
+                spec = {**case, "checkpoint": str(checkpoint), "threads": args.threads,
+                        "torch_threads": args.torch_threads,
+                        "precision": args.precision, "seconds": args.seconds,
+                        "warmup": args.warmup}  # fmt: skip
+                result = run_case(spec, args.timeout)
+                if "error" in result and case["system"].startswith("water-"):
+                    failed.add(key)
+                done.append(result)
+                print_row({**case, **result}, flush=True)
+    rows = [combine_rounds(case, done) for case, done in zip(todo, results, strict=True)]
     print()
     for platform in platforms:
         print(f"platform {platform}: {device_name(platform)}, threads {args.threads}"
@@ -402,6 +408,21 @@ def main(argv=None):
     print_table(rows)
     if args.csv:
         write_csv(rows, args.csv)
+
+
+def combine_rounds(case: dict, results: list[dict]) -> dict:
+    """One table row from a case's rounds: the median ms/step, its spread (max - min, in % of the
+    median) and the largest peak memory; a case that never ran is its last error."""
+    good = [r for r in results if "error" not in r]
+    if not good:
+        return {**case, **results[-1]}
+    ms = [r["ms_per_step"] for r in good]
+    median = statistics.median(ms)
+    row = {**case, **good[0], "ms_per_step": median, "rounds": len(ms)}
+    row["ns_per_day"] = TIMESTEP_FS * 1e-6 * 86400e3 / median
+    row["peak_mb"] = max(r["peak_mb"] for r in good)
+    row["spread_pct"] = 100 * (max(ms) - min(ms)) / median if len(ms) > 1 else math.nan
+    return row
 
 
 def speedups(rows):
@@ -428,11 +449,11 @@ COLUMNS = [
     ("ms_per_step", 10, ".2f"),
     ("ns_per_day", 9, ".3f"),
     ("peak_mb", 8, ".0f"), ("e0_kj_per_mol", 14, ".3f"), ("vs_reference", 7, ".2f"),
-    ("vs_pythonforce", 7, ".2f"),
+    ("vs_pythonforce", 7, ".2f"), ("spread_pct", 7, ".0f"),
 ]  # fmt: skip
 HEADERS = {"ml_atoms": "ML", "allocator": "malloc", "ms_per_step": "ms/step",
            "ns_per_day": "ns/day", "peak_mb": "peak MB", "e0_kj_per_mol": "E0 kJ/mol",
-           "vs_reference": "x ref",
+           "vs_reference": "x ref", "spread_pct": "spread%",
            "vs_pythonforce": "x pyf"}  # fmt: skip
 
 
@@ -470,13 +491,15 @@ def print_table(rows):
           "(same platform, system, malloc, spin and graph setting). malloc: glibc tuned by "
           "tensornet_openmm.allocator (as the runner does) or default; spin: libgomp's idle "
           "threads spin short (tensornet_openmm.openmp, as the runner sets) or as long as by "
-          "default; all routes alike.")  # fmt: skip
+          "default; all routes alike. With --rounds: ms/step is the median over rounds, spread% "
+          "its range.")  # fmt: skip
 
 
 def write_csv(rows, path: Path):
     keys = ["platform", "system", "atoms", "ml_atoms", "route", "graphs", "allocator", "spin",
             "ms_per_step", "ns_per_day", "peak_mb", "e0_kj_per_mol", "vs_reference",
-            "vs_pythonforce", "steps_timed", "warmup_s", "build_s", "finite", "error"]  # fmt: skip
+            "vs_pythonforce", "rounds", "spread_pct", "steps_timed", "warmup_s", "build_s",
+            "finite", "error"]  # fmt: skip
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, keys, extrasaction="ignore")
         writer.writeheader()

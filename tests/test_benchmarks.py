@@ -32,3 +32,16 @@ def test_reference_route_computes_our_energy(tmp_path, system):
         state = context.getState(getEnergy=True)
         energies[route] = state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
     assert energies["reference"] == pytest.approx(energies["ours"], rel=1e-5, abs=1e-3)
+
+
+def test_rounds_give_the_median_and_its_spread():
+    case = {"system": "ala2", "route": "ours"}
+    runs = [{"ms_per_step": ms, "peak_mb": mb, "e0_kj_per_mol": -1.0}
+            for ms, mb in ((10.0, 300.0), (8.0, 320.0), (12.0, 310.0))]  # fmt: skip
+    row = bench_md.combine_rounds(case, [*runs, {"error": "time limit (900 s)"}])
+    assert row["ms_per_step"] == 10.0 and row["rounds"] == 3
+    assert row["spread_pct"] == pytest.approx(40.0)
+    assert row["peak_mb"] == 320.0
+    assert row["ns_per_day"] == pytest.approx(86.4 / 10.0)
+    failed = bench_md.combine_rounds(case, [{"error": "out of memory: killed"}])
+    assert failed["error"] == "out of memory: killed" and "ms_per_step" not in failed
