@@ -307,6 +307,8 @@ def run_case(spec: dict, timeout: float) -> dict:
     env = {k: v for k, v in os.environ.items() if k != openmp.VARIABLE}
     if spec["spin"] == "short":  # read by libgomp as the worker starts, so set here
         env = openmp.tuned_environment(env)
+    elif spec["spin"] != "default":
+        env[openmp.VARIABLE] = spec["spin"]  # a count given on the command line
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -340,6 +342,14 @@ def cases(args, platforms):
                                allocator=allocator, spin=spin)  # fmt: skip
 
 
+def _spin_choice(text: str) -> str:
+    if text in ("short", "default", "both") or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a spin setting: use short, default, both or a count such as 3000"
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -354,10 +364,10 @@ def main(argv=None):
     parser.add_argument("--allocator", default="tuned", choices=["tuned", "default", "both"],
                         help="glibc malloc kept tuned (tensornet_openmm.allocator, as the runner "
                         "does) or left at its defaults, in every route")  # fmt: skip
-    parser.add_argument("--omp-spin", default="short", choices=["short", "default", "both"],
-                        help="libgomp's idle threads spin briefly (tensornet_openmm.openmp, "
-                        "as the runner sets them) or as long as by default, in every "
-                        "route")  # fmt: skip
+    parser.add_argument("--omp-spin", default="short", type=_spin_choice,
+                        help="short: libgomp's idle threads spin briefly (tensornet_openmm.openmp, "
+                        "as the runner sets them); default: as long as libgomp's default; both; "
+                        "or a spin count. In every route.")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every case this many times, round-robin; the table shows the "

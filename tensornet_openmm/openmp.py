@@ -3,13 +3,14 @@
 PyTorch's CPU wheels run their parallel loops on GNU OpenMP (libgomp), whose idle worker threads
 spin for a long time (300,000 iterations by default) before they sleep. Inside an OpenMM step the
 TorchForce is followed by the MM forces on the same cores, so those spinning workers take CPU time
-from OpenMM's own threads (and OpenMM's leftovers slow the next model call the same way). A short
-spin, :data:`SPIN_COUNT` iterations, keeps the workers awake across the model's back-to-back
-parallel loops but lets them sleep before OpenMM's turn. Measured on the project's 2-core machine
-(``benchmarks/bench_md.py --systems ala2-water --routes ours --omp-spin both``): alanine dipeptide
-in TIP3P water, 22 ML atoms of 2,269, took 12.57 ms per step against 15.96 with libgomp's default;
-vacuum and pure-ML water boxes are unchanged. Not spinning at all (0) is much slower (35 ms): each
-parallel loop then waits for threads to wake.
+from OpenMM's own threads. A short spin, :data:`SPIN_COUNT` iterations, keeps the workers awake
+across the model's back-to-back parallel loops but lets them sleep before OpenMM's turn.
+
+Measured on the project's 2-core machine (``benchmarks/bench_md.py --systems ala2-water --routes
+ours --omp-spin both``): alanine dipeptide in TIP3P water, 22 ML atoms of 2,269, took 12.57 ms per
+step against 15.96 with libgomp's default; vacuum and pure-ML water boxes are unchanged. Not
+spinning at all (``--omp-spin 0``) is much slower: each parallel loop then waits for threads to
+wake.
 
 libgomp reads ``GOMP_SPINCOUNT`` once, when it is loaded, which ``import torch`` does. So the
 setting has to be in the environment before Python starts: ``tensornet-openmm run`` restarts
