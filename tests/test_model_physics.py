@@ -189,3 +189,29 @@ def test_no_pairs_gives_isolated_atoms(half):
         assert torch.equal(grad, torch.zeros_like(grad))
         singles = sum(m(z[i : i + 1], pos[i : i + 1], no_pairs, half=half) for i in range(2))
         assert_close(energy.detach(), singles.detach())
+
+
+def test_forces_keep_no_pair_message_alive():
+    """The message sums must not keep their per-pair summands for the backward pass.
+
+    ``index_add_`` saves its whole source for the gradient (it only needs its shape): one
+    (pairs, c, F) tensor per message sum, 40% of the memory of a force call of a 1,443-atom
+    water box. The model adds its messages with a backward that keeps only the pair indices.
+    """
+    model = _model()
+    z, pos = random_molecule(12)
+    edges = all_pairs(torch.zeros_like(z))
+    x = pos.detach().clone().requires_grad_(True)
+    energy = model(z, x, edges[:, edges[0] < edges[1]], half=True).sum()
+    seen, stack, names, kept = set(), [energy.grad_fn], set(), []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        if node.name() == "IndexAddBackward0":
+            kept.append(tuple(node._saved_source.shape))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    assert "ScatterAddBackward0" in names  # the walk reached the message sums
+    assert kept == [(12,)]  # only the sum of the atoms' energies per molecule

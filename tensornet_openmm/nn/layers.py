@@ -67,6 +67,17 @@ def _max_blocks() -> int:
     return 64
 
 
+def _add_rows(out: Tensor, to: Tensor, rows: Tensor) -> None:
+    """out[to[b]] += rows[b], in place.
+
+    ``scatter_add_`` with the index broadcast as a view: its backward keeps only that view (the
+    pair indices). ``index_add_``, as fast, keeps ``rows`` itself for its backward, a pair-sized
+    tensor per block that stays alive until the forces are done.
+    """
+    index = to.reshape([-1] + [1] * (rows.dim() - 1)).expand_as(rows)
+    out.scatter_add_(0, index, rows)
+
+
 def _embedding_sums(
     sums: list[Tensor],
     to: Tensor,
@@ -84,9 +95,9 @@ def _embedding_sums(
     """
     species = z_recv.index_select(0, to) + z_send.index_select(0, source)
     f_i, f_a, f_s = (radial * species[:, None]).unbind(1)  # (B, F) each
-    sums[0].index_add_(0, to, f_i)
-    sums[1].index_add_(0, to, f_a[:, None] * u[:, :, None])
-    sums[2].index_add_(0, to, f_s[:, None] * uu[:, :, None])
+    _add_rows(sums[0], to, f_i)
+    _add_rows(sums[1], to, f_a[:, None] * u[:, :, None])
+    _add_rows(sums[2], to, f_s[:, None] * uu[:, :, None])
 
 
 def _messages(out: list[Tensor], to: Tensor, filters: Tensor, parts: list[Tensor], source: Tensor):
@@ -96,7 +107,7 @@ def _messages(out: list[Tensor], to: Tensor, filters: Tensor, parts: list[Tensor
     (n, 6, F), out changed in place.
     """
     for k, f_k in enumerate(filters.unbind(1)):
-        out[k].index_add_(0, to, f_k[:, None] * parts[k].index_select(0, source))
+        _add_rows(out[k], to, f_k[:, None] * parts[k].index_select(0, source))
 
 
 class TensorEmbedding(nn.Module):
