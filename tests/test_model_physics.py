@@ -191,27 +191,39 @@ def test_no_pairs_gives_isolated_atoms(half):
         assert_close(energy.detach(), singles.detach())
 
 
-def test_forces_keep_no_pair_message_alive():
-    """The message sums must not keep their per-pair summands for the backward pass.
-
-    ``index_add_`` saves its whole source for the gradient (it only needs its shape): one
-    (pairs, c, F) tensor per message sum, 40% of the memory of a force call of a 1,443-atom
-    water box. The model adds its messages with a backward that keeps only the pair indices.
-    """
-    model = _model()
-    z, pos = random_molecule(12)
-    edges = all_pairs(torch.zeros_like(z))
-    x = pos.detach().clone().requires_grad_(True)
-    energy = model(z, x, edges[:, edges[0] < edges[1]], half=True).sum()
-    seen, stack, names, kept = set(), [energy.grad_fn], set(), []
+def _saved_sum_sources(energy):
+    """Shapes of the tensors that index_add_ nodes of the graph keep for the backward pass."""
+    seen, stack, kept = set(), [energy.grad_fn], []
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.add(node.name())
         if node.name() == "IndexAddBackward0":
             kept.append(tuple(node._saved_source.shape))
         stack.extend(next_node for next_node, _ in node.next_functions)
-    assert "ScatterAddBackward0" in names  # the walk reached the message sums
-    assert kept == [(12,)]  # only the sum of the atoms' energies per molecule
+    return kept
+
+
+def test_lean_message_sums_keep_no_pair_message_alive(monkeypatch):
+    """Lean message sums (on GPUs) keep no per-pair summand for the backward pass, and give the
+    same energy and forces as the fast CPU sums, which keep them (index_add_ saves its source)."""
+    from tensornet_openmm.nn import layers
+
+    model = _model()
+    z, pos = random_molecule(12)
+    edges = all_pairs(torch.zeros_like(z))
+    edges = edges[:, edges[0] < edges[1]]
+    results = {}
+    for lean in (False, True):
+        monkeypatch.setattr(layers, "lean_sums", lambda device, lean=lean: lean)
+        x = pos.detach().clone().requires_grad_(True)
+        energy = model(z, x, edges, half=True).sum()
+        kept = _saved_sum_sources(energy)
+        results[lean] = (energy.detach(), -torch.autograd.grad(energy, x)[0])
+        if lean:  # only the per-molecule sum of the atoms' energies
+            assert kept == [(12,)]
+        else:
+            assert any(len(shape) == 3 and shape[0] == edges.shape[1] for shape in kept)
+    assert_close(results[True][0], results[False][0])
+    assert_close(results[True][1], results[False][1])

@@ -67,15 +67,26 @@ def _max_blocks() -> int:
     return 64
 
 
+def lean_sums(device: torch.device) -> bool:
+    """Whether message sums keep only the pair indices for the backward pass (see
+    :func:`_add_rows`): on GPUs, whose memory bounds the largest system."""
+    return device.type != "cpu"
+
+
 def _add_rows(out: Tensor, to: Tensor, rows: Tensor) -> None:
     """out[to[b]] += rows[b], in place.
 
-    ``scatter_add_`` with the index broadcast as a view: its backward keeps only that view (the
-    pair indices). ``index_add_``, as fast, keeps ``rows`` itself for its backward, a pair-sized
-    tensor per block that stays alive until the forces are done.
+    ``index_add_`` keeps ``rows`` alive for its backward (it needs only its shape): a pair-sized
+    tensor per message sum until the forces are done, 41% of the memory of a force call of a
+    1,443-atom water box. ``scatter_add_`` over the index broadcast as a view keeps only the
+    indices, but runs an MD step of a 624-atom box 13% slower on the CPU (both measured on the
+    project's 2-core machine). So the lean sums run where memory is the limit (:func:`lean_sums`).
     """
-    index = to.reshape([-1] + [1] * (rows.dim() - 1)).expand_as(rows)
-    out.scatter_add_(0, index, rows)
+    if lean_sums(rows.device):
+        index = to.reshape([-1] + [1] * (rows.dim() - 1)).expand_as(rows)
+        out.scatter_add_(0, index, rows)
+    else:
+        out.index_add_(0, to, rows)
 
 
 def _embedding_sums(
