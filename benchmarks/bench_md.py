@@ -24,10 +24,13 @@ boxes of about N atoms at liquid density).
 
 Each case runs in a fresh process. Time: LangevinMiddle at 300 K, 1 fs, after warm-up steps (Warp
 kernels, CUDA-graph capture and torch.compile happen there and are excluded), the median of three
-timed blocks sized to ``--seconds``. glibc's malloc is tuned in every route as our runner tunes it
-(:mod:`tensornet_openmm.allocator`; ``--allocator default`` or ``both`` to compare), and libgomp's
-idle threads spin briefly, as the runner sets them (:mod:`tensornet_openmm.openmp`; ``--omp-spin
-default`` or ``both`` to compare). Peak memory:
+timed blocks sized to ``--seconds``, each from the same initial positions and velocities with the
+same Langevin seed. (With random weights a free molecule drifts far from its start: alanine
+dipeptide's pairs within 5 A went from 161 to 95 in under 1,000 steps, and our step time, which
+follows the pair count, with them; the reference's static shapes do not.) glibc's malloc is tuned in
+every route as our runner tunes it (:mod:`tensornet_openmm.allocator`; ``--allocator default`` or
+``both`` to compare), and libgomp's idle threads spin briefly, as the runner sets them
+(:mod:`tensornet_openmm.openmp`; ``--omp-spin default`` or ``both`` to compare). Peak memory:
 on CPU the growth of the process's peak resident set (Linux VmHWM) from before the System is built;
 on CUDA torch's peak allocation (OpenMM's own buffers are not included). E0 is the initial
 potential energy: the ML routes agree when the weights are the same. A failed case (out of memory,
@@ -66,6 +69,9 @@ ROUTES = ("ours", "reference", "pythonforce", "mm")
 TIMESTEP_FS = 1.0
 MODEL_DEFAULTS = {"channels": 128, "layers": 2, "rbf": 32, "cutoff": 5.0}
 NEIGHBOR_SLOTS = 64
+SEED = 1
+"""Initial velocities and Langevin noise: every route and block times the same stretch of
+trajectory (as far as the routes' forces agree)."""
 
 
 # ---------------------------------------------------------------- systems (run in the worker)
@@ -217,10 +223,15 @@ def worker(spec: dict) -> dict:
     integrator = openmm.LangevinMiddleIntegrator(
         300 * u.kelvin, 1 / u.picosecond, TIMESTEP_FS * u.femtosecond
     )
+    integrator.setRandomNumberSeed(SEED)
     platform = openmm.Platform.getPlatformByName(spec["platform"])
     context = openmm.Context(system, integrator, platform, properties)
-    context.setPositions(positions)
-    context.setVelocitiesToTemperature(300 * u.kelvin, 1)
+
+    def start() -> None:  # every timed stretch starts from the same state
+        context.setPositions(positions)
+        context.setVelocitiesToTemperature(300 * u.kelvin, SEED)
+
+    start()
     e0 = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
 
     def steps(n: int) -> float:
@@ -232,7 +243,10 @@ def worker(spec: dict) -> dict:
     warmup_s = steps(spec["warmup"])
     per_step = steps(1)
     n = int(min(max(spec["seconds"] / 3 / max(per_step, 1e-6), 1), 20000))
-    blocks = [steps(n) / n for _ in range(3)]
+    blocks = []
+    for _ in range(3):
+        start()
+        blocks.append(steps(n) / n)
     ms = 1e3 * statistics.median(blocks)
     state = context.getState(getEnergy=True, getPositions=True)
     n_ml = system.getNumParticles() if ml_atoms is None else len(ml_atoms)
