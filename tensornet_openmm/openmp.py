@@ -7,10 +7,10 @@ from OpenMM's own threads. A short spin, :data:`SPIN_COUNT` iterations, keeps th
 across the model's back-to-back parallel loops but lets them sleep before OpenMM's turn.
 
 Measured on the project's 2-core machine (``benchmarks/bench_md.py --systems ala2-water --routes
-ours --omp-spin both``): alanine dipeptide in TIP3P water, 22 ML atoms of 2,269, took 12.57 ms per
-step against 15.96 with libgomp's default; vacuum and pure-ML water boxes are unchanged. Not
-spinning at all (``--omp-spin 0``) is much slower: each parallel loop then waits for threads to
-wake.
+ours reference --omp-spin both --rounds 2 --seconds 4``): alanine dipeptide in TIP3P water, 22 ML
+atoms of 2,269, took 15.18 ms per step against 20.85 with libgomp's default (the reference route:
+21.83 against 23.80); pure-ML water boxes are unchanged. Not spinning at all (``--omp-spin 0``)
+is much slower: each parallel loop then waits for threads to wake.
 
 libgomp reads ``GOMP_SPINCOUNT`` once, when it is loaded, which ``import torch`` does. So the
 setting has to be in the environment before Python starts: ``tensornet-openmm run`` restarts
