@@ -364,6 +364,12 @@ def _spin_choice(text: str) -> str:
     )
 
 
+def _rounds(text: str) -> int:
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} rounds: give a whole number of at least 1")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -383,7 +389,7 @@ def main(argv=None):
                         "as the runner sets them); default: as long as libgomp's default; both; "
                         "or a spin count. In every route.")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--rounds", type=_rounds, default=1,
                         help="run every case this many times, round-robin; the table shows the "
                         "median ms/step and its spread")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps (>= graph warm-up)")

@@ -45,3 +45,14 @@ def test_rounds_give_the_median_and_its_spread():
     assert row["ns_per_day"] == pytest.approx(86.4 / 10.0)
     failed = bench_md.combine_rounds(case, [{"error": "out of memory: killed"}])
     assert failed["error"] == "out of memory: killed" and "ms_per_step" not in failed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--rounds", "0"], "'0' rounds: give a whole number of at least 1"),
+     (["--omp-spin", "fast"], "use short, default, both or a count such as 3000")],
+)  # fmt: skip
+def test_bad_options_are_named_with_the_fix(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_md.main(argv)
+    assert message in capsys.readouterr().err
