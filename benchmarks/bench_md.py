@@ -69,6 +69,8 @@ ROUTES = ("ours", "reference", "pythonforce", "mm")
 TIMESTEP_FS = 1.0
 MODEL_DEFAULTS = {"channels": 128, "layers": 2, "rbf": 32, "cutoff": 5.0}
 NEIGHBOR_SLOTS = 64
+TILE_ABOVE = 6000
+"""Water boxes of more atoms are an openmmtools box tiled k^3 times (see :func:`tiled`)."""
 SEED = 1
 """Initial velocities and Langevin noise: every route and block times the same stretch of
 trajectory (as far as the routes' forces agree)."""
@@ -97,11 +99,44 @@ def build_system(name: str):
         return test.topology, test.positions, test.system, list(range(22))
     if name.startswith("water-"):
         n_atoms = int(name.split("-", 1)[1])
-        edge = (n_atoms / 3 / 33.4) ** (1 / 3)  # nm, 33.4 molecules per nm^3
+        reps = max(1, math.ceil((n_atoms / TILE_ABOVE) ** (1 / 3))) if n_atoms > TILE_ABOVE else 1
+        edge = (n_atoms / reps**3 / 3 / 33.4) ** (1 / 3)  # nm, 33.4 molecules per nm^3
         cutoff = min(0.9, 0.5 * edge - 0.01)
         test = ts.WaterBox(box_edge=edge * u.nanometer, cutoff=cutoff * u.nanometer)
-        return test.topology, test.positions, test.system, None
+        if reps == 1:
+            return test.topology, test.positions, test.system, None
+        return (*tiled(test.topology, test.positions, reps, cutoff), None)
     raise ValueError(f"unknown system {name!r}; use ala2, ala2-water or water-N")
+
+
+def tiled(topology, positions, reps: int, cutoff_nm: float):
+    """A water box repeated reps^3 times: topology, positions and its TIP3P / PME System.
+
+    openmmtools builds a box with Modeller, minutes for 100,000 atoms; tiling an equilibrated box
+    keeps its liquid structure and density and takes seconds.
+    """
+    import openmm
+    import openmm.app as app
+    import openmm.unit as u
+
+    box = np.array([v.value_in_unit(u.nanometer) for v in topology.getPeriodicBoxVectors()])
+    base = np.asarray(positions.value_in_unit(u.nanometer))
+    shifts = np.array(list(itertools.product(range(reps), repeat=3))) @ box
+    big = app.Topology()
+    chain = big.addChain()
+    for _ in shifts:
+        for residue in topology.residues():
+            new = big.addResidue(residue.name, chain)
+            atoms = {a.name: big.addAtom(a.name, a.element, new) for a in residue.atoms()}
+            for bond in residue.bonds():
+                big.addBond(atoms[bond[0].name], atoms[bond[1].name])
+    vectors = [openmm.Vec3(*map(float, row)) for row in box * reps]
+    big.setPeriodicBoxVectors(u.Quantity(vectors, u.nanometer))
+    system = app.ForceField("amber14/tip3p.xml").createSystem(
+        big, nonbondedMethod=app.PME, nonbondedCutoff=cutoff_nm * u.nanometer, rigidWater=True
+    )
+    xyz = (base[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+    return big, u.Quantity(xyz, u.nanometer), system
 
 
 class ReferenceForce(torch.nn.Module):
@@ -211,6 +246,10 @@ def worker(spec: dict) -> dict:
     cuda = spec["platform"] == "CUDA"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        if spec.get("gpu_memory_gb"):
+            total = torch.cuda.get_device_properties(0).total_memory
+            fraction = min(1.0, spec["gpu_memory_gb"] * 1e9 / total)
+            torch.cuda.set_per_process_memory_fraction(fraction)
     _reset_peak()
     base_mb = _vm_hwm_mb()
     topology, positions, mm_system, ml_atoms = build_system(spec["system"])
@@ -287,6 +326,19 @@ def make_checkpoint(folder: Path, channels: int, layers: int, rbf: int, cutoff: 
     torch.save({"state_dict": state, "hyper_parameters": hp}, path)
     n_params = sum(p.numel() for p in model.parameters())
     return path, n_params
+
+
+def given_checkpoint(path: Path, args) -> tuple[Path, int]:
+    """A TorchMD-Net checkpoint named on the command line; ``args`` take its model options."""
+    import tensornet_openmm as tn
+
+    if not path.is_file():
+        raise SystemExit(f"--checkpoint {path}: no such file")
+    model = tn.load_model(path, trust_pickle=True)
+    cfg = model.config
+    args.channels, args.layers = cfg.hidden_channels, cfg.num_layers
+    args.rbf, args.cutoff = cfg.num_rbf, cfg.cutoff_upper
+    return path.resolve(), model.num_parameters()
 
 
 def available_platforms() -> list[str]:
@@ -396,6 +448,12 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     for key, value in MODEL_DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value)
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a TorchMD-Net TensorNet checkpoint to run instead of random weights "
+                        "(the model options are then read from it)")  # fmt: skip
+    parser.add_argument("--gpu-memory-gb", type=float,
+                        help="cap torch's CUDA memory at this many GB (a larger card standing in "
+                        "for a smaller one); OpenMM's own buffers come on top")  # fmt: skip
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args(argv)
     if args.worker:
@@ -405,9 +463,12 @@ def main(argv=None):
     todo = list(cases(args, platforms))
     results: list[list[dict]] = [[] for _ in todo]
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint, n_params = make_checkpoint(
-            Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
-        )
+        if args.checkpoint:
+            checkpoint, n_params = given_checkpoint(args.checkpoint, args)
+        else:
+            checkpoint, n_params = make_checkpoint(
+                Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
+            )
         failed: set[tuple] = set()  # (platform, route, graphs, ...) that failed on a water box
         for _ in range(args.rounds):  # round-robin: every case sees the machine's moods alike
             for case, done in zip(todo, results, strict=True):
@@ -418,6 +479,7 @@ def main(argv=None):
                 spec = {**case, "checkpoint": str(checkpoint), "threads": args.threads,
                         "torch_threads": args.torch_threads,
                         "precision": args.precision, "seconds": args.seconds,
+                        "gpu_memory_gb": args.gpu_memory_gb,
                         "warmup": args.warmup}  # fmt: skip
                 result = run_case(spec, args.timeout)
                 if "error" in result and case["system"].startswith("water-"):

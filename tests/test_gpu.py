@@ -1,0 +1,179 @@
+"""On a CUDA device: the model, the pair list, the OpenMM force and the runner against the CPU.
+
+Every test here is marked ``gpu`` and skipped without a CUDA device (see conftest). On a GPU
+machine: ``python -m pytest -m gpu``. The OpenMM CUDA platform must then be there: a missing one
+fails (with OpenMM's plugin load failures) rather than skips, since it means a broken install.
+"""
+
+import json
+
+import numpy as np
+import openmm
+import openmm.unit as u
+import pytest
+import torch
+from helpers import assert_close, quiet_testsystems, random_molecule, small_model
+from helpers import energy_forces as model_energy_forces
+from test_force import eager, energy_forces, molecule
+from test_runner import QUICK, SIMULATIONS
+
+from tensornet_openmm import create_force, create_mixed_system, save_model
+from tensornet_openmm.cli import main
+from tensornet_openmm.neighbors import neighbor_pairs
+
+pytestmark = pytest.mark.gpu
+
+
+def cuda_platform():
+    try:
+        return openmm.Platform.getPlatformByName("CUDA")
+    except openmm.OpenMMException:
+        failures = openmm.Platform.getPluginLoadFailures()
+        pytest.fail(f"a CUDA device but no OpenMM CUDA platform; plugin failures: {failures}")
+
+
+def cuda_context(force, n_particles, box_nm=None, precision="double"):
+    """A Context of ``force`` alone on the CUDA platform (double precision unless told)."""
+    system = openmm.System()
+    for _ in range(n_particles):
+        system.addParticle(12.0)
+    if box_nm is not None:
+        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box_nm])
+    system.addForce(force)
+    integrator = openmm.VerletIntegrator(0.0005)
+    return openmm.Context(system, integrator, cuda_platform(), {"Precision": precision})
+
+
+@pytest.fixture(scope="module")
+def water():
+    test = quiet_testsystems().WaterBox(box_edge=1.6 * u.nanometer, cutoff=0.5 * u.nanometer)
+    z = [a.element.atomic_number for a in test.topology.atoms()]
+    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
+    box = np.asarray(
+        [v.value_in_unit(u.nanometer) for v in test.system.getDefaultPeriodicBoxVectors()]
+    )
+    return z, pos, box
+
+
+def test_model_on_cuda_equals_cpu_in_float64():
+    """The CUDA path (lean message sums) against the CPU path (index_add_), float64."""
+    model = small_model()
+    z, pos = random_molecule(40)
+    cpu = model_energy_forces(model, z, pos)
+    cuda = model_energy_forces(model.to("cuda"), z.cuda(), pos.cuda())
+    for got, expected in zip(cuda, cpu, strict=True):
+        assert got.is_cuda
+        assert_close(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("strategy", ["brute", "cell"])
+def test_fixed_capacity_pairs_on_cuda_equal_cpu(water, strategy):
+    z, pos, box = water
+    pos = torch.tensor(pos * 10.0)
+    box = torch.tensor(box * 10.0)
+    expected = neighbor_pairs(pos, 5.0, box, half=True)
+    got = neighbor_pairs(
+        pos.cuda(), 5.0, box.cuda(), capacity=expected.num_pairs.item() + 100, strategy=strategy,
+        cell_capacity=64 if strategy == "cell" else -1, half=True,
+    )  # fmt: skip
+
+    def pair_set(pairs):
+        n = int(pairs.num_pairs)
+        i, j = pairs.edge_index[:, :n].cpu().tolist()
+        return set(zip(i, j, strict=True))
+
+    assert int(got.num_pairs) == int(expected.num_pairs)
+    assert pair_set(got) == pair_set(expected)
+
+
+@pytest.mark.parametrize("graphs, outputs_forces", [(False, False), (True, False), (True, True)])
+def test_cuda_context_equals_eager_model(graphs, outputs_forces):
+    model = small_model()
+    z, pos = molecule()
+    force = create_force(model, z, cuda_graphs=graphs, positions=pos, outputs_forces=outputs_forces)
+    energy, forces = energy_forces(cuda_context(force, len(z)), pos)
+    ref_energy, ref_forces = eager(model, z, pos)
+    assert energy == pytest.approx(ref_energy, rel=1e-8)
+    np.testing.assert_allclose(forces, ref_forces, rtol=1e-7, atol=1e-7 * np.abs(ref_forces).max())
+
+
+def test_captured_graph_follows_new_positions_and_box(water):
+    """A replayed CUDA graph must read the current positions and box, not the captured ones."""
+    z, pos, box = water
+    model = small_model()
+    force = create_force(model, z, periodic=True, positions=pos, box_vectors=box)
+    context = cuda_context(force, len(z), box)
+    rng = np.random.default_rng(3)
+    moved = pos + rng.normal(0, 0.01, size=pos.shape)
+    for p in (pos, moved, pos, moved):
+        energy, forces = energy_forces(context, p)
+        ref_energy, ref_forces = eager(model, z, p, box)
+        assert energy == pytest.approx(ref_energy, rel=1e-8)
+        np.testing.assert_allclose(forces, ref_forces, atol=1e-7 * np.abs(ref_forces).max())
+    bigger = box * 1.02  # NPT: the box is an input of the graph too
+    context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in bigger])
+    energy, _ = energy_forces(context, pos * 1.02)
+    assert energy == pytest.approx(eager(model, z, pos * 1.02, bigger)[0], rel=1e-8)
+
+
+def test_cuda_md_single_precision_tracks_the_model(water):
+    """Langevin MD on CUDA (mixed precision, graphs): the end state's energy is the model's."""
+    z, pos, box = water
+    model = small_model(dtype=torch.float32)
+    system = openmm.System()
+    for element in z:
+        system.addParticle(1.008 if element == 1 else 15.999)
+    system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+    system.addForce(create_force(model, z, periodic=True, positions=pos, box_vectors=box))
+    integrator = openmm.LangevinMiddleIntegrator(300, 1.0, 0.0005)
+    integrator.setRandomNumberSeed(1)
+    context = openmm.Context(system, integrator, cuda_platform(), {"Precision": "mixed"})
+    context.setPositions(pos)
+    context.setVelocitiesToTemperature(300, 1)
+    integrator.step(200)
+    state = context.getState(getEnergy=True, getPositions=True)
+    end = np.asarray(state.getPositions(asNumpy=True).value_in_unit(u.nanometer))
+    assert np.isfinite(end).all() and np.abs(end - pos).max() > 1e-3
+    energy = state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+    assert energy == pytest.approx(eager(model.double(), z, end, box)[0], rel=1e-4, abs=1e-2)
+
+
+def test_overflow_on_cuda_is_nan_not_a_truncated_energy():
+    model = small_model()
+    z, pos = molecule()
+    force = create_force(model, z, positions=pos, capacity=4)  # far fewer slots than pairs
+    energy, forces = energy_forces(cuda_context(force, len(z)), pos)
+    assert np.isnan(energy) and np.isnan(forces).all()
+
+
+def test_mixed_system_on_cuda_equals_cpu():
+    test = quiet_testsystems().AlanineDipeptideExplicit()
+    model = small_model(cutoff=5.0)
+    system = create_mixed_system(
+        test.topology, test.system, list(range(22)), model, positions=test.positions
+    )
+    results = {}
+    for name, properties in (("CPU", {}), ("CUDA", {"Precision": "double"})):
+        context = openmm.Context(
+            system, openmm.VerletIntegrator(0.0005), openmm.Platform.getPlatformByName(name),
+            properties,
+        )  # fmt: skip
+        context.setPositions(test.positions)
+        results[name] = energy_forces(context, test.positions)
+    (e_cpu, f_cpu), (e_cuda, f_cuda) = results["CPU"], results["CUDA"]
+    # PME differs between the platforms in its last digits; the ML force does not
+    assert e_cuda == pytest.approx(e_cpu, rel=1e-5)
+    np.testing.assert_allclose(f_cuda, f_cpu, atol=1e-3 * np.abs(f_cpu).max())
+
+
+def test_runner_on_cuda(tmp_path):
+    model = small_model(cutoff=4.5, dtype=torch.float32)
+    model.metadata["elements"] = [1, 6, 7, 8]
+    save_model(model, tmp_path / "model.pt")
+    out = tmp_path / "run"
+    argv = ["run", str(SIMULATIONS / "ala2-vacuum.yaml"), "--model", str(tmp_path / "model.pt"),
+            "--steps", "20", "--output", str(out), "--set", "platform=CUDA", *QUICK]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert np.isfinite(summary["final_energy_kj_per_mol"])
+    assert "platform CUDA" in (out / "run.log").read_text()
