@@ -137,7 +137,7 @@ class _Compactor:
             device = self.slots.device
             pairs = torch.cat(self.found, dim=1) if len(self.found) > 0 else self.slots[:, :0]
             used = torch.ones(pairs.shape[1], dtype=torch.bool, device=device)
-            return pairs, used, torch.tensor(pairs.shape[1], device=device)
+            return pairs, used, torch.full((), pairs.shape[1], dtype=torch.int64, device=device)
         used = self.used[: self.capacity]
         pairs = torch.where(used, self.slots[:, : self.capacity], 0)
         return pairs, used, self.count
@@ -162,7 +162,7 @@ def _cells(pos: Tensor, cutoff: float, box: Optional[Tensor]) -> tuple[Tensor, T
     """
     x = pos.detach().to(torch.float64)
     width = cutoff * _cell_margin()
-    off = torch.tensor([-1, 0, 1], dtype=torch.int64, device=pos.device)
+    off = torch.arange(-1, 2, dtype=torch.int64, device=pos.device)  # made there: no host copy
     off = torch.stack(torch.meshgrid(off, off, off, indexing="ij"), -1).reshape(27, 3)
     if box is not None:
         # inv_ex: no error check, so no host synchronisation inside a CUDA graph
@@ -299,7 +299,9 @@ def neighbor_pairs(
     if box is not None:
         vectors = minimum_image(vectors, box)
     if capacity >= 0:
+        # fill_, not item assignment: TorchScript would copy the number from the host, which a
+        # CUDA graph capture refuses
         padding = torch.zeros_like(vectors)
-        padding[:, 0] = 2.0 * cutoff
+        padding.select(1, 0).fill_(2.0 * cutoff)
         vectors = torch.where(used[:, None], vectors, padding)
     return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)

@@ -164,6 +164,30 @@ def test_xml_round_trip(tmp_path):
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
+def _graph_nodes(block):
+    for node in block.nodes():
+        yield node
+        for inner in node.blocks():
+            yield from _graph_nodes(inner)
+
+
+@pytest.mark.parametrize("strategy", ["brute", "cell"])
+def test_exported_module_makes_no_tensor_on_the_host(strategy):
+    """A CUDA graph capture refuses host-to-device copies. TorchScript's ``torch.tensor(...)``
+    and item assignment of a number (``x[:, 0] = 2.0``) make the tensor on the host and copy it:
+    the exported module (the fixed-capacity path that is captured included) has neither."""
+    model = small_model()
+    module = TensorNetForce(model, [1, 6, 8] * 4, periodic=True, capacity=100, cell_capacity=20,
+                            strategy=strategy, fixed_on_cpu=True)  # fmt: skip
+    scripted = script(module)
+    found = [
+        node.sourceRange().splitlines()[0] if node.sourceRange() else str(node).strip()
+        for node in _graph_nodes(scripted.forward.inlined_graph)
+        if node.kind() == "aten::tensor"
+    ]
+    assert found == []
+
+
 def test_overflow_and_small_box_fail_loudly():
     model = small_model()
     z, pos = molecule()
