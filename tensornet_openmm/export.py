@@ -10,8 +10,9 @@ that never imported tensornet_openmm) with its metadata stored beside the code;
 :func:`read_metadata` reads that metadata without loading or running the module.
 
 Pair capacity. With a fixed capacity (CUDA graphs) an overflow, that is more pairs than slots or a
-cell fuller than ``cell_capacity``, makes the energy and every force NaN. The step fails loudly
-(OpenMM reports NaN coordinates or energy) instead of using a truncated energy. To recover, rebuild
+cell fuller than ``cell_capacity``, makes the energy and every force NaN (OpenMM's CUDA platform
+sums forces in fixed point, where a NaN becomes -2^31 kJ/mol/nm). The step fails loudly (a NaN
+energy, NaN or flung coordinates) instead of using a truncated energy. To recover, rebuild
 the force with a capacity sized from the current positions (``create_force(...,
 positions=state_positions)``), make a new Context and restart from the last good state (the
 runner does this from its last checkpoint).

@@ -143,7 +143,10 @@ def test_overflow_on_cuda_is_nan_not_a_truncated_energy():
     z, pos = molecule()
     force = create_force(model, z, positions=pos, capacity=4)  # far fewer slots than pairs
     energy, forces = energy_forces(cuda_context(force, len(z)), pos)
-    assert np.isnan(energy) and np.isnan(forces).all()
+    assert np.isnan(energy)
+    # OpenMM's CUDA platform sums forces in fixed point, where NaN turns into -2^31 kJ/mol/nm
+    # (seen on an H200): every force is NaN or that, so the next step throws the atoms away
+    assert np.all(np.isnan(forces) | (np.abs(forces) > 1e9))
 
 
 def test_mixed_system_on_cuda_equals_the_model():
