@@ -8,6 +8,8 @@ Routes:
 
 - ``ours``: ``tensornet_openmm.create_force`` (TorchForce running our TorchScript module: half pair
   list, fixed capacity on CUDA only).
+- ``ours-lowmem``: the same with ``low_memory=True`` (forces without the pairs' activations kept
+  for the backward pass: one more pass over the pairs, a fraction of the memory).
 - ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 neighbour slots per atom, its
   Warp kernels) scripted into a TorchForce with a thin nm / kJ/mol wrapper.
 - ``pythonforce``: the same checkpoint through openmm-ml's ``MLPotential('torchmdnet')``, that is
@@ -65,7 +67,7 @@ import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 from tensornet_openmm.units import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
-ROUTES = ("ours", "reference", "pythonforce", "mm")
+ROUTES = ("ours", "ours-lowmem", "reference", "pythonforce", "mm")
 TIMESTEP_FS = 1.0
 MODEL_DEFAULTS = {"channels": 128, "layers": 2, "rbf": 32, "cutoff": 5.0}
 NEIGHBOR_SLOTS = 64
@@ -180,13 +182,14 @@ def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atom
         # TensorNet is short-ranged: openmm-ml asks to be told so for periodic mixed systems
         return potential.createMixedSystem(topology, mm_system, ml_atoms, mlLongRange=False)
     model = tn.load_model(checkpoint, trust_pickle=True)
+    options = {"cuda_graphs": graphs, "low_memory": route == "ours-lowmem"}
     if ml_atoms is None:
-        system = tn.create_ml_system(topology, model, positions=positions, cuda_graphs=graphs)
+        system = tn.create_ml_system(topology, model, positions=positions, **options)
     else:
         system = tn.create_mixed_system(
-            topology, mm_system, ml_atoms, model, positions=positions, cuda_graphs=graphs
+            topology, mm_system, ml_atoms, model, positions=positions, **options
         )
-    if route == "ours":
+    if route in ("ours", "ours-lowmem"):
         return system
     # reference: our System minus our force, plus TorchMD-Net's model in a TorchForce
     from torchmdnet.models.model import load_model as load_reference
@@ -399,7 +402,7 @@ def cases(args, platforms):
     for platform in platforms:
         for system in systems:
             for route in args.routes:
-                if route in ("ours", "reference") and platform == "CUDA":
+                if route in ("ours", "ours-lowmem", "reference") and platform == "CUDA":
                     graph_modes = ["on", "off"] if args.graphs == "both" else [args.graphs]
                 else:
                     graph_modes = ["-"]  # no capture on CPU; torch.compile decides for itself
@@ -527,7 +530,7 @@ def speedups(rows):
             key = (r["platform"], r["system"], r["route"], r["graphs"], r["allocator"], r["spin"])
             ms[key] = r["ms_per_step"]
     for r in rows:
-        if r["route"] == "ours" and "ms_per_step" in r:
+        if r["route"] in ("ours", "ours-lowmem") and "ms_per_step" in r:
             where = (r["platform"], r["system"])
             ref = ms.get((*where, "reference", r["graphs"], r["allocator"], r["spin"]))
             pyf = ms.get((*where, "pythonforce", "-", r["allocator"], r["spin"]))

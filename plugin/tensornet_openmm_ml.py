@@ -46,6 +46,7 @@ FORCE_OPTIONS = {
     "positions": "positions",
     "capacityMargin": "capacity_margin",
     "outputsForces": "outputs_forces",
+    "lowMemory": "low_memory",
 }
 OPENMMML_PASSED = {"mlLongRange", "linkAtomDistances", "device"}
 

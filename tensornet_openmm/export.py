@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .neighbors import cell_list_min_atoms, check_box, neighbor_pairs
 from .nn import TensorNet
+from .nn.model import no_history
 from .units import ANGSTROM_TO_NM, EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
 METADATA_NAME = "tensornet_openmm.json"
@@ -78,6 +79,10 @@ class TensorNetForce(nn.Module):
     scale_parameter : bool
         Take one more input, a scalar that multiplies energy and forces (for example the ML/MM
         interpolation parameter); OpenMM differentiates the energy with respect to it.
+    low_memory : bool
+        Forces without keeping any pair's activations for the backward pass
+        (:meth:`TensorNet.energy_and_gradient`): same numbers, a fraction of the memory (the
+        largest box that fits grows accordingly), one more pass over the pairs.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class TensorNetForce(nn.Module):
         outputs_forces: bool = False,
         scale_parameter: bool = False,
         fixed_on_cpu: bool = False,
+        low_memory: bool = False,
     ) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()
@@ -119,6 +125,7 @@ class TensorNetForce(nn.Module):
         self.fixed_on_cpu = bool(fixed_on_cpu)
         self.outputs_forces = bool(outputs_forces)
         self.scale_parameter = bool(scale_parameter)
+        self.low_memory = bool(low_memory)
         self.cutoff = float(self.model.cutoff_upper)
         self.dtype = dtype
         self.nm_to_angstrom = NM_TO_ANGSTROM
@@ -141,9 +148,19 @@ class TensorNetForce(nn.Module):
         pairs = neighbor_pairs(
             pos, self.cutoff, box_a, capacity, self.strategy, cell_capacity, half=True
         )
-        energy = self.model(
-            self.z, pos, pairs.edge_index, pairs.vectors, None, self.total_charge, 1, half=True
-        )
+        if self.low_memory:
+            vectors = pairs.vectors
+            fixed = no_history(vectors)
+            e, grad = self.model.energy_and_gradient(
+                self.z, pairs.edge_index, fixed, self.total_charge, True, 0
+            )
+            # the energy's value, with the gradient it has through the pair vectors: autograd
+            # (OpenMM's or ours) carries it on to the positions through that small graph alone
+            energy = (e + (grad * (vectors - fixed)).sum())[None]
+        else:
+            energy = self.model(
+                self.z, pos, pairs.edge_index, pairs.vectors, None, self.total_charge, 1, half=True
+            )
         overflow = pairs.num_pairs > capacity if capacity >= 0 else torch.zeros_like(pos[0, 0] > 0)
         return energy[0] * self.ev_to_kj_per_mol, overflow
 
@@ -171,7 +188,10 @@ class TensorNetForce(nn.Module):
             energy = energy * scale.to(energy.dtype)
         forces = torch.zeros_like(positions)
         if self.outputs_forces:
-            grad = torch.autograd.grad([energy], [positions], allow_unused=True)[0]
+            # openmm-torch differentiates the energy again for the scale's derivative
+            grad = torch.autograd.grad(
+                [energy], [positions], retain_graph=scale is not None, allow_unused=True
+            )[0]
             if grad is not None:
                 forces = -grad
         return energy, forces
@@ -269,6 +289,7 @@ def metadata(module: TensorNetForce) -> dict[str, Any]:
         "cell_capacity": module.cell_capacity,
         "outputs_forces": module.outputs_forces,
         "scale_parameter": module.scale_parameter,
+        "low_memory": module.low_memory,
         "units": {"positions": "nm", "box": "nm", "energy": "kJ/mol", "forces": "kJ/mol/nm"},
         "model_metadata": model.metadata,
         "versions": {"tensornet_openmm": __version__, "torch": str(torch.__version__)},

@@ -114,6 +114,7 @@ def create_force(
     cuda_graph_warmup_steps: int = 10,
     lambda_parameter: str | None = None,
     name: str = "TensorNet",
+    low_memory: bool = False,
 ):
     """An ``openmmtorch.TorchForce`` evaluating a TensorNet on some or all particles of a System.
 
@@ -154,6 +155,10 @@ def create_force(
         derivative enabled, e.g. for ML/MM interpolation.
     name : str
         The force's name in the System.
+    low_memory : bool
+        Compute forces without keeping the pairs' activations for the backward pass: the same
+        forces with far less memory (about 2 MB per atom of water less at 128 channels) and one
+        more pass over the pairs. For the largest systems (see README, "Memory").
 
     Returns
     -------
@@ -209,7 +214,7 @@ def create_force(
         capacity = sized if capacity is None else int(capacity)
     module = TensorNetForce(
         model, atomic_numbers, atoms, periodic, total_charge, capacity, strategy, cell_capacity,
-        outputs_forces, scale_parameter=lambda_parameter is not None,
+        outputs_forces, scale_parameter=lambda_parameter is not None, low_memory=low_memory,
     )  # fmt: skip
     parameters = [] if lambda_parameter is None else [(lambda_parameter, 1.0)]
     force = make_torch_force(

@@ -12,7 +12,7 @@ import torch
 from helpers import quiet_testsystems, small_model
 
 from tensornet_openmm import create_force
-from tensornet_openmm.export import TensorNetForce, export, read_metadata, script
+from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
 from tensornet_openmm.forces import load_system, make_torch_force, save_system
 from tensornet_openmm.neighbors import neighbor_pairs
 from tensornet_openmm.units import EV_TO_KJ_PER_MOL
@@ -164,6 +164,38 @@ def test_xml_round_trip(tmp_path):
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize("outputs_forces", [False, True])
+def test_low_memory_force_equals_default(water, outputs_forces):
+    """low_memory=True: the same energy, forces and lambda derivative through OpenMM, and on
+    the fixed-capacity path (padding slots, as under CUDA graphs)."""
+    z, pos, box = water
+    model = small_model()
+    results = []
+    for low in (False, True):
+        force = create_force(model, z, periodic=True, positions=pos, box_vectors=box,
+                             lambda_parameter="lam", outputs_forces=outputs_forces,
+                             low_memory=low)  # fmt: skip
+        context = context_for(force, len(z), "CPU", box)
+        context.setParameter("lam", 0.7)
+        energy, forces = energy_forces(context, pos)
+        state = context.getState(getParameterDerivatives=True)
+        results.append((energy, forces, state.getEnergyParameterDerivatives()["lam"]))
+    (e0, f0, d0), (e1, f1, d1) = results
+    assert e1 == pytest.approx(e0, rel=1e-10) and d1 == pytest.approx(d0, rel=1e-10)
+    np.testing.assert_allclose(f1, f0, rtol=1e-9, atol=1e-9 * np.abs(f0).max())
+    capacity, cell_capacity, strategy = pair_capacity(model, len(z), pos * 10, box * 10)
+    fixed = []
+    for low in (False, True):
+        module = TensorNetForce(model, z, periodic=True, capacity=capacity, strategy=strategy,
+                                cell_capacity=cell_capacity, outputs_forces=True,
+                                fixed_on_cpu=True, low_memory=low)  # fmt: skip
+        energy, forces = script(module)(torch.tensor(pos), torch.tensor(box))
+        fixed.append((energy.item(), forces.numpy()))
+    assert fixed[0][0] == pytest.approx(e0 / 0.7, rel=1e-10)
+    assert fixed[1][0] == pytest.approx(fixed[0][0], rel=1e-10)
+    np.testing.assert_allclose(fixed[1][1], fixed[0][1], atol=1e-9 * np.abs(f0).max())
+
+
 def _graph_nodes(block):
     for node in block.nodes():
         yield node
@@ -171,14 +203,17 @@ def _graph_nodes(block):
             yield from _graph_nodes(inner)
 
 
-@pytest.mark.parametrize("strategy", ["brute", "cell"])
-def test_exported_module_makes_no_tensor_on_the_host(strategy):
+@pytest.mark.parametrize(
+    "strategy, low_memory", [("brute", False), ("cell", False), ("cell", True)]
+)
+def test_exported_module_makes_no_tensor_on_the_host(strategy, low_memory):
     """A CUDA graph capture refuses host-to-device copies. TorchScript's ``torch.tensor(...)``
     and item assignment of a number (``x[:, 0] = 2.0``) make the tensor on the host and copy it:
     the exported module (the fixed-capacity path that is captured included) has neither."""
     model = small_model()
     module = TensorNetForce(model, [1, 6, 8] * 4, periodic=True, capacity=100, cell_capacity=20,
-                            strategy=strategy, fixed_on_cpu=True)  # fmt: skip
+                            strategy=strategy, fixed_on_cpu=True,
+                            low_memory=low_memory)  # fmt: skip
     scripted = script(module)
     found = [
         node.sourceRange().splitlines()[0] if node.sourceRange() else str(node).strip()

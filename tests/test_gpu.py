@@ -116,6 +116,19 @@ def test_captured_graph_follows_new_positions_and_box(water):
     assert energy == pytest.approx(eager(model, z, pos * 1.02, bigger)[0], rel=1e-8)
 
 
+def test_low_memory_on_cuda_equals_default(water):
+    z, pos, box = water
+    model = small_model()
+    results = []
+    for low in (False, True):
+        force = create_force(model, z, periodic=True, positions=pos, box_vectors=box,
+                             low_memory=low)  # fmt: skip
+        results.append(energy_forces(cuda_context(force, len(z), box), pos))
+    (e0, f0), (e1, f1) = results
+    assert e1 == pytest.approx(e0, rel=1e-10)
+    np.testing.assert_allclose(f1, f0, atol=1e-9 * np.abs(f0).max())
+
+
 def test_cuda_md_single_precision_tracks_the_model(water):
     """Langevin MD on CUDA (mixed precision, graphs): the end state's energy is the model's."""
     z, pos, box = water

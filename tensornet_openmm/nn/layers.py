@@ -121,6 +121,35 @@ def _messages(out: list[Tensor], to: Tensor, filters: Tensor, parts: list[Tensor
         _add_rows(out[k], to, f_k[:, None] * parts[k].index_select(0, source))
 
 
+def _embedding_dot(
+    adj: list[Tensor],
+    to: Tensor,
+    source: Tensor,
+    radial: Tensor,
+    z_recv: Tensor,
+    z_send: Tensor,
+    u: Tensor,
+    uu: Tensor,
+) -> Tensor:
+    """sum over the block of adj[to] . (f_I, f_A u, f_S uu): a scalar whose gradient is the
+    vector-Jacobian product of :func:`_embedding_sums` with ``adj`` (no atom-sized buffer)."""
+    species = z_recv.index_select(0, to) + z_send.index_select(0, source)
+    f_i, f_a, f_s = (radial * species[:, None]).unbind(1)  # (B, F) each
+    a_i = adj[0].index_select(0, to)
+    a_a = (adj[1].index_select(0, to) * u[:, :, None]).sum(1)
+    a_s = (adj[2].index_select(0, to) * uu[:, :, None]).sum(1)
+    return (a_i * f_i + a_a * f_a + a_s * f_s).sum()
+
+
+def _message_dot(adj: list[Tensor], to: Tensor, filters: Tensor, rows: list[Tensor]) -> Tensor:
+    """sum_k adj_k[to] . f_k rows_k, rows_k = parts[k] of the senders: as :func:`_embedding_dot`,
+    the vector-Jacobian product of :func:`_messages` as a scalar."""
+    total = filters.new_zeros(())
+    for k, f_k in enumerate(filters.unbind(1)):
+        total = total + ((adj[k].index_select(0, to) * rows[k]).sum(1) * f_k).sum()
+    return total
+
+
 class TensorEmbedding(nn.Module):
     """Builds the initial per-atom tensors X_i from neighbours' species and geometry."""
 
@@ -163,38 +192,65 @@ class TensorEmbedding(nn.Module):
         projected = nn.functional.linear(basis, weight, bias)
         return projected.reshape(basis.shape[0], 3, self.hidden_channels)  # also for 0 pairs
 
-    def forward(
-        self,
-        z: Tensor,
-        src: Tensor,
-        dst: Tensor,
-        r: Tensor,
-        rhat: Tensor,
-        basis: Tensor,
-        self_basis: Tensor,
-        half: bool = False,
-    ) -> Tensor:
-        n, f = z.shape[0], self.hidden_channels
+    def species_terms(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Receiver and sender parts of emb2([e_i, e_j]), per atom: (n, F) each."""
+        f = self.hidden_channels
         species = self.emb(z)  # (n, F)
         # emb2([e_i, e_j]) is linear: split it into a receiver part and a sender part per atom
         w = self.emb2.weight
         z_recv = nn.functional.linear(species, w[:, :f]) + self.emb2.bias
         z_send = nn.functional.linear(species, w[:, f:])
+        return z_recv, z_send
 
-        outer = algebra.symmetric_outer(rhat)  # (P, 6)
-        # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
-        sums = [z_recv.new_zeros((n, f)), z_recv.new_zeros((n, 3, f)), z_recv.new_zeros((n, 6, f))]
-        block = pair_block(src.shape[0], f, z_recv.device)
-        for i, j, r_b, basis_b, u, uu in zip(  # noqa: B905 (TorchScript's zip has no strict)
-            src.split(block), dst.split(block), r.split(block), basis.split(block),
-            rhat.split(block), outer.split(block),
-        ):  # fmt: skip
-            cut = cosine_cutoff(r_b, self.cutoff_lower, self.cutoff_upper)[:, None, None]
-            radial = self._project(basis_b) * cut  # (B, 3, F), once per listed pair
-            _embedding_sums(sums, i, j, radial, z_recv, z_send, u, uu)
-            if half:  # the reversed pair: species swapped, unit vector reversed
-                _embedding_sums(sums, j, i, radial, z_recv, z_send, -u, uu)
-        cut0 = cosine_cutoff(r.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
+    def _radial(self, r: Tensor, basis: Tensor) -> Tensor:
+        cut = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None, None]
+        return self._project(basis) * cut  # (B, 3, F), once per listed pair
+
+    def add_block(
+        self,
+        sums: list[Tensor],
+        i: Tensor,
+        j: Tensor,
+        r: Tensor,
+        rhat: Tensor,
+        basis: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        half: bool,
+    ) -> None:
+        """sums += the pair terms of one block of pairs (i, j), in place."""
+        radial = self._radial(r, basis)
+        uu = algebra.symmetric_outer(rhat)
+        _embedding_sums(sums, i, j, radial, z_recv, z_send, rhat, uu)
+        if half:  # the reversed pair: species swapped, unit vector reversed
+            _embedding_sums(sums, j, i, radial, z_recv, z_send, -rhat, uu)
+
+    def block_dot(
+        self,
+        adj: list[Tensor],
+        i: Tensor,
+        j: Tensor,
+        r: Tensor,
+        rhat: Tensor,
+        basis: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        half: bool,
+    ) -> Tensor:
+        """adj . (what :meth:`add_block` adds), a scalar (see :func:`_embedding_dot`)."""
+        radial = self._radial(r, basis)
+        uu = algebra.symmetric_outer(rhat)
+        total = _embedding_dot(adj, i, j, radial, z_recv, z_send, rhat, uu)
+        if half:
+            total = total + _embedding_dot(adj, j, i, radial, z_recv, z_send, -rhat, uu)
+        return total
+
+    def finish(
+        self, z_recv: Tensor, z_send: Tensor, sums: list[Tensor], self_basis: Tensor
+    ) -> Tensor:
+        """X_i from the pair sums: self pair, tracelessness, norms, gates, channel mixing."""
+        n, f = z_recv.shape[0], self.hidden_channels
+        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
         z_self = z_recv + z_send
         iso = sums[0] + cut0 * z_self * self._project(self_basis)[0, 0]  # + self pair
         vec = sums[1]
@@ -211,6 +267,33 @@ class TensorEmbedding(nn.Module):
         vec = self.linears_tensor[1](vec) * gates[:, 1, None]
         sym = self.linears_tensor[2](x[:, 4:10].contiguous()) * gates[:, 2, None]  # S of x
         return torch.cat((iso[:, None], vec, sym), dim=1)  # packed (n, 10, F)
+
+    def new_sums(self, like: Tensor) -> list[Tensor]:
+        """Zeroed pair sums for ``like``'s atoms: (n, F), (n, 3, F), (n, 6, F)."""
+        n, f = like.shape[0], self.hidden_channels
+        return [like.new_zeros((n, f)), like.new_zeros((n, 3, f)), like.new_zeros((n, 6, f))]
+
+    def forward(
+        self,
+        z: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        r: Tensor,
+        rhat: Tensor,
+        basis: Tensor,
+        self_basis: Tensor,
+        half: bool = False,
+    ) -> Tensor:
+        z_recv, z_send = self.species_terms(z)
+        # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
+        sums = self.new_sums(z_recv)
+        block = pair_block(src.shape[0], self.hidden_channels, z_recv.device)
+        for i, j, r_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            src.split(block), dst.split(block), r.split(block), basis.split(block),
+            rhat.split(block),
+        ):  # fmt: skip
+            self.add_block(sums, i, j, r_b, u, basis_b, z_recv, z_send, half)
+        return self.finish(z_recv, z_send, sums, self_basis)
 
 
 class Interaction(nn.Module):
@@ -263,6 +346,46 @@ class Interaction(nn.Module):
             return [lin[0](iso)[:, None], lin[1](vec), lin[2](sym)]
         return [lin[3](iso)[:, None], lin[4](vec), lin[5](sym)]
 
+    def prepare(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Normalised X and the I, A, S parts of Y = W X that the messages carry."""
+        x = x / (self.algebra.squared_norm(x) + 1.0)
+        return x, self._mix(0, x)
+
+    def add_block(
+        self,
+        msg: list[Tensor],
+        i: Tensor,
+        j: Tensor,
+        r: Tensor,
+        basis: Tensor,
+        parts: list[Tensor],
+        half: bool,
+    ) -> None:
+        """msg += sum_j f(ij) Y_j for one block of pairs (i, j), in place."""
+        filters = self._filters(basis, r)  # (B, 3, F), once per listed pair
+        _messages(msg, i, filters, parts, j)
+        if half:  # the filters are symmetric in i and j
+            _messages(msg, j, filters, parts, i)
+
+    def block_dot(
+        self,
+        adj: list[Tensor],
+        i: Tensor,
+        j: Tensor,
+        r: Tensor,
+        basis: Tensor,
+        rows_j: list[Tensor],
+        rows_i: list[Tensor],
+        half: bool,
+    ) -> Tensor:
+        """adj . (what :meth:`add_block` adds), a scalar; rows_j (rows_i) are the parts of the
+        atoms j (i), gathered (see :func:`_message_dot`)."""
+        filters = self._filters(basis, r)
+        total = _message_dot(adj, i, filters, rows_j)
+        if half:
+            total = total + _message_dot(adj, j, filters, rows_i)
+        return total
+
     def forward(
         self,
         x: Tensor,
@@ -274,19 +397,26 @@ class Interaction(nn.Module):
         charge_factor: Tensor,
         half: bool = False,
     ) -> Tensor:
-        f0 = self._filters(self_basis, r.new_zeros(1))  # (1, 3, F), the self pair
-
-        x = x / (self.algebra.squared_norm(x) + 1.0)
-        parts = self._mix(0, x)  # I, A, S of Y, packed
-        msg = [f0[0, k, None] * parts[k] for k in range(3)]  # the self pair, then sum_j f(ij) y_j
+        x, parts = self.prepare(x)
+        msg = [torch.zeros_like(p) for p in parts]
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
         for i, j, r_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), r.split(block), basis.split(block)
         ):
-            filters = self._filters(basis_b, r_b)  # (B, 3, F), once per listed pair
-            _messages(msg, i, filters, parts, j)
-            if half:  # the filters are symmetric in i and j
-                _messages(msg, j, filters, parts, i)
+            self.add_block(msg, i, j, r_b, basis_b, parts, half)
+        return self.finish(x, parts, msg, self_basis, charge_factor)
+
+    def finish(
+        self,
+        x: Tensor,
+        parts: list[Tensor],
+        msg: list[Tensor],
+        self_basis: Tensor,
+        charge_factor: Tensor,
+    ) -> Tensor:
+        """The new X from the normalised X, its parts and the pair messages."""
+        f0 = self._filters(self_basis, self_basis.new_zeros(1))  # (1, 3, F), the self pair
+        msg = [msg[k] + f0[0, k, None] * parts[k] for k in range(3)]
         y = self.algebra.full(torch.cat(parts, dim=1))
         m = self.algebra.full(torch.cat(msg, dim=1))
 

@@ -1,5 +1,7 @@
 """The TensorNet energy model: representation, output head, reference energies, mean and std."""
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -127,19 +129,131 @@ class TensorNet(nn.Module):
         ``half``: the pairs are listed once each (see :meth:`forward`).
         """
         src, dst = edge_index[0], edge_index[1]
-        r = torch.sqrt((edge_vec * edge_vec).sum(-1))  # (P,)
-        rhat = edge_vec / r[:, None]
-        basis = self.distance_expansion(r)  # (P, K)
+        r, rhat, basis = self._geometry(edge_vec)
         self_basis = self.distance_expansion(r.new_zeros(1))  # (1, K)
         x = self.tensor_embedding(z, src, dst, r, rhat, basis, self_basis, half)
         for layer in self.layers:
             x = layer(x, src, dst, r, basis, self_basis, charge_factor, half)
+        return self._head(x, z)
+
+    def _geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Distances (P,), unit vectors (P, 3) and radial basis (P, K) of pair vectors."""
+        r = torch.sqrt((edge_vec * edge_vec).sum(-1))
+        return r, edge_vec / r[:, None], self.distance_expansion(r)
+
+    def _head(self, x: Tensor, z: Tensor) -> Tensor:
+        """Per-atom energies from the final X."""
         feats = self.algebra.part_norms(x).reshape(x.shape[0], -1)  # (n, 3F)
         h = self.act(self.linear(self.out_norm(feats)))
         energy = self.output_network(h)[:, 0] * self.std
         if self.use_atomref:
             energy = energy + self.atomref[z]
         return energy
+
+    @torch.jit.export
+    def energy_and_gradient(
+        self,
+        z: Tensor,
+        edge_index: Tensor,
+        edge_vec: Tensor,
+        total_charge: Optional[Tensor] = None,
+        half: bool = False,
+        block: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """Energy (eV) of one molecule and its gradient with respect to ``edge_vec`` (P, 3),
+        keeping nothing pair-sized but the pairs themselves and that gradient.
+
+        Same numbers as ``forward`` and autograd, with a fraction of the memory: autograd keeps
+        every pair's radial-network activations and messages (about 2 MB per atom of liquid
+        water at 128 channels) until the backward pass. Here the pair sums are computed without
+        a graph, the per-atom part of the model is differentiated with those sums as leaves, and
+        each layer's pair terms are recomputed, ``block`` pairs at a time (0: see
+        :func:`low_memory_block`), to take their vector-Jacobian products. That costs one more
+        pass over the pairs. Forces: minus the gradient, carried from the pair vectors to the
+        positions (``r_ij = pos_i - pos_j``). Not for training: no parameter gradients.
+        """
+        src, dst = edge_index[0], edge_index[1]
+        vec = no_history(edge_vec)
+        n = z.shape[0]
+        charge_factor = torch.ones(n, dtype=vec.dtype, device=vec.device)
+        if total_charge is not None:
+            charge_factor = charge_factor * (1.0 + 0.1 * total_charge.to(vec.dtype))
+        if block <= 0:
+            block = low_memory_block(self.tensor_embedding.hidden_channels, vec.device)
+        emb = self.tensor_embedding
+        i_blocks, j_blocks, v_blocks = src.split(block), dst.split(block), vec.split(block)
+        # 1. forward without a graph, keeping each layer's input X and pair sums (per atom)
+        inputs: list[Tensor] = []
+        msgs: list[list[Tensor]] = []
+        with torch.no_grad():
+            self_basis = self.distance_expansion(vec.new_zeros(1))
+            z_recv, z_send = emb.species_terms(z)
+            sums = emb.new_sums(z_recv)
+            for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+                r, rhat, basis = self._geometry(v)
+                emb.add_block(sums, i, j, r, rhat, basis, z_recv, z_send, half)
+            x = emb.finish(z_recv, z_send, sums, self_basis)
+            for layer in self.layers:
+                inputs.append(x)
+                x, parts = layer.prepare(x)
+                msg = [torch.zeros_like(p) for p in parts]
+                for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+                    r, _, basis = self._geometry(v)
+                    layer.add_block(msg, i, j, r, basis, parts, half)
+                msgs.append(msg)
+                x = layer.finish(x, parts, msg, self_basis, charge_factor)
+        # 2. the head: the energy and its gradient with respect to the last X
+        x = x.requires_grad_()
+        energy = self._head(x, z).sum()
+        if self.reduce_mean:
+            energy = energy / n
+        energy = energy + self.mean
+        adj_x = _grads([energy], [x], [torch.ones_like(energy)], False)[0]
+        # 3. backwards, one layer's per-atom graph at a time: the adjoint of its pair sums, then
+        # its pair terms recomputed block by block for their products with that adjoint
+        grad_vec = torch.zeros_like(vec)
+        for k in range(len(inputs) - 1, -1, -1):
+            for index, interaction in enumerate(self.layers):  # TorchScript: ModuleList by loop
+                if index == k:
+                    x_in = inputs[k].requires_grad_()
+                    x_norm, parts = interaction.prepare(x_in)
+                    leaves = [t.requires_grad_() for t in msgs[k]]
+                    x_out = interaction.finish(x_norm, parts, leaves, self_basis, charge_factor)
+                    adj = _grads([x_out], leaves, [adj_x], True)
+                    fixed = [no_history(p) for p in parts]
+                    d_parts = [torch.zeros_like(p) for p in fixed]
+                    start = 0
+                    for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+                        v = no_history(v).requires_grad_()
+                        r, _, basis = self._geometry(v)
+                        rows_j = [p.index_select(0, j).requires_grad_() for p in fixed]
+                        rows_i = [p.index_select(0, i).requires_grad_() for p in fixed]
+                        wrt = [v] + rows_j
+                        if half:
+                            wrt = wrt + rows_i
+                        dot = interaction.block_dot(adj, i, j, r, basis, rows_j, rows_i, half)
+                        g = _grads([dot], wrt, [torch.ones_like(dot)], False)
+                        grad_vec[start : start + v.shape[0]] += g[0]
+                        for c in range(3):
+                            d_parts[c].index_add_(0, j, g[1 + c])
+                            if half:
+                                d_parts[c].index_add_(0, i, g[4 + c])
+                        start += v.shape[0]
+                    adj_x = _grads([x_out] + parts, [x_in], [adj_x] + d_parts, False)[0]
+        # 4. the embedding: the adjoint of its pair sums, then its pair terms block by block
+        leaves = [t.requires_grad_() for t in sums]
+        x0 = emb.finish(z_recv, z_send, leaves, self_basis)
+        adj = _grads([x0], leaves, [adj_x], False)
+        start = 0
+        for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+            v = no_history(v).requires_grad_()
+            r, rhat, basis = self._geometry(v)
+            dot = emb.block_dot(adj, i, j, r, rhat, basis, z_recv, z_send, half)
+            grad_vec[start : start + v.shape[0]] += _grads(
+                [dot], [v], [torch.ones_like(dot)], False
+            )[0]
+            start += v.shape[0]
+        return no_history(energy), grad_vec
 
     def forward(
         self,
@@ -199,3 +313,34 @@ class TensorNet(nn.Module):
             counts = torch.zeros_like(energy).index_add(0, batch, torch.ones_like(e_atom))
             energy = energy / counts
         return energy + self.mean
+
+
+def no_history(t: Tensor) -> Tensor:
+    """A copy of ``t`` without autograd history. ``detach()`` will not do: openmm-torch freezes
+    the module (``torch.jit.freeze``), and frozen graphs drop ``aten::detach``."""
+    with torch.no_grad():
+        return t.clone()
+
+
+def low_memory_block(channels: int, device: torch.device) -> int:
+    """Pairs per block in :meth:`TensorNet.energy_and_gradient`: about 2^20 (CPU, cache-sized)
+    or 2^24 (GPU, few launches) elements per (block, 10, channels) tensor."""
+    elements = 1 << 20 if device.type == "cpu" else 1 << 24
+    return max(elements // (10 * channels), 1)
+
+
+def _grads(
+    outputs: list[Tensor], inputs: list[Tensor], seeds: list[Tensor], retain: bool
+) -> list[Tensor]:
+    """torch.autograd.grad of ``outputs`` weighted by ``seeds``, with zeros for inputs that the
+    outputs do not reach."""
+    grad_outputs: list[Optional[Tensor]] = []
+    for seed in seeds:
+        grad_outputs.append(seed)
+    found = torch.autograd.grad(
+        outputs, inputs, grad_outputs, retain_graph=retain, allow_unused=True
+    )
+    result: list[Tensor] = []
+    for g, x in zip(found, inputs):  # noqa: B905
+        result.append(torch.zeros_like(x) if g is None else g)
+    return result
