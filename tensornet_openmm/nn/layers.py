@@ -398,13 +398,18 @@ class Interaction(nn.Module):
         half: bool = False,
     ) -> Tensor:
         x, parts = self.prepare(x)
-        msg = [torch.zeros_like(p) for p in parts]
+        msg = self.self_messages(parts, self_basis)  # the self pair, then sum_j f(ij) y_j
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
         for i, j, r_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), r.split(block), basis.split(block)
         ):
             self.add_block(msg, i, j, r_b, basis_b, parts, half)
-        return self.finish(x, parts, msg, self_basis, charge_factor)
+        return self.finish(x, parts, msg, self_basis, charge_factor, False)
+
+    def self_messages(self, parts: list[Tensor], self_basis: Tensor) -> list[Tensor]:
+        """The self pair's messages f(0) Y_i."""
+        f0 = self._filters(self_basis, self_basis.new_zeros(1))  # (1, 3, F)
+        return [f0[0, k, None] * parts[k] for k in range(3)]
 
     def finish(
         self,
@@ -413,10 +418,13 @@ class Interaction(nn.Module):
         msg: list[Tensor],
         self_basis: Tensor,
         charge_factor: Tensor,
+        add_self: bool = True,
     ) -> Tensor:
-        """The new X from the normalised X, its parts and the pair messages."""
-        f0 = self._filters(self_basis, self_basis.new_zeros(1))  # (1, 3, F), the self pair
-        msg = [msg[k] + f0[0, k, None] * parts[k] for k in range(3)]
+        """The new X from the normalised X, its parts and the messages (the pairs' only, or with
+        the self pair's too if not ``add_self``)."""
+        if add_self:
+            own = self.self_messages(parts, self_basis)
+            msg = [msg[k] + own[k] for k in range(3)]
         y = self.algebra.full(torch.cat(parts, dim=1))
         m = self.algebra.full(torch.cat(msg, dim=1))
 
