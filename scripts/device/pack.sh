@@ -11,7 +11,8 @@
 #             warp-lang 1.19.0 (without its CPU code generator, tests and examples) as xz parts,
 #             and in warp3 torchmd-net 3.1.0 and ase: the reference route, and openmm-ml's
 #
-# On the GPU machine, scripts/device/stack.sh installs what has arrived. The wheels are for the
+# On the GPU machine, scripts/device/stack.sh installs what has arrived; scripts/device/checks.sh
+# runs the checks, one stage per call. The wheels are for the
 # machine's Python 3.12; warp and torchmd-net are pure Python apart from warp's own library.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

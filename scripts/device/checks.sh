@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks of the benchmark issue, in the three device calls that bring warp-lang in parts
+# (scripts/device/pack.sh made them here). Each call's command, in the repository root there:
+#
+#   . scripts/device/stack.sh > $OUT/stack.log 2>&1 || exit 3; bash scripts/device/checks.sh STAGE
+#
+#   STAGE    carry                    what it runs (about)
+#   tests    .dev/base .dev/warp1     GPU tests; ours (+ low_memory) and MM on CUDA      4 min
+#   scan     .dev/warp2               largest water box within 80 GB: ours, low_memory   4 min
+#   compare  .dev/warp3               ours against the reference and PythonForce         4 min
+#
+# Call them back to back: a device machine is given back 30 s after a call ends, and the warp
+# parts collect in its /tmp. Logs and CSVs go to $OUT (the device tool's output folder).
+set -uo pipefail
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+bench=(python3 benchmarks/bench_md.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt
+       --platforms "${PLATFORMS:-CUDA}")
+stage=${1:-}
+case "$stage" in
+tests)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
+        >"$out/gpu_tests.log" 2>&1
+    echo "pytest rc=$?"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu_tests.log" | tail -15
+    timeout 220 "${bench[@]}" --systems ala2 ala2-water water --water-sizes 5000 \
+        --routes ours ours-lowmem mm --graphs both --seconds 2 --timeout 50 \
+        --csv "$out/tests.csv" >"$out/tests.log" 2>&1
+    ;;
+scan)
+    timeout 250 "${bench[@]}" --systems water --water-sizes 20000 30000 60000 100000 \
+        --routes ours ours-lowmem --graphs both --seconds 1 --warmup 3 --timeout 60 \
+        --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
+    ;;
+compare)
+    grep -i "warp" "$out/stack.log"
+    timeout 280 "${bench[@]}" --systems ala2 ala2-water water --water-sizes 5000 \
+        --routes ours reference pythonforce --graphs both --seconds 2 --timeout 90 \
+        --csv "$out/compare.csv" >"$out/compare.log" 2>&1
+    ;;
+*)
+    echo "usage: bash scripts/device/checks.sh tests|scan|compare" >&2
+    exit 2
+    ;;
+esac
+echo "stage $stage: benchmark rc=$?"
+tail -16 "$out/$stage.log" | cut -c1-170
