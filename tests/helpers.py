@@ -71,3 +71,18 @@ def small_model(cutoff: float = 4.0, dtype=torch.float64, seed: int = 0, **overr
     hp = dict(hidden_channels=16, num_layers=2, num_rbf=8, max_z=10, cutoff_upper=cutoff)
     hp.update(overrides)
     return TensorNet(**hp, dtype=dtype)
+
+
+def water_box_nm(edge_nm: float, cutoff_nm: float = 0.5):
+    """Atomic numbers, positions (nm) and box vectors (3, 3, nm) of an openmmtools water box."""
+    import numpy as np
+    import openmm.unit as u
+
+    edge, cutoff = edge_nm * u.nanometer, cutoff_nm * u.nanometer
+    test = quiet_testsystems().WaterBox(box_edge=edge, cutoff=cutoff)
+    z = [a.element.atomic_number for a in test.topology.atoms()]
+    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
+    box = np.asarray(
+        [v.value_in_unit(u.nanometer) for v in test.system.getDefaultPeriodicBoxVectors()]
+    )
+    return z, pos, box

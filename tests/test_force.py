@@ -9,7 +9,7 @@ import openmm
 import openmm.unit as u
 import pytest
 import torch
-from helpers import quiet_testsystems, small_model
+from helpers import quiet_testsystems, small_model, water_box_nm
 
 from tensornet_openmm import create_force
 from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
@@ -63,13 +63,7 @@ def molecule(n=12, seed=1):
 
 @pytest.fixture(scope="module")
 def water():
-    test = quiet_testsystems().WaterBox(box_edge=1.2 * u.nanometer, cutoff=0.5 * u.nanometer)
-    z = [a.element.atomic_number for a in test.topology.atoms()]
-    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
-    box = np.asarray(
-        [v.value_in_unit(u.nanometer) for v in test.system.getDefaultPeriodicBoxVectors()]
-    )
-    return z, pos, box
+    return water_box_nm(1.2)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

@@ -12,7 +12,7 @@ import openmm
 import openmm.unit as u
 import pytest
 import torch
-from helpers import assert_close, quiet_testsystems, random_molecule, small_model
+from helpers import assert_close, quiet_testsystems, random_molecule, small_model, water_box_nm
 from helpers import energy_forces as model_energy_forces
 from test_force import eager, energy_forces, molecule
 from test_runner import QUICK, SIMULATIONS
@@ -46,13 +46,7 @@ def cuda_context(force, n_particles, box_nm=None, precision="double"):
 
 @pytest.fixture(scope="module")
 def water():
-    test = quiet_testsystems().WaterBox(box_edge=1.6 * u.nanometer, cutoff=0.5 * u.nanometer)
-    z = [a.element.atomic_number for a in test.topology.atoms()]
-    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
-    box = np.asarray(
-        [v.value_in_unit(u.nanometer) for v in test.system.getDefaultPeriodicBoxVectors()]
-    )
-    return z, pos, box
+    return water_box_nm(1.6)
 
 
 def test_model_on_cuda_equals_cpu_in_float64():
