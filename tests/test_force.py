@@ -30,7 +30,7 @@ def eager(model, z, pos_nm, box_nm=None):
     return energy.item(), -grad.numpy() * 10.0
 
 
-def context_for(force, n_particles, platform, box_nm=None, extra=()):
+def context_for(force, n_particles, platform, box_nm=None, extra=(), properties=None):
     system = openmm.System()
     for _ in range(n_particles):
         system.addParticle(12.0)
@@ -40,7 +40,8 @@ def context_for(force, n_particles, platform, box_nm=None, extra=()):
     for f in extra:
         system.addForce(f)
     integrator = openmm.VerletIntegrator(0.0005)
-    return openmm.Context(system, integrator, openmm.Platform.getPlatformByName(platform))
+    platform = openmm.Platform.getPlatformByName(platform)
+    return openmm.Context(system, integrator, platform, properties or {})
 
 
 def energy_forces(context, positions_nm, groups=-1):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import assert_close, quiet_testsystems, random_molecule, small_model, water_box_nm
 from helpers import energy_forces as model_energy_forces
-from test_force import eager, energy_forces, molecule
+from test_force import context_for, eager, energy_forces, molecule
 from test_runner import QUICK, SIMULATIONS
 
 from tensornet_openmm import create_force, create_mixed_system, save_model
@@ -34,14 +34,8 @@ def cuda_platform():
 
 def cuda_context(force, n_particles, box_nm=None, precision="double"):
     """A Context of ``force`` alone on the CUDA platform (double precision unless told)."""
-    system = openmm.System()
-    for _ in range(n_particles):
-        system.addParticle(12.0)
-    if box_nm is not None:
-        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box_nm])
-    system.addForce(force)
-    integrator = openmm.VerletIntegrator(0.0005)
-    return openmm.Context(system, integrator, cuda_platform(), {"Precision": precision})
+    cuda_platform()
+    return context_for(force, n_particles, "CUDA", box_nm, properties={"Precision": precision})
 
 
 @pytest.fixture(scope="module")
