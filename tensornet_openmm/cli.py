@@ -34,7 +34,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     numbers = [int(v) for v in args.atomic_numbers.split(",")]
     validate_elements(model, numbers)
     module = TensorNetForce(model, numbers, periodic=args.periodic,
-                            total_charge=args.total_charge)  # fmt: skip
+                            total_charge=args.total_charge,
+                            low_memory=args.low_memory)  # fmt: skip
     export(module, args.output)
     print(f"wrote {args.output}: {len(numbers)} atoms, periodic={args.periodic}; forward(positions "
           "nm[, box nm]) -> energy kJ/mol")  # fmt: skip
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--periodic", action="store_true", help="the module takes a box")
     exporter.add_argument("--total-charge", type=float, default=0.0)
     exporter.add_argument("--trust-pickle", action="store_true")
+    exporter.add_argument("--low-memory", action="store_true",
+                          help="forces without the pairs' activations")  # fmt: skip
     exporter.set_defaults(func=_cmd_export)
     selftest = sub.add_parser("selftest", help="check that the model and the OpenMM stack work")
     selftest.set_defaults(func=_cmd_selftest)

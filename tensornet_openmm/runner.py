@@ -42,7 +42,13 @@ DEFAULTS: dict[str, Any] = {
         "ionic_strength_molar": 0.0,
         "water_model": "tip3p",
     },
-    "ml": {"atoms": "all", "total_charge": 0.0, "allow_cut_bonds": False, "cuda_graphs": True},
+    "ml": {
+        "atoms": "all",
+        "total_charge": 0.0,
+        "allow_cut_bonds": False,
+        "cuda_graphs": True,
+        "low_memory": False,  # forces without the pairs' activations: largest systems
+    },
     "platform": "auto",
     "precision": "mixed",
     "integrator": {"timestep_fs": 1.0, "temperature_k": 300.0, "friction_per_ps": 1.0},
@@ -215,7 +221,10 @@ def build(config: dict, log=print):
         description = f"pure ML (exported module), {topology.getNumAtoms()} atoms"
     else:
         model = load_any_model(config)
-        options = {"cuda_graphs": bool(mlconf["cuda_graphs"])}
+        options = {
+            "cuda_graphs": bool(mlconf["cuda_graphs"]),
+            "low_memory": bool(mlconf["low_memory"]),
+        }
         if mlconf["atoms"] == "all":
             from .systems import create_ml_system
 
@@ -239,6 +248,8 @@ def build(config: dict, log=print):
             description = (
                 f"ML/MM, ML region {mlconf['atoms']!r}: {n_ml} of {topology.getNumAtoms()} atoms"
             )
+        if options["low_memory"]:
+            description += ", low-memory forces"
     if config["ensemble"] == "npt":
         import openmm
         import openmm.unit as u

@@ -17,6 +17,7 @@ from helpers import small_model
 from tensornet_openmm import save_model
 from tensornet_openmm.checkpoints import shipped_models
 from tensornet_openmm.cli import main
+from tensornet_openmm.export import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMULATIONS = ROOT / "simulations"
@@ -72,6 +73,10 @@ def test_exported_module_runs_pure_ml(model_file, tmp_path, capsys):
     numbers = ",".join(str(a.element.atomic_number) for a in pdb.topology.atoms())
     exported = tmp_path / "ala2.pt"
     assert main(["export", model_file, "-o", str(exported), "--atomic-numbers", numbers]) == 0
+    lean = tmp_path / "ala2-low-memory.pt"
+    assert main(["export", model_file, "-o", str(lean), "--atomic-numbers", numbers,
+                 "--low-memory"]) == 0  # fmt: skip
+    assert read_metadata(lean)["low_memory"] and not read_metadata(exported)["low_memory"]
     out = tmp_path / "run"
     argv = ["run", str(SIMULATIONS / "ala2-vacuum.yaml"), "--model", str(exported), "--steps",
             "10", "--output", str(out), *QUICK]  # fmt: skip
@@ -158,3 +163,18 @@ def test_run_errors_are_clear(model_file, tmp_path, capsys):
     assert (blow / "energies.csv").exists() and (blow / "checkpoint.json").exists()
     assert main(argv) == 3  # an existing run is not overwritten without --resume
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_low_memory_run_follows_the_same_trajectory(model_file, tmp_path):
+    """ml.low_memory: the same MD (same seed) as the default forces, step for step."""
+    energies = {}
+    for low in ("false", "true"):
+        out = tmp_path / low
+        argv = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", model_file, "--steps", "10",
+                "--output", str(out), "--set", f"ml.low_memory={low}", *QUICK]  # fmt: skip
+        assert main(argv) == 0
+        assert f"low_memory: {low}" in (out / "config.resolved.yaml").read_text()
+        assert ("low-memory forces" in (out / "run.log").read_text()) == (low == "true")
+        table = np.genfromtxt(out / "energies.csv", delimiter=",", names=True)
+        energies[low] = table[table.dtype.names[2]]
+    np.testing.assert_allclose(energies["true"], energies["false"], rtol=2e-4)
