@@ -56,3 +56,16 @@ def test_bad_options_are_named_with_the_fix(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench_md.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_kernel_counts_cover_every_route(tmp_path, capsys):
+    """benchmarks/kernels.py (on the CPU: operators) reports every route it is asked for."""
+    kernels = pytest.importorskip("kernels")
+    checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
+    kernels.main(["--checkpoint", str(checkpoint), "--systems", "ala2", "--platform", "CPU",
+                  "--routes", "ours", "ours-lowmem", "reference", "--calls", "2"])  # fmt: skip
+    out = capsys.readouterr().out
+    for route in ("ours", "ours-lowmem", "reference"):
+        assert f"ala2 {route}: " in out
+    counts = [float(line.split(": ")[1].split()[0]) for line in out.splitlines() if ": " in line]
+    assert len(counts) == 3 and min(counts) > 50

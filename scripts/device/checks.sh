@@ -6,7 +6,7 @@
 #
 #   STAGE    carry                    what it runs (about)
 #   tests    .dev/base .dev/warp1     GPU tests; ours (+ low_memory) and MM on CUDA      4 min
-#   scan     .dev/warp2               largest water box within 80 GB: ours, low_memory   4 min
+#   scan     .dev/warp2               kernels per call; largest water box within 80 GB   4 min
 #   compare  .dev/warp3               ours against the reference and PythonForce         4 min
 #
 # Call them back to back: a device machine is given back 30 s after a call ends, and the warp
@@ -30,12 +30,18 @@ tests)
         --csv "$out/tests.csv" >"$out/tests.log" 2>&1
     ;;
 scan)
-    timeout 250 "${bench[@]}" --systems water --water-sizes 20000 30000 60000 100000 \
-        --routes ours ours-lowmem --graphs both --seconds 1 --warmup 3 --timeout 60 \
+    timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
+        --systems ala2 water-5000 --routes ours ours-dynamic ours-lowmem >"$out/kernels.log" 2>&1
+    grep "per call" "$out/kernels.log"
+    timeout 200 "${bench[@]}" --systems water --water-sizes 20000 30000 60000 100000 \
+        --routes ours ours-lowmem --graphs both --seconds 1 --warmup 3 --timeout 50 \
         --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
     ;;
 compare)
     grep -i "warp" "$out/stack.log"
+    timeout 40 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
+        --systems ala2 water-5000 --routes reference >"$out/kernels_reference.log" 2>&1
+    grep "per call" "$out/kernels_reference.log"
     timeout 280 "${bench[@]}" --systems ala2 ala2-water water --water-sizes 5000 \
         --routes ours reference pythonforce --graphs both --seconds 2 --timeout 90 \
         --csv "$out/compare.csv" >"$out/compare.log" 2>&1

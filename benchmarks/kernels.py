@@ -1,0 +1,134 @@
+"""What one force evaluation launches: kernels (CUDA) or operators (CPU) per call, and the top ones.
+
+For a GPU step under CUDA graphs the time is the sum of the kernels the graph replays, so their
+number and their longest members say where fusion or less padding would pay. For each system this
+runs the force module as the TorchForce does (scripted and frozen, energy and backward to the
+positions), after warm-up, under torch.profiler:
+
+- ``ours``: our module with the fixed pair capacity it gets under CUDA graphs (``create_force``'s
+  sizing from the starting positions); ``ours-dynamic``: the exact dynamic pair list, as without
+  graphs; ``ours-lowmem``: fixed capacity with ``low_memory=True``;
+- ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 slots), if it is installed.
+
+    python benchmarks/kernels.py --checkpoint CKPT [--systems ala2 water-5000] [--platform CUDA]
+
+On the CPU (for a check of the script) it counts operators instead of kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
+
+try:
+    from bench_md import NEIGHBOR_SLOTS, ReferenceForce, build_system
+except ImportError:  # run as a module from the repository root
+    from benchmarks.bench_md import NEIGHBOR_SLOTS, ReferenceForce, build_system
+
+
+def modules(system_name: str, checkpoint: Path, device: torch.device, routes: list[str]):
+    """(route, frozen module, positions nm, box nm or None) for the system's ML atoms."""
+    import openmm.unit as u
+
+    import tensornet_openmm as tn
+    from tensornet_openmm.export import TensorNetForce, pair_capacity, script
+
+    topology, positions, _, ml_atoms = build_system(system_name)
+    atoms = list(ml_atoms) if ml_atoms is not None else list(range(topology.getNumAtoms()))
+    z_all = [a.element.atomic_number for a in topology.atoms()]
+    z = [z_all[i] for i in atoms]
+    pos = torch.tensor(positions.value_in_unit(u.nanometer), dtype=torch.float64)[atoms]
+    vectors = topology.getPeriodicBoxVectors()
+    box = None if vectors is None else torch.tensor(vectors.value_in_unit(u.nanometer))
+    model = tn.load_model(checkpoint, trust_pickle=True)
+    box_a = None if box is None else box.numpy() * 10
+    capacity, cell_capacity, strategy = pair_capacity(model, len(z), pos.numpy() * 10, box_a)
+    periodic = box is not None
+    for route in routes:
+        if route == "reference":
+            try:
+                from torchmdnet.models.model import load_model as load_reference
+            except ImportError:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = load_reference(str(checkpoint), derivative=False, static_shapes=True,
+                                     max_num_neighbors=min(NEIGHBOR_SLOTS, len(z)))  # fmt: skip
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            module = torch.jit.script(ReferenceForce(ref.eval(), z, None, periodic))
+        else:
+            fixed = route != "ours-dynamic"
+            module = script(
+                TensorNetForce(
+                    model, z, periodic=periodic, capacity=capacity if fixed else -1,
+                    strategy=strategy, cell_capacity=cell_capacity if fixed else -1,
+                    fixed_on_cpu=fixed, low_memory=route == "ours-lowmem",
+                )
+            )  # fmt: skip
+        frozen = torch.jit.freeze(module.eval()).to(device)
+        yield route, frozen, pos.to(device), None if box is None else box.to(device)
+
+
+def profile_calls(module, pos, box, device, calls: int):
+    """Per call: events (kernels on CUDA, operators on the CPU) as {name: (count, ms)}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def call():
+        x = pos.clone().requires_grad_(True)
+        out = module(x) if box is None else module(x, box)
+        energy = out[0] if isinstance(out, tuple) else out
+        energy.backward()
+
+    for _ in range(5):  # profiling runs and optimisation of the TorchScript executor
+        call()
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        if cuda:
+            torch.cuda.synchronize()
+    events: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if cuda and e.device_type.name != "CUDA":
+            continue
+        if not cuda and not e.name.startswith("aten::"):
+            continue
+        time_us = e.device_time_total if cuda else e.self_cpu_time_total
+        events[e.name][0] += 1 / calls
+        events[e.name][1] += time_us / 1e3 / calls
+    return events
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--systems", nargs="+", default=["ala2", "water-5000"])
+    parser.add_argument("--routes", nargs="+", default=["ours", "ours-dynamic", "reference"],
+                        choices=["ours", "ours-dynamic", "ours-lowmem", "reference"])  # fmt: skip
+    parser.add_argument("--platform", default="CUDA" if torch.cuda.is_available() else "CPU")
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.platform == "CUDA" else "cpu")
+    what = "kernels" if device.type == "cuda" else "operators"
+    for name in args.systems:
+        for route, module, pos, box in modules(name, args.checkpoint, device, args.routes):
+            events = profile_calls(module, pos, box, device, args.calls)
+            count = sum(c for c, _ in events.values())
+            total = sum(t for _, t in events.values())
+            print(f"\n{name} {route}: {count:.0f} {what} per call, {total:.3f} ms of them")
+            top = sorted(events.items(), key=lambda kv: -kv[1][1])[: args.top]
+            for event, (n, ms) in top:
+                print(f"  {ms:8.3f} ms {n:6.1f}x  {event[:100]}")
+
+
+if __name__ == "__main__":
+    main()
