@@ -84,10 +84,10 @@ class PackedAlgebra(nn.Module):
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """Per-channel 3x3 matrix product of full (n, 3, 3, F) tensors."""
-    return (a[:, :, :, None, :] * b[:, None, :, :, :]).sum(2)
+    return (a.unsqueeze(3) * b.unsqueeze(1)).sum(2)  # views: no slice to undo in backward
 
 
 def symmetric_outer(v: Tensor) -> Tensor:
     """The 6 components [xx, yy, zz, xy, xz, yz] of v v^T: (P, 3) -> (P, 6)."""
-    x, y, z = v[:, 0], v[:, 1], v[:, 2]
+    x, y, z = v.unbind(1)
     return torch.stack((x * x, y * y, z * z, x * y, x * z, y * z), dim=1)

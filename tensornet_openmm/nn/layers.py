@@ -105,10 +105,10 @@ def _embedding_sums(
     their packed outer products; sums: (n, F), (n, 3, F), (n, 6, F).
     """
     species = z_recv.index_select(0, to) + z_send.index_select(0, source)
-    f_i, f_a, f_s = (radial * species[:, None]).unbind(1)  # (B, F) each
+    f_i, f_a, f_s = (radial * species.unsqueeze(1)).unbind(1)  # (B, F) each
     _add_rows(sums[0], to, f_i)
-    _add_rows(sums[1], to, f_a[:, None] * u[:, :, None])
-    _add_rows(sums[2], to, f_s[:, None] * uu[:, :, None])
+    _add_rows(sums[1], to, f_a.unsqueeze(1) * u.unsqueeze(2))
+    _add_rows(sums[2], to, f_s.unsqueeze(1) * uu.unsqueeze(2))
 
 
 def _messages(out: list[Tensor], to: Tensor, filters: Tensor, parts: list[Tensor], source: Tensor):
@@ -118,7 +118,7 @@ def _messages(out: list[Tensor], to: Tensor, filters: Tensor, parts: list[Tensor
     (n, 6, F), out changed in place.
     """
     for k, f_k in enumerate(filters.unbind(1)):
-        _add_rows(out[k], to, f_k[:, None] * parts[k].index_select(0, source))
+        _add_rows(out[k], to, f_k.unsqueeze(1) * parts[k].index_select(0, source))
 
 
 def _embedding_dot(
@@ -134,10 +134,10 @@ def _embedding_dot(
     """sum over the block of adj[to] . (f_I, f_A u, f_S uu): a scalar whose gradient is the
     vector-Jacobian product of :func:`_embedding_sums` with ``adj`` (no atom-sized buffer)."""
     species = z_recv.index_select(0, to) + z_send.index_select(0, source)
-    f_i, f_a, f_s = (radial * species[:, None]).unbind(1)  # (B, F) each
+    f_i, f_a, f_s = (radial * species.unsqueeze(1)).unbind(1)  # (B, F) each
     a_i = adj[0].index_select(0, to)
-    a_a = (adj[1].index_select(0, to) * u[:, :, None]).sum(1)
-    a_s = (adj[2].index_select(0, to) * uu[:, :, None]).sum(1)
+    a_a = (adj[1].index_select(0, to) * u.unsqueeze(2)).sum(1)
+    a_s = (adj[2].index_select(0, to) * uu.unsqueeze(2)).sum(1)
     return (a_i * f_i + a_a * f_a + a_s * f_s).sum()
 
 
@@ -203,7 +203,7 @@ class TensorEmbedding(nn.Module):
         return z_recv, z_send
 
     def _radial(self, r: Tensor, basis: Tensor) -> Tensor:
-        cut = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None, None]
+        cut = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper).reshape(-1, 1, 1)
         return self._project(basis) * cut  # (B, 3, F), once per listed pair
 
     def add_block(
@@ -254,19 +254,19 @@ class TensorEmbedding(nn.Module):
         z_self = z_recv + z_send
         iso = sums[0] + cut0 * z_self * self._project(self_basis)[0, 0]  # + self pair
         vec = sums[1]
-        diag = sums[2][:, 0:3]
+        diag, offdiag = torch.split(sums[2], [3, 3], dim=1)
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
-        offdiag = sums[2][:, 3:6]
 
-        x = torch.cat((iso[:, None], vec, diag, offdiag), dim=1)  # packed (n, 10, F)
-        gates = self.init_norm(self.algebra.squared_norm(x)[:, 0])
+        x = torch.cat((iso.unsqueeze(1), vec, diag, offdiag), dim=1)  # packed (n, 10, F)
+        gates = self.init_norm(self.algebra.squared_norm(x).squeeze(1))
         for linear in self.linears_scalar:
             gates = self.act(linear(gates))
         gates = gates.reshape(n, 3, f)
-        iso = self.linears_tensor[0](iso) * gates[:, 0]
-        vec = self.linears_tensor[1](vec) * gates[:, 1, None]
-        sym = self.linears_tensor[2](x[:, 4:10].contiguous()) * gates[:, 2, None]  # S of x
-        return torch.cat((iso[:, None], vec, sym), dim=1)  # packed (n, 10, F)
+        g_i, g_a, g_s = gates.unbind(1)
+        iso = self.linears_tensor[0](iso) * g_i
+        vec = self.linears_tensor[1](vec) * g_a.unsqueeze(1)
+        sym = self.linears_tensor[2](x.narrow(1, 4, 6).contiguous()) * g_s.unsqueeze(1)  # S of x
+        return torch.cat((iso.unsqueeze(1), vec, sym), dim=1)  # packed (n, 10, F)
 
     def new_sums(self, like: Tensor) -> list[Tensor]:
         """Zeroed pair sums for ``like``'s atoms: (n, F), (n, 3, F), (n, 6, F)."""
@@ -331,7 +331,7 @@ class Interaction(nn.Module):
         h = basis
         for linear in self.linears_scalar:
             h = self.act(linear(h))
-        h = h * cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)[:, None]
+        h = h * cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper).unsqueeze(1)
         return h.reshape(h.shape[0], 3, self.hidden_channels)
 
     def _mix(self, first: int, packed: Tensor) -> list[Tensor]:
@@ -341,10 +341,11 @@ class Interaction(nn.Module):
         """
         lin = self.linears_tensor
         # contiguous parts: a linear on a strided slice runs as one small product per atom
-        iso, vec, sym = packed[:, 0], packed[:, 1:4].contiguous(), packed[:, 4:10].contiguous()
+        iso, vec, sym = torch.split(packed, [1, 3, 6], dim=1)  # one view each, one backward
+        vec, sym = vec.contiguous(), sym.contiguous()
         if first == 0:
-            return [lin[0](iso)[:, None], lin[1](vec), lin[2](sym)]
-        return [lin[3](iso)[:, None], lin[4](vec), lin[5](sym)]
+            return [lin[0](iso), lin[1](vec), lin[2](sym)]
+        return [lin[3](iso), lin[4](vec), lin[5](sym)]
 
     def prepare(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Normalised X and the I, A, S parts of Y = W X that the messages carry."""
@@ -409,7 +410,7 @@ class Interaction(nn.Module):
     def self_messages(self, parts: list[Tensor], self_basis: Tensor) -> list[Tensor]:
         """The self pair's messages f(0) Y_i."""
         f0 = self._filters(self_basis, self_basis.new_zeros(1))  # (1, 3, F)
-        return [f0[0, k, None] * parts[k] for k in range(3)]
+        return [f0.select(1, k) * parts[k] for k in range(3)]
 
     def finish(
         self,
@@ -428,7 +429,7 @@ class Interaction(nn.Module):
         y = self.algebra.full(torch.cat(parts, dim=1))
         m = self.algebra.full(torch.cat(msg, dim=1))
 
-        q = charge_factor[:, None, None]
+        q = charge_factor.reshape(-1, 1, 1)
         if self.o3:
             c = self.algebra.packed(algebra.matmul(m, y) + algebra.matmul(y, m)) * q
         else:

@@ -139,13 +139,13 @@ class TensorNet(nn.Module):
     def _geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Distances (P,), unit vectors (P, 3) and radial basis (P, K) of pair vectors."""
         r = torch.sqrt((edge_vec * edge_vec).sum(-1))
-        return r, edge_vec / r[:, None], self.distance_expansion(r)
+        return r, edge_vec / r.unsqueeze(1), self.distance_expansion(r)
 
     def _head(self, x: Tensor, z: Tensor) -> Tensor:
         """Per-atom energies from the final X."""
         feats = self.algebra.part_norms(x).reshape(x.shape[0], -1)  # (n, 3F)
         h = self.act(self.linear(self.out_norm(feats)))
-        energy = self.output_network(h)[:, 0] * self.std
+        energy = self.output_network(h).squeeze(1) * self.std
         if self.use_atomref:
             energy = energy + self.atomref[z]
         return energy
