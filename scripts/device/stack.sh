@@ -10,6 +10,10 @@
 #   CUDA 13 only: an empty library with that name stands in.
 # - libOpenMMTorchCUDA.so calls c10::cuda::c10_cuda_check_implementation with an int line number;
 #   torch 2.11 exports it with an unsigned one: a one-function shim, preloaded, forwards the call.
+# Seen on an H200 (2026-11-26): with these two, the CUDA platform runs TorchForce (captured CUDA
+# graphs included). openmm-torch's Reference/CPU kernel does not: torch::from_blob compiled against
+# torch 2.9 fails under 2.11 ("set_stride is not allowed on a Tensor created from .data or
+# .detach()"), so on that machine compare CUDA results with eager PyTorch, not the CPU platform.
 # Exports LD_LIBRARY_PATH, LD_PRELOAD and PYTHONPATH (this checkout), and prints OpenMM's
 # platforms and plugin load failures. Returns non-zero, with the reason, when OpenMM has no
 # working CUDA platform.
