@@ -88,6 +88,9 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
             if not isinstance(value, dict):
                 raise ValueError(f"{where + key!r} must be a mapping of {sorted(base[key])}")
             out[key] = merge(base[key], value, f"{where}{key}.")
+        elif isinstance(base[key], bool) and not isinstance(value, bool):
+            # bool() would take any non-empty string, a typo included, for true
+            raise ValueError(f"{where + key!r} must be true or false, not {value!r}")
         else:
             out[key] = value
     return out

@@ -131,6 +131,8 @@ def test_run_errors_are_clear(model_file, tmp_path, capsys):
     assert "is not valid YAML" in capsys.readouterr().err
     assert main([*base, "--set", "integratr.timestep_fs=1"]) == 2
     assert "unknown configuration key 'integratr'" in capsys.readouterr().err
+    assert main([*base, "--set", "ml.low_memory=ture"]) == 2
+    assert "'ml.low_memory' must be true or false, not 'ture'" in capsys.readouterr().err
     assert main([*base, "--set", "integrator.step=1", "--output", str(tmp_path / "a")]) == 2
     assert "allowed keys in integrator" in capsys.readouterr().err
     assert main([*base, "--set", "system.pdb=missing.pdb", "--output", str(tmp_path / "b")]) == 2
