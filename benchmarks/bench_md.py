@@ -335,8 +335,6 @@ def given_checkpoint(path: Path, args) -> tuple[Path, int]:
     """A TorchMD-Net checkpoint named on the command line; ``args`` take its model options."""
     import tensornet_openmm as tn
 
-    if not path.is_file():
-        raise SystemExit(f"--checkpoint {path}: no such file")
     model = tn.load_model(path, trust_pickle=True)
     cfg = model.config
     args.channels, args.layers = cfg.hidden_channels, cfg.num_layers
@@ -425,6 +423,16 @@ def _rounds(text: str) -> int:
     raise argparse.ArgumentTypeError(f"{text!r} rounds: give a whole number of at least 1")
 
 
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value > 0:  # also false for nan
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} GB: give a positive number, such as 80")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -454,11 +462,14 @@ def main(argv=None):
     parser.add_argument("--checkpoint", type=Path,
                         help="a TorchMD-Net TensorNet checkpoint to run instead of random weights "
                         "(the model options are then read from it)")  # fmt: skip
-    parser.add_argument("--gpu-memory-gb", type=float,
+    parser.add_argument("--gpu-memory-gb", type=_gigabytes,
                         help="cap torch's CUDA memory at this many GB (a larger card standing in "
                         "for a smaller one); OpenMM's own buffers come on top")  # fmt: skip
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args(argv)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file; give a TorchMD-Net TensorNet "
+                     "checkpoint, or leave --checkpoint out for random weights")  # fmt: skip
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return

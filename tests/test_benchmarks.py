@@ -50,7 +50,11 @@ def test_rounds_give_the_median_and_its_spread():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--rounds", "0"], "'0' rounds: give a whole number of at least 1"),
-     (["--omp-spin", "fast"], "use short, default, both or a count such as 3000")],
+     (["--omp-spin", "fast"], "use short, default, both or a count such as 3000"),
+     (["--gpu-memory-gb", "0"], "'0' GB: give a positive number, such as 80"),
+     (["--gpu-memory-gb", "lots"], "'lots' GB: give a positive number, such as 80"),
+     (["--checkpoint", "missing.ckpt", "--systems", "ala2", "--platforms", "CPU"],
+      "--checkpoint missing.ckpt: no such file; give a TorchMD-Net TensorNet checkpoint")],
 )  # fmt: skip
 def test_bad_options_are_named_with_the_fix(argv, message, capsys):
     with pytest.raises(SystemExit):
