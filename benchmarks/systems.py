@@ -52,6 +52,10 @@ def tiled_water_box(n_atoms: int, base_atoms: int = 3000):
     """
     reps = max(1, int(np.ceil((n_atoms / base_atoms) ** (1 / 3))))
     z, pos, box = water_box(n_atoms / reps**3)
+    return np.tile(z, reps**3), tile(pos, box, reps), box * reps
+
+
+def tile(positions: np.ndarray, box: np.ndarray, reps: int) -> np.ndarray:
+    """Positions (N, 3) of a periodic box repeated reps^3 times, copy by copy: (reps^3 N, 3)."""
     shifts = np.array(list(itertools.product(range(reps), repeat=3))) @ box
-    pos = (pos[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
-    return np.tile(z, reps**3), pos, box * reps
+    return (positions[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
