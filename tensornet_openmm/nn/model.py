@@ -166,10 +166,10 @@ class TensorNet(nn.Module):
         Same numbers as ``forward`` and autograd, with a fraction of the memory: autograd keeps
         every pair's radial-network activations and messages (about 2 MB per atom of liquid
         water at 128 channels) until the backward pass. Here the pair sums are computed without
-        a graph, the per-atom part of the model is differentiated with those sums as leaves, and
-        each layer's pair terms are recomputed, ``block`` pairs at a time (0: see
-        :func:`low_memory_block`), to take their vector-Jacobian products. That costs one more
-        pass over the pairs. Forces: minus the gradient, carried from the pair vectors to the
+        a graph, the per-atom part of the model is differentiated one layer at a time with those
+        sums as leaves, and each layer's pair terms are recomputed, ``block`` pairs at a time (0:
+        see :func:`low_memory_block`), to take their vector-Jacobian products. That costs one
+        more pass over the pairs. Forces: minus the gradient, carried from the pair vectors to the
         positions (``r_ij = pos_i - pos_j``). Not for training: no parameter gradients.
         """
         src, dst = edge_index[0], edge_index[1]
@@ -227,9 +227,10 @@ class TensorNet(nn.Module):
                         v = no_history(v).requires_grad_()
                         r, _, basis = self._geometry(v)
                         rows_j = [p.index_select(0, j).requires_grad_() for p in fixed]
-                        rows_i = [p.index_select(0, i).requires_grad_() for p in fixed]
+                        rows_i = rows_j  # the senders i of the reversed pairs: half lists only
                         wrt = [v] + rows_j
                         if half:
+                            rows_i = [p.index_select(0, i).requires_grad_() for p in fixed]
                             wrt = wrt + rows_i
                         dot = interaction.block_dot(adj, i, j, r, basis, rows_j, rows_i, half)
                         g = _grads([dot], wrt, [torch.ones_like(dot)], False)
