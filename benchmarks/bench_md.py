@@ -10,6 +10,8 @@ Routes:
   list, fixed capacity on CUDA only).
 - ``ours-lowmem``: the same with ``low_memory=True`` (forces without the pairs' activations kept
   for the backward pass: one more pass over the pairs, a fraction of the memory).
+- ``ours-pytorch``: ``ours`` without the fused CPU kernels (``fused_kernels=False``: the pair sums
+  in plain PyTorch), to show what the kernels bring. On CUDA the two are the same code.
 - ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 neighbour slots per atom, its
   Warp kernels) scripted into a TorchForce with a thin nm / kJ/mol wrapper.
 - ``pythonforce``: the same checkpoint through openmm-ml's ``MLPotential('torchmdnet')``, that is
@@ -67,7 +69,8 @@ import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 from tensornet_openmm.units import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
-ROUTES = ("ours", "ours-lowmem", "reference", "pythonforce", "mm")
+ROUTES = ("ours", "ours-lowmem", "ours-pytorch", "reference", "pythonforce", "mm")
+OURS = ("ours", "ours-lowmem", "ours-pytorch")
 TIMESTEP_FS = 1.0
 MODEL_DEFAULTS = {"channels": 128, "layers": 2, "rbf": 32, "cutoff": 5.0}
 NEIGHBOR_SLOTS = 64
@@ -185,14 +188,18 @@ def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atom
         # TensorNet is short-ranged: openmm-ml asks to be told so for periodic mixed systems
         return potential.createMixedSystem(topology, mm_system, ml_atoms, mlLongRange=False)
     model = tn.load_model(checkpoint, trust_pickle=True)
-    options = {"cuda_graphs": graphs, "low_memory": route == "ours-lowmem"}
+    options = {
+        "cuda_graphs": graphs,
+        "low_memory": route == "ours-lowmem",
+        "fused_kernels": None if route != "ours-pytorch" else False,
+    }
     if ml_atoms is None:
         system = tn.create_ml_system(topology, model, positions=positions, **options)
     else:
         system = tn.create_mixed_system(
             topology, mm_system, ml_atoms, model, positions=positions, **options
         )
-    if route in ("ours", "ours-lowmem"):
+    if route in OURS:
         return system
     # reference: our System minus our force, plus TorchMD-Net's model in a TorchForce
     from torchmdnet.models.model import load_model as load_reference
@@ -403,7 +410,7 @@ def cases(args, platforms):
     for platform in platforms:
         for system in systems:
             for route in args.routes:
-                if route in ("ours", "ours-lowmem", "reference") and platform == "CUDA":
+                if (route in OURS or route == "reference") and platform == "CUDA":
                     graph_modes = ["on", "off"] if args.graphs == "both" else [args.graphs]
                 else:
                     graph_modes = ["-"]  # no capture on CPU; torch.compile decides for itself
@@ -544,7 +551,7 @@ def speedups(rows):
             key = (r["platform"], r["system"], r["route"], r["graphs"], r["allocator"], r["spin"])
             ms[key] = r["ms_per_step"]
     for r in rows:
-        if r["route"] in ("ours", "ours-lowmem") and "ms_per_step" in r:
+        if r["route"] in OURS and "ms_per_step" in r:
             where = (r["platform"], r["system"])
             ref = ms.get((*where, "reference", r["graphs"], r["allocator"], r["spin"]))
             pyf = ms.get((*where, "pythonforce", "-", r["allocator"], r["spin"]))

@@ -36,6 +36,7 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
 
     import tensornet_openmm as tn
     from tensornet_openmm.export import TensorNetForce, pair_capacity, script
+    from tensornet_openmm.nn.kernels import wanted
 
     topology, positions, _, ml_atoms = build_system(system_name)
     atoms = list(ml_atoms) if ml_atoms is not None else list(range(topology.getNumAtoms()))
@@ -68,6 +69,7 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
                     model, z, periodic=periodic, capacity=capacity if fixed else -1,
                     strategy=strategy, cell_capacity=cell_capacity if fixed else -1,
                     fixed_on_cpu=fixed, low_memory=route == "ours-lowmem",
+                    fused_kernels=wanted(),  # as create_force: the CPU kernels if no CUDA
                 )
             )  # fmt: skip
         frozen = torch.jit.freeze(module.eval()).to(device)

@@ -48,6 +48,7 @@ def profile(system_name: str, checkpoint: Path, platform: str, repeats: int) -> 
 
     import tensornet_openmm as tn
     from tensornet_openmm.export import TensorNetForce
+    from tensornet_openmm.nn.kernels import wanted
 
     topology, positions, mm_system, ml_atoms = build_system(system_name)
     model = tn.load_model(checkpoint, trust_pickle=True)
@@ -61,7 +62,8 @@ def profile(system_name: str, checkpoint: Path, platform: str, repeats: int) -> 
     box_a = None
     if periodic:
         box_a = torch.tensor(box.value_in_unit(u.angstrom), dtype=torch.float32, device=device)
-    module = TensorNetForce(model, [z_all[i] for i in atoms], periodic=periodic)
+    module = TensorNetForce(model, [z_all[i] for i in atoms], periodic=periodic,
+                            fused_kernels=wanted())  # as create_force  # fmt: skip
     core = module.model.to(device)
     z = module.z.to(device)
     pos = (pos_nm[atoms] * 10.0).to(torch.float32).to(device)

@@ -47,6 +47,7 @@ FORCE_OPTIONS = {
     "capacityMargin": "capacity_margin",
     "outputsForces": "outputs_forces",
     "lowMemory": "low_memory",
+    "fusedKernels": "fused_kernels",
 }
 OPENMMML_PASSED = {"mlLongRange", "linkAtomDistances", "device"}
 

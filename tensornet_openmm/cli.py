@@ -35,7 +35,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     validate_elements(model, numbers)
     module = TensorNetForce(model, numbers, periodic=args.periodic,
                             total_charge=args.total_charge,
-                            low_memory=args.low_memory)  # fmt: skip
+                            low_memory=args.low_memory,
+                            fused_kernels=args.fused_kernels)  # fmt: skip
     export(module, args.output)
     print(f"wrote {args.output}: {len(numbers)} atoms, periodic={args.periodic}; forward(positions "
           "nm[, box nm]) -> energy kJ/mol")  # fmt: skip
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--trust-pickle", action="store_true")
     exporter.add_argument("--low-memory", action="store_true",
                           help="forces without the pairs' activations")  # fmt: skip
+    exporter.add_argument("--fused-kernels", action="store_true",
+                          help="compiled CPU kernels for the pair sums: faster on the CPU; "
+                          "loading the file then needs tensornet_openmm")  # fmt: skip
     exporter.set_defaults(func=_cmd_export)
     selftest = sub.add_parser("selftest", help="check that the model and the OpenMM stack work")
     selftest.set_defaults(func=_cmd_selftest)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .neighbors import cell_list_min_atoms, check_box, neighbor_pairs
 from .nn import TensorNet
+from .nn.kernels import use_fused_kernels
 from .nn.model import no_history
 from .units import ANGSTROM_TO_NM, EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
@@ -83,6 +84,11 @@ class TensorNetForce(nn.Module):
         Forces without keeping any pair's activations for the backward pass
         (:meth:`TensorNet.energy_and_gradient`): same numbers, a fraction of the memory (the
         largest box that fits grows accordingly), one more pass over the pairs.
+    fused_kernels : bool
+        Run the pair sums on CPU tensors with the compiled kernels of
+        :mod:`tensornet_openmm.nn.kernels` (built on first use; PyTorch if they cannot be built,
+        and always on GPUs). The scripted module then needs them loaded in any process that
+        loads it (:func:`tensornet_openmm.nn.kernels.jit_load` does that).
     """
 
     def __init__(
@@ -99,11 +105,13 @@ class TensorNetForce(nn.Module):
         scale_parameter: bool = False,
         fixed_on_cpu: bool = False,
         low_memory: bool = False,
+        fused_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.fused_kernels = use_fused_kernels(self.model, fused_kernels)
         dtype = next(self.model.parameters()).dtype
         z = torch.as_tensor(np.asarray(atomic_numbers, dtype=np.int64))
         if z.ndim != 1 or z.numel() == 0:
@@ -290,6 +298,7 @@ def metadata(module: TensorNetForce) -> dict[str, Any]:
         "outputs_forces": module.outputs_forces,
         "scale_parameter": module.scale_parameter,
         "low_memory": module.low_memory,
+        "fused_kernels": module.fused_kernels,
         "units": {"positions": "nm", "box": "nm", "energy": "kJ/mol", "forces": "kJ/mol/nm"},
         "model_metadata": model.metadata,
         "versions": {"tensornet_openmm": __version__, "torch": str(torch.__version__)},

@@ -304,9 +304,9 @@ def _exported_metadata(config: dict) -> ExportedModel | None:
 
 def _system_from_export(config: dict, topology, exported: ExportedModel, periodic: bool):
     import openmm
-    import torch
 
     from .forces import make_torch_force
+    from .nn.kernels import jit_load
     from .systems import _atomic_numbers
 
     meta = exported.meta
@@ -332,7 +332,7 @@ def _system_from_export(config: dict, topology, exported: ExportedModel, periodi
         system.addParticle(atom.element.mass)
     if periodic:
         system.setDefaultPeriodicBoxVectors(*topology.getPeriodicBoxVectors())
-    module = torch.jit.load(str(exported.path))
+    module = jit_load(exported.path)
     system.addForce(make_torch_force(module, periodic, bool(meta["outputs_forces"]),
                                      bool(config["ml"]["cuda_graphs"])))  # fmt: skip
     system.addForce(openmm.CMMotionRemover())

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra
+from .kernels import PairKernels
 from .radial import cosine_cutoff
 
 
@@ -180,6 +181,7 @@ class TensorEmbedding(nn.Module):
         )
         self.init_norm = nn.LayerNorm(f, dtype=dtype)
         self.algebra = algebra.PackedAlgebra(dtype)
+        self.pair_kernels = PairKernels()  # see kernels.use_fused_kernels
 
     def _project(self, basis: Tensor) -> Tensor:
         """The three distance projections at once: (P, K) -> (P, 3, F)."""
@@ -285,9 +287,21 @@ class TensorEmbedding(nn.Module):
         half: bool = False,
     ) -> Tensor:
         z_recv, z_send = self.species_terms(z)
+        block = pair_block(src.shape[0], self.hidden_channels, z_recv.device)
+        if self.pair_kernels.applies(z_recv):  # fused CPU kernels
+            packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
+            for i, j, r_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
+                src.split(block), dst.split(block), r.split(block), basis.split(block),
+                rhat.split(block),
+            ):  # fmt: skip
+                geom = torch.cat((u.new_ones((u.shape[0], 1)), u, algebra.symmetric_outer(u)), 1)
+                packed = packed + self.pair_kernels.embedding_sums(
+                    self._radial(r_b, basis_b), z_recv, z_send, geom, i, j, half
+                )
+            sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
+            return self.finish(z_recv, z_send, sums, self_basis)
         # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
         sums = self.new_sums(z_recv)
-        block = pair_block(src.shape[0], self.hidden_channels, z_recv.device)
         for i, j, r_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), r.split(block), basis.split(block),
             rhat.split(block),
@@ -325,6 +339,7 @@ class Interaction(nn.Module):
         self.linears_tensor = _channel_linears(6, f, dtype)
         self.act = ACTIVATIONS[activation]()
         self.algebra = algebra.PackedAlgebra(dtype)
+        self.pair_kernels = PairKernels()  # see kernels.use_fused_kernels
 
     def _filters(self, basis: Tensor, r: Tensor) -> Tensor:
         """Radial filters f_I, f_A, f_S: (P, num_rbf) -> (P, 3, F), times the cutoff."""
@@ -399,8 +414,19 @@ class Interaction(nn.Module):
         half: bool = False,
     ) -> Tensor:
         x, parts = self.prepare(x)
-        msg = self.self_messages(parts, self_basis)  # the self pair, then sum_j f(ij) y_j
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
+        if self.pair_kernels.applies(x):  # fused CPU kernels
+            y = torch.cat(parts, dim=1)
+            packed = torch.zeros_like(y)
+            for i, j, r_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+                src.split(block), dst.split(block), r.split(block), basis.split(block)
+            ):
+                packed = packed + self.pair_kernels.messages(
+                    y, self._filters(basis_b, r_b), i, j, half
+                )
+            msg = list(torch.split(packed, [1, 3, 6], dim=1))
+            return self.finish(x, parts, msg, self_basis, charge_factor, True)
+        msg = self.self_messages(parts, self_basis)  # the self pair, then sum_j f(ij) y_j
         for i, j, r_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), r.split(block), basis.split(block)
         ):

@@ -1,0 +1,432 @@
+// Fused CPU kernels for TensorNet's pair sums: gather, scale and scatter in one pass.
+//
+// The pure-PyTorch pair sums (tensornet_openmm/nn/layers.py) gather each pair's sender rows,
+// multiply them by the pair's filters and add the products onto the receivers: every step writes
+// a (pairs, 10, channels) tensor, and autograd keeps some of them for the backward pass. Here
+// each pair's products go straight into the receiver's row, and the backward passes are written
+// out by hand, so nothing pair-sized is made besides the filters' gradient.
+//
+// Packed per-atom tensors have 10 components per channel, [I, vx, vy, vz, Sxx, Syy, Szz, Sxy,
+// Sxz, Syz] (tensornet_openmm/nn/algebra.py); component c belongs to part GROUP[c] (I, A or S),
+// whose filter it takes. A pair p = (i, j) sends j -> i; with ``half`` it also sends i -> j, the
+// unit vector reversed (the A components change sign in the embedding).
+//
+// Loops are parallel over channels (each thread owns a channel range, so scatters never clash)
+// or, for sums over channels, over pairs.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int64_t kComps = 10;
+constexpr int64_t kParts = 3;
+constexpr int64_t kGroup[kComps] = {0, 1, 1, 1, 2, 2, 2, 2, 2, 2};
+constexpr double kReversedSign[kComps] = {1, -1, -1, -1, 1, 1, 1, 1, 1, 1};
+constexpr int64_t kGrain = 16;  // channels per task
+
+void check_pairs(const at::Tensor& src, const at::Tensor& dst, int64_t pairs, int64_t atoms) {
+  TORCH_CHECK(src.dim() == 1 && dst.dim() == 1 && src.size(0) == pairs && dst.size(0) == pairs,
+              "pair indices must be two vectors of ", pairs, " entries");
+  TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong,
+              "pair indices must be int64");
+  TORCH_CHECK(src.device().is_cpu() && dst.device().is_cpu(), "CPU kernels take CPU tensors");
+  const at::Tensor s = src.contiguous(), d = dst.contiguous();
+  const int64_t *s_ptr = s.data_ptr<int64_t>(), *d_ptr = d.data_ptr<int64_t>();
+  for (int64_t p = 0; p < pairs; ++p) {  // an index out of range would write anywhere
+    TORCH_CHECK(s_ptr[p] >= 0 && s_ptr[p] < atoms && d_ptr[p] >= 0 && d_ptr[p] < atoms,
+                "pair ", p, " is (", s_ptr[p], ", ", d_ptr[p], "): atom indices must lie in [0, ",
+                atoms, ")");
+  }
+}
+
+// Kernels are written once as inline templates and compiled for AVX-512, AVX2 and the baseline
+// (GCC function multiversioning picks the best one the CPU has when the library loads). Each one
+// handles a range [a0, a1) of atoms (the scatters: a thread adds only into the rows of its own
+// atoms, so no two threads write the same memory, not even the same cache line) or of pairs
+// (per-pair outputs).
+#define TN_INLINE static inline __attribute__((always_inline))
+#define TN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half), for the
+// receivers in [a0, a1)
+template <typename T>
+TN_INLINE void scatter_messages(const T* y, const T* filt, const int64_t* src, const int64_t* dst,
+                                T* out, int64_t pairs, int64_t f_len, bool half, int64_t a0,
+                                int64_t a1) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t i = src[p], j = dst[p];
+    const bool to_i = i >= a0 && i < a1, to_j = half && j >= a0 && j < a1;
+    if (!to_i && !to_j) continue;
+    for (int64_t c = 0; c < kComps; ++c) {
+      const T* __restrict__ w = filt + (p * kParts + kGroup[c]) * f_len;
+      if (to_i) {
+        T* __restrict__ out_i = out + (i * kComps + c) * f_len;
+        const T* __restrict__ y_j = y + (j * kComps + c) * f_len;
+        for (int64_t f = 0; f < f_len; ++f) out_i[f] += w[f] * y_j[f];
+      }
+      if (to_j) {
+        T* __restrict__ out_j = out + (j * kComps + c) * f_len;
+        const T* __restrict__ y_i = y + (i * kComps + c) * f_len;
+        for (int64_t f = 0; f < f_len; ++f) out_j[f] += w[f] * y_i[f];
+      }
+    }
+  }
+}
+
+// grad_filt[p, g] = sum over c in part g of grad[i, c] * y[j, c] (+ grad[j, c] * y[i, c]), for
+// the pairs in [p0, p1)
+template <typename T>
+TN_INLINE void message_filter_grad(const T* grad, const T* y, const int64_t* src,
+                                   const int64_t* dst, T* out, int64_t f_len, bool half,
+                                   int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t i = src[p], j = dst[p];
+    for (int64_t c = 0; c < kComps; ++c) {
+      T* __restrict__ w = out + (p * kParts + kGroup[c]) * f_len;
+      const T* __restrict__ g_i = grad + (i * kComps + c) * f_len;
+      const T* __restrict__ y_j = y + (j * kComps + c) * f_len;
+      if (half) {
+        const T* __restrict__ g_j = grad + (j * kComps + c) * f_len;
+        const T* __restrict__ y_i = y + (i * kComps + c) * f_len;
+        for (int64_t f = 0; f < f_len; ++f) w[f] += g_i[f] * y_j[f] + g_j[f] * y_i[f];
+      } else {
+        for (int64_t f = 0; f < f_len; ++f) w[f] += g_i[f] * y_j[f];
+      }
+    }
+  }
+}
+
+// out[i, c] += radial[p, GROUP[c]] * (z_recv[i] + z_send[j]) * geom[p, c], and when half
+// out[j, c] += radial[p, GROUP[c]] * (z_recv[j] + z_send[i]) * SIGN[c] * geom[p, c], for the
+// receivers in [a0, a1); s: scratch of f_len
+template <typename T>
+TN_INLINE void scatter_embedding(const T* radial, const T* z_recv, const T* z_send, const T* geom,
+                                 const int64_t* src, const int64_t* dst, T* out, int64_t pairs,
+                                 int64_t f_len, bool half, int64_t a0, int64_t a1, T* s) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t i = src[p], j = dst[p];
+    for (int side = 0; side < (half ? 2 : 1); ++side) {
+      const int64_t to = side == 0 ? i : j, from = side == 0 ? j : i;
+      if (to < a0 || to >= a1) continue;
+      const T* __restrict__ zr = z_recv + to * f_len;
+      const T* __restrict__ zs = z_send + from * f_len;
+      for (int64_t f = 0; f < f_len; ++f) s[f] = zr[f] + zs[f];
+      for (int64_t c = 0; c < kComps; ++c) {
+        const T a = side == 0 ? geom[p * kComps + c]
+                              : static_cast<T>(kReversedSign[c]) * geom[p * kComps + c];
+        const T* __restrict__ r = radial + (p * kParts + kGroup[c]) * f_len;
+        T* __restrict__ o = out + (to * kComps + c) * f_len;
+        for (int64_t f = 0; f < f_len; ++f) o[f] += a * r[f] * s[f];
+      }
+    }
+  }
+}
+
+// The embedding's backward, per pair in [p0, p1): with h_ij[c] = grad[i, c] * s_ij and
+// h_ji[c] = SIGN[c] grad[j, c] * s_ji (half lists), grad_radial[p, g] = sum_{c in g}
+// geom[p, c] (h_ij[c] + h_ji[c]) and grad_geom[p, c] = sum_f radial[p, GROUP[c]] (h_ij[c] +
+// h_ji[c]); either output may be null. s_ij, s_ji: scratch of f_len.
+template <typename T>
+TN_INLINE void embedding_pair_grads(const T* grad, const T* radial, const T* z_recv,
+                                    const T* z_send, const T* geom, const int64_t* src,
+                                    const int64_t* dst, T* g_radial, T* g_geom, int64_t f_len,
+                                    bool half, int64_t p0, int64_t p1, T* s_ij, T* s_ji) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t i = src[p], j = dst[p];
+    for (int64_t f = 0; f < f_len; ++f) {
+      s_ij[f] = z_recv[i * f_len + f] + z_send[j * f_len + f];
+      s_ji[f] = half ? z_recv[j * f_len + f] + z_send[i * f_len + f] : T(0);
+    }
+    for (int64_t c = 0; c < kComps; ++c) {
+      const T sign = static_cast<T>(kReversedSign[c]);
+      const T* __restrict__ r = radial + (p * kParts + kGroup[c]) * f_len;
+      const T* __restrict__ g_i = grad + (i * kComps + c) * f_len;
+      const T* __restrict__ g_j = grad + (j * kComps + c) * f_len;
+      const T a = geom[p * kComps + c];
+      T* __restrict__ gr = g_radial == nullptr ? nullptr : g_radial + (p * kParts + kGroup[c]) * f_len;
+      T dot = 0;
+      for (int64_t f = 0; f < f_len; ++f) {
+        const T h = g_i[f] * s_ij[f] + (half ? sign * g_j[f] * s_ji[f] : T(0));
+        if (gr != nullptr) gr[f] += a * h;
+        dot += r[f] * h;
+      }
+      if (g_geom != nullptr) g_geom[p * kComps + c] = dot;
+    }
+  }
+}
+
+// The embedding's backward into the species terms, for the atoms in [a0, a1): each side of a
+// pair adds t = sum_c geom[p, c] (SIGN[c] on the reversed side) radial[p, GROUP[c]] grad[to, c]
+// to z_recv's gradient at its receiver and z_send's at its sender. t: scratch of f_len.
+template <typename T>
+TN_INLINE void embedding_species_grads(const T* grad, const T* radial, const T* geom,
+                                       const int64_t* src, const int64_t* dst, T* g_recv,
+                                       T* g_send, int64_t pairs, int64_t f_len, bool half,
+                                       int64_t a0, int64_t a1, T* t) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t i = src[p], j = dst[p];
+    for (int side = 0; side < (half ? 2 : 1); ++side) {
+      const int64_t to = side == 0 ? i : j, from = side == 0 ? j : i;
+      const bool own_to = to >= a0 && to < a1, own_from = from >= a0 && from < a1;
+      if (!own_to && !own_from) continue;
+      for (int64_t f = 0; f < f_len; ++f) t[f] = T(0);
+      for (int64_t c = 0; c < kComps; ++c) {
+        const T a = side == 0 ? geom[p * kComps + c]
+                              : static_cast<T>(kReversedSign[c]) * geom[p * kComps + c];
+        const T* __restrict__ r = radial + (p * kParts + kGroup[c]) * f_len;
+        const T* __restrict__ g = grad + (to * kComps + c) * f_len;
+        for (int64_t f = 0; f < f_len; ++f) t[f] += a * r[f] * g[f];
+      }
+      if (own_to) {
+        T* __restrict__ o = g_recv + to * f_len;
+        for (int64_t f = 0; f < f_len; ++f) o[f] += t[f];
+      }
+      if (own_from) {
+        T* __restrict__ o = g_send + from * f_len;
+        for (int64_t f = 0; f < f_len; ++f) o[f] += t[f];
+      }
+    }
+  }
+}
+
+// One multiversioned entry point per kernel and dtype.
+#define TN_INSTANCES(T)                                                                          \
+  TN_CLONES void run_messages(const T* y, const T* filt, const int64_t* src, const int64_t* dst, \
+                              T* out, int64_t pairs, int64_t f_len, bool half, int64_t a0,       \
+                              int64_t a1) {                                                      \
+    scatter_messages<T>(y, filt, src, dst, out, pairs, f_len, half, a0, a1);                     \
+  }                                                                                              \
+  TN_CLONES void run_filter_grad(const T* grad, const T* y, const int64_t* src,                  \
+                                 const int64_t* dst, T* out, int64_t f_len, bool half,           \
+                                 int64_t p0, int64_t p1) {                                       \
+    message_filter_grad<T>(grad, y, src, dst, out, f_len, half, p0, p1);                         \
+  }                                                                                              \
+  TN_CLONES void run_embedding(const T* radial, const T* z_recv, const T* z_send, const T* geom, \
+                               const int64_t* src, const int64_t* dst, T* out, int64_t pairs,    \
+                               int64_t f_len, bool half, int64_t a0, int64_t a1, T* s) {         \
+    scatter_embedding<T>(radial, z_recv, z_send, geom, src, dst, out, pairs, f_len, half, a0,    \
+                         a1, s);                                                                 \
+  }                                                                                              \
+  TN_CLONES void run_embedding_pair_grads(const T* grad, const T* radial, const T* z_recv,       \
+                                          const T* z_send, const T* geom, const int64_t* src,    \
+                                          const int64_t* dst, T* g_radial, T* g_geom,            \
+                                          int64_t f_len, bool half, int64_t p0, int64_t p1,      \
+                                          T* s_ij, T* s_ji) {                                    \
+    embedding_pair_grads<T>(grad, radial, z_recv, z_send, geom, src, dst, g_radial, g_geom,      \
+                            f_len, half, p0, p1, s_ij, s_ji);                                    \
+  }                                                                                              \
+  TN_CLONES void run_embedding_species_grads(const T* grad, const T* radial, const T* geom,      \
+                                             const int64_t* src, const int64_t* dst, T* g_recv,  \
+                                             T* g_send, int64_t pairs, int64_t f_len, bool half, \
+                                             int64_t a0, int64_t a1, T* t) {                     \
+    embedding_species_grads<T>(grad, radial, geom, src, dst, g_recv, g_send, pairs, f_len, half, \
+                               a0, a1, t);                                                       \
+  }
+
+TN_INSTANCES(float)
+TN_INSTANCES(double)
+
+constexpr int64_t kAtomGrain = 4;   // atoms per task of the scatters
+constexpr int64_t kPairGrain = 64;  // pairs per task of the per-pair gradients
+
+template <typename T>
+T* data_or_null(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
+                           const at::Tensor& src, const at::Tensor& dst, bool half) {
+  TORCH_CHECK(y_in.dim() == 3 && y_in.size(1) == kComps,
+              "messages: y must be (atoms, 10, channels), got ", y_in.sizes());
+  TORCH_CHECK(filt_in.dim() == 3 && filt_in.size(1) == kParts && filt_in.size(2) == y_in.size(2),
+              "messages: filters must be (pairs, 3, channels), got ", filt_in.sizes());
+  TORCH_CHECK(y_in.scalar_type() == filt_in.scalar_type(), "messages: y and filters differ in dtype");
+  TORCH_CHECK(y_in.device().is_cpu() && filt_in.device().is_cpu(), "CPU kernels take CPU tensors");
+  const at::Tensor y = y_in.contiguous(), filt = filt_in.contiguous();
+  check_pairs(src, dst, filt.size(0), y.size(0));
+  const at::Tensor s = src.contiguous(), d = dst.contiguous();
+  at::Tensor out = at::zeros_like(y, at::MemoryFormat::Contiguous);
+  const int64_t pairs = filt.size(0), f_len = y.size(2);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages", [&] {
+    const scalar_t *yp = y.data_ptr<scalar_t>(), *fp = filt.data_ptr<scalar_t>();
+    const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, y.size(0), kAtomGrain, [&](int64_t a0, int64_t a1) {
+      run_messages(yp, fp, sp, dp, op, pairs, f_len, half, a0, a1);
+    });
+  });
+  return out;
+}
+
+at::Tensor filter_grad_kernel(const at::Tensor& grad, const at::Tensor& y_in,
+                              const at::Tensor& src, const at::Tensor& dst, int64_t pairs,
+                              bool half) {
+  const at::Tensor y = y_in.contiguous();
+  at::Tensor out = at::zeros({pairs, kParts, y.size(2)}, y.options());
+  const int64_t f_len = y.size(2);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_backward", [&] {
+    const scalar_t *gp = grad.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
+    const int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, pairs, kPairGrain, [&](int64_t p0, int64_t p1) {
+      run_filter_grad(gp, yp, sp, dp, op, f_len, half, p0, p1);
+    });
+  });
+  return out;
+}
+
+at::Tensor embedding_kernel(const at::Tensor& radial_in, const at::Tensor& z_recv_in,
+                            const at::Tensor& z_send_in, const at::Tensor& geom_in,
+                            const at::Tensor& src, const at::Tensor& dst, bool half) {
+  TORCH_CHECK(radial_in.dim() == 3 && radial_in.size(1) == kParts,
+              "embedding_sums: radial must be (pairs, 3, channels), got ", radial_in.sizes());
+  const int64_t pairs = radial_in.size(0), channels = radial_in.size(2);
+  TORCH_CHECK(z_recv_in.dim() == 2 && z_recv_in.size(1) == channels &&
+                  z_send_in.sizes() == z_recv_in.sizes(),
+              "embedding_sums: species terms must be (atoms, channels), got ", z_recv_in.sizes(),
+              " and ", z_send_in.sizes());
+  TORCH_CHECK(geom_in.dim() == 2 && geom_in.size(0) == pairs && geom_in.size(1) == kComps,
+              "embedding_sums: geometry must be (pairs, 10), got ", geom_in.sizes());
+  const auto dtype = radial_in.scalar_type();
+  TORCH_CHECK(z_recv_in.scalar_type() == dtype && z_send_in.scalar_type() == dtype &&
+                  geom_in.scalar_type() == dtype,
+              "embedding_sums: inputs differ in dtype");
+  TORCH_CHECK(radial_in.device().is_cpu() && z_recv_in.device().is_cpu() &&
+                  z_send_in.device().is_cpu() && geom_in.device().is_cpu(),
+              "CPU kernels take CPU tensors");
+  const at::Tensor radial = radial_in.contiguous(), z_recv = z_recv_in.contiguous(),
+                   z_send = z_send_in.contiguous(), geom = geom_in.contiguous();
+  check_pairs(src, dst, pairs, z_recv.size(0));
+  const at::Tensor s = src.contiguous(), d = dst.contiguous();
+  at::Tensor out = at::zeros({z_recv.size(0), kComps, channels}, radial.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "tensornet_openmm_embedding_sums", [&] {
+    const scalar_t *rp = radial.data_ptr<scalar_t>(), *zr = z_recv.data_ptr<scalar_t>(),
+                   *zs = z_send.data_ptr<scalar_t>(), *gp = geom.data_ptr<scalar_t>();
+    const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, z_recv.size(0), kAtomGrain, [&](int64_t a0, int64_t a1) {
+      std::vector<scalar_t> scratch(channels);
+      run_embedding(rp, zr, zs, gp, sp, dp, op, pairs, channels, half, a0, a1, scratch.data());
+    });
+  });
+  return out;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class Messages : public torch::autograd::Function<Messages> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& filt,
+                            const at::Tensor& src, const at::Tensor& dst, bool half) {
+    ctx->save_for_backward({y, filt, src, dst});
+    ctx->saved_data["half"] = half;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return messages_kernel(y, filt, src, dst, half);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &y = saved[0], &filt = saved[1];
+    const at::Tensor src = saved[2].contiguous(), dst = saved[3].contiguous();
+    const bool half = ctx->saved_data["half"].toBool();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor g_y, g_filt;
+    if (ctx->needs_input_grad(0)) g_y = messages_kernel(grad, filt, dst, src, half);  // transpose
+    if (ctx->needs_input_grad(1)) g_filt = filter_grad_kernel(grad, y, src, dst, filt.size(0), half);
+    return {g_y, g_filt, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& radial,
+                            const at::Tensor& z_recv, const at::Tensor& z_send,
+                            const at::Tensor& geom, const at::Tensor& src, const at::Tensor& dst,
+                            bool half) {
+    ctx->save_for_backward({radial, z_recv, z_send, geom, src, dst});
+    ctx->saved_data["half"] = half;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return embedding_kernel(radial, z_recv, z_send, geom, src, dst, half);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor radial = saved[0].contiguous(), z_recv = saved[1].contiguous(),
+                     z_send = saved[2].contiguous(), geom = saved[3].contiguous();
+    const at::Tensor src = saved[4].contiguous(), dst = saved[5].contiguous();
+    const bool half = ctx->saved_data["half"].toBool();
+    if (!grads[0].defined()) {
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    const at::Tensor grad = grads[0].contiguous();
+    const bool want_species = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    at::Tensor g_radial, g_recv, g_send, g_geom;
+    if (ctx->needs_input_grad(0)) g_radial = at::zeros_like(radial);
+    if (want_species) {
+      g_recv = at::zeros_like(z_recv);
+      g_send = at::zeros_like(z_send);
+    }
+    if (ctx->needs_input_grad(3)) g_geom = at::zeros_like(geom);
+    const int64_t pairs = radial.size(0), f_len = radial.size(2);
+    AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_backward", [&] {
+      const scalar_t *gp = grad.data_ptr<scalar_t>(), *rp = radial.data_ptr<scalar_t>(),
+                     *zr = z_recv.data_ptr<scalar_t>(), *zs = z_send.data_ptr<scalar_t>(),
+                     *geo = geom.data_ptr<scalar_t>();
+      const int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
+      scalar_t *g_rad = data_or_null<scalar_t>(g_radial), *g_geo = data_or_null<scalar_t>(g_geom);
+      if (g_rad != nullptr || g_geo != nullptr) {
+        at::parallel_for(0, pairs, kPairGrain, [&](int64_t p0, int64_t p1) {
+          std::vector<scalar_t> s_ij(f_len), s_ji(f_len);
+          run_embedding_pair_grads(gp, rp, zr, zs, geo, sp, dp, g_rad, g_geo, f_len, half, p0, p1,
+                                   s_ij.data(), s_ji.data());
+        });
+      }
+      if (want_species) {
+        scalar_t *g_r = g_recv.data_ptr<scalar_t>(), *g_s = g_send.data_ptr<scalar_t>();
+        at::parallel_for(0, z_recv.size(0), kAtomGrain, [&](int64_t a0, int64_t a1) {
+          std::vector<scalar_t> t(f_len);
+          run_embedding_species_grads(gp, rp, geo, sp, dp, g_r, g_s, pairs, f_len, half, a0, a1,
+                                      t.data());
+        });
+      }
+    });
+    if (!ctx->needs_input_grad(1)) g_recv = at::Tensor();
+    if (!ctx->needs_input_grad(2)) g_send = at::Tensor();
+    return {g_radial, g_recv, g_send, g_geom, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
+                    const at::Tensor& dst, bool half) {
+  return Messages::apply(y, filt, src, dst, half);
+}
+
+at::Tensor embedding_sums(const at::Tensor& radial, const at::Tensor& z_recv,
+                          const at::Tensor& z_send, const at::Tensor& geom,
+                          const at::Tensor& src, const at::Tensor& dst, bool half) {
+  return EmbeddingSums::apply(radial, z_recv, z_send, geom, src, dst, half);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tensornet_openmm, m) {
+  m.def("messages(Tensor y, Tensor filters, Tensor src, Tensor dst, bool half) -> Tensor");
+  m.def(
+      "embedding_sums(Tensor radial, Tensor z_recv, Tensor z_send, Tensor geom, Tensor src, "
+      "Tensor dst, bool half) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
+  m.impl("messages", messages_kernel);
+  m.impl("embedding_sums", embedding_kernel);
+}
+
+TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
+  m.impl("messages", messages);
+  m.impl("embedding_sums", embedding_sums);
+}

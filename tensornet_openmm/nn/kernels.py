@@ -1,0 +1,240 @@
+"""Fused CPU kernels for the pair sums, and the pure-PyTorch code they replace.
+
+On the CPU, most of a small molecule's force call goes to the pair sums: gathering each pair's
+sender rows, multiplying them by the pair's filters and adding them onto the receivers, forwards
+and backwards. ``csrc/pair_ops.cpp`` does each of these in one pass with its backward written out
+(no pair-sized products, no autograd graph of small operators). It is compiled with the
+compiler PyTorch uses for extensions the first time it is asked for (:func:`load`, about 30 s;
+the build is cached per torch and Python version) and registered as ``torch.ops.tensornet_openmm``.
+
+The model does not need them: :class:`PairKernels` is the same arithmetic in PyTorch, what the
+model runs by default and on GPUs. :func:`use_fused_kernels` switches a model's layers to
+:class:`FusedPairKernels`, which run the compiled kernels on CPU tensors and fall back to
+PyTorch elsewhere. They are first-order only (no forces in a training loss), which is why only
+the OpenMM forces use them.
+
+Set ``TENSORNET_OPENMM_FUSED=0`` to never build or use them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+ENVIRONMENT_SWITCH = "TENSORNET_OPENMM_FUSED"
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "pair_ops.cpp"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+GROUP = (0, 1, 1, 1, 2, 2, 2, 2, 2, 2)
+"""Part (I, A, S) of each packed component, whose filter it takes."""
+REVERSED_SIGN = (1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+"""Sign of each packed component of (1, u, u u^T) when the unit vector u is reversed."""
+
+
+def build_directory() -> Path:
+    """Where the compiled kernels are cached: one folder per torch and Python version."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return root / "tensornet_openmm" / "kernels" / tag.replace("+", "_")
+
+
+def disabled() -> bool:
+    """True when ``TENSORNET_OPENMM_FUSED`` is 0, false, no or off."""
+    return os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether ``torch.ops.tensornet_openmm`` has the kernels (loaded in this process)."""
+    try:
+        torch.ops.tensornet_openmm.messages  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (once) and load the fused kernels; True when they are ready.
+
+    False, with a warning naming the reason, when they cannot be built (no C++ compiler, no
+    ninja); everything then runs in PyTorch, only slower on the CPU. False without building when
+    ``TENSORNET_OPENMM_FUSED=0``. Call it before deserializing a System whose TorchForce was made
+    with the kernels in another process.
+    """
+    if disabled():
+        return False
+    with _LOCK:
+        if "ok" in _STATE:
+            return bool(_STATE["ok"])
+        if available():  # loaded by someone else in this process
+            _STATE["ok"] = True
+            return True
+        quiet = logging.getLogger("torch.utils.cpp_extension")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found": we build for the CPU only
+        try:
+            from torch.utils import cpp_extension
+
+            folder = build_directory()
+            folder.mkdir(parents=True, exist_ok=True)
+            _put_ninja_on_path()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "No CUDA runtime is found" and the like
+                cpp_extension.load(
+                    name="tensornet_openmm_pair_ops",
+                    sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(folder),
+                    is_python_module=False,
+                    verbose=verbose,
+                )
+            _STATE["ok"] = available()
+        except Exception as error:  # compiler, ninja or headers missing: PyTorch instead
+            _STATE["ok"] = False
+            warnings.warn(
+                f"tensornet_openmm: the fused CPU kernels could not be built ({error!s:.300}); "
+                "forces on the CPU run in plain PyTorch, about 1.5x slower for small molecules. "
+                "Install a C++ compiler and ninja (pip install ninja) to build them, or set "
+                f"{ENVIRONMENT_SWITCH}=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        finally:
+            quiet.setLevel(level)
+        return bool(_STATE["ok"])
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the pip package's (a dependency) sits beside this Python,
+    which is not on PATH when the environment is used without being activated."""
+    folders = [str(Path(sys.executable).parent)]
+    try:
+        import ninja
+
+        folders.insert(0, str(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([f for f in folders if f not in path] + path)
+
+
+class PairKernels(nn.Module):
+    """The pair sums in PyTorch (any device, any order of derivatives).
+
+    Packed per-atom tensors (n, 10, F) and pairs p = (src[p], dst[p]) sending dst -> src, and
+    also src -> dst when ``half`` (see :mod:`.layers`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("group", torch.tensor(GROUP), persistent=False)
+        self.register_buffer("sign", torch.tensor(REVERSED_SIGN), persistent=False)
+
+    def applies(self, like: Tensor) -> bool:
+        """Whether the layers should take the fused path for tensors like ``like``."""
+        return False
+
+    def messages(self, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool) -> Tensor:
+        """out[src] += filters[:, GROUP] * y[dst] (and out[dst] += ... y[src] when half):
+        y (n, 10, F), filters (P, 3, F) -> (n, 10, F)."""
+        w = filters.index_select(1, self.group)
+        out = torch.zeros_like(y).index_add(0, src, w * y.index_select(0, dst))
+        if half:
+            out = out.index_add(0, dst, w * y.index_select(0, src))
+        return out
+
+    def embedding_sums(
+        self,
+        radial: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        geom: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+    ) -> Tensor:
+        """out[src] += radial[:, GROUP] (z_recv[src] + z_send[dst]) geom (and the reversed pair
+        onto dst, with the A components of geom negated): radial (P, 3, F), species terms
+        (n, F), geom (P, 10) = (1, u, packed u u^T) -> (n, 10, F)."""
+        w = radial.index_select(1, self.group)
+        out = radial.new_zeros((z_recv.shape[0], 10, radial.shape[2]))
+        species = z_recv.index_select(0, src) + z_send.index_select(0, dst)
+        out = out.index_add(0, src, w * species.unsqueeze(1) * geom.unsqueeze(2))
+        if half:
+            species = z_recv.index_select(0, dst) + z_send.index_select(0, src)
+            reversed_geom = geom * self.sign.to(geom.dtype)
+            out = out.index_add(0, dst, w * species.unsqueeze(1) * reversed_geom.unsqueeze(2))
+        return out
+
+
+class FusedPairKernels(PairKernels):
+    """The compiled kernels on CPU tensors (first derivatives only); PyTorch elsewhere.
+
+    Made only after :func:`load` succeeded (scripting it needs the registered operators).
+    """
+
+    def applies(self, like: Tensor) -> bool:
+        return like.device.type == "cpu"
+
+    def messages(self, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool) -> Tensor:
+        return torch.ops.tensornet_openmm.messages(y, filters, src, dst, half)
+
+    def embedding_sums(
+        self,
+        radial: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        geom: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+    ) -> Tensor:
+        return torch.ops.tensornet_openmm.embedding_sums(
+            radial, z_recv, z_send, geom, src, dst, half
+        )
+
+
+def wanted() -> bool:
+    """The default of ``create_force(fused_kernels=None)``: on, unless
+    ``TENSORNET_OPENMM_FUSED=0`` or this machine has a CUDA device (where the forces run on the
+    GPU and the CPU kernels would be built for nothing)."""
+    return not disabled() and not torch.cuda.is_available()
+
+
+def jit_load(source: str | Path | bytes) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` that first loads the fused kernels if the module calls them."""
+
+    def read():
+        return torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else str(source))
+
+    try:
+        return read()
+    except RuntimeError as error:
+        if "tensornet_openmm::" not in str(error):
+            raise
+        if not load():
+            raise RuntimeError(
+                "this TorchScript module was made with tensornet_openmm's fused CPU kernels, which "
+                "cannot be built or loaded here (see the warning above); export it again without "
+                "them (tensornet-openmm export without --fused-kernels)"
+            ) from error
+        return read()
+
+
+def use_fused_kernels(model: nn.Module, enabled: bool = True) -> bool:
+    """Switch ``model``'s TensorNet layers (in place) to the fused CPU kernels, building them if
+    needed; True when they are in use. ``enabled=False`` switches back to PyTorch."""
+    fused = enabled and load()
+    for module in model.modules():
+        if hasattr(module, "pair_kernels"):
+            module.pair_kernels = FusedPairKernels() if fused else PairKernels()
+    return fused

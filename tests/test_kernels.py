@@ -1,0 +1,253 @@
+"""The fused CPU kernels (tensornet_openmm/nn/kernels.py, csrc/pair_ops.cpp) against PyTorch.
+
+Where a C++ compiler exists (CI has one) the kernels must build: a failed build fails here
+instead of silently running the slower PyTorch code everywhere else.
+"""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from helpers import energy_forces, random_molecule, small_model, water_box_nm
+
+from tensornet_openmm import create_force
+from tensornet_openmm.export import TensorNetForce, export, read_metadata, script
+from tensornet_openmm.neighbors import neighbor_pairs
+from tensornet_openmm.nn import kernels, layers
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert kernels.load(), "the fused kernels did not build (see the warning)"
+
+
+class _TorchEverywhere(kernels.PairKernels):
+    """The PyTorch versions of the kernels, taken on the model's fused path."""
+
+    def applies(self, like):
+        return True
+
+
+def _with(model, kind):
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "pair_kernels"):
+            module.pair_kernels = kind()
+    return model
+
+
+def _pairs(n=9, p=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (p,), generator=g), torch.randint(0, n, (p,), generator=g)
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_message_kernel_values_and_gradients(half):
+    src, dst = _pairs()
+    y = torch.randn(9, 10, 6, dtype=torch.float64, requires_grad=True)
+    filters = torch.randn(23, 3, 6, dtype=torch.float64, requires_grad=True)
+    reference = kernels.PairKernels().double()
+
+    def fused(y, filters):
+        return torch.ops.tensornet_openmm.messages(y, filters, src, dst, half)
+
+    torch.testing.assert_close(fused(y, filters), reference.messages(y, filters, src, dst, half))
+    assert torch.autograd.gradcheck(fused, (y, filters))
+    seed = torch.randn(9, 10, 6, dtype=torch.float64)
+    expected = torch.autograd.grad(
+        reference.messages(y, filters, src, dst, half), (y, filters), seed
+    )
+    actual = torch.autograd.grad(fused(y, filters), (y, filters), seed)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("half", [True, False])
+def test_embedding_kernel_values_and_gradients(half):
+    src, dst = _pairs(seed=1)
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    radial, geom = torch.randn(23, 3, 6, **f64), torch.randn(23, 10, **f64)
+    z_recv, z_send = torch.randn(9, 6, **f64), torch.randn(9, 6, **f64)
+    reference = kernels.PairKernels().double()
+
+    def fused(radial, z_recv, z_send, geom):
+        return torch.ops.tensornet_openmm.embedding_sums(
+            radial, z_recv, z_send, geom, src, dst, half
+        )
+
+    inputs = (radial, z_recv, z_send, geom)
+    expected = reference.embedding_sums(*inputs, src, dst, half)
+    torch.testing.assert_close(fused(*inputs), expected)
+    assert torch.autograd.gradcheck(fused, inputs)
+    # only some inputs needing gradients (the species terms are constants in a force)
+    out = fused(radial, z_recv.detach(), z_send.detach(), geom)
+    seed = torch.randn_like(out)
+    actual = torch.autograd.grad(out, (radial, geom), seed)
+    expected = torch.autograd.grad(
+        reference.embedding_sums(radial, z_recv.detach(), z_send.detach(), geom, src, dst, half),
+        (radial, geom),
+        seed,
+    )
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_bad_input_is_refused_with_the_value():
+    src, dst = _pairs()
+    y, filters = torch.randn(9, 10, 6), torch.randn(23, 3, 6)
+    with pytest.raises(
+        RuntimeError, match=r"pair 4 is \(\d+, 40\): atom indices must lie in \[0, 9\)"
+    ):
+        bad = dst.clone()
+        bad[4] = 40
+        torch.ops.tensornet_openmm.messages(y, filters, src, bad, True)
+    with pytest.raises(RuntimeError, match="filters must be \\(pairs, 3, channels\\)"):
+        torch.ops.tensornet_openmm.messages(y, filters[:, :2], src, dst, True)
+    with pytest.raises(RuntimeError, match="differ in dtype"):
+        torch.ops.tensornet_openmm.messages(y.double(), filters, src, dst, True)
+
+
+@pytest.mark.parametrize("half", [True, False])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_model_with_fused_kernels_equals_pytorch(half, blocks, monkeypatch):
+    """Energies and forces of a charged molecule, float64: fused kernels, the PyTorch versions
+    of the same sums, and the model's default code; with several pair blocks too."""
+    if blocks:
+        monkeypatch.setattr(layers, "_block_elements", lambda: 10 * 32 * 7)  # 7 pairs per block
+    model = small_model()
+    z, pos = random_molecule(14, spread=2.5)
+    pairs = neighbor_pairs(pos, model.cutoff_upper, half=half)
+    charge = torch.tensor([-1.0], dtype=torch.float64)
+    results = []
+    for variant in (model, _with(model, kernels.FusedPairKernels), _with(model, _TorchEverywhere)):
+        v = pairs.vectors.detach().clone().requires_grad_(True)
+        energy = variant(z, pos, pairs.edge_index, v, None, charge, 1, half)
+        (grad,) = torch.autograd.grad(energy.sum(), v)
+        results.append((energy.detach(), grad))
+    assert pairs.num_pairs > 7
+    for energy, grad in results[1:]:
+        torch.testing.assert_close(energy, results[0][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-10, atol=1e-12)
+
+
+def test_scripted_frozen_model_uses_the_kernels():
+    model = small_model()
+    fused = _with(model, kernels.FusedPairKernels)
+    z, pos = random_molecule(10)
+    frozen = torch.jit.freeze(torch.jit.script(fused).eval())
+    graph = str(frozen.graph)
+    assert "tensornet_openmm::messages" in graph and "tensornet_openmm::embedding_sums" in graph
+    e_fused, f_fused = energy_forces(frozen, z, pos)
+    e_ref, f_ref = energy_forces(model, z, pos)
+    torch.testing.assert_close(e_fused, e_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f_fused, f_ref, rtol=1e-10, atol=1e-12)
+
+
+def _context(force, n, box=None):
+    system = openmm.System()
+    for _ in range(n):
+        system.addParticle(16.0)
+    if box is not None:
+        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+    system.addForce(force)
+    platform = openmm.Platform.getPlatformByName("CPU")
+    return openmm.Context(system, openmm.VerletIntegrator(0.001), platform)
+
+
+def _energy_forces(context, pos):
+    import openmm.unit as u
+
+    context.setPositions(pos)
+    state = context.getState(getEnergy=True, getForces=True)
+    return (
+        state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole),
+        np.asarray(state.getForces(asNumpy=True).value_in_unit(u.kilojoule_per_mole / u.nanometer)),
+    )
+
+
+def test_openmm_force_defaults_to_the_kernels_and_matches_pytorch(monkeypatch):
+    """create_force on a machine without CUDA takes the kernels by default; a periodic water box
+    through the CPU platform gives the same energy, forces and lambda derivative as PyTorch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    z, pos, box = water_box_nm(1.2)
+    model = small_model()
+    results = []
+    for fused in (None, False):
+        force = create_force(model, z, periodic=True, positions=pos, box_vectors=box,
+                             lambda_parameter="lam", fused_kernels=fused)  # fmt: skip
+        context = _context(force, len(z), box)
+        context.setParameter("lam", 0.6)
+        energy, forces = _energy_forces(context, pos)
+        derivative = context.getState(getParameterDerivatives=True).getEnergyParameterDerivatives()
+        results.append((energy, forces, derivative["lam"]))
+    (e0, f0, d0), (e1, f1, d1) = results
+    assert e0 == pytest.approx(e1, rel=1e-10) and d0 == pytest.approx(d1, rel=1e-10)
+    np.testing.assert_allclose(f0, f1, rtol=1e-9, atol=1e-9 * np.abs(f1).max())
+    assert TensorNetForce(model, z, periodic=True, fused_kernels=True).fused_kernels
+    assert not TensorNetForce(model, z, periodic=True).fused_kernels
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(kernels.ENVIRONMENT_SWITCH, "0")
+    assert not kernels.wanted() and not kernels.load()
+    assert not TensorNetForce(small_model(), [8, 1, 1], fused_kernels=True).fused_kernels
+
+
+def test_exported_file_with_kernels_loads_in_a_fresh_process(tmp_path):
+    """A file made with the kernels names them; plain torch.jit.load in a new process fails,
+    jit_load (and so load_system and the runner) loads them first."""
+    z, pos = [8, 1, 1, 6, 1], np.random.default_rng(0).uniform(0, 0.3, (5, 3))
+    module = TensorNetForce(small_model(), z, fused_kernels=True)
+    path = tmp_path / "fused.pt"
+    export(module, path)
+    assert read_metadata(path)["fused_kernels"] is True
+    expected = script(module)(torch.tensor(pos)).item()
+    code = (
+        "import sys, torch\n"
+        "from tensornet_openmm.nn.kernels import jit_load\n"
+        "try:\n"
+        "    torch.jit.load(sys.argv[1]); print('plain load worked')\n"
+        "except RuntimeError:\n"
+        "    pass\n"
+        f"x = torch.tensor({pos.tolist()!r}, dtype=torch.float64)\n"
+        "print(repr(jit_load(sys.argv[1])(x).item()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != kernels.ENVIRONMENT_SWITCH}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "plain load worked" not in out.stdout
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_failed_build_warns_and_falls_back(tmp_path):
+    """No compiler (here: a source that does not compile): a warning naming the fix, and the
+    force still works in PyTorch."""
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    code = (
+        "import warnings, torch\n"
+        "from pathlib import Path\n"
+        "from tensornet_openmm.nn import kernels\n"
+        f"kernels.SOURCE = Path({str(broken)!r})\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ok = kernels.load()\n"
+        "print(ok, any('pip install ninja' in str(w.message) for w in caught))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop(kernels.ENVIRONMENT_SWITCH, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
