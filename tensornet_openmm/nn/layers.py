@@ -6,8 +6,9 @@ matrix products. Per pair, the radial networks and the message sums run over blo
 (:func:`pair_block`): on the CPU the networks' activations and the messages exist one
 cache-sized block at a time.
 
-Pairs are given as ``src`` (receiving atom i) and ``dst`` (sending atom j) with distances ``r``
-and unit vectors ``rhat`` of r_ij = pos[i] - pos[j]. Self pairs are NOT in the pair list: their
+Pairs are given as ``src`` (receiving atom i) and ``dst`` (sending atom j) with the cosine
+cutoff ``cut`` of their distances (computed once by the model for every layer) and unit vectors
+``rhat`` of r_ij = pos[i] - pos[j]. Self pairs are NOT in the pair list: their
 contributions (distance 0, unit vector 0) are added per atom, with the radial functions evaluated
 at r = 0 (``self_basis``, shape (1, num_rbf)). A pair at or beyond the upper cutoff contributes
 exactly zero, so padded pair slots only need a distance >= cutoff_upper.
@@ -204,16 +205,15 @@ class TensorEmbedding(nn.Module):
         z_send = nn.functional.linear(species, w[:, f:])
         return z_recv, z_send
 
-    def _radial(self, r: Tensor, basis: Tensor) -> Tensor:
-        cut = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper).reshape(-1, 1, 1)
-        return self._project(basis) * cut  # (B, 3, F), once per listed pair
+    def _radial(self, cut: Tensor, basis: Tensor) -> Tensor:
+        return self._project(basis) * cut.reshape(-1, 1, 1)  # (B, 3, F), once per listed pair
 
     def add_block(
         self,
         sums: list[Tensor],
         i: Tensor,
         j: Tensor,
-        r: Tensor,
+        cut: Tensor,
         rhat: Tensor,
         basis: Tensor,
         z_recv: Tensor,
@@ -221,7 +221,7 @@ class TensorEmbedding(nn.Module):
         half: bool,
     ) -> None:
         """sums += the pair terms of one block of pairs (i, j), in place."""
-        radial = self._radial(r, basis)
+        radial = self._radial(cut, basis)
         uu = algebra.symmetric_outer(rhat)
         _embedding_sums(sums, i, j, radial, z_recv, z_send, rhat, uu)
         if half:  # the reversed pair: species swapped, unit vector reversed
@@ -232,7 +232,7 @@ class TensorEmbedding(nn.Module):
         adj: list[Tensor],
         i: Tensor,
         j: Tensor,
-        r: Tensor,
+        cut: Tensor,
         rhat: Tensor,
         basis: Tensor,
         z_recv: Tensor,
@@ -240,7 +240,7 @@ class TensorEmbedding(nn.Module):
         half: bool,
     ) -> Tensor:
         """adj . (what :meth:`add_block` adds), a scalar (see :func:`_embedding_dot`)."""
-        radial = self._radial(r, basis)
+        radial = self._radial(cut, basis)
         uu = algebra.symmetric_outer(rhat)
         total = _embedding_dot(adj, i, j, radial, z_recv, z_send, rhat, uu)
         if half:
@@ -280,7 +280,7 @@ class TensorEmbedding(nn.Module):
         z: Tensor,
         src: Tensor,
         dst: Tensor,
-        r: Tensor,
+        cut: Tensor,
         rhat: Tensor,
         basis: Tensor,
         self_basis: Tensor,
@@ -290,23 +290,23 @@ class TensorEmbedding(nn.Module):
         block = pair_block(src.shape[0], self.hidden_channels, z_recv.device)
         if self.pair_kernels.applies(z_recv):  # fused CPU kernels
             packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
-            for i, j, r_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
-                src.split(block), dst.split(block), r.split(block), basis.split(block),
+            for i, j, cut_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
+                src.split(block), dst.split(block), cut.split(block), basis.split(block),
                 rhat.split(block),
             ):  # fmt: skip
                 geom = torch.cat((u.new_ones((u.shape[0], 1)), u, algebra.symmetric_outer(u)), 1)
                 packed = packed + self.pair_kernels.embedding_sums(
-                    self._radial(r_b, basis_b), z_recv, z_send, geom, i, j, half
+                    self._radial(cut_b, basis_b), z_recv, z_send, geom, i, j, half
                 )
             sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
             return self.finish(z_recv, z_send, sums, self_basis)
         # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
         sums = self.new_sums(z_recv)
-        for i, j, r_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
-            src.split(block), dst.split(block), r.split(block), basis.split(block),
+        for i, j, cut_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            src.split(block), dst.split(block), cut.split(block), basis.split(block),
             rhat.split(block),
         ):  # fmt: skip
-            self.add_block(sums, i, j, r_b, u, basis_b, z_recv, z_send, half)
+            self.add_block(sums, i, j, cut_b, u, basis_b, z_recv, z_send, half)
         return self.finish(z_recv, z_send, sums, self_basis)
 
 
@@ -341,12 +341,12 @@ class Interaction(nn.Module):
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels()  # see kernels.use_fused_kernels
 
-    def _filters(self, basis: Tensor, r: Tensor) -> Tensor:
-        """Radial filters f_I, f_A, f_S: (P, num_rbf) -> (P, 3, F), times the cutoff."""
+    def _filters(self, basis: Tensor, cut: Tensor) -> Tensor:
+        """Radial filters f_I, f_A, f_S: (P, num_rbf) -> (P, 3, F), times the cutoff (P,)."""
         h = basis
         for linear in self.linears_scalar:
             h = self.act(linear(h))
-        h = h * cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper).unsqueeze(1)
+        h = h * cut.unsqueeze(1)
         return h.reshape(h.shape[0], 3, self.hidden_channels)
 
     def _mix(self, first: int, packed: Tensor) -> list[Tensor]:
@@ -372,13 +372,13 @@ class Interaction(nn.Module):
         msg: list[Tensor],
         i: Tensor,
         j: Tensor,
-        r: Tensor,
+        cut: Tensor,
         basis: Tensor,
         parts: list[Tensor],
         half: bool,
     ) -> None:
         """msg += sum_j f(ij) Y_j for one block of pairs (i, j), in place."""
-        filters = self._filters(basis, r)  # (B, 3, F), once per listed pair
+        filters = self._filters(basis, cut)  # (B, 3, F), once per listed pair
         _messages(msg, i, filters, parts, j)
         if half:  # the filters are symmetric in i and j
             _messages(msg, j, filters, parts, i)
@@ -388,7 +388,7 @@ class Interaction(nn.Module):
         adj: list[Tensor],
         i: Tensor,
         j: Tensor,
-        r: Tensor,
+        cut: Tensor,
         basis: Tensor,
         rows_j: list[Tensor],
         rows_i: list[Tensor],
@@ -396,7 +396,7 @@ class Interaction(nn.Module):
     ) -> Tensor:
         """adj . (what :meth:`add_block` adds), a scalar; rows_j (rows_i) are the parts of the
         atoms j (i), gathered (see :func:`_message_dot`)."""
-        filters = self._filters(basis, r)
+        filters = self._filters(basis, cut)
         total = _message_dot(adj, i, filters, rows_j)
         if half:
             total = total + _message_dot(adj, j, filters, rows_i)
@@ -407,7 +407,7 @@ class Interaction(nn.Module):
         x: Tensor,
         src: Tensor,
         dst: Tensor,
-        r: Tensor,
+        cut: Tensor,
         basis: Tensor,
         self_basis: Tensor,
         charge_factor: Tensor,
@@ -418,24 +418,25 @@ class Interaction(nn.Module):
         if self.pair_kernels.applies(x):  # fused CPU kernels
             y = torch.cat(parts, dim=1)
             packed = torch.zeros_like(y)
-            for i, j, r_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
-                src.split(block), dst.split(block), r.split(block), basis.split(block)
+            for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+                src.split(block), dst.split(block), cut.split(block), basis.split(block)
             ):
                 packed = packed + self.pair_kernels.messages(
-                    y, self._filters(basis_b, r_b), i, j, half
+                    y, self._filters(basis_b, cut_b), i, j, half
                 )
             msg = list(torch.split(packed, [1, 3, 6], dim=1))
             return self.finish(x, parts, msg, self_basis, charge_factor, True)
         msg = self.self_messages(parts, self_basis)  # the self pair, then sum_j f(ij) y_j
-        for i, j, r_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
-            src.split(block), dst.split(block), r.split(block), basis.split(block)
+        for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            src.split(block), dst.split(block), cut.split(block), basis.split(block)
         ):
-            self.add_block(msg, i, j, r_b, basis_b, parts, half)
+            self.add_block(msg, i, j, cut_b, basis_b, parts, half)
         return self.finish(x, parts, msg, self_basis, charge_factor, False)
 
     def self_messages(self, parts: list[Tensor], self_basis: Tensor) -> list[Tensor]:
         """The self pair's messages f(0) Y_i."""
-        f0 = self._filters(self_basis, self_basis.new_zeros(1))  # (1, 3, F)
+        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
+        f0 = self._filters(self_basis, cut0)  # (1, 3, F)
         return [f0.select(1, k) * parts[k] for k in range(3)]
 
     def finish(

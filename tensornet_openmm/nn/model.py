@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from . import algebra
 from .layers import ACTIVATIONS, Interaction, TensorEmbedding
-from .radial import RADIAL_BASES
+from .radial import RADIAL_BASES, cosine_cutoff
 
 
 class TensorNet(nn.Module):
@@ -104,6 +104,8 @@ class TensorNet(nn.Module):
         self.register_buffer("atomref", torch.zeros(max(cfg.atomref_size, 1), dtype=dtype))
         self.register_buffer("mean", torch.zeros((), dtype=dtype))
         self.register_buffer("std", torch.ones((), dtype=dtype))
+        # r = 0 of the self pairs: a buffer, so that a frozen module folds their terms
+        self.register_buffer("zero_distance", torch.zeros(1, dtype=dtype), persistent=False)
 
     @property
     def config(self) -> ModelConfig:
@@ -129,17 +131,19 @@ class TensorNet(nn.Module):
         ``half``: the pairs are listed once each (see :meth:`forward`).
         """
         src, dst = edge_index[0], edge_index[1]
-        r, rhat, basis = self._geometry(edge_vec)
-        self_basis = self.distance_expansion(r.new_zeros(1))  # (1, K)
-        x = self.tensor_embedding(z, src, dst, r, rhat, basis, self_basis, half)
+        cut, rhat, basis = self._geometry(edge_vec)
+        self_basis = self.distance_expansion(self.zero_distance)  # (1, K), a constant once frozen
+        x = self.tensor_embedding(z, src, dst, cut, rhat, basis, self_basis, half)
         for layer in self.layers:
-            x = layer(x, src, dst, r, basis, self_basis, charge_factor, half)
+            x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half)
         return self._head(x, z)
 
     def _geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Distances (P,), unit vectors (P, 3) and radial basis (P, K) of pair vectors."""
+        """Cosine cutoff (P,), unit vectors (P, 3) and radial basis (P, K) of pair vectors; the
+        cutoff is the same in every layer, so it is computed once here."""
         r = torch.sqrt((edge_vec * edge_vec).sum(-1))
-        return r, edge_vec / r.unsqueeze(1), self.distance_expansion(r)
+        cut = cosine_cutoff(r, self.cutoff_lower, self.cutoff_upper)
+        return cut, edge_vec / r.unsqueeze(1), self.distance_expansion(r)
 
     def _head(self, x: Tensor, z: Tensor) -> Tensor:
         """Per-atom energies from the final X."""
@@ -186,20 +190,20 @@ class TensorNet(nn.Module):
         inputs: list[Tensor] = []
         msgs: list[list[Tensor]] = []
         with torch.no_grad():
-            self_basis = self.distance_expansion(vec.new_zeros(1))
+            self_basis = self.distance_expansion(self.zero_distance)
             z_recv, z_send = emb.species_terms(z)
             sums = emb.new_sums(z_recv)
             for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
-                r, rhat, basis = self._geometry(v)
-                emb.add_block(sums, i, j, r, rhat, basis, z_recv, z_send, half)
+                cut, rhat, basis = self._geometry(v)
+                emb.add_block(sums, i, j, cut, rhat, basis, z_recv, z_send, half)
             x = emb.finish(z_recv, z_send, sums, self_basis)
             for layer in self.layers:
                 inputs.append(x)
                 x, parts = layer.prepare(x)
                 msg = [torch.zeros_like(p) for p in parts]
                 for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
-                    r, _, basis = self._geometry(v)
-                    layer.add_block(msg, i, j, r, basis, parts, half)
+                    cut, _, basis = self._geometry(v)
+                    layer.add_block(msg, i, j, cut, basis, parts, half)
                 msgs.append(msg)
                 x = layer.finish(x, parts, msg, self_basis, charge_factor)
         # 2. the head: the energy and its gradient with respect to the last X
@@ -225,14 +229,14 @@ class TensorNet(nn.Module):
                     start = 0
                     for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
                         v = no_history(v).requires_grad_()
-                        r, _, basis = self._geometry(v)
+                        cut, _, basis = self._geometry(v)
                         rows_j = [p.index_select(0, j).requires_grad_() for p in fixed]
                         rows_i = rows_j  # the senders i of the reversed pairs: half lists only
                         wrt = [v] + rows_j
                         if half:
                             rows_i = [p.index_select(0, i).requires_grad_() for p in fixed]
                             wrt = wrt + rows_i
-                        dot = interaction.block_dot(adj, i, j, r, basis, rows_j, rows_i, half)
+                        dot = interaction.block_dot(adj, i, j, cut, basis, rows_j, rows_i, half)
                         g = _grads([dot], wrt, [torch.ones_like(dot)], False)
                         grad_vec[start : start + v.shape[0]] += g[0]
                         for c in range(3):
@@ -248,8 +252,8 @@ class TensorNet(nn.Module):
         start = 0
         for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
             v = no_history(v).requires_grad_()
-            r, rhat, basis = self._geometry(v)
-            dot = emb.block_dot(adj, i, j, r, rhat, basis, z_recv, z_send, half)
+            cut, rhat, basis = self._geometry(v)
+            dot = emb.block_dot(adj, i, j, cut, rhat, basis, z_recv, z_send, half)
             grad_vec[start : start + v.shape[0]] += _grads(
                 [dot], [v], [torch.ones_like(dot)], False
             )[0]
