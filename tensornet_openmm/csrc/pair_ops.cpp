@@ -231,6 +231,24 @@ TN_INSTANCES(double)
 
 constexpr int64_t kAtomGrain = 4;   // atoms per task of the scatters
 constexpr int64_t kPairGrain = 64;  // pairs per task of the per-pair gradients
+// Multiply-adds below which a kernel runs on the calling thread alone. Waking an idle OpenMP
+// worker costs tens of microseconds (more in virtual machines), as much as a small molecule's
+// whole kernel (alanine dipeptide: 0.5M multiply-adds, 25 us on one core).
+constexpr int64_t kParallelWork = int64_t(1) << 21;
+
+// f(begin, end) over [0, n): in parallel tasks of at least ``grain`` when ``work`` is large.
+template <typename F>
+void split(int64_t n, int64_t grain, int64_t work, const F& f) {
+  if (work < kParallelWork) {
+    if (n > 0) f(0, n);
+  } else {
+    at::parallel_for(0, n, grain, f);
+  }
+}
+
+int64_t pair_work(int64_t pairs, int64_t channels, bool half) {
+  return pairs * kComps * channels * (half ? 2 : 1);
+}
 
 template <typename T>
 T* data_or_null(at::Tensor& t) {
@@ -254,7 +272,7 @@ at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
     const scalar_t *yp = y.data_ptr<scalar_t>(), *fp = filt.data_ptr<scalar_t>();
     const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, y.size(0), kAtomGrain, [&](int64_t a0, int64_t a1) {
+    split(y.size(0), kAtomGrain, pair_work(pairs, f_len, half), [&](int64_t a0, int64_t a1) {
       run_messages(yp, fp, sp, dp, op, pairs, f_len, half, a0, a1);
     });
   });
@@ -271,7 +289,7 @@ at::Tensor filter_grad_kernel(const at::Tensor& grad, const at::Tensor& y_in,
     const scalar_t *gp = grad.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
     const int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, pairs, kPairGrain, [&](int64_t p0, int64_t p1) {
+    split(pairs, kPairGrain, pair_work(pairs, f_len, half), [&](int64_t p0, int64_t p1) {
       run_filter_grad(gp, yp, sp, dp, op, f_len, half, p0, p1);
     });
   });
@@ -307,7 +325,7 @@ at::Tensor embedding_kernel(const at::Tensor& radial_in, const at::Tensor& z_rec
                    *zs = z_send.data_ptr<scalar_t>(), *gp = geom.data_ptr<scalar_t>();
     const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, z_recv.size(0), kAtomGrain, [&](int64_t a0, int64_t a1) {
+    split(z_recv.size(0), kAtomGrain, pair_work(pairs, channels, half), [&](int64_t a0, int64_t a1) {
       std::vector<scalar_t> scratch(channels);
       run_embedding(rp, zr, zs, gp, sp, dp, op, pairs, channels, half, a0, a1, scratch.data());
     });
@@ -380,7 +398,7 @@ class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
       const int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
       scalar_t *g_rad = data_or_null<scalar_t>(g_radial), *g_geo = data_or_null<scalar_t>(g_geom);
       if (g_rad != nullptr || g_geo != nullptr) {
-        at::parallel_for(0, pairs, kPairGrain, [&](int64_t p0, int64_t p1) {
+        split(pairs, kPairGrain, pair_work(pairs, f_len, half), [&](int64_t p0, int64_t p1) {
           std::vector<scalar_t> s_ij(f_len), s_ji(f_len);
           run_embedding_pair_grads(gp, rp, zr, zs, geo, sp, dp, g_rad, g_geo, f_len, half, p0, p1,
                                    s_ij.data(), s_ji.data());
@@ -388,7 +406,7 @@ class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
       }
       if (want_species) {
         scalar_t *g_r = g_recv.data_ptr<scalar_t>(), *g_s = g_send.data_ptr<scalar_t>();
-        at::parallel_for(0, z_recv.size(0), kAtomGrain, [&](int64_t a0, int64_t a1) {
+        split(z_recv.size(0), kAtomGrain, pair_work(pairs, f_len, half), [&](int64_t a0, int64_t a1) {
           std::vector<scalar_t> t(f_len);
           run_embedding_species_grads(gp, rp, geo, sp, dp, g_r, g_s, pairs, f_len, half, a0, a1,
                                       t.data());
@@ -412,6 +430,176 @@ at::Tensor embedding_sums(const at::Tensor& radial, const at::Tensor& z_recv,
   return EmbeddingSums::apply(radial, z_recv, z_send, geom, src, dst, half);
 }
 
+
+// ---- Per-atom 3x3 products in packed form -------------------------------------------------
+// packed(A B) for packed (n, 10, F) tensors a and b, one 3x3 product per atom and channel: the
+// unpacking, the product and the decomposition in registers, instead of a batched matrix
+// product each way and a (n, 3, 3, 3, F) temporary.
+
+template <typename T>
+TN_INLINE void unpack(const T p[kComps], T x[9]) {
+  x[0] = p[0] + p[4]; x[1] = p[7] - p[3]; x[2] = p[8] + p[2];
+  x[3] = p[7] + p[3]; x[4] = p[0] + p[5]; x[5] = p[9] - p[1];
+  x[6] = p[8] - p[2]; x[7] = p[9] + p[1]; x[8] = p[0] + p[6];
+}
+
+template <typename T>
+TN_INLINE void pack(const T x[9], T p[kComps]) {
+  const T iso = (x[0] + x[4] + x[8]) / T(3);
+  p[0] = iso;
+  p[1] = T(0.5) * (x[7] - x[5]); p[2] = T(0.5) * (x[2] - x[6]); p[3] = T(0.5) * (x[3] - x[1]);
+  p[4] = x[0] - iso; p[5] = x[4] - iso; p[6] = x[8] - iso;
+  p[7] = T(0.5) * (x[1] + x[3]); p[8] = T(0.5) * (x[2] + x[6]); p[9] = T(0.5) * (x[5] + x[7]);
+}
+
+// transposes of unpack and pack (their vector-Jacobian products)
+template <typename T>
+TN_INLINE void unpack_t(const T x[9], T p[kComps]) {
+  p[0] = x[0] + x[4] + x[8];
+  p[1] = x[7] - x[5]; p[2] = x[2] - x[6]; p[3] = x[3] - x[1];
+  p[4] = x[0]; p[5] = x[4]; p[6] = x[8];
+  p[7] = x[1] + x[3]; p[8] = x[2] + x[6]; p[9] = x[5] + x[7];
+}
+
+template <typename T>
+TN_INLINE void pack_t(const T p[kComps], T x[9]) {
+  const T t = (p[0] - p[4] - p[5] - p[6]) / T(3);
+  x[0] = t + p[4]; x[4] = t + p[5]; x[8] = t + p[6];
+  x[1] = T(0.5) * (p[7] - p[3]); x[3] = T(0.5) * (p[7] + p[3]);
+  x[2] = T(0.5) * (p[8] + p[2]); x[6] = T(0.5) * (p[8] - p[2]);
+  x[5] = T(0.5) * (p[9] - p[1]); x[7] = T(0.5) * (p[9] + p[1]);
+}
+
+template <typename T>
+TN_INLINE void mat3(const T a[9], const T b[9], T c[9]) {  // c = a b
+  for (int r = 0; r < 3; ++r)
+    for (int k = 0; k < 3; ++k)
+      c[3 * r + k] = a[3 * r] * b[k] + a[3 * r + 1] * b[3 + k] + a[3 * r + 2] * b[6 + k];
+}
+
+// out = packed(A B), for atoms [a0, a1)
+template <typename T>
+TN_INLINE void packed_product(const T* a, const T* b, T* out, int64_t f_len, int64_t a0,
+                              int64_t a1) {
+  for (int64_t n = a0; n < a1; ++n) {
+    const T* an = a + n * kComps * f_len;
+    const T* bn = b + n * kComps * f_len;
+    T* on = out + n * kComps * f_len;
+    for (int64_t f = 0; f < f_len; ++f) {
+      T pa[kComps], pb[kComps], xa[9], xb[9], xc[9], pc[kComps];
+      for (int c = 0; c < kComps; ++c) {
+        pa[c] = an[c * f_len + f];
+        pb[c] = bn[c * f_len + f];
+      }
+      unpack(pa, xa);
+      unpack(pb, xb);
+      mat3(xa, xb, xc);
+      pack(xc, pc);
+      for (int c = 0; c < kComps; ++c) on[c * f_len + f] = pc[c];
+    }
+  }
+}
+
+// gradients of packed(A B) with respect to a and b (either may be null), for atoms [a0, a1):
+// G = pack^T g, dA = G B^T, dB = A^T G, then unpack^T
+template <typename T>
+TN_INLINE void packed_product_grad(const T* grad, const T* a, const T* b, T* g_a, T* g_b,
+                                   int64_t f_len, int64_t a0, int64_t a1) {
+  for (int64_t n = a0; n < a1; ++n) {
+    const int64_t base = n * kComps * f_len;
+    for (int64_t f = 0; f < f_len; ++f) {
+      T pg[kComps], pa[kComps], pb[kComps], xg[9], xa[9], xb[9], d[9], pd[kComps];
+      for (int c = 0; c < kComps; ++c) {
+        pg[c] = grad[base + c * f_len + f];
+        pa[c] = a[base + c * f_len + f];
+        pb[c] = b[base + c * f_len + f];
+      }
+      pack_t(pg, xg);
+      unpack(pa, xa);
+      unpack(pb, xb);
+      if (g_a != nullptr) {
+        const T bt[9] = {xb[0], xb[3], xb[6], xb[1], xb[4], xb[7], xb[2], xb[5], xb[8]};
+        mat3(xg, bt, d);
+        unpack_t(d, pd);
+        for (int c = 0; c < kComps; ++c) g_a[base + c * f_len + f] = pd[c];
+      }
+      if (g_b != nullptr) {
+        const T at[9] = {xa[0], xa[3], xa[6], xa[1], xa[4], xa[7], xa[2], xa[5], xa[8]};
+        mat3(at, xg, d);
+        unpack_t(d, pd);
+        for (int c = 0; c < kComps; ++c) g_b[base + c * f_len + f] = pd[c];
+      }
+    }
+  }
+}
+
+#define TN_PRODUCT_INSTANCES(T)                                                                  \
+  TN_CLONES void run_product(const T* a, const T* b, T* out, int64_t f_len, int64_t a0,         \
+                             int64_t a1) {                                                      \
+    packed_product<T>(a, b, out, f_len, a0, a1);                                                \
+  }                                                                                              \
+  TN_CLONES void run_product_grad(const T* grad, const T* a, const T* b, T* g_a, T* g_b,        \
+                                  int64_t f_len, int64_t a0, int64_t a1) {                      \
+    packed_product_grad<T>(grad, a, b, g_a, g_b, f_len, a0, a1);                                \
+  }
+
+TN_PRODUCT_INSTANCES(float)
+TN_PRODUCT_INSTANCES(double)
+
+constexpr int64_t kProductWork = 150;  // multiply-adds per atom, channel and product
+
+at::Tensor product_kernel(const at::Tensor& a_in, const at::Tensor& b_in) {
+  TORCH_CHECK(a_in.dim() == 3 && a_in.size(1) == kComps && a_in.sizes() == b_in.sizes(),
+              "packed_product: a and b must be (atoms, 10, channels) alike, got ", a_in.sizes(),
+              " and ", b_in.sizes());
+  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "packed_product: a and b differ in dtype");
+  TORCH_CHECK(a_in.device().is_cpu() && b_in.device().is_cpu(), "CPU kernels take CPU tensors");
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
+  const int64_t atoms = a.size(0), f_len = a.size(2);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_packed_product", [&] {
+    const scalar_t *ap = a.data_ptr<scalar_t>(), *bp = b.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    split(atoms, 1, atoms * f_len * kProductWork, [&](int64_t a0, int64_t a1) {
+      run_product(ap, bp, op, f_len, a0, a1);
+    });
+  });
+  return out;
+}
+
+class PackedProduct : public torch::autograd::Function<PackedProduct> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return product_kernel(a, b);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor a = saved[0].contiguous(), b = saved[1].contiguous();
+    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor g_a, g_b;
+    if (ctx->needs_input_grad(0)) g_a = at::empty_like(a);
+    if (ctx->needs_input_grad(1)) g_b = at::empty_like(b);
+    const int64_t atoms = a.size(0), f_len = a.size(2);
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_packed_product_backward", [&] {
+      const scalar_t *gp = grad.data_ptr<scalar_t>(), *ap = a.data_ptr<scalar_t>(),
+                     *bp = b.data_ptr<scalar_t>();
+      scalar_t *ga = data_or_null<scalar_t>(g_a), *gb = data_or_null<scalar_t>(g_b);
+      split(atoms, 1, 2 * atoms * f_len * kProductWork, [&](int64_t a0, int64_t a1) {
+        run_product_grad(gp, ap, bp, ga, gb, f_len, a0, a1);
+      });
+    });
+    return {g_a, g_b};
+  }
+};
+
+at::Tensor packed_product_op(const at::Tensor& a, const at::Tensor& b) {
+  return PackedProduct::apply(a, b);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tensornet_openmm, m) {
@@ -419,14 +607,17 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "embedding_sums(Tensor radial, Tensor z_recv, Tensor z_send, Tensor geom, Tensor src, "
       "Tensor dst, bool half) -> Tensor");
+  m.def("packed_product(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("messages", messages_kernel);
   m.impl("embedding_sums", embedding_kernel);
+  m.impl("packed_product", product_kernel);
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("messages", messages);
   m.impl("embedding_sums", embedding_sums);
+  m.impl("packed_product", packed_product_op);
 }

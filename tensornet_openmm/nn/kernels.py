@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .algebra import PackedAlgebra, matmul
+
 ENVIRONMENT_SWITCH = "TENSORNET_OPENMM_FUSED"
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "pair_ops.cpp"
 _LOCK = threading.Lock()
@@ -136,6 +138,7 @@ class PairKernels(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.algebra = PackedAlgebra()
         self.register_buffer("group", torch.tensor(GROUP), persistent=False)
         self.register_buffer("sign", torch.tensor(REVERSED_SIGN), persistent=False)
 
@@ -175,6 +178,10 @@ class PairKernels(nn.Module):
             out = out.index_add(0, dst, w * species.unsqueeze(1) * reversed_geom.unsqueeze(2))
         return out
 
+    def product(self, a: Tensor, b: Tensor) -> Tensor:
+        """packed(A B): the 3x3 product of packed (n, 10, F) tensors, per atom and channel."""
+        return self.algebra.packed(matmul(self.algebra.full(a), self.algebra.full(b)))
+
 
 class FusedPairKernels(PairKernels):
     """The compiled kernels on CPU tensors (first derivatives only); PyTorch elsewhere.
@@ -201,6 +208,11 @@ class FusedPairKernels(PairKernels):
         return torch.ops.tensornet_openmm.embedding_sums(
             radial, z_recv, z_send, geom, src, dst, half
         )
+
+    def product(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.device.type == "cpu":
+            return torch.ops.tensornet_openmm.packed_product(a, b)
+        return self.algebra.packed(matmul(self.algebra.full(a), self.algebra.full(b)))
 
 
 def wanted() -> bool:
@@ -234,7 +246,11 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True) -> bool:
     """Switch ``model``'s TensorNet layers (in place) to the fused CPU kernels, building them if
     needed; True when they are in use. ``enabled=False`` switches back to PyTorch."""
     fused = enabled and load()
+    reference = next(iter(model.parameters()), None)
     for module in model.modules():
         if hasattr(module, "pair_kernels"):
-            module.pair_kernels = FusedPairKernels() if fused else PairKernels()
+            kernels = FusedPairKernels() if fused else PairKernels()
+            if reference is not None:  # the model's dtype and device
+                kernels.to(device=reference.device, dtype=reference.dtype)
+            module.pair_kernels = kernels
     return fused

@@ -255,7 +255,7 @@ class TensorEmbedding(nn.Module):
         cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
         z_self = z_recv + z_send
         iso = sums[0] + cut0 * z_self * self._project(self_basis)[0, 0]  # + self pair
-        vec = sums[1]
+        vec = sums[1].contiguous()  # a strided view (fused path) would take a product per atom
         diag, offdiag = torch.split(sums[2], [3, 3], dim=1)
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
 
@@ -358,9 +358,10 @@ class Interaction(nn.Module):
         # contiguous parts: a linear on a strided slice runs as one small product per atom
         iso, vec, sym = torch.split(packed, [1, 3, 6], dim=1)  # one view each, one backward
         vec, sym = vec.contiguous(), sym.contiguous()
+        iso = iso.squeeze(1)  # (n, F) rows 10 F apart: one matrix product, not one per atom
         if first == 0:
-            return [lin[0](iso), lin[1](vec), lin[2](sym)]
-        return [lin[3](iso), lin[4](vec), lin[5](sym)]
+            return [lin[0](iso).unsqueeze(1), lin[1](vec), lin[2](sym)]
+        return [lin[3](iso).unsqueeze(1), lin[4](vec), lin[5](sym)]
 
     def prepare(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Normalised X and the I, A, S parts of Y = W X that the messages carry."""
@@ -453,10 +454,19 @@ class Interaction(nn.Module):
         if add_self:
             own = self.self_messages(parts, self_basis)
             msg = [msg[k] + own[k] for k in range(3)]
+        q = charge_factor.reshape(-1, 1, 1)
+        if self.pair_kernels.applies(x):  # fused CPU kernels for the 3x3 products
+            kernels = self.pair_kernels
+            y_p, m_p = torch.cat(parts, dim=1), torch.cat(msg, dim=1)
+            if self.o3:
+                c = (kernels.product(m_p, y_p) + kernels.product(y_p, m_p)) * q
+            else:
+                c = 2.0 * kernels.product(y_p, m_p)
+            c = c / (self.algebra.squared_norm(c) + 1.0)
+            dx = torch.cat(self._mix(3, c), dim=1)
+            return x + dx + q * kernels.product(dx, dx)
         y = self.algebra.full(torch.cat(parts, dim=1))
         m = self.algebra.full(torch.cat(msg, dim=1))
-
-        q = charge_factor.reshape(-1, 1, 1)
         if self.o3:
             c = self.algebra.packed(algebra.matmul(m, y) + algebra.matmul(y, m)) * q
         else:
