@@ -86,3 +86,33 @@ def water_box_nm(edge_nm: float, cutoff_nm: float = 0.5):
         [v.value_in_unit(u.nanometer) for v in test.system.getDefaultPeriodicBoxVectors()]
     )
     return z, pos, box
+
+
+def context_for(force, n_particles, platform, box_nm=None, extra=(), properties=None):
+    """An OpenMM Context of ``force`` (and ``extra`` forces) on n carbon-mass particles."""
+    import openmm
+
+    system = openmm.System()
+    for _ in range(n_particles):
+        system.addParticle(12.0)
+    if box_nm is not None:
+        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box_nm])
+    system.addForce(force)
+    for f in extra:
+        system.addForce(f)
+    integrator = openmm.VerletIntegrator(0.0005)
+    platform = openmm.Platform.getPlatformByName(platform)
+    return openmm.Context(system, integrator, platform, properties or {})
+
+
+def openmm_energy_forces(context, positions_nm, groups=-1):
+    """Energy (kJ/mol) and forces (kJ/mol/nm) of a Context at these positions."""
+    import numpy as np
+    import openmm.unit as u
+
+    context.setPositions(positions_nm)
+    state = context.getState(getEnergy=True, getForces=True, groups=groups)
+    return (
+        state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole),
+        np.asarray(state.getForces(asNumpy=True).value_in_unit(u.kilojoule_per_mole / u.nanometer)),
+    )

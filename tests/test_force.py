@@ -9,7 +9,8 @@ import openmm
 import openmm.unit as u
 import pytest
 import torch
-from helpers import quiet_testsystems, small_model, water_box_nm
+from helpers import context_for, quiet_testsystems, small_model, water_box_nm
+from helpers import openmm_energy_forces as energy_forces
 
 from tensornet_openmm import create_force
 from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
@@ -28,29 +29,6 @@ def eager(model, z, pos_nm, box_nm=None):
     energy = model(torch.tensor(z), pos, pairs.edge_index, pairs.vectors)[0] * EV_TO_KJ_PER_MOL
     (grad,) = torch.autograd.grad(energy, pos)
     return energy.item(), -grad.numpy() * 10.0
-
-
-def context_for(force, n_particles, platform, box_nm=None, extra=(), properties=None):
-    system = openmm.System()
-    for _ in range(n_particles):
-        system.addParticle(12.0)
-    if box_nm is not None:
-        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box_nm])
-    system.addForce(force)
-    for f in extra:
-        system.addForce(f)
-    integrator = openmm.VerletIntegrator(0.0005)
-    platform = openmm.Platform.getPlatformByName(platform)
-    return openmm.Context(system, integrator, platform, properties or {})
-
-
-def energy_forces(context, positions_nm, groups=-1):
-    context.setPositions(positions_nm)
-    state = context.getState(getEnergy=True, getForces=True, groups=groups)
-    return (
-        state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole),
-        np.asarray(state.getForces(asNumpy=True).value_in_unit(u.kilojoule_per_mole / u.nanometer)),
-    )
 
 
 def molecule(n=12, seed=1):

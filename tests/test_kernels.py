@@ -11,10 +11,16 @@ import subprocess
 import sys
 
 import numpy as np
-import openmm
 import pytest
 import torch
-from helpers import energy_forces, random_molecule, small_model, water_box_nm
+from helpers import (
+    context_for,
+    energy_forces,
+    openmm_energy_forces,
+    random_molecule,
+    small_model,
+    water_box_nm,
+)
 
 from tensornet_openmm import create_force
 from tensornet_openmm.export import TensorNetForce, export, read_metadata, script
@@ -154,28 +160,6 @@ def test_scripted_frozen_model_uses_the_kernels():
     torch.testing.assert_close(f_fused, f_ref, rtol=1e-9, atol=1e-10)
 
 
-def _context(force, n, box=None):
-    system = openmm.System()
-    for _ in range(n):
-        system.addParticle(16.0)
-    if box is not None:
-        system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
-    system.addForce(force)
-    platform = openmm.Platform.getPlatformByName("CPU")
-    return openmm.Context(system, openmm.VerletIntegrator(0.001), platform)
-
-
-def _energy_forces(context, pos):
-    import openmm.unit as u
-
-    context.setPositions(pos)
-    state = context.getState(getEnergy=True, getForces=True)
-    return (
-        state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole),
-        np.asarray(state.getForces(asNumpy=True).value_in_unit(u.kilojoule_per_mole / u.nanometer)),
-    )
-
-
 def test_openmm_force_defaults_to_the_kernels_and_matches_pytorch(monkeypatch):
     """create_force on a machine without CUDA takes the kernels by default; a periodic water box
     through the CPU platform gives the same energy, forces and lambda derivative as PyTorch."""
@@ -186,9 +170,9 @@ def test_openmm_force_defaults_to_the_kernels_and_matches_pytorch(monkeypatch):
     for fused in (None, False):
         force = create_force(model, z, periodic=True, positions=pos, box_vectors=box,
                              lambda_parameter="lam", fused_kernels=fused)  # fmt: skip
-        context = _context(force, len(z), box)
+        context = context_for(force, len(z), "CPU", box)
         context.setParameter("lam", 0.6)
-        energy, forces = _energy_forces(context, pos)
+        energy, forces = openmm_energy_forces(context, pos)
         derivative = context.getState(getParameterDerivatives=True).getEnergyParameterDerivatives()
         results.append((energy, forces, derivative["lam"]))
     (e0, f0, d0), (e1, f1, d1) = results
