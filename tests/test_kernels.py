@@ -48,7 +48,7 @@ def _with(model, kind):
     model = copy.deepcopy(model)
     for module in model.modules():
         if hasattr(module, "pair_kernels"):
-            module.pair_kernels = kind().to(torch.float64)
+            module.pair_kernels = kind(torch.float64)
     return model
 
 
@@ -62,7 +62,7 @@ def test_message_kernel_values_and_gradients(half):
     src, dst = _pairs()
     y = torch.randn(9, 10, 6, dtype=torch.float64, requires_grad=True)
     filters = torch.randn(23, 3, 6, dtype=torch.float64, requires_grad=True)
-    reference = kernels.PairKernels().double()
+    reference = kernels.PairKernels(torch.float64)
 
     def fused(y, filters):
         return torch.ops.tensornet_openmm.messages(y, filters, src, dst, half)
@@ -84,7 +84,7 @@ def test_embedding_kernel_values_and_gradients(half):
     f64 = {"dtype": torch.float64, "requires_grad": True}
     radial, geom = torch.randn(23, 3, 6, **f64), torch.randn(23, 10, **f64)
     z_recv, z_send = torch.randn(9, 6, **f64), torch.randn(9, 6, **f64)
-    reference = kernels.PairKernels().double()
+    reference = kernels.PairKernels(torch.float64)
 
     def fused(radial, z_recv, z_send, geom):
         return torch.ops.tensornet_openmm.embedding_sums(
@@ -123,14 +123,24 @@ def test_bad_input_is_refused_with_the_value():
         torch.ops.tensornet_openmm.messages(y.double(), filters, src, dst, True)
 
 
+OTHER_MODEL = {
+    "equivariance_invariance_group": "SO(3)",
+    "rbf_type": "gauss",
+    "cutoff_lower": 0.5,
+    "activation": "tanh",
+    "num_layers": 1,
+}
+
+
 @pytest.mark.parametrize("half", [True, False])
 @pytest.mark.parametrize("blocks", [False, True])
-def test_model_with_fused_kernels_equals_pytorch(half, blocks, monkeypatch):
+@pytest.mark.parametrize("options", [{}, OTHER_MODEL], ids=["O3", "SO3-gauss-lower"])
+def test_model_with_fused_kernels_equals_pytorch(half, blocks, options, monkeypatch):
     """Energies and forces of a charged molecule, float64: fused kernels, the PyTorch versions
     of the same sums, and the model's default code; with several pair blocks too."""
     if blocks:
         monkeypatch.setattr(layers, "_block_elements", lambda: 10 * 32 * 7)  # 7 pairs per block
-    model = small_model()
+    model = small_model(**options)
     z, pos = random_molecule(14, spread=2.5)
     pairs = neighbor_pairs(pos, model.cutoff_upper, half=half)
     charge = torch.tensor([-1.0], dtype=torch.float64)
@@ -243,7 +253,7 @@ def test_packed_product_kernel_values_and_gradients():
     decomposition), with the same tensor on both sides too (dX^2)."""
     f64 = {"dtype": torch.float64, "requires_grad": True}
     a, b = torch.randn(5, 10, 7, **f64), torch.randn(5, 10, 7, **f64)
-    reference = kernels.PairKernels().double()
+    reference = kernels.PairKernels(torch.float64)
     fused = torch.ops.tensornet_openmm.packed_product
     torch.testing.assert_close(fused(a, b), reference.product(a, b))
     torch.testing.assert_close(fused(a, a), reference.product(a, a))

@@ -281,3 +281,18 @@ def test_low_memory_gradient_keeps_nothing_pair_sized():
         x = vec.clone().requires_grad_(True)
         model(z, pos, edges, x, half=True).sum().backward()
     assert max(sizes) >= edges.shape[1] * 3 * f
+
+
+def test_double_after_construction_in_float32_is_exact():
+    """model.double() gives the same numbers as a model made in float64 with the same weights:
+    the packed algebra's constants (1/3, 1/2) are made again in float64, not cast from float32."""
+    torch.manual_seed(0)
+    hp = dict(hidden_channels=16, num_layers=2, num_rbf=8, max_z=10)
+    cast = TensorNet(**hp)
+    exact = TensorNet(**hp, dtype=torch.float64)
+    exact.load_state_dict(cast.state_dict())
+    cast.double()
+    z, pos = random_molecule(9)
+    e_cast, f_cast = energy_forces(cast, z, pos)
+    e_exact, f_exact = energy_forces(exact, z, pos)
+    assert torch.equal(e_cast, e_exact) and torch.equal(f_cast, f_exact)

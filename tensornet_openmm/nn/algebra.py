@@ -46,24 +46,41 @@ def _packed_from_full(x: Tensor) -> Tensor:
     return torch.stack(comps, dim=-1)
 
 
+def _constants() -> dict[str, Tensor]:
+    """The matrices of :class:`PackedAlgebra`, exact in float64."""
+    eye = torch.eye(10, dtype=torch.float64)
+    to_full = _full_from_packed(eye).T  # (9, 10): column c = full form of component c
+    to_packed = _packed_from_full(torch.eye(9, dtype=torch.float64)).T  # (10, 9)
+    weights = torch.tensor(NORM_WEIGHTS, dtype=torch.float64)
+    # rows: 3 I^2, |A|^2, |S|^2 from the squared components (the output head's features)
+    part_norms = torch.zeros(3, 10, dtype=torch.float64)
+    for k, (first, last) in enumerate(PARTS):
+        part_norms[k, first:last] = weights[first:last]
+    return {
+        "to_full": to_full,
+        "to_packed": to_packed,
+        "weights": weights[:, None],  # (10, 1)
+        "part_weights": part_norms,
+    }
+
+
 class PackedAlgebra(nn.Module):
     """The constant matrices of the packed form, as buffers that follow the module's dtype and
     device (not saved in checkpoints)."""
 
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        eye = torch.eye(10, dtype=torch.float64)
-        to_full = _full_from_packed(eye).T  # (9, 10): column c = full form of component c
-        to_packed = _packed_from_full(torch.eye(9, dtype=torch.float64)).T  # (10, 9)
-        weights = torch.tensor(NORM_WEIGHTS, dtype=torch.float64)
-        # rows: 3 I^2, |A|^2, |S|^2 from the squared components (the output head's features)
-        part_norms = torch.zeros(3, 10, dtype=torch.float64)
-        for k, (first, last) in enumerate(PARTS):
-            part_norms[k, first:last] = weights[first:last]
-        self.register_buffer("to_full", to_full.to(dtype), persistent=False)
-        self.register_buffer("to_packed", to_packed.to(dtype), persistent=False)
-        self.register_buffer("weights", weights[:, None].to(dtype), persistent=False)  # (10, 1)
-        self.register_buffer("part_weights", part_norms.to(dtype), persistent=False)
+        for name, value in _constants().items():
+            self.register_buffer(name, value.to(dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """``.double()`` and the like: the constants are made again from their float64 values
+        (1/3 cast from float32 to float64 is not 1/3)."""
+        super()._apply(fn, recurse)
+        for name, value in _constants().items():
+            current = getattr(self, name)
+            setattr(self, name, value.to(device=current.device, dtype=current.dtype))
+        return self
 
     def full(self, p: Tensor) -> Tensor:
         """Packed (n, 10, F) -> full (n, 3, 3, F)."""

@@ -136,9 +136,9 @@ class PairKernels(nn.Module):
     also src -> dst when ``half`` (see :mod:`.layers`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.algebra = PackedAlgebra()
+        self.algebra = PackedAlgebra(dtype)  # made in the model's dtype: 1/3 is not exact
         self.register_buffer("group", torch.tensor(GROUP), persistent=False)
         self.register_buffer("sign", torch.tensor(REVERSED_SIGN), persistent=False)
 
@@ -249,8 +249,9 @@ def use_fused_kernels(model: nn.Module, enabled: bool = True) -> bool:
     reference = next(iter(model.parameters()), None)
     for module in model.modules():
         if hasattr(module, "pair_kernels"):
-            kernels = FusedPairKernels() if fused else PairKernels()
-            if reference is not None:  # the model's dtype and device
-                kernels.to(device=reference.device, dtype=reference.dtype)
+            dtype = torch.float32 if reference is None else reference.dtype
+            kernels = FusedPairKernels(dtype) if fused else PairKernels(dtype)
+            if reference is not None:
+                kernels.to(device=reference.device)
             module.pair_kernels = kernels
     return fused

@@ -182,7 +182,7 @@ class TensorEmbedding(nn.Module):
         )
         self.init_norm = nn.LayerNorm(f, dtype=dtype)
         self.algebra = algebra.PackedAlgebra(dtype)
-        self.pair_kernels = PairKernels()  # see kernels.use_fused_kernels
+        self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
 
     def _project(self, basis: Tensor) -> Tensor:
         """The three distance projections at once: (P, K) -> (P, 3, F)."""
@@ -339,7 +339,7 @@ class Interaction(nn.Module):
         self.linears_tensor = _channel_linears(6, f, dtype)
         self.act = ACTIVATIONS[activation]()
         self.algebra = algebra.PackedAlgebra(dtype)
-        self.pair_kernels = PairKernels()  # see kernels.use_fused_kernels
+        self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
 
     def _filters(self, basis: Tensor, cut: Tensor) -> Tensor:
         """Radial filters f_I, f_A, f_S: (P, num_rbf) -> (P, 3, F), times the cutoff (P,)."""
