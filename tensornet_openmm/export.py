@@ -111,7 +111,8 @@ class TensorNetForce(nn.Module):
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.fused_kernels = use_fused_kernels(self.model, fused_kernels)
+        # the low-memory path has its own pair loops, in PyTorch
+        self.fused_kernels = use_fused_kernels(self.model, fused_kernels and not low_memory)
         dtype = next(self.model.parameters()).dtype
         z = torch.as_tensor(np.asarray(atomic_numbers, dtype=np.int64))
         if z.ndim != 1 or z.numel() == 0:

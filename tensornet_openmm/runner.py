@@ -251,8 +251,12 @@ def build(config: dict, log=print):
             description = (
                 f"ML/MM, ML region {mlconf['atoms']!r}: {n_ml} of {topology.getNumAtoms()} atoms"
             )
+        from .nn import kernels
+
         if options["low_memory"]:
             description += ", low-memory forces"
+        elif kernels.wanted() and kernels.available():
+            description += ", fused CPU kernels"
     if config["ensemble"] == "npt":
         import openmm
         import openmm.unit as u

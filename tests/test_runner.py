@@ -18,6 +18,7 @@ from tensornet_openmm import save_model
 from tensornet_openmm.checkpoints import shipped_models
 from tensornet_openmm.cli import main
 from tensornet_openmm.export import read_metadata
+from tensornet_openmm.nn import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMULATIONS = ROOT / "simulations"
@@ -176,7 +177,10 @@ def test_low_memory_run_follows_the_same_trajectory(model_file, tmp_path):
                 "--output", str(out), "--set", f"ml.low_memory={low}", *QUICK]  # fmt: skip
         assert main(argv) == 0
         assert f"low_memory: {low}" in (out / "config.resolved.yaml").read_text()
-        assert ("low-memory forces" in (out / "run.log").read_text()) == (low == "true")
+        log = (out / "run.log").read_text()
+        assert ("low-memory forces" in log) == (low == "true")
+        expect_kernels = low == "false" and kernels.wanted() and kernels.load()
+        assert ("fused CPU kernels" in log) == expect_kernels
         table = np.genfromtxt(out / "energies.csv", delimiter=",", names=True)
         energies[low] = table[table.dtype.names[2]]
     np.testing.assert_allclose(energies["true"], energies["false"], rtol=2e-4)
