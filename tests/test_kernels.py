@@ -249,15 +249,28 @@ def test_a_failed_build_warns_and_falls_back(tmp_path):
 
 
 def test_packed_product_kernel_values_and_gradients():
-    """packed(A B) per atom and channel against the PyTorch path (full form, broadcast product,
-    decomposition), with the same tensor on both sides too (dX^2)."""
+    """packed(A B) and packed(A B + B A) per atom and channel against the PyTorch path (full
+    form, broadcast product, decomposition), with the same tensor on both sides too (dX^2)."""
     f64 = {"dtype": torch.float64, "requires_grad": True}
     a, b = torch.randn(5, 10, 7, **f64), torch.randn(5, 10, 7, **f64)
     reference = kernels.PairKernels(torch.float64)
     fused = torch.ops.tensornet_openmm.packed_product
-    torch.testing.assert_close(fused(a, b), reference.product(a, b))
-    torch.testing.assert_close(fused(a, a), reference.product(a, a))
-    assert torch.autograd.gradcheck(fused, (a, b))
-    assert torch.autograd.gradcheck(lambda t: fused(t, t), (a,))
+    for symmetric in (False, True):
+        torch.testing.assert_close(fused(a, b, symmetric), reference.product(a, b, symmetric))
+        torch.testing.assert_close(fused(a, a, symmetric), reference.product(a, a, symmetric))
+        assert torch.autograd.gradcheck(lambda x, y, s=symmetric: fused(x, y, s), (a, b))
+        assert torch.autograd.gradcheck(lambda t, s=symmetric: fused(t, t, s), (a,))
     with pytest.raises(RuntimeError, match="must be \\(atoms, 10, channels\\) alike"):
         fused(a[:, :9], b[:, :9])
+
+
+def test_packed_mix_kernel_values_and_gradients():
+    """Channel mixing with one weight per part, and its gradients (weights included)."""
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    p, w = torch.randn(6, 10, 5, **f64), torch.randn(3, 5, 5, **f64)
+    reference = kernels.PairKernels(torch.float64)
+    fused = torch.ops.tensornet_openmm.packed_mix
+    torch.testing.assert_close(fused(p, w), reference.mix(p, w))
+    assert torch.autograd.gradcheck(fused, (p, w))
+    with pytest.raises(RuntimeError, match="weights must be \\(3, channels, channels\\)"):
+        fused(p, w[:2])

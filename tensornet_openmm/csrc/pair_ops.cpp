@@ -477,38 +477,41 @@ TN_INLINE void mat3(const T a[9], const T b[9], T c[9]) {  // c = a b
       c[3 * r + k] = a[3 * r] * b[k] + a[3 * r + 1] * b[3 + k] + a[3 * r + 2] * b[6 + k];
 }
 
-// out = packed(A B), for atoms [a0, a1)
+// out = packed(A B), or packed(A B + B A) when symmetric, for atoms [a0, a1)
 template <typename T>
-TN_INLINE void packed_product(const T* a, const T* b, T* out, int64_t f_len, int64_t a0,
-                              int64_t a1) {
+TN_INLINE void packed_product(const T* a, const T* b, T* out, int64_t f_len, bool symmetric,
+                              int64_t a0, int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
-    const T* an = a + n * kComps * f_len;
-    const T* bn = b + n * kComps * f_len;
-    T* on = out + n * kComps * f_len;
+    const int64_t base = n * kComps * f_len;
     for (int64_t f = 0; f < f_len; ++f) {
-      T pa[kComps], pb[kComps], xa[9], xb[9], xc[9], pc[kComps];
+      T pa[kComps], pb[kComps], xa[9], xb[9], xc[9], xd[9], pc[kComps];
       for (int c = 0; c < kComps; ++c) {
-        pa[c] = an[c * f_len + f];
-        pb[c] = bn[c * f_len + f];
+        pa[c] = a[base + c * f_len + f];
+        pb[c] = b[base + c * f_len + f];
       }
       unpack(pa, xa);
       unpack(pb, xb);
       mat3(xa, xb, xc);
+      if (symmetric) {
+        mat3(xb, xa, xd);
+        for (int k = 0; k < 9; ++k) xc[k] += xd[k];
+      }
       pack(xc, pc);
-      for (int c = 0; c < kComps; ++c) on[c * f_len + f] = pc[c];
+      for (int c = 0; c < kComps; ++c) out[base + c * f_len + f] = pc[c];
     }
   }
 }
 
-// gradients of packed(A B) with respect to a and b (either may be null), for atoms [a0, a1):
-// G = pack^T g, dA = G B^T, dB = A^T G, then unpack^T
+// gradients of packed(A B) (+ packed(B A) when symmetric) with respect to a and b (either may
+// be null), for atoms [a0, a1): G = pack^T g; dA = G B^T (+ B^T G), dB = A^T G (+ G A^T);
+// then unpack^T
 template <typename T>
 TN_INLINE void packed_product_grad(const T* grad, const T* a, const T* b, T* g_a, T* g_b,
-                                   int64_t f_len, int64_t a0, int64_t a1) {
+                                   int64_t f_len, bool symmetric, int64_t a0, int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
     const int64_t base = n * kComps * f_len;
     for (int64_t f = 0; f < f_len; ++f) {
-      T pg[kComps], pa[kComps], pb[kComps], xg[9], xa[9], xb[9], d[9], pd[kComps];
+      T pg[kComps], pa[kComps], pb[kComps], xg[9], xa[9], xb[9], d[9], e[9], pd[kComps];
       for (int c = 0; c < kComps; ++c) {
         pg[c] = grad[base + c * f_len + f];
         pa[c] = a[base + c * f_len + f];
@@ -517,15 +520,23 @@ TN_INLINE void packed_product_grad(const T* grad, const T* a, const T* b, T* g_a
       pack_t(pg, xg);
       unpack(pa, xa);
       unpack(pb, xb);
+      const T at[9] = {xa[0], xa[3], xa[6], xa[1], xa[4], xa[7], xa[2], xa[5], xa[8]};
+      const T bt[9] = {xb[0], xb[3], xb[6], xb[1], xb[4], xb[7], xb[2], xb[5], xb[8]};
       if (g_a != nullptr) {
-        const T bt[9] = {xb[0], xb[3], xb[6], xb[1], xb[4], xb[7], xb[2], xb[5], xb[8]};
         mat3(xg, bt, d);
+        if (symmetric) {
+          mat3(bt, xg, e);
+          for (int k = 0; k < 9; ++k) d[k] += e[k];
+        }
         unpack_t(d, pd);
         for (int c = 0; c < kComps; ++c) g_a[base + c * f_len + f] = pd[c];
       }
       if (g_b != nullptr) {
-        const T at[9] = {xa[0], xa[3], xa[6], xa[1], xa[4], xa[7], xa[2], xa[5], xa[8]};
         mat3(at, xg, d);
+        if (symmetric) {
+          mat3(xg, at, e);
+          for (int k = 0; k < 9; ++k) d[k] += e[k];
+        }
         unpack_t(d, pd);
         for (int c = 0; c < kComps; ++c) g_b[base + c * f_len + f] = pd[c];
       }
@@ -534,13 +545,13 @@ TN_INLINE void packed_product_grad(const T* grad, const T* a, const T* b, T* g_a
 }
 
 #define TN_PRODUCT_INSTANCES(T)                                                                  \
-  TN_CLONES void run_product(const T* a, const T* b, T* out, int64_t f_len, int64_t a0,         \
-                             int64_t a1) {                                                      \
-    packed_product<T>(a, b, out, f_len, a0, a1);                                                \
+  TN_CLONES void run_product(const T* a, const T* b, T* out, int64_t f_len, bool symmetric,     \
+                             int64_t a0, int64_t a1) {                                          \
+    packed_product<T>(a, b, out, f_len, symmetric, a0, a1);                                     \
   }                                                                                              \
   TN_CLONES void run_product_grad(const T* grad, const T* a, const T* b, T* g_a, T* g_b,        \
-                                  int64_t f_len, int64_t a0, int64_t a1) {                      \
-    packed_product_grad<T>(grad, a, b, g_a, g_b, f_len, a0, a1);                                \
+                                  int64_t f_len, bool symmetric, int64_t a0, int64_t a1) {      \
+    packed_product_grad<T>(grad, a, b, g_a, g_b, f_len, symmetric, a0, a1);                     \
   }
 
 TN_PRODUCT_INSTANCES(float)
@@ -548,7 +559,7 @@ TN_PRODUCT_INSTANCES(double)
 
 constexpr int64_t kProductWork = 150;  // multiply-adds per atom, channel and product
 
-at::Tensor product_kernel(const at::Tensor& a_in, const at::Tensor& b_in) {
+at::Tensor product_kernel(const at::Tensor& a_in, const at::Tensor& b_in, bool symmetric) {
   TORCH_CHECK(a_in.dim() == 3 && a_in.size(1) == kComps && a_in.sizes() == b_in.sizes(),
               "packed_product: a and b must be (atoms, 10, channels) alike, got ", a_in.sizes(),
               " and ", b_in.sizes());
@@ -561,7 +572,7 @@ at::Tensor product_kernel(const at::Tensor& a_in, const at::Tensor& b_in) {
     const scalar_t *ap = a.data_ptr<scalar_t>(), *bp = b.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     split(atoms, 1, atoms * f_len * kProductWork, [&](int64_t a0, int64_t a1) {
-      run_product(ap, bp, op, f_len, a0, a1);
+      run_product(ap, bp, op, f_len, symmetric, a0, a1);
     });
   });
   return out;
@@ -569,16 +580,19 @@ at::Tensor product_kernel(const at::Tensor& a_in, const at::Tensor& b_in) {
 
 class PackedProduct : public torch::autograd::Function<PackedProduct> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
+                            bool symmetric) {
     ctx->save_for_backward({a, b});
+    ctx->saved_data["symmetric"] = symmetric;
     at::AutoDispatchBelowADInplaceOrView guard;
-    return product_kernel(a, b);
+    return product_kernel(a, b, symmetric);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const auto saved = ctx->get_saved_variables();
     const at::Tensor a = saved[0].contiguous(), b = saved[1].contiguous();
+    const bool symmetric = ctx->saved_data["symmetric"].toBool();
     const at::Tensor grad = grads[0].contiguous();
     at::Tensor g_a, g_b;
     if (ctx->needs_input_grad(0)) g_a = at::empty_like(a);
@@ -589,15 +603,79 @@ class PackedProduct : public torch::autograd::Function<PackedProduct> {
                      *bp = b.data_ptr<scalar_t>();
       scalar_t *ga = data_or_null<scalar_t>(g_a), *gb = data_or_null<scalar_t>(g_b);
       split(atoms, 1, 2 * atoms * f_len * kProductWork, [&](int64_t a0, int64_t a1) {
-        run_product_grad(gp, ap, bp, ga, gb, f_len, a0, a1);
+        run_product_grad(gp, ap, bp, ga, gb, f_len, symmetric, a0, a1);
       });
     });
-    return {g_a, g_b};
+    return {g_a, g_b, at::Tensor()};
   }
 };
 
-at::Tensor packed_product_op(const at::Tensor& a, const at::Tensor& b) {
-  return PackedProduct::apply(a, b);
+at::Tensor packed_product_op(const at::Tensor& a, const at::Tensor& b, bool symmetric) {
+  return PackedProduct::apply(a, b, symmetric);
+}
+
+// ---- Channel mixing of a packed tensor --------------------------------------------------------
+// out[n, c] = W[GROUP[c]] p[n, c] (a linear over channels, one weight per part): the packed
+// tensor goes to component-major order once, so that each part is one matrix product.
+
+at::Tensor mix_kernel(const at::Tensor& p, const at::Tensor& w, bool transposed) {
+  const int64_t atoms = p.size(0), f_len = p.size(2);
+  const at::Tensor rows = p.transpose(0, 1).contiguous().view({kComps * atoms, f_len});
+  at::Tensor out = at::empty({kComps * atoms, w.size(1)}, p.options());
+  const int64_t starts[kParts + 1] = {0, atoms, 4 * atoms, kComps * atoms};
+  for (int64_t k = 0; k < kParts; ++k) {
+    const int64_t first = starts[k], count = starts[k + 1] - starts[k];
+    at::Tensor dest = out.narrow(0, first, count);
+    const at::Tensor weight = transposed ? w[k] : w[k].t();  // rows @ W^T, or rows @ W
+    at::mm_out(dest, rows.narrow(0, first, count), weight);
+  }
+  return out.view({kComps, atoms, w.size(1)}).transpose(0, 1).contiguous();
+}
+
+at::Tensor mix_checked(const at::Tensor& p, const at::Tensor& w) {
+  TORCH_CHECK(p.dim() == 3 && p.size(1) == kComps,
+              "packed_mix: p must be (atoms, 10, channels), got ", p.sizes());
+  TORCH_CHECK(w.dim() == 3 && w.size(0) == kParts && w.size(1) == w.size(2) &&
+                  w.size(2) == p.size(2),
+              "packed_mix: weights must be (3, channels, channels), got ", w.sizes());
+  TORCH_CHECK(p.scalar_type() == w.scalar_type(), "packed_mix: p and weights differ in dtype");
+  TORCH_CHECK(p.device().is_cpu() && w.device().is_cpu(), "CPU kernels take CPU tensors");
+  return mix_kernel(p, w, false);
+}
+
+class PackedMix : public torch::autograd::Function<PackedMix> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& p, const at::Tensor& w) {
+    ctx->save_for_backward({p, w});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return mix_checked(p, w);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &p = saved[0], &w = saved[1];
+    const at::Tensor grad = grads[0];
+    at::Tensor g_p, g_w;
+    if (ctx->needs_input_grad(0)) g_p = mix_kernel(grad, w, true);
+    if (ctx->needs_input_grad(1)) {  // sum over each part's rows of grad^T p
+      const int64_t atoms = p.size(0), f_len = p.size(2);
+      const at::Tensor gr = grad.transpose(0, 1).contiguous().view({kComps * atoms, f_len});
+      const at::Tensor pr = p.transpose(0, 1).contiguous().view({kComps * atoms, f_len});
+      const int64_t starts[kParts + 1] = {0, atoms, 4 * atoms, kComps * atoms};
+      std::vector<at::Tensor> parts;
+      for (int64_t k = 0; k < kParts; ++k) {
+        const int64_t first = starts[k], count = starts[k + 1] - starts[k];
+        parts.push_back(at::mm(gr.narrow(0, first, count).t(), pr.narrow(0, first, count)));
+      }
+      g_w = at::stack(parts);
+    }
+    return {g_p, g_w};
+  }
+};
+
+at::Tensor packed_mix_op(const at::Tensor& p, const at::Tensor& w) {
+  return PackedMix::apply(p, w);
 }
 
 }  // namespace
@@ -607,17 +685,20 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "embedding_sums(Tensor radial, Tensor z_recv, Tensor z_send, Tensor geom, Tensor src, "
       "Tensor dst, bool half) -> Tensor");
-  m.def("packed_product(Tensor a, Tensor b) -> Tensor");
+  m.def("packed_product(Tensor a, Tensor b, bool symmetric=False) -> Tensor");
+  m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("messages", messages_kernel);
   m.impl("embedding_sums", embedding_kernel);
   m.impl("packed_product", product_kernel);
+  m.impl("packed_mix", mix_checked);
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("messages", messages);
   m.impl("embedding_sums", embedding_sums);
   m.impl("packed_product", packed_product_op);
+  m.impl("packed_mix", packed_mix_op);
 }

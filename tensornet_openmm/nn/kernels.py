@@ -178,9 +178,26 @@ class PairKernels(nn.Module):
             out = out.index_add(0, dst, w * species.unsqueeze(1) * reversed_geom.unsqueeze(2))
         return out
 
-    def product(self, a: Tensor, b: Tensor) -> Tensor:
-        """packed(A B): the 3x3 product of packed (n, 10, F) tensors, per atom and channel."""
-        return self.algebra.packed(matmul(self.algebra.full(a), self.algebra.full(b)))
+    def product(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
+        """packed(A B), or packed(A B + B A) if ``symmetric``: 3x3 products of packed
+        (n, 10, F) tensors, per atom and channel."""
+        x, y = self.algebra.full(a), self.algebra.full(b)
+        if symmetric:
+            return self.algebra.packed(matmul(x, y) + matmul(y, x))
+        return self.algebra.packed(matmul(x, y))
+
+    def mix(self, p: Tensor, w: Tensor) -> Tensor:
+        """Channel mixing of a packed (n, 10, F) tensor, weight w[k] (F, F) for part k (I, A, S):
+        out[:, c] = p[:, c] @ w[GROUP[c]]^T."""
+        iso, vec, sym = torch.split(p, [1, 3, 6], dim=1)
+        return torch.cat(
+            (
+                nn.functional.linear(iso.squeeze(1), w[0]).unsqueeze(1),
+                nn.functional.linear(vec.contiguous(), w[1]),
+                nn.functional.linear(sym.contiguous(), w[2]),
+            ),
+            dim=1,
+        )
 
 
 class FusedPairKernels(PairKernels):
@@ -209,10 +226,26 @@ class FusedPairKernels(PairKernels):
             radial, z_recv, z_send, geom, src, dst, half
         )
 
-    def product(self, a: Tensor, b: Tensor) -> Tensor:
+    def product(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
         if a.device.type == "cpu":
-            return torch.ops.tensornet_openmm.packed_product(a, b)
-        return self.algebra.packed(matmul(self.algebra.full(a), self.algebra.full(b)))
+            return torch.ops.tensornet_openmm.packed_product(a, b, symmetric)
+        x, y = self.algebra.full(a), self.algebra.full(b)
+        if symmetric:
+            return self.algebra.packed(matmul(x, y) + matmul(y, x))
+        return self.algebra.packed(matmul(x, y))
+
+    def mix(self, p: Tensor, w: Tensor) -> Tensor:
+        if p.device.type == "cpu":
+            return torch.ops.tensornet_openmm.packed_mix(p, w)
+        iso, vec, sym = torch.split(p, [1, 3, 6], dim=1)
+        return torch.cat(
+            (
+                nn.functional.linear(iso.squeeze(1), w[0]).unsqueeze(1),
+                nn.functional.linear(vec.contiguous(), w[1]),
+                nn.functional.linear(sym.contiguous(), w[2]),
+            ),
+            dim=1,
+        )
 
 
 def wanted() -> bool:

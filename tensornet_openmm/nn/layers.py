@@ -264,6 +264,12 @@ class TensorEmbedding(nn.Module):
         for linear in self.linears_scalar:
             gates = self.act(linear(gates))
         gates = gates.reshape(n, 3, f)
+        if self.pair_kernels.applies(x):  # fused CPU kernels: the three linears as one operator
+            lin = self.linears_tensor
+            weights = torch.stack((lin[0].weight, lin[1].weight, lin[2].weight))
+            return self.pair_kernels.mix(x, weights) * gates.index_select(
+                1, self.pair_kernels.group
+            )
         g_i, g_a, g_s = gates.unbind(1)
         iso = self.linears_tensor[0](iso) * g_i
         vec = self.linears_tensor[1](vec) * g_a.unsqueeze(1)
@@ -414,25 +420,55 @@ class Interaction(nn.Module):
         charge_factor: Tensor,
         half: bool = False,
     ) -> Tensor:
-        x, parts = self.prepare(x)
+        if self.pair_kernels.applies(x):
+            return self._fused_forward(x, src, dst, cut, basis, self_basis, charge_factor, half)
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
-        if self.pair_kernels.applies(x):  # fused CPU kernels
-            y = torch.cat(parts, dim=1)
-            packed = torch.zeros_like(y)
-            for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
-                src.split(block), dst.split(block), cut.split(block), basis.split(block)
-            ):
-                packed = packed + self.pair_kernels.messages(
-                    y, self._filters(basis_b, cut_b), i, j, half
-                )
-            msg = list(torch.split(packed, [1, 3, 6], dim=1))
-            return self.finish(x, parts, msg, self_basis, charge_factor, True)
+        x, parts = self.prepare(x)
         msg = self.self_messages(parts, self_basis)  # the self pair, then sum_j f(ij) y_j
         for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), cut.split(block), basis.split(block)
         ):
             self.add_block(msg, i, j, cut_b, basis_b, parts, half)
         return self.finish(x, parts, msg, self_basis, charge_factor, False)
+
+    def _mix_weights(self, first: int) -> Tensor:
+        """W_first, W_first+1, W_first+2 stacked, (3, F, F) (a constant once frozen)."""
+        lin = self.linears_tensor
+        if first == 0:
+            return torch.stack((lin[0].weight, lin[1].weight, lin[2].weight))
+        return torch.stack((lin[3].weight, lin[4].weight, lin[5].weight))
+
+    def _fused_forward(
+        self,
+        x: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        cut: Tensor,
+        basis: Tensor,
+        self_basis: Tensor,
+        charge_factor: Tensor,
+        half: bool,
+    ) -> Tensor:
+        """:meth:`forward` with the fused CPU kernels: packed tensors throughout, the messages,
+        channel mixing and 3x3 products each one operator."""
+        kernels = self.pair_kernels
+        x = x / (self.algebra.squared_norm(x) + 1.0)
+        y = kernels.mix(x, self._mix_weights(0))
+        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
+        msg = y * self._filters(self_basis, cut0).index_select(1, kernels.group)  # self pair
+        block = pair_block(src.shape[0], self.hidden_channels, x.device)
+        for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            src.split(block), dst.split(block), cut.split(block), basis.split(block)
+        ):
+            msg = msg + kernels.messages(y, self._filters(basis_b, cut_b), i, j, half)
+        q = charge_factor.reshape(-1, 1, 1)
+        if self.o3:
+            c = kernels.product(msg, y, True) * q
+        else:
+            c = 2.0 * kernels.product(y, msg, False)
+        c = c / (self.algebra.squared_norm(c) + 1.0)
+        dx = kernels.mix(c, self._mix_weights(3))
+        return x + dx + q * kernels.product(dx, dx, False)
 
     def self_messages(self, parts: list[Tensor], self_basis: Tensor) -> list[Tensor]:
         """The self pair's messages f(0) Y_i."""
@@ -455,16 +491,6 @@ class Interaction(nn.Module):
             own = self.self_messages(parts, self_basis)
             msg = [msg[k] + own[k] for k in range(3)]
         q = charge_factor.reshape(-1, 1, 1)
-        if self.pair_kernels.applies(x):  # fused CPU kernels for the 3x3 products
-            kernels = self.pair_kernels
-            y_p, m_p = torch.cat(parts, dim=1), torch.cat(msg, dim=1)
-            if self.o3:
-                c = (kernels.product(m_p, y_p) + kernels.product(y_p, m_p)) * q
-            else:
-                c = 2.0 * kernels.product(y_p, m_p)
-            c = c / (self.algebra.squared_norm(c) + 1.0)
-            dx = torch.cat(self._mix(3, c), dim=1)
-            return x + dx + q * kernels.product(dx, dx)
         y = self.algebra.full(torch.cat(parts, dim=1))
         m = self.algebra.full(torch.cat(msg, dim=1))
         if self.o3:
