@@ -274,3 +274,11 @@ def test_packed_mix_kernel_values_and_gradients():
     assert torch.autograd.gradcheck(fused, (p, w))
     with pytest.raises(RuntimeError, match="weights must be \\(3, channels, channels\\)"):
         fused(p, w[:2])
+
+
+def test_packed_normalize_kernel_values_and_gradients():
+    p = torch.randn(6, 10, 5, dtype=torch.float64, requires_grad=True)
+    reference = kernels.PairKernels(torch.float64)
+    fused = torch.ops.tensornet_openmm.packed_normalize
+    torch.testing.assert_close(fused(p), reference.normalize(p))
+    assert torch.autograd.gradcheck(fused, (p,))

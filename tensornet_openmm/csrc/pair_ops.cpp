@@ -678,6 +678,104 @@ at::Tensor packed_mix_op(const at::Tensor& p, const at::Tensor& w) {
   return PackedMix::apply(p, w);
 }
 
+// ---- Normalisation X / (|X|^2 + 1) of packed tensors ------------------------------------------
+// |X|^2 = sum_c NORM[c] p_c^2 (the squared Frobenius norm: off-diagonal entries count twice).
+constexpr double kNorm[kComps] = {3, 2, 2, 2, 1, 1, 1, 2, 2, 2};
+
+template <typename T>
+TN_INLINE void normalize(const T* p, T* out, int64_t f_len, int64_t a0, int64_t a1) {
+  for (int64_t n = a0; n < a1; ++n) {
+    const T* pn = p + n * kComps * f_len;
+    T* on = out + n * kComps * f_len;
+    for (int64_t f = 0; f < f_len; ++f) {
+      T s = 1;
+      for (int c = 0; c < kComps; ++c) s += static_cast<T>(kNorm[c]) * pn[c * f_len + f] * pn[c * f_len + f];
+      const T inv = T(1) / s;
+      for (int c = 0; c < kComps; ++c) on[c * f_len + f] = pn[c * f_len + f] * inv;
+    }
+  }
+}
+
+// g_p[k] = g[k] / s - 2 NORM[k] p[k] (sum_c g[c] p[c]) / s^2
+template <typename T>
+TN_INLINE void normalize_grad(const T* grad, const T* p, T* g_p, int64_t f_len, int64_t a0,
+                              int64_t a1) {
+  for (int64_t n = a0; n < a1; ++n) {
+    const int64_t base = n * kComps * f_len;
+    for (int64_t f = 0; f < f_len; ++f) {
+      T s = 1, dot = 0;
+      for (int c = 0; c < kComps; ++c) {
+        const T v = p[base + c * f_len + f];
+        s += static_cast<T>(kNorm[c]) * v * v;
+        dot += grad[base + c * f_len + f] * v;
+      }
+      const T inv = T(1) / s, k = T(2) * dot * inv * inv;
+      for (int c = 0; c < kComps; ++c) {
+        const int64_t i = base + c * f_len + f;
+        g_p[i] = grad[i] * inv - static_cast<T>(kNorm[c]) * p[i] * k;
+      }
+    }
+  }
+}
+
+#define TN_NORMALIZE_INSTANCES(T)                                                                \
+  TN_CLONES void run_normalize(const T* p, T* out, int64_t f_len, int64_t a0, int64_t a1) {     \
+    normalize<T>(p, out, f_len, a0, a1);                                                         \
+  }                                                                                              \
+  TN_CLONES void run_normalize_grad(const T* grad, const T* p, T* g_p, int64_t f_len,           \
+                                    int64_t a0, int64_t a1) {                                   \
+    normalize_grad<T>(grad, p, g_p, f_len, a0, a1);                                             \
+  }
+
+TN_NORMALIZE_INSTANCES(float)
+TN_NORMALIZE_INSTANCES(double)
+
+constexpr int64_t kNormalizeWork = 40;  // operations per atom, channel
+
+at::Tensor normalize_kernel(const at::Tensor& p_in) {
+  TORCH_CHECK(p_in.dim() == 3 && p_in.size(1) == kComps,
+              "packed_normalize: p must be (atoms, 10, channels), got ", p_in.sizes());
+  TORCH_CHECK(p_in.device().is_cpu(), "CPU kernels take CPU tensors");
+  const at::Tensor p = p_in.contiguous();
+  at::Tensor out = at::empty_like(p, at::MemoryFormat::Contiguous);
+  const int64_t atoms = p.size(0), f_len = p.size(2);
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_normalize", [&] {
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    split(atoms, 1, atoms * f_len * kNormalizeWork, [&](int64_t a0, int64_t a1) {
+      run_normalize(pp, op, f_len, a0, a1);
+    });
+  });
+  return out;
+}
+
+class PackedNormalize : public torch::autograd::Function<PackedNormalize> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& p) {
+    ctx->save_for_backward({p});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return normalize_kernel(p);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor()};
+    const at::Tensor p = ctx->get_saved_variables()[0].contiguous();
+    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor g_p = at::empty_like(p);
+    const int64_t atoms = p.size(0), f_len = p.size(2);
+    AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_normalize_backward", [&] {
+      const scalar_t *gp = grad.data_ptr<scalar_t>(), *pp = p.data_ptr<scalar_t>();
+      scalar_t* out = g_p.data_ptr<scalar_t>();
+      split(atoms, 1, 2 * atoms * f_len * kNormalizeWork, [&](int64_t a0, int64_t a1) {
+        run_normalize_grad(gp, pp, out, f_len, a0, a1);
+      });
+    });
+    return {g_p};
+  }
+};
+
+at::Tensor packed_normalize_op(const at::Tensor& p) { return PackedNormalize::apply(p); }
+
 }  // namespace
 
 TORCH_LIBRARY(tensornet_openmm, m) {
@@ -687,6 +785,7 @@ TORCH_LIBRARY(tensornet_openmm, m) {
       "Tensor dst, bool half) -> Tensor");
   m.def("packed_product(Tensor a, Tensor b, bool symmetric=False) -> Tensor");
   m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
+  m.def("packed_normalize(Tensor p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
@@ -694,6 +793,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("embedding_sums", embedding_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_mix", mix_checked);
+  m.impl("packed_normalize", normalize_kernel);
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
@@ -701,4 +801,5 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("embedding_sums", embedding_sums);
   m.impl("packed_product", packed_product_op);
   m.impl("packed_mix", packed_mix_op);
+  m.impl("packed_normalize", packed_normalize_op);
 }

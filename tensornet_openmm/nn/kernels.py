@@ -186,6 +186,10 @@ class PairKernels(nn.Module):
             return self.algebra.packed(matmul(x, y) + matmul(y, x))
         return self.algebra.packed(matmul(x, y))
 
+    def normalize(self, p: Tensor) -> Tensor:
+        """X / (|X|^2 + 1) of packed (n, 10, F) tensors, |X| the Frobenius norm per channel."""
+        return p / (self.algebra.squared_norm(p) + 1.0)
+
     def mix(self, p: Tensor, w: Tensor) -> Tensor:
         """Channel mixing of a packed (n, 10, F) tensor, weight w[k] (F, F) for part k (I, A, S):
         out[:, c] = p[:, c] @ w[GROUP[c]]^T."""
@@ -233,6 +237,11 @@ class FusedPairKernels(PairKernels):
         if symmetric:
             return self.algebra.packed(matmul(x, y) + matmul(y, x))
         return self.algebra.packed(matmul(x, y))
+
+    def normalize(self, p: Tensor) -> Tensor:
+        if p.device.type == "cpu":
+            return torch.ops.tensornet_openmm.packed_normalize(p)
+        return p / (self.algebra.squared_norm(p) + 1.0)
 
     def mix(self, p: Tensor, w: Tensor) -> Tensor:
         if p.device.type == "cpu":

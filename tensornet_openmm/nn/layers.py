@@ -452,7 +452,7 @@ class Interaction(nn.Module):
         """:meth:`forward` with the fused CPU kernels: packed tensors throughout, the messages,
         channel mixing and 3x3 products each one operator."""
         kernels = self.pair_kernels
-        x = x / (self.algebra.squared_norm(x) + 1.0)
+        x = kernels.normalize(x)
         y = kernels.mix(x, self._mix_weights(0))
         cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
         msg = y * self._filters(self_basis, cut0).index_select(1, kernels.group)  # self pair
@@ -466,8 +466,7 @@ class Interaction(nn.Module):
             c = kernels.product(msg, y, True) * q
         else:
             c = 2.0 * kernels.product(y, msg, False)
-        c = c / (self.algebra.squared_norm(c) + 1.0)
-        dx = kernels.mix(c, self._mix_weights(3))
+        dx = kernels.mix(kernels.normalize(c), self._mix_weights(3))
         return x + dx + q * kernels.product(dx, dx, False)
 
     def self_messages(self, parts: list[Tensor], self_basis: Tensor) -> list[Tensor]:
