@@ -1,11 +1,13 @@
-"""Fused CPU kernels for the pair sums, and the pure-PyTorch code they replace.
+"""Fused CPU kernels for the pair sums and the per-atom algebra, and the PyTorch they replace.
 
-On the CPU, most of a small molecule's force call goes to the pair sums: gathering each pair's
-sender rows, multiplying them by the pair's filters and adding them onto the receivers, forwards
-and backwards. ``csrc/pair_ops.cpp`` does each of these in one pass with its backward written out
-(no pair-sized products, no autograd graph of small operators). It is compiled with the
-compiler PyTorch uses for extensions the first time it is asked for (:func:`load`, about 30 s;
-the build is cached per torch and Python version) and registered as ``torch.ops.tensornet_openmm``.
+On the CPU a small molecule's force call is mostly operator overhead: the pair sums (gather each
+pair's sender rows, multiply them by the pair's filters, add them onto the receivers) and the
+per-atom tensor algebra, forwards and backwards, as thousands of small operators.
+``csrc/pair_ops.cpp`` has five operators, each one pass with its backward written out:
+``messages``, ``embedding_sums``, ``packed_product``, ``packed_mix`` and ``packed_normalize``.
+It is compiled with the compiler PyTorch uses for extensions the first time it is asked for
+(:func:`load`, about 20 s; the build is cached per torch and Python version) and registered as
+``torch.ops.tensornet_openmm``.
 
 The model does not need them: :class:`PairKernels` is the same arithmetic in PyTorch, what the
 model runs by default and on GPUs. :func:`use_fused_kernels` switches a model's layers to
@@ -181,18 +183,27 @@ class PairKernels(nn.Module):
     def product(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
         """packed(A B), or packed(A B + B A) if ``symmetric``: 3x3 products of packed
         (n, 10, F) tensors, per atom and channel."""
+        return self._torch_product(a, b, symmetric)
+
+    def normalize(self, p: Tensor) -> Tensor:
+        """X / (|X|^2 + 1) of packed (n, 10, F) tensors, |X| the Frobenius norm per channel."""
+        return self._torch_normalize(p)
+
+    def mix(self, p: Tensor, w: Tensor) -> Tensor:
+        """Channel mixing of a packed (n, 10, F) tensor, weight w[k] (F, F) for part k (I, A, S):
+        out[:, c] = p[:, c] @ w[GROUP[c]]^T."""
+        return self._torch_mix(p, w)
+
+    def _torch_product(self, a: Tensor, b: Tensor, symmetric: bool) -> Tensor:
         x, y = self.algebra.full(a), self.algebra.full(b)
         if symmetric:
             return self.algebra.packed(matmul(x, y) + matmul(y, x))
         return self.algebra.packed(matmul(x, y))
 
-    def normalize(self, p: Tensor) -> Tensor:
-        """X / (|X|^2 + 1) of packed (n, 10, F) tensors, |X| the Frobenius norm per channel."""
+    def _torch_normalize(self, p: Tensor) -> Tensor:
         return p / (self.algebra.squared_norm(p) + 1.0)
 
-    def mix(self, p: Tensor, w: Tensor) -> Tensor:
-        """Channel mixing of a packed (n, 10, F) tensor, weight w[k] (F, F) for part k (I, A, S):
-        out[:, c] = p[:, c] @ w[GROUP[c]]^T."""
+    def _torch_mix(self, p: Tensor, w: Tensor) -> Tensor:
         iso, vec, sym = torch.split(p, [1, 3, 6], dim=1)
         return torch.cat(
             (
@@ -233,28 +244,17 @@ class FusedPairKernels(PairKernels):
     def product(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
         if a.device.type == "cpu":
             return torch.ops.tensornet_openmm.packed_product(a, b, symmetric)
-        x, y = self.algebra.full(a), self.algebra.full(b)
-        if symmetric:
-            return self.algebra.packed(matmul(x, y) + matmul(y, x))
-        return self.algebra.packed(matmul(x, y))
+        return self._torch_product(a, b, symmetric)
 
     def normalize(self, p: Tensor) -> Tensor:
         if p.device.type == "cpu":
             return torch.ops.tensornet_openmm.packed_normalize(p)
-        return p / (self.algebra.squared_norm(p) + 1.0)
+        return self._torch_normalize(p)
 
     def mix(self, p: Tensor, w: Tensor) -> Tensor:
         if p.device.type == "cpu":
             return torch.ops.tensornet_openmm.packed_mix(p, w)
-        iso, vec, sym = torch.split(p, [1, 3, 6], dim=1)
-        return torch.cat(
-            (
-                nn.functional.linear(iso.squeeze(1), w[0]).unsqueeze(1),
-                nn.functional.linear(vec.contiguous(), w[1]),
-                nn.functional.linear(sym.contiguous(), w[2]),
-            ),
-            dim=1,
-        )
+        return self._torch_mix(p, w)
 
 
 def wanted() -> bool:
