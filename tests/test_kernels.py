@@ -223,6 +223,11 @@ def test_exported_file_with_kernels_loads_in_a_fresh_process(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "plain load worked" not in out.stdout
     assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-12)
+    # where the kernels are switched off (or cannot be built) the error names the way out
+    env[kernels.ENVIRONMENT_SWITCH] = "0"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert out.returncode != 0 and "fused_kernels=False" in out.stderr
 
 
 def test_a_failed_build_warns_and_falls_back(tmp_path):

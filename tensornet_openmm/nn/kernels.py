@@ -278,8 +278,11 @@ def jit_load(source: str | Path | bytes) -> torch.jit.ScriptModule:
         if not load():
             raise RuntimeError(
                 "this TorchScript module was made with tensornet_openmm's fused CPU kernels, which "
-                "cannot be built or loaded here (see the warning above); export it again without "
-                "them (tensornet-openmm export without --fused-kernels)"
+                "cannot be built or loaded here (see the warning above; or "
+                f"{ENVIRONMENT_SWITCH}=0 is set): make it again without them, with "
+                "create_force(..., fused_kernels=False) / create_ml_system(..., "
+                "fused_kernels=False) for a System, or tensornet-openmm export without "
+                "--fused-kernels for a file"
             ) from error
         return read()
 
