@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <dlfcn.h>
+
 #include <vector>
 
 namespace {
@@ -618,17 +620,51 @@ at::Tensor packed_product_op(const at::Tensor& a, const at::Tensor& b, bool symm
 // out[n, c] = W[GROUP[c]] p[n, c] (a linear over channels, one weight per part): the packed
 // tensor goes to component-major order once, so that each part is one matrix product.
 
+// MKL's per-thread thread count (its C interface), where torch is built with MKL: looked up at
+// run time, null without MKL. (The lower-case mkl_set_num_threads_local is the Fortran one,
+// which takes a pointer.)
+using SetThreadsLocal = int (*)(int);
+SetThreadsLocal mkl_threads_local() {
+  static const SetThreadsLocal found =
+      reinterpret_cast<SetThreadsLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return found;
+}
+
+// Matrix products below this many multiply-adds run on the calling thread: MKL would open a
+// parallel region (waking the OpenMP workers) even for a small molecule's 22 x 128 x 128.
+constexpr int64_t kSerialGemm = int64_t(1) << 22;
+
+// Runs f with MKL on one thread in this thread when ``work`` is small (and MKL is there).
+template <typename F>
+void with_small_gemms(int64_t work, const F& f) {
+  const SetThreadsLocal set_threads = mkl_threads_local();
+  if (work >= kSerialGemm || set_threads == nullptr) {
+    f();
+    return;
+  }
+  const int previous = set_threads(1);
+  try {
+    f();
+  } catch (...) {
+    set_threads(previous);
+    throw;
+  }
+  set_threads(previous);
+}
+
 at::Tensor mix_kernel(const at::Tensor& p, const at::Tensor& w, bool transposed) {
   const int64_t atoms = p.size(0), f_len = p.size(2);
   const at::Tensor rows = p.transpose(0, 1).contiguous().view({kComps * atoms, f_len});
   at::Tensor out = at::empty({kComps * atoms, w.size(1)}, p.options());
   const int64_t starts[kParts + 1] = {0, atoms, 4 * atoms, kComps * atoms};
-  for (int64_t k = 0; k < kParts; ++k) {
-    const int64_t first = starts[k], count = starts[k + 1] - starts[k];
-    at::Tensor dest = out.narrow(0, first, count);
-    const at::Tensor weight = transposed ? w[k] : w[k].t();  // rows @ W^T, or rows @ W
-    at::mm_out(dest, rows.narrow(0, first, count), weight);
-  }
+  with_small_gemms(6 * atoms * f_len * w.size(1), [&] {
+    for (int64_t k = 0; k < kParts; ++k) {
+      const int64_t first = starts[k], count = starts[k + 1] - starts[k];
+      at::Tensor dest = out.narrow(0, first, count);
+      const at::Tensor weight = transposed ? w[k] : w[k].t();  // rows @ W^T, or rows @ W
+      at::mm_out(dest, rows.narrow(0, first, count), weight);
+    }
+  });
   return out.view({kComps, atoms, w.size(1)}).transpose(0, 1).contiguous();
 }
 
