@@ -240,17 +240,20 @@ def test_a_failed_build_warns_and_falls_back(tmp_path):
         "from pathlib import Path\n"
         "from tensornet_openmm.nn import kernels\n"
         f"kernels.SOURCE = Path({str(broken)!r})\n"
+        "import os\n"
+        "before = os.environ['PATH']\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    ok = kernels.load()\n"
-        "print(ok, any('pip install ninja' in str(w.message) for w in caught))\n"
+        "print(ok, any('pip install ninja' in str(w.message) for w in caught),\n"
+        "      os.environ['PATH'] == before)\n"
     )
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop(kernels.ENVIRONMENT_SWITCH, None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "True"]
+    assert out.stdout.split() == ["False", "True", "True"]  # and PATH is left as it was
 
 
 def test_packed_product_kernel_values_and_gradients():

@@ -83,6 +83,7 @@ def load(verbose: bool = False) -> bool:
             return True
         quiet = logging.getLogger("torch.utils.cpp_extension")
         level = quiet.level
+        path = os.environ.get("PATH")
         quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found": we build for the CPU only
         try:
             from torch.utils import cpp_extension
@@ -114,6 +115,10 @@ def load(verbose: bool = False) -> bool:
             )
         finally:
             quiet.setLevel(level)
+            if path is None:  # PATH as it was: ninja was needed for the build only
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = path
         return bool(_STATE["ok"])
 
 
