@@ -19,6 +19,8 @@
 
 #include <dlfcn.h>
 
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -27,9 +29,11 @@ constexpr int64_t kComps = 10;
 constexpr int64_t kParts = 3;
 constexpr int64_t kGroup[kComps] = {0, 1, 1, 1, 2, 2, 2, 2, 2, 2};
 constexpr double kReversedSign[kComps] = {1, -1, -1, -1, 1, 1, 1, 1, 1, 1};
-constexpr int64_t kGrain = 16;  // channels per task
 
-void check_pairs(const at::Tensor& src, const at::Tensor& dst, int64_t pairs, int64_t atoms) {
+// The pair indices, contiguous, once checked: two int64 CPU vectors of ``pairs`` entries, every
+// index in [0, atoms).
+std::pair<at::Tensor, at::Tensor> checked_pairs(const at::Tensor& src, const at::Tensor& dst,
+                                                int64_t pairs, int64_t atoms) {
   TORCH_CHECK(src.dim() == 1 && dst.dim() == 1 && src.size(0) == pairs && dst.size(0) == pairs,
               "pair indices must be two vectors of ", pairs, " entries");
   TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong,
@@ -42,6 +46,7 @@ void check_pairs(const at::Tensor& src, const at::Tensor& dst, int64_t pairs, in
                 "pair ", p, " is (", s_ptr[p], ", ", d_ptr[p], "): atom indices must lie in [0, ",
                 atoms, ")");
   }
+  return {s, d};
 }
 
 // Kernels are written once as inline templates and compiled for AVX-512, AVX2 and the baseline
@@ -266,8 +271,8 @@ at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
   TORCH_CHECK(y_in.scalar_type() == filt_in.scalar_type(), "messages: y and filters differ in dtype");
   TORCH_CHECK(y_in.device().is_cpu() && filt_in.device().is_cpu(), "CPU kernels take CPU tensors");
   const at::Tensor y = y_in.contiguous(), filt = filt_in.contiguous();
-  check_pairs(src, dst, filt.size(0), y.size(0));
-  const at::Tensor s = src.contiguous(), d = dst.contiguous();
+  at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
+  std::tie(s, d) = checked_pairs(src, dst, filt.size(0), y.size(0));
   at::Tensor out = at::zeros_like(y, at::MemoryFormat::Contiguous);
   const int64_t pairs = filt.size(0), f_len = y.size(2);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages", [&] {
@@ -319,8 +324,8 @@ at::Tensor embedding_kernel(const at::Tensor& radial_in, const at::Tensor& z_rec
               "CPU kernels take CPU tensors");
   const at::Tensor radial = radial_in.contiguous(), z_recv = z_recv_in.contiguous(),
                    z_send = z_send_in.contiguous(), geom = geom_in.contiguous();
-  check_pairs(src, dst, pairs, z_recv.size(0));
-  const at::Tensor s = src.contiguous(), d = dst.contiguous();
+  at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
+  std::tie(s, d) = checked_pairs(src, dst, pairs, z_recv.size(0));
   at::Tensor out = at::zeros({z_recv.size(0), kComps, channels}, radial.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "tensornet_openmm_embedding_sums", [&] {
     const scalar_t *rp = radial.data_ptr<scalar_t>(), *zr = z_recv.data_ptr<scalar_t>(),

@@ -454,8 +454,7 @@ class Interaction(nn.Module):
         kernels = self.pair_kernels
         x = kernels.normalize(x)
         y = kernels.mix(x, self._mix_weights(0))
-        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
-        msg = y * self._filters(self_basis, cut0).index_select(1, kernels.group)  # self pair
+        msg = y * self._self_filters(self_basis).index_select(1, kernels.group)  # self pair
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
         for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), cut.split(block), basis.split(block)
@@ -469,10 +468,14 @@ class Interaction(nn.Module):
         dx = kernels.mix(kernels.normalize(c), self._mix_weights(3))
         return x + dx + q * kernels.product(dx, dx, False)
 
+    def _self_filters(self, self_basis: Tensor) -> Tensor:
+        """The self pair's filters f(0), (1, 3, F) (a constant once frozen)."""
+        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
+        return self._filters(self_basis, cut0)
+
     def self_messages(self, parts: list[Tensor], self_basis: Tensor) -> list[Tensor]:
         """The self pair's messages f(0) Y_i."""
-        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
-        f0 = self._filters(self_basis, cut0)  # (1, 3, F)
+        f0 = self._self_filters(self_basis)
         return [f0.select(1, k) * parts[k] for k in range(3)]
 
     def finish(
