@@ -198,6 +198,14 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not TensorNetForce(small_model(), [8, 1, 1], fused_kernels=True).fused_kernels
 
 
+def test_a_misspelt_switch_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setenv(kernels.ENVIRONMENT_SWITCH, "of")
+    with pytest.raises(
+        ValueError, match="TENSORNET_OPENMM_FUSED='of' is not a switch: set it to 0"
+    ):
+        kernels.wanted()
+
+
 def test_exported_file_with_kernels_loads_in_a_fresh_process(tmp_path):
     """A file made with the kernels names them; plain torch.jit.load in a new process fails,
     jit_load (and so load_system and the runner) loads them first."""

@@ -52,8 +52,17 @@ def build_directory() -> Path:
 
 
 def disabled() -> bool:
-    """True when ``TENSORNET_OPENMM_FUSED`` is 0, false, no or off."""
-    return os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+    """True when ``TENSORNET_OPENMM_FUSED`` is 0, false, no or off; False when it is unset or
+    1, true, yes or on. Any other value is an error (a typo must not silently pick one)."""
+    value = os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return True
+    if value in ("1", "true", "yes", "on", ""):
+        return False
+    raise ValueError(
+        f"{ENVIRONMENT_SWITCH}={os.environ[ENVIRONMENT_SWITCH]!r} is not a switch: set it to 0 "
+        "(no fused CPU kernels) or 1 (use them where they apply), or unset it"
+    )
 
 
 def available() -> bool:
