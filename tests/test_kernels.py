@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -134,7 +135,9 @@ OTHER_MODEL = {
 
 @pytest.mark.parametrize("half", [True, False])
 @pytest.mark.parametrize("blocks", [False, True])
-@pytest.mark.parametrize("options", [{}, OTHER_MODEL], ids=["O3", "SO3-gauss-lower"])
+@pytest.mark.parametrize(
+    "options", [{}, OTHER_MODEL, {"activation": "ssp"}], ids=["O3", "SO3-gauss-lower", "ssp"]
+)
 def test_model_with_fused_kernels_equals_pytorch(half, blocks, options, monkeypatch):
     """Energies and forces of a charged molecule, float64: fused kernels, the PyTorch versions
     of the same sums, and the model's default code; with several pair blocks too."""
@@ -164,6 +167,7 @@ def test_scripted_frozen_model_uses_the_kernels():
     frozen = torch.jit.freeze(torch.jit.script(fused).eval())
     graph = str(frozen.graph)
     assert "tensornet_openmm::messages" in graph and "tensornet_openmm::embedding_sums" in graph
+    assert "tensornet_openmm::radial_filters" in graph
     e_fused, f_fused = energy_forces(frozen, z, pos)
     e_ref, f_ref = energy_forces(model, z, pos)
     torch.testing.assert_close(e_fused, e_ref, rtol=1e-12, atol=1e-12)
@@ -298,3 +302,84 @@ def test_packed_normalize_kernel_values_and_gradients():
     fused = torch.ops.tensornet_openmm.packed_normalize
     torch.testing.assert_close(fused(p), reference.normalize(p))
     assert torch.autograd.gradcheck(fused, (p,))
+
+
+@pytest.fixture
+def two_threads():
+    """At least two intra-op threads, so that large inputs take the kernels' parallel path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
+def _radial_inputs(pairs, widths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f64 = {"dtype": torch.float64, "generator": g}
+    basis = torch.rand(pairs, widths[0], **f64).requires_grad_(True)
+    cut = torch.rand(pairs, **f64).requires_grad_(True)
+    weights = [torch.randn(n, m, **f64).requires_grad_(True) for m, n in pairwise(widths)]
+    biases = [torch.randn(n, **f64).requires_grad_(True) for n in widths[1:]]
+    return basis, cut, weights, biases
+
+
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["silu", "tanh", "none"])
+def test_radial_kernel_values_and_gradients(act, two_threads):
+    """The radial network as one operator against PyTorch: values, gradients (gradcheck, every
+    input), and a block of pairs large enough to be split between threads."""
+    reference = kernels.PairKernels(torch.float64)
+    fused = torch.ops.tensornet_openmm.radial_filters
+    widths = [5, 8, 9, 12] if act != 2 else [5, 12]
+    basis, cut, weights, biases = _radial_inputs(7, widths)
+    n = len(weights)
+
+    def call(b, c, *params):
+        return fused(b, c, list(params[:n]), list(params[n:]), act)
+
+    assert torch.autograd.gradcheck(call, (basis, cut, *weights, *biases))
+    for pairs, sizes in ((7, widths), (3000, [32, 64, 128, 96])):
+        basis, cut, weights, biases = _radial_inputs(pairs, sizes, seed=1)
+        inputs = [basis, cut, *weights, *biases]
+        out = fused(basis, cut, weights, biases, act)
+        expected = reference.radial(basis, cut, weights, biases, act)
+        torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-13)
+        seed = torch.randn_like(out)
+        actual = torch.autograd.grad(out, inputs, seed)
+        wanted = torch.autograd.grad(expected, inputs, seed)
+        for a, e in zip(actual, wanted, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    # forces only: the basis needs a gradient, the frozen weights do not
+    basis, cut, weights, biases = _radial_inputs(3000, [32, 64, 128, 96], seed=2)
+    frozen = [w.detach() for w in weights], [b.detach() for b in biases]
+    (g,) = torch.autograd.grad(fused(basis, cut.detach(), *frozen, act).sum(), basis)
+    (e,) = torch.autograd.grad(reference.radial(basis, cut.detach(), *frozen, act).sum(), basis)
+    torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_radial_kernel_refuses_bad_input():
+    basis, cut, weights, biases = _radial_inputs(4, [5, 8, 3])
+    fused = torch.ops.tensornet_openmm.radial_filters
+    with pytest.raises(RuntimeError, match="activation must be 0 \\(SiLU\\), 1 \\(tanh\\) or 2"):
+        fused(basis, cut, weights, biases, 7)
+    with pytest.raises(RuntimeError, match="layer 1 has weight \\[3, 6\\] and bias \\[3\\] for "
+                       "inputs of width 8"):  # fmt: skip
+        fused(basis, cut, [weights[0], weights[1][:, :6]], biases, 0)
+    with pytest.raises(RuntimeError, match="cut must be \\(4\\)"):
+        fused(basis, cut[:3], weights, biases, 0)
+
+
+def test_packed_mix_in_parallel_with_weight_gradients(two_threads):
+    """A mixing large enough to be split between threads, weights requiring gradients (the
+    threads must not see autograd)."""
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(300, 10, 40, dtype=torch.float64, generator=g).requires_grad_(True)
+    w = torch.randn(3, 40, 40, dtype=torch.float64, generator=g).requires_grad_(True)
+    out = torch.ops.tensornet_openmm.packed_mix(p, w)
+    expected = kernels.PairKernels(torch.float64).mix(p, w)
+    torch.testing.assert_close(out, expected)
+    seed = torch.randn_like(out)
+    for a, e in zip(
+        torch.autograd.grad(out, (p, w), seed), torch.autograd.grad(expected, (p, w), seed),
+        strict=True,
+    ):  # fmt: skip
+        torch.testing.assert_close(a, e)

@@ -11,14 +11,18 @@
 // whose filter it takes. A pair p = (i, j) sends j -> i; with ``half`` it also sends i -> j, the
 // unit vector reversed (the A components change sign in the embedding).
 //
-// Loops are parallel over channels (each thread owns a channel range, so scatters never clash)
-// or, for sums over channels, over pairs.
+// Scatters are parallel over receiving atoms (each thread adds only into its own atoms' rows, so
+// they never clash), per-pair outputs over pairs. The channel mixing and the radial networks, which
+// are matrix products, split their rows between the threads in one parallel region (split_rows).
+// Small inputs run on the calling thread (kParallelWork).
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -244,13 +248,66 @@ constexpr int64_t kPairGrain = 64;  // pairs per task of the per-pair gradients
 constexpr int64_t kParallelWork = int64_t(1) << 21;
 
 // f(begin, end) over [0, n): in parallel tasks of at least ``grain`` when ``work`` is large.
+// The tasks run with this thread's grad mode and dispatch state, so that ATen operators called
+// in them (the matrix products) see what the caller sees: no autograd inside an operator.
 template <typename F>
 void split(int64_t n, int64_t grain, int64_t work, const F& f) {
   if (work < kParallelWork) {
     if (n > 0) f(0, n);
   } else {
-    at::parallel_for(0, n, grain, f);
+    const at::ThreadLocalState state;
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(state);
+      f(begin, end);
+    });
   }
+}
+
+// MKL's per-thread thread count (its C interface), where torch is built with MKL: looked up at
+// run time, null without MKL. (The lower-case mkl_set_num_threads_local is the Fortran one,
+// which takes a pointer.)
+using SetThreadsLocal = int (*)(int);
+SetThreadsLocal mkl_threads_local() {
+  static const SetThreadsLocal found =
+      reinterpret_cast<SetThreadsLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return found;
+}
+
+// Runs f with MKL on one thread in this thread (where torch has MKL): in a task of our own
+// parallel region, or for a product too small to be worth waking the OpenMP workers for.
+template <typename F>
+void with_serial_gemms(const F& f) {
+  const SetThreadsLocal set_threads = mkl_threads_local();
+  if (set_threads == nullptr) {
+    f();
+    return;
+  }
+  const int previous = set_threads(1);
+  try {
+    f();
+  } catch (...) {
+    set_threads(previous);
+    throw;
+  }
+  set_threads(previous);
+}
+
+// f(lo, hi) over row ranges [lo, hi) that split [0, rows) evenly between the threads when
+// ``work`` multiply-adds are worth a parallel region (else once, on this thread), with MKL on one
+// thread in each: a chain of matrix products and elementwise operators on the rows wakes the
+// OpenMP workers once, not once per operator.
+template <typename F>
+void split_rows(int64_t rows, int64_t work, const F& f) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t tasks = work < kParallelWork ? 1 : threads;
+  split(tasks, 1, work, [&](int64_t t0, int64_t t1) {
+    with_serial_gemms([&] {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t lo = rows * t / tasks, hi = rows * (t + 1) / tasks;
+        if (hi > lo) f(lo, hi);
+      }
+    });
+  });
 }
 
 int64_t pair_work(int64_t pairs, int64_t channels, bool half) {
@@ -625,49 +682,20 @@ at::Tensor packed_product_op(const at::Tensor& a, const at::Tensor& b, bool symm
 // out[n, c] = W[GROUP[c]] p[n, c] (a linear over channels, one weight per part): the packed
 // tensor goes to component-major order once, so that each part is one matrix product.
 
-// MKL's per-thread thread count (its C interface), where torch is built with MKL: looked up at
-// run time, null without MKL. (The lower-case mkl_set_num_threads_local is the Fortran one,
-// which takes a pointer.)
-using SetThreadsLocal = int (*)(int);
-SetThreadsLocal mkl_threads_local() {
-  static const SetThreadsLocal found =
-      reinterpret_cast<SetThreadsLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
-  return found;
-}
-
-// Matrix products below this many multiply-adds run on the calling thread: MKL would open a
-// parallel region (waking the OpenMP workers) even for a small molecule's 22 x 128 x 128.
-constexpr int64_t kSerialGemm = int64_t(1) << 22;
-
-// Runs f with MKL on one thread in this thread when ``work`` is small (and MKL is there).
-template <typename F>
-void with_small_gemms(int64_t work, const F& f) {
-  const SetThreadsLocal set_threads = mkl_threads_local();
-  if (work >= kSerialGemm || set_threads == nullptr) {
-    f();
-    return;
-  }
-  const int previous = set_threads(1);
-  try {
-    f();
-  } catch (...) {
-    set_threads(previous);
-    throw;
-  }
-  set_threads(previous);
-}
-
+// All three products in one parallel region (split_rows over atoms; part k has m_k = 1, 3, 6 rows
+// per atom, component-major).
 at::Tensor mix_kernel(const at::Tensor& p, const at::Tensor& w, bool transposed) {
   const int64_t atoms = p.size(0), f_len = p.size(2);
   const at::Tensor rows = p.transpose(0, 1).contiguous().view({kComps * atoms, f_len});
   at::Tensor out = at::empty({kComps * atoms, w.size(1)}, p.options());
-  const int64_t starts[kParts + 1] = {0, atoms, 4 * atoms, kComps * atoms};
-  with_small_gemms(6 * atoms * f_len * w.size(1), [&] {
+  const int64_t starts[kParts] = {0, atoms, 4 * atoms}, per_atom[kParts] = {1, 3, 6};
+  const at::Tensor weights[kParts] = {transposed ? w[0] : w[0].t(), transposed ? w[1] : w[1].t(),
+                                      transposed ? w[2] : w[2].t()};  // rows @ W^T, or rows @ W
+  split_rows(atoms, kComps * atoms * f_len * w.size(1), [&](int64_t lo, int64_t hi) {
     for (int64_t k = 0; k < kParts; ++k) {
-      const int64_t first = starts[k], count = starts[k + 1] - starts[k];
+      const int64_t first = starts[k] + per_atom[k] * lo, count = per_atom[k] * (hi - lo);
       at::Tensor dest = out.narrow(0, first, count);
-      const at::Tensor weight = transposed ? w[k] : w[k].t();  // rows @ W^T, or rows @ W
-      at::mm_out(dest, rows.narrow(0, first, count), weight);
+      at::mm_out(dest, rows.narrow(0, first, count), weights[k]);
     }
   });
   return out.view({kComps, atoms, w.size(1)}).transpose(0, 1).contiguous();
@@ -817,6 +845,179 @@ class PackedNormalize : public torch::autograd::Function<PackedNormalize> {
 
 at::Tensor packed_normalize_op(const at::Tensor& p) { return PackedNormalize::apply(p); }
 
+// ---- Radial filter networks -------------------------------------------------------------------
+// act(L_n(... act(L_1(basis)))) * cut, each L_l a linear with bias, for a block of pairs: the
+// filters of an interaction layer (SiLU or tanh) and the embedding's distance projection (one
+// layer, no activation). In PyTorch this is three matrix products and a dozen elementwise
+// operators each way, each its own parallel region; here the pairs are split between the threads
+// once and each thread runs its rows through every layer (forward) or back (backward), with
+// ATen's own single-threaded kernels (so the values are PyTorch's).
+
+constexpr int64_t kSiLU = 0, kTanh = 1, kIdentity = 2;
+
+void activate(int64_t activation, const at::Tensor& z, at::Tensor& a) {
+  if (activation == kSiLU) {
+    at::silu_out(a, z);
+  } else if (activation == kTanh) {
+    at::tanh_out(a, z);
+  } else {
+    a.copy_(z);
+  }
+}
+
+// The gradient through the activation: for SiLU from z, for tanh from a = tanh(z).
+at::Tensor activation_backward(int64_t activation, const at::Tensor& grad, const at::Tensor& z,
+                               const at::Tensor& a) {
+  if (activation == kSiLU) return at::silu_backward(grad, z);
+  if (activation == kTanh) return at::tanh_backward(grad, a);
+  return grad;
+}
+
+// Checks the inputs; returns the multiply-adds per pair of the network's matrix products.
+int64_t radial_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorList weights,
+                       at::TensorList biases, int64_t activation) {
+  TORCH_CHECK(activation == kSiLU || activation == kTanh || activation == kIdentity,
+              "radial_filters: activation must be 0 (SiLU), 1 (tanh) or 2 (none), got ",
+              activation);
+  TORCH_CHECK(basis.dim() == 2, "radial_filters: basis must be (pairs, features), got ",
+              basis.sizes());
+  TORCH_CHECK(cut.dim() == 1 && cut.size(0) == basis.size(0), "radial_filters: cut must be (",
+              basis.size(0), "), got ", cut.sizes());
+  TORCH_CHECK(basis.device().is_cpu() && cut.device().is_cpu(), "CPU kernels take CPU tensors");
+  TORCH_CHECK(cut.scalar_type() == basis.scalar_type(), "radial_filters: cut differs in dtype");
+  TORCH_CHECK(!weights.empty() && weights.size() == biases.size(),
+              "radial_filters: one bias per weight, and at least one layer");
+  int64_t width = basis.size(1), work = 0;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(1) == width &&
+                    biases[l].dim() == 1 && biases[l].size(0) == weights[l].size(0),
+                "radial_filters: layer ", l, " has weight ", weights[l].sizes(), " and bias ",
+                biases[l].sizes(), " for inputs of width ", width);
+    TORCH_CHECK(weights[l].scalar_type() == basis.scalar_type() &&
+                    biases[l].scalar_type() == basis.scalar_type(),
+                "radial_filters: layer ", l, " differs in dtype from basis");
+    TORCH_CHECK(weights[l].device().is_cpu() && biases[l].device().is_cpu(),
+                "CPU kernels take CPU tensors");
+    work += width * weights[l].size(0);
+    width = weights[l].size(0);
+  }
+  return work;
+}
+
+// Forward: returns the filters and fills z (pre-activations) and a (activations, before the cut)
+// of every layer.
+at::Tensor radial_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
+                          at::TensorList weights, at::TensorList biases, int64_t activation,
+                          std::vector<at::Tensor>* z, std::vector<at::Tensor>* a) {
+  const int64_t work = radial_checked(basis_in, cut_in, weights, biases, activation);
+  const at::Tensor basis = basis_in.contiguous(), cut = cut_in.contiguous().unsqueeze(1);
+  const int64_t pairs = basis.size(0), layers = static_cast<int64_t>(weights.size());
+  for (int64_t l = 0; l < layers; ++l) {
+    z->push_back(at::empty({pairs, weights[l].size(0)}, basis.options()));
+    a->push_back(activation == kIdentity ? z->back() : at::empty_like(z->back()));
+  }
+  at::Tensor out = at::empty_like(a->back());
+  split_rows(pairs, pairs * work, [&](int64_t lo, int64_t hi) {
+    at::Tensor h = basis.narrow(0, lo, hi - lo);
+    for (int64_t l = 0; l < layers; ++l) {
+      at::Tensor zl = (*z)[l].narrow(0, lo, hi - lo), al = (*a)[l].narrow(0, lo, hi - lo);
+      at::addmm_out(zl, biases[l], h, weights[l].t());
+      if (activation != kIdentity) activate(activation, zl, al);
+      h = al;
+    }
+    at::Tensor dest = out.narrow(0, lo, hi - lo);
+    at::mul_out(dest, h, cut.narrow(0, lo, hi - lo));
+  });
+  return out;
+}
+
+class RadialFilters : public torch::autograd::Function<RadialFilters> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& basis, const at::Tensor& cut,
+                            at::TensorList weights, at::TensorList biases, int64_t activation) {
+    std::vector<at::Tensor> z, a;
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = radial_forward(basis, cut, weights, biases, activation, &z, &a);
+    }
+    std::vector<at::Tensor> saved = {basis, cut};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    saved.insert(saved.end(), z.begin(), z.end());
+    saved.insert(saved.end(), a.begin(), a.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t activation = ctx->saved_data["activation"].toInt();
+    const int64_t layers = ctx->saved_data["layers"].toInt();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &basis = saved[0], cut = saved[1].contiguous().unsqueeze(1);
+    auto weight = [&](int64_t l) -> const at::Tensor& { return saved[2 + l]; };
+    auto z = [&](int64_t l) -> const at::Tensor& { return saved[2 + layers + l]; };
+    auto a = [&](int64_t l) -> const at::Tensor& { return saved[2 + 2 * layers + l]; };
+    variable_list result(2 + 2 * layers + 1);  // basis, cut, weights, biases, activation
+    if (!grads[0].defined()) return result;
+    const at::Tensor grad = grads[0].contiguous();
+    const int64_t pairs = basis.size(0);
+    const bool want_basis = ctx->needs_input_grad(0), want_cut = ctx->needs_input_grad(1);
+    bool want_params = false;
+    for (int64_t k = 2; k < 2 + 2 * layers; ++k) {
+      want_params = want_params || ctx->needs_input_grad(k);
+    }
+    int64_t work = 0;
+    for (int64_t l = 0; l < layers; ++l) work += weight(l).size(0) * weight(l).size(1);
+    // the gradients at each layer's pre-activation, kept for the parameters' gradients
+    std::vector<at::Tensor> delta;
+    if (want_params) {
+      for (int64_t l = 0; l < layers; ++l) delta.push_back(at::empty_like(z(l)));
+    }
+    at::Tensor g_basis = want_basis ? at::empty_like(basis) : at::Tensor();
+    at::Tensor g_cut = want_cut ? at::empty({pairs, 1}, basis.options()) : at::Tensor();
+    split_rows(pairs, pairs * work, [&](int64_t lo, int64_t hi) {
+      const int64_t n = hi - lo;
+      const at::Tensor g = grad.narrow(0, lo, n);
+      if (want_cut) {
+        at::Tensor dest = g_cut.narrow(0, lo, n);
+        at::sum_out(dest, g * a(layers - 1).narrow(0, lo, n), {1}, true);
+      }
+      at::Tensor d = g * cut.narrow(0, lo, n);
+      for (int64_t l = layers - 1; l >= 0; --l) {
+        d = activation_backward(activation, d, z(l).narrow(0, lo, n), a(l).narrow(0, lo, n));
+        if (want_params) delta[l].narrow(0, lo, n).copy_(d);
+        if (l == 0 && !want_basis) break;
+        at::Tensor next =
+            l == 0 ? g_basis.narrow(0, lo, n) : at::empty({n, weight(l).size(1)}, d.options());
+        at::mm_out(next, d, weight(l));
+        d = next;
+      }
+    });
+    result[0] = g_basis;
+    if (want_cut) result[1] = g_cut.squeeze(1);
+    for (int64_t l = 0; l < layers && want_params; ++l) {
+      const at::Tensor input = l == 0 ? basis : a(l - 1);
+      if (ctx->needs_input_grad(2 + l)) result[2 + l] = at::mm(delta[l].t(), input);
+      if (ctx->needs_input_grad(2 + layers + l)) result[2 + layers + l] = delta[l].sum(0);
+    }
+    return result;
+  }
+};
+
+at::Tensor radial_filters_kernel(const at::Tensor& basis, const at::Tensor& cut,
+                                 at::TensorList weights, at::TensorList biases,
+                                 int64_t activation) {
+  std::vector<at::Tensor> z, a;
+  return radial_forward(basis, cut, weights, biases, activation, &z, &a);
+}
+
+at::Tensor radial_filters_op(const at::Tensor& basis, const at::Tensor& cut,
+                             at::TensorList weights, at::TensorList biases, int64_t activation) {
+  return RadialFilters::apply(basis, cut, weights, biases, activation);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tensornet_openmm, m) {
@@ -827,6 +1028,9 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def("packed_product(Tensor a, Tensor b, bool symmetric=False) -> Tensor");
   m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
   m.def("packed_normalize(Tensor p) -> Tensor");
+  m.def(
+      "radial_filters(Tensor basis, Tensor cut, Tensor[] weights, Tensor[] biases, "
+      "int activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
@@ -835,6 +1039,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_product", product_kernel);
   m.impl("packed_mix", mix_checked);
   m.impl("packed_normalize", normalize_kernel);
+  m.impl("radial_filters", radial_filters_kernel);
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
@@ -843,4 +1048,5 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("packed_product", packed_product_op);
   m.impl("packed_mix", packed_mix_op);
   m.impl("packed_normalize", packed_normalize_op);
+  m.impl("radial_filters", radial_filters_op);
 }

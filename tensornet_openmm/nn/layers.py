@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra
-from .kernels import PairKernels
+from .kernels import RADIAL_ACTIVATIONS, PairKernels
 from .radial import cosine_cutoff
 
 
@@ -208,6 +208,17 @@ class TensorEmbedding(nn.Module):
     def _radial(self, cut: Tensor, basis: Tensor) -> Tensor:
         return self._project(basis) * cut.reshape(-1, 1, 1)  # (B, 3, F), once per listed pair
 
+    def _fused_radial(self, cut: Tensor, basis: Tensor) -> Tensor:
+        """:meth:`_radial` as one operator (:meth:`PairKernels.radial`, no activation)."""
+        weight = torch.cat(
+            (self.distance_proj1.weight, self.distance_proj2.weight, self.distance_proj3.weight)
+        )
+        bias = torch.cat(
+            (self.distance_proj1.bias, self.distance_proj2.bias, self.distance_proj3.bias)
+        )
+        radial = self.pair_kernels.radial(basis, cut, [weight], [bias], 2)
+        return radial.reshape(basis.shape[0], 3, self.hidden_channels)
+
     def add_block(
         self,
         sums: list[Tensor],
@@ -302,7 +313,7 @@ class TensorEmbedding(nn.Module):
             ):  # fmt: skip
                 geom = torch.cat((u.new_ones((u.shape[0], 1)), u, algebra.symmetric_outer(u)), 1)
                 packed = packed + self.pair_kernels.embedding_sums(
-                    self._radial(cut_b, basis_b), z_recv, z_send, geom, i, j, half
+                    self._fused_radial(cut_b, basis_b), z_recv, z_send, geom, i, j, half
                 )
             sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
             return self.finish(z_recv, z_send, sums, self_basis)
@@ -344,6 +355,7 @@ class Interaction(nn.Module):
         )
         self.linears_tensor = _channel_linears(6, f, dtype)
         self.act = ACTIVATIONS[activation]()
+        self.radial_activation = RADIAL_ACTIVATIONS.get(activation, -1)  # -1: not in the kernel
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
 
@@ -459,7 +471,7 @@ class Interaction(nn.Module):
         for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), cut.split(block), basis.split(block)
         ):
-            msg = msg + kernels.messages(y, self._filters(basis_b, cut_b), i, j, half)
+            msg = msg + kernels.messages(y, self._fused_filters(basis_b, cut_b), i, j, half)
         q = charge_factor.reshape(-1, 1, 1)
         if self.o3:
             c = kernels.product(msg, y, True) * q
@@ -467,6 +479,17 @@ class Interaction(nn.Module):
             c = 2.0 * kernels.product(y, msg, False)
         dx = kernels.mix(kernels.normalize(c), self._mix_weights(3))
         return x + dx + q * kernels.product(dx, dx, False)
+
+    def _fused_filters(self, basis: Tensor, cut: Tensor) -> Tensor:
+        """:meth:`_filters` as one operator (:meth:`PairKernels.radial`) where it can be."""
+        if self.radial_activation < 0:
+            return self._filters(basis, cut)
+        lin = self.linears_scalar
+        h = self.pair_kernels.radial(
+            basis, cut, [lin[0].weight, lin[1].weight, lin[2].weight],
+            [lin[0].bias, lin[1].bias, lin[2].bias], self.radial_activation,
+        )  # fmt: skip
+        return h.reshape(h.shape[0], 3, self.hidden_channels)
 
     def _self_filters(self, self_basis: Tensor) -> Tensor:
         """The self pair's filters f(0), (1, 3, F) (a constant once frozen)."""
