@@ -67,6 +67,7 @@ template <typename T>
 TN_INLINE void scatter_messages(const T* y, const T* filt, const int64_t* src, const int64_t* dst,
                                 T* out, int64_t pairs, int64_t f_len, bool half, int64_t a0,
                                 int64_t a1) {
+  std::fill(out + a0 * kComps * f_len, out + a1 * kComps * f_len, T(0));
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t i = src[p], j = dst[p];
     const bool to_i = i >= a0 && i < a1, to_j = half && j >= a0 && j < a1;
@@ -93,6 +94,7 @@ template <typename T>
 TN_INLINE void message_filter_grad(const T* grad, const T* y, const int64_t* src,
                                    const int64_t* dst, T* out, int64_t f_len, bool half,
                                    int64_t p0, int64_t p1) {
+  std::fill(out + p0 * kParts * f_len, out + p1 * kParts * f_len, T(0));
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t i = src[p], j = dst[p];
     for (int64_t c = 0; c < kComps; ++c) {
@@ -117,6 +119,7 @@ template <typename T>
 TN_INLINE void scatter_embedding(const T* radial, const T* z_recv, const T* z_send, const T* geom,
                                  const int64_t* src, const int64_t* dst, T* out, int64_t pairs,
                                  int64_t f_len, bool half, int64_t a0, int64_t a1, T* s) {
+  std::fill(out + a0 * kComps * f_len, out + a1 * kComps * f_len, T(0));
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t i = src[p], j = dst[p];
     for (int side = 0; side < (half ? 2 : 1); ++side) {
@@ -145,6 +148,9 @@ TN_INLINE void embedding_pair_grads(const T* grad, const T* radial, const T* z_r
                                     const T* z_send, const T* geom, const int64_t* src,
                                     const int64_t* dst, T* g_radial, T* g_geom, int64_t f_len,
                                     bool half, int64_t p0, int64_t p1, T* s_ij, T* s_ji) {
+  if (g_radial != nullptr) {
+    std::fill(g_radial + p0 * kParts * f_len, g_radial + p1 * kParts * f_len, T(0));
+  }
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t i = src[p], j = dst[p];
     for (int64_t f = 0; f < f_len; ++f) {
@@ -177,6 +183,8 @@ TN_INLINE void embedding_species_grads(const T* grad, const T* radial, const T* 
                                        const int64_t* src, const int64_t* dst, T* g_recv,
                                        T* g_send, int64_t pairs, int64_t f_len, bool half,
                                        int64_t a0, int64_t a1, T* t) {
+  std::fill(g_recv + a0 * f_len, g_recv + a1 * f_len, T(0));
+  std::fill(g_send + a0 * f_len, g_send + a1 * f_len, T(0));
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t i = src[p], j = dst[p];
     for (int side = 0; side < (half ? 2 : 1); ++side) {
@@ -330,7 +338,7 @@ at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
   const at::Tensor y = y_in.contiguous(), filt = filt_in.contiguous();
   at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
   std::tie(s, d) = checked_pairs(src, dst, filt.size(0), y.size(0));
-  at::Tensor out = at::zeros_like(y, at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(y, at::MemoryFormat::Contiguous);  // zeroed by the kernel
   const int64_t pairs = filt.size(0), f_len = y.size(2);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages", [&] {
     const scalar_t *yp = y.data_ptr<scalar_t>(), *fp = filt.data_ptr<scalar_t>();
@@ -347,7 +355,7 @@ at::Tensor filter_grad_kernel(const at::Tensor& grad, const at::Tensor& y_in,
                               const at::Tensor& src, const at::Tensor& dst, int64_t pairs,
                               bool half) {
   const at::Tensor y = y_in.contiguous();
-  at::Tensor out = at::zeros({pairs, kParts, y.size(2)}, y.options());
+  at::Tensor out = at::empty({pairs, kParts, y.size(2)}, y.options());  // zeroed by the kernel
   const int64_t f_len = y.size(2);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_backward", [&] {
     const scalar_t *gp = grad.data_ptr<scalar_t>(), *yp = y.data_ptr<scalar_t>();
@@ -383,7 +391,7 @@ at::Tensor embedding_kernel(const at::Tensor& radial_in, const at::Tensor& z_rec
                    z_send = z_send_in.contiguous(), geom = geom_in.contiguous();
   at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
   std::tie(s, d) = checked_pairs(src, dst, pairs, z_recv.size(0));
-  at::Tensor out = at::zeros({z_recv.size(0), kComps, channels}, radial.options());
+  at::Tensor out = at::empty({z_recv.size(0), kComps, channels}, radial.options());  // zeroed
   AT_DISPATCH_FLOATING_TYPES(dtype, "tensornet_openmm_embedding_sums", [&] {
     const scalar_t *rp = radial.data_ptr<scalar_t>(), *zr = z_recv.data_ptr<scalar_t>(),
                    *zs = z_send.data_ptr<scalar_t>(), *gp = geom.data_ptr<scalar_t>();
@@ -448,12 +456,13 @@ class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
     const at::Tensor grad = grads[0].contiguous();
     const bool want_species = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     at::Tensor g_radial, g_recv, g_send, g_geom;
-    if (ctx->needs_input_grad(0)) g_radial = at::zeros_like(radial);
+    // each kernel zeroes its own rows of its outputs (in cache, in its thread) before adding
+    if (ctx->needs_input_grad(0)) g_radial = at::empty_like(radial);
     if (want_species) {
-      g_recv = at::zeros_like(z_recv);
-      g_send = at::zeros_like(z_send);
+      g_recv = at::empty_like(z_recv);
+      g_send = at::empty_like(z_send);
     }
-    if (ctx->needs_input_grad(3)) g_geom = at::zeros_like(geom);
+    if (ctx->needs_input_grad(3)) g_geom = at::empty_like(geom);
     const int64_t pairs = radial.size(0), f_len = radial.size(2);
     AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_backward", [&] {
       const scalar_t *gp = grad.data_ptr<scalar_t>(), *rp = radial.data_ptr<scalar_t>(),
