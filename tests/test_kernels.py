@@ -167,7 +167,7 @@ def test_scripted_frozen_model_uses_the_kernels():
     frozen = torch.jit.freeze(torch.jit.script(fused).eval())
     graph = str(frozen.graph)
     assert "tensornet_openmm::messages" in graph and "tensornet_openmm::embedding_sums" in graph
-    assert "tensornet_openmm::radial_filters" in graph
+    assert "tensornet_openmm::mlp" in graph
     e_fused, f_fused = energy_forces(frozen, z, pos)
     e_ref, f_ref = energy_forces(model, z, pos)
     torch.testing.assert_close(e_fused, e_ref, rtol=1e-12, atol=1e-12)
@@ -324,11 +324,11 @@ def _radial_inputs(pairs, widths, seed=0):
 
 
 @pytest.mark.parametrize("act", [0, 1, 2], ids=["silu", "tanh", "none"])
-def test_radial_kernel_values_and_gradients(act, two_threads):
-    """The radial network as one operator against PyTorch: values, gradients (gradcheck, every
-    input), and a block of pairs large enough to be split between threads."""
+def test_mlp_kernel_values_and_gradients(act, two_threads):
+    """A small network as one operator against PyTorch: values, gradients (gradcheck, every
+    input), and a block of rows large enough to be split between threads."""
     reference = kernels.PairKernels(torch.float64)
-    fused = torch.ops.tensornet_openmm.radial_filters
+    fused = torch.ops.tensornet_openmm.mlp
     widths = [5, 8, 9, 12] if act != 2 else [5, 12]
     basis, cut, weights, biases = _radial_inputs(7, widths)
     n = len(weights)
@@ -341,7 +341,7 @@ def test_radial_kernel_values_and_gradients(act, two_threads):
         basis, cut, weights, biases = _radial_inputs(pairs, sizes, seed=1)
         inputs = [basis, cut, *weights, *biases]
         out = fused(basis, cut, weights, biases, act)
-        expected = reference.radial(basis, cut, weights, biases, act)
+        expected = reference.mlp(basis, cut, weights, biases, act)
         torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-13)
         seed = torch.randn_like(out)
         actual = torch.autograd.grad(out, inputs, seed)
@@ -352,19 +352,19 @@ def test_radial_kernel_values_and_gradients(act, two_threads):
     basis, cut, weights, biases = _radial_inputs(3000, [32, 64, 128, 96], seed=2)
     frozen = [w.detach() for w in weights], [b.detach() for b in biases]
     (g,) = torch.autograd.grad(fused(basis, cut.detach(), *frozen, act).sum(), basis)
-    (e,) = torch.autograd.grad(reference.radial(basis, cut.detach(), *frozen, act).sum(), basis)
+    (e,) = torch.autograd.grad(reference.mlp(basis, cut.detach(), *frozen, act).sum(), basis)
     torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-def test_radial_kernel_refuses_bad_input():
+def test_mlp_kernel_refuses_bad_input():
     basis, cut, weights, biases = _radial_inputs(4, [5, 8, 3])
-    fused = torch.ops.tensornet_openmm.radial_filters
+    fused = torch.ops.tensornet_openmm.mlp
     with pytest.raises(RuntimeError, match="activation must be 0 \\(SiLU\\), 1 \\(tanh\\) or 2"):
         fused(basis, cut, weights, biases, 7)
     with pytest.raises(RuntimeError, match="layer 1 has weight \\[3, 6\\] and bias \\[3\\] for "
                        "inputs of width 8"):  # fmt: skip
         fused(basis, cut, [weights[0], weights[1][:, :6]], biases, 0)
-    with pytest.raises(RuntimeError, match="cut must be \\(4\\)"):
+    with pytest.raises(RuntimeError, match="scale must be \\(4\\)"):
         fused(basis, cut[:3], weights, biases, 0)
 
 

@@ -12,7 +12,7 @@
 // unit vector reversed (the A components change sign in the embedding).
 //
 // Scatters are parallel over receiving atoms (each thread adds only into its own atoms' rows, so
-// they never clash), per-pair outputs over pairs. The channel mixing and the radial networks, which
+// they never clash), per-pair outputs over pairs. The channel mixing and the small networks, which
 // are matrix products, split their rows between the threads in one parallel region (split_rows).
 // Small inputs run on the calling thread (kParallelWork).
 
@@ -854,13 +854,14 @@ class PackedNormalize : public torch::autograd::Function<PackedNormalize> {
 
 at::Tensor packed_normalize_op(const at::Tensor& p) { return PackedNormalize::apply(p); }
 
-// ---- Radial filter networks -------------------------------------------------------------------
-// act(L_n(... act(L_1(basis)))) * cut, each L_l a linear with bias, for a block of pairs: the
-// filters of an interaction layer (SiLU or tanh) and the embedding's distance projection (one
-// layer, no activation). In PyTorch this is three matrix products and a dozen elementwise
-// operators each way, each its own parallel region; here the pairs are split between the threads
-// once and each thread runs its rows through every layer (forward) or back (backward), with
-// ATen's own single-threaded kernels (so the values are PyTorch's).
+// ---- Small networks (MLPs) ----------------------------------------------------------------------
+// act(L_n(... act(L_1(x)))) * scale, each L_l a linear with bias, on rows x: the radial filters
+// of a block of pairs in an interaction layer (SiLU or tanh; scale the cosine cutoff), the
+// embedding's distance projection (one layer, no activation), and the per-atom networks (the
+// embedding's gates, the output head). In PyTorch this is a matrix product and a few elementwise
+// operators per layer each way, each its own parallel region; here the rows are split between the
+// threads once and each thread runs its rows through every layer (forward) or back (backward),
+// with ATen's own single-threaded kernels (so the values are PyTorch's).
 
 constexpr int64_t kSiLU = 0, kTanh = 1, kIdentity = 2;
 
@@ -883,28 +884,28 @@ at::Tensor activation_backward(int64_t activation, const at::Tensor& grad, const
 }
 
 // Checks the inputs; returns the multiply-adds per pair of the network's matrix products.
-int64_t radial_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorList weights,
+int64_t mlp_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorList weights,
                        at::TensorList biases, int64_t activation) {
   TORCH_CHECK(activation == kSiLU || activation == kTanh || activation == kIdentity,
-              "radial_filters: activation must be 0 (SiLU), 1 (tanh) or 2 (none), got ",
+              "mlp: activation must be 0 (SiLU), 1 (tanh) or 2 (none), got ",
               activation);
-  TORCH_CHECK(basis.dim() == 2, "radial_filters: basis must be (pairs, features), got ",
+  TORCH_CHECK(basis.dim() == 2, "mlp: x must be (rows, features), got ",
               basis.sizes());
-  TORCH_CHECK(cut.dim() == 1 && cut.size(0) == basis.size(0), "radial_filters: cut must be (",
+  TORCH_CHECK(cut.dim() == 1 && cut.size(0) == basis.size(0), "mlp: scale must be (",
               basis.size(0), "), got ", cut.sizes());
   TORCH_CHECK(basis.device().is_cpu() && cut.device().is_cpu(), "CPU kernels take CPU tensors");
-  TORCH_CHECK(cut.scalar_type() == basis.scalar_type(), "radial_filters: cut differs in dtype");
+  TORCH_CHECK(cut.scalar_type() == basis.scalar_type(), "mlp: scale differs in dtype");
   TORCH_CHECK(!weights.empty() && weights.size() == biases.size(),
-              "radial_filters: one bias per weight, and at least one layer");
+              "mlp: one bias per weight, and at least one layer");
   int64_t width = basis.size(1), work = 0;
   for (size_t l = 0; l < weights.size(); ++l) {
     TORCH_CHECK(weights[l].dim() == 2 && weights[l].size(1) == width &&
                     biases[l].dim() == 1 && biases[l].size(0) == weights[l].size(0),
-                "radial_filters: layer ", l, " has weight ", weights[l].sizes(), " and bias ",
+                "mlp: layer ", l, " has weight ", weights[l].sizes(), " and bias ",
                 biases[l].sizes(), " for inputs of width ", width);
     TORCH_CHECK(weights[l].scalar_type() == basis.scalar_type() &&
                     biases[l].scalar_type() == basis.scalar_type(),
-                "radial_filters: layer ", l, " differs in dtype from basis");
+                "mlp: layer ", l, " differs in dtype from x");
     TORCH_CHECK(weights[l].device().is_cpu() && biases[l].device().is_cpu(),
                 "CPU kernels take CPU tensors");
     work += width * weights[l].size(0);
@@ -915,10 +916,10 @@ int64_t radial_checked(const at::Tensor& basis, const at::Tensor& cut, at::Tenso
 
 // Forward: returns the filters and fills z (pre-activations) and a (activations, before the cut)
 // of every layer.
-at::Tensor radial_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
+at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
                           at::TensorList weights, at::TensorList biases, int64_t activation,
                           std::vector<at::Tensor>* z, std::vector<at::Tensor>* a) {
-  const int64_t work = radial_checked(basis_in, cut_in, weights, biases, activation);
+  const int64_t work = mlp_checked(basis_in, cut_in, weights, biases, activation);
   const at::Tensor basis = basis_in.contiguous(), cut = cut_in.contiguous().unsqueeze(1);
   const int64_t pairs = basis.size(0), layers = static_cast<int64_t>(weights.size());
   for (int64_t l = 0; l < layers; ++l) {
@@ -940,7 +941,7 @@ at::Tensor radial_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
   return out;
 }
 
-class RadialFilters : public torch::autograd::Function<RadialFilters> {
+class Mlp : public torch::autograd::Function<Mlp> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& basis, const at::Tensor& cut,
                             at::TensorList weights, at::TensorList biases, int64_t activation) {
@@ -948,7 +949,7 @@ class RadialFilters : public torch::autograd::Function<RadialFilters> {
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = radial_forward(basis, cut, weights, biases, activation, &z, &a);
+      out = mlp_forward(basis, cut, weights, biases, activation, &z, &a);
     }
     std::vector<at::Tensor> saved = {basis, cut};
     saved.insert(saved.end(), weights.begin(), weights.end());
@@ -1015,16 +1016,16 @@ class RadialFilters : public torch::autograd::Function<RadialFilters> {
   }
 };
 
-at::Tensor radial_filters_kernel(const at::Tensor& basis, const at::Tensor& cut,
+at::Tensor mlp_kernel(const at::Tensor& basis, const at::Tensor& cut,
                                  at::TensorList weights, at::TensorList biases,
                                  int64_t activation) {
   std::vector<at::Tensor> z, a;
-  return radial_forward(basis, cut, weights, biases, activation, &z, &a);
+  return mlp_forward(basis, cut, weights, biases, activation, &z, &a);
 }
 
-at::Tensor radial_filters_op(const at::Tensor& basis, const at::Tensor& cut,
+at::Tensor mlp_op(const at::Tensor& basis, const at::Tensor& cut,
                              at::TensorList weights, at::TensorList biases, int64_t activation) {
-  return RadialFilters::apply(basis, cut, weights, biases, activation);
+  return Mlp::apply(basis, cut, weights, biases, activation);
 }
 
 }  // namespace
@@ -1038,8 +1039,8 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
   m.def("packed_normalize(Tensor p) -> Tensor");
   m.def(
-      "radial_filters(Tensor basis, Tensor cut, Tensor[] weights, Tensor[] biases, "
-      "int activation) -> Tensor");
+      "mlp(Tensor x, Tensor scale, Tensor[] weights, Tensor[] biases, int activation) -> "
+      "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
@@ -1048,7 +1049,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_product", product_kernel);
   m.impl("packed_mix", mix_checked);
   m.impl("packed_normalize", normalize_kernel);
-  m.impl("radial_filters", radial_filters_kernel);
+  m.impl("mlp", mlp_kernel);
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
@@ -1057,5 +1058,5 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("packed_product", packed_product_op);
   m.impl("packed_mix", packed_mix_op);
   m.impl("packed_normalize", packed_normalize_op);
-  m.impl("radial_filters", radial_filters_op);
+  m.impl("mlp", mlp_op);
 }

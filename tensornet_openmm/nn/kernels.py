@@ -5,7 +5,7 @@ pair's sender rows, multiply them by the pair's filters, add them onto the recei
 per-atom tensor algebra, forwards and backwards, as thousands of small operators.
 ``csrc/pair_ops.cpp`` has five operators, each one pass with its backward written out:
 ``messages``, ``embedding_sums``, ``packed_product``, ``packed_mix``, ``packed_normalize`` and
-``radial_filters`` (the filter networks of a block of pairs).
+``mlp`` (the small networks: radial filters of a block of pairs, per-atom gates and energies).
 It is compiled with the compiler PyTorch uses for extensions the first time it is asked for
 (:func:`load`, about 20 s; the build is cached per torch and Python version) and registered as
 ``torch.ops.tensornet_openmm``.
@@ -41,8 +41,8 @@ _STATE: dict[str, object] = {}
 
 GROUP = (0, 1, 1, 1, 2, 2, 2, 2, 2, 2)
 """Part (I, A, S) of each packed component, whose filter it takes."""
-RADIAL_ACTIVATIONS = {"silu": 0, "tanh": 1}
-"""Activations of the radial networks that :meth:`PairKernels.radial` runs (2: none)."""
+MLP_ACTIVATIONS = {"silu": 0, "tanh": 1}
+"""Activations that :meth:`PairKernels.mlp` runs (code 2: none)."""
 REVERSED_SIGN = (1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 """Sign of each packed component of (1, u, u u^T) when the unit vector u is reversed."""
 
@@ -211,25 +211,25 @@ class PairKernels(nn.Module):
         out[:, c] = p[:, c] @ w[GROUP[c]]^T."""
         return self._torch_mix(p, w)
 
-    def radial(
-        self, basis: Tensor, cut: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
+    def mlp(
+        self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
-        """act(L_n(... act(L_1(basis)))) * cut: a radial network of linears with bias (weights
-        (out, in)) on basis (P, K), times the cutoff (P,); act 0 SiLU, 1 tanh, 2 none
-        (:data:`RADIAL_ACTIVATIONS`)."""
-        return self._torch_radial(basis, cut, weights, biases, act)
+        """act(L_n(... act(L_1(x)))) * scale: linears with bias (weights (out, in)) on rows x
+        (N, K), each followed by the activation act (0 SiLU, 1 tanh, 2 none,
+        :data:`MLP_ACTIVATIONS`), then each row times scale (N,) (radial filters: the cutoff)."""
+        return self._torch_mlp(x, scale, weights, biases, act)
 
-    def _torch_radial(
-        self, basis: Tensor, cut: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
+    def _torch_mlp(
+        self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
-        h = basis
+        h = x
         for weight, bias in zip(weights, biases):  # noqa: B905 (TorchScript's zip has no strict)
             h = nn.functional.linear(h, weight, bias)
             if act == 0:
                 h = nn.functional.silu(h)
             elif act == 1:
                 h = torch.tanh(h)
-        return h * cut.unsqueeze(1)
+        return h * scale.unsqueeze(1)
 
     def _torch_product(self, a: Tensor, b: Tensor, symmetric: bool) -> Tensor:
         x, y = self.algebra.full(a), self.algebra.full(b)
@@ -288,12 +288,12 @@ class FusedPairKernels(PairKernels):
             return torch.ops.tensornet_openmm.packed_normalize(p)
         return self._torch_normalize(p)
 
-    def radial(
-        self, basis: Tensor, cut: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
+    def mlp(
+        self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
-        if basis.device.type == "cpu":
-            return torch.ops.tensornet_openmm.radial_filters(basis, cut, weights, biases, act)
-        return self._torch_radial(basis, cut, weights, biases, act)
+        if x.device.type == "cpu":
+            return torch.ops.tensornet_openmm.mlp(x, scale, weights, biases, act)
+        return self._torch_mlp(x, scale, weights, biases, act)
 
     def mix(self, p: Tensor, w: Tensor) -> Tensor:
         if p.device.type == "cpu":

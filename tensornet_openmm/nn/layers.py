@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra
-from .kernels import RADIAL_ACTIVATIONS, PairKernels
+from .kernels import MLP_ACTIVATIONS, PairKernels
 from .radial import cosine_cutoff
 
 
@@ -181,6 +181,7 @@ class TensorEmbedding(nn.Module):
             [nn.Linear(f, 2 * f, dtype=dtype), nn.Linear(2 * f, 3 * f, dtype=dtype)]
         )
         self.init_norm = nn.LayerNorm(f, dtype=dtype)
+        self.mlp_activation = MLP_ACTIVATIONS.get(activation, -1)  # -1: not in the kernel
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
 
@@ -209,14 +210,14 @@ class TensorEmbedding(nn.Module):
         return self._project(basis) * cut.reshape(-1, 1, 1)  # (B, 3, F), once per listed pair
 
     def _fused_radial(self, cut: Tensor, basis: Tensor) -> Tensor:
-        """:meth:`_radial` as one operator (:meth:`PairKernels.radial`, no activation)."""
+        """:meth:`_radial` as one operator (:meth:`PairKernels.mlp`, no activation)."""
         weight = torch.cat(
             (self.distance_proj1.weight, self.distance_proj2.weight, self.distance_proj3.weight)
         )
         bias = torch.cat(
             (self.distance_proj1.bias, self.distance_proj2.bias, self.distance_proj3.bias)
         )
-        radial = self.pair_kernels.radial(basis, cut, [weight], [bias], 2)
+        radial = self.pair_kernels.mlp(basis, cut, [weight], [bias], 2)
         return radial.reshape(basis.shape[0], 3, self.hidden_channels)
 
     def add_block(
@@ -271,9 +272,7 @@ class TensorEmbedding(nn.Module):
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
 
         x = torch.cat((iso.unsqueeze(1), vec, diag, offdiag), dim=1)  # packed (n, 10, F)
-        gates = self.init_norm(self.algebra.squared_norm(x).squeeze(1))
-        for linear in self.linears_scalar:
-            gates = self.act(linear(gates))
+        gates = self._gates(self.init_norm(self.algebra.squared_norm(x).squeeze(1)))
         gates = gates.reshape(n, 3, f)
         if self.pair_kernels.applies(x):  # fused CPU kernels: the three linears as one operator
             lin = self.linears_tensor
@@ -286,6 +285,18 @@ class TensorEmbedding(nn.Module):
         vec = self.linears_tensor[1](vec) * g_a.unsqueeze(1)
         sym = self.linears_tensor[2](x.narrow(1, 4, 6).contiguous()) * g_s.unsqueeze(1)  # S of x
         return torch.cat((iso.unsqueeze(1), vec, sym), dim=1)  # packed (n, 10, F)
+
+    def _gates(self, h: Tensor) -> Tensor:
+        """The scalar network on the normalised norms: (n, F) -> (n, 3F)."""
+        lin = self.linears_scalar
+        if self.pair_kernels.applies(h) and self.mlp_activation >= 0:  # one operator
+            return self.pair_kernels.mlp(
+                h, h.new_ones(h.shape[0]), [lin[0].weight, lin[1].weight],
+                [lin[0].bias, lin[1].bias], self.mlp_activation,
+            )  # fmt: skip
+        for linear in lin:
+            h = self.act(linear(h))
+        return h
 
     def new_sums(self, like: Tensor) -> list[Tensor]:
         """Zeroed pair sums for ``like``'s atoms: (n, F), (n, 3, F), (n, 6, F)."""
@@ -355,7 +366,7 @@ class Interaction(nn.Module):
         )
         self.linears_tensor = _channel_linears(6, f, dtype)
         self.act = ACTIVATIONS[activation]()
-        self.radial_activation = RADIAL_ACTIVATIONS.get(activation, -1)  # -1: not in the kernel
+        self.mlp_activation = MLP_ACTIVATIONS.get(activation, -1)  # -1: not in the kernel
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
 
@@ -481,13 +492,13 @@ class Interaction(nn.Module):
         return x + dx + q * kernels.product(dx, dx, False)
 
     def _fused_filters(self, basis: Tensor, cut: Tensor) -> Tensor:
-        """:meth:`_filters` as one operator (:meth:`PairKernels.radial`) where it can be."""
-        if self.radial_activation < 0:
+        """:meth:`_filters` as one operator (:meth:`PairKernels.mlp`) where it can be."""
+        if self.mlp_activation < 0:
             return self._filters(basis, cut)
         lin = self.linears_scalar
-        h = self.pair_kernels.radial(
+        h = self.pair_kernels.mlp(
             basis, cut, [lin[0].weight, lin[1].weight, lin[2].weight],
-            [lin[0].bias, lin[1].bias, lin[2].bias], self.radial_activation,
+            [lin[0].bias, lin[1].bias, lin[2].bias], self.mlp_activation,
         )  # fmt: skip
         return h.reshape(h.shape[0], 3, self.hidden_channels)
 
