@@ -5,7 +5,7 @@ pair's sender rows, multiply them by the pair's filters, add them onto the recei
 per-atom tensor algebra, forwards and backwards, as thousands of small operators.
 ``csrc/pair_ops.cpp`` has five operators, each one pass with its backward written out:
 ``messages``, ``embedding_sums``, ``packed_product``, ``packed_mix``, ``packed_normalize`` and
-``mlp`` (the small networks: radial filters of a block of pairs, per-atom gates and energies).
+``mlp`` (small networks: the radial filters of a block of pairs).
 It is compiled with the compiler PyTorch uses for extensions the first time it is asked for
 (:func:`load`, about 20 s; the build is cached per torch and Python version) and registered as
 ``torch.ops.tensornet_openmm``.

@@ -181,7 +181,6 @@ class TensorEmbedding(nn.Module):
             [nn.Linear(f, 2 * f, dtype=dtype), nn.Linear(2 * f, 3 * f, dtype=dtype)]
         )
         self.init_norm = nn.LayerNorm(f, dtype=dtype)
-        self.mlp_activation = MLP_ACTIVATIONS.get(activation, -1)  # -1: not in the kernel
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
 
@@ -272,7 +271,9 @@ class TensorEmbedding(nn.Module):
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
 
         x = torch.cat((iso.unsqueeze(1), vec, diag, offdiag), dim=1)  # packed (n, 10, F)
-        gates = self._gates(self.init_norm(self.algebra.squared_norm(x).squeeze(1)))
+        gates = self.init_norm(self.algebra.squared_norm(x).squeeze(1))
+        for linear in self.linears_scalar:
+            gates = self.act(linear(gates))
         gates = gates.reshape(n, 3, f)
         if self.pair_kernels.applies(x):  # fused CPU kernels: the three linears as one operator
             lin = self.linears_tensor
@@ -285,18 +286,6 @@ class TensorEmbedding(nn.Module):
         vec = self.linears_tensor[1](vec) * g_a.unsqueeze(1)
         sym = self.linears_tensor[2](x.narrow(1, 4, 6).contiguous()) * g_s.unsqueeze(1)  # S of x
         return torch.cat((iso.unsqueeze(1), vec, sym), dim=1)  # packed (n, 10, F)
-
-    def _gates(self, h: Tensor) -> Tensor:
-        """The scalar network on the normalised norms: (n, F) -> (n, 3F)."""
-        lin = self.linears_scalar
-        if self.pair_kernels.applies(h) and self.mlp_activation >= 0:  # one operator
-            return self.pair_kernels.mlp(
-                h, h.new_ones(h.shape[0]), [lin[0].weight, lin[1].weight],
-                [lin[0].bias, lin[1].bias], self.mlp_activation,
-            )  # fmt: skip
-        for linear in lin:
-            h = self.act(linear(h))
-        return h
 
     def new_sums(self, like: Tensor) -> list[Tensor]:
         """Zeroed pair sums for ``like``'s atoms: (n, F), (n, 3, F), (n, 6, F)."""

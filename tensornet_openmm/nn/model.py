@@ -7,7 +7,6 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from . import algebra
-from .kernels import MLP_ACTIVATIONS, PairKernels
 from .layers import ACTIVATIONS, Interaction, TensorEmbedding
 from .radial import RADIAL_BASES, cosine_cutoff
 
@@ -102,8 +101,6 @@ class TensorNet(nn.Module):
             ACTIVATIONS[cfg.activation](),
             nn.Linear(f // 2, 1, dtype=dtype),
         )
-        self.mlp_activation = MLP_ACTIVATIONS.get(cfg.activation, -1)  # -1: not in the kernel
-        self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
         self.register_buffer("atomref", torch.zeros(max(cfg.atomref_size, 1), dtype=dtype))
         self.register_buffer("mean", torch.zeros((), dtype=dtype))
         self.register_buffer("std", torch.ones((), dtype=dtype))
@@ -150,17 +147,9 @@ class TensorNet(nn.Module):
 
     def _head(self, x: Tensor, z: Tensor) -> Tensor:
         """Per-atom energies from the final X."""
-        feats = self.out_norm(self.algebra.part_norms(x).reshape(x.shape[0], -1))  # (n, 3F)
-        if self.pair_kernels.applies(feats) and self.mlp_activation >= 0:  # one operator
-            first, second = self.linear, self.output_network[0]
-            h = self.pair_kernels.mlp(
-                feats, feats.new_ones(feats.shape[0]), [first.weight, second.weight],
-                [first.bias, second.bias], self.mlp_activation,
-            )  # fmt: skip
-            energy = self.output_network[2](h).squeeze(1) * self.std
-        else:
-            h = self.act(self.linear(feats))
-            energy = self.output_network(h).squeeze(1) * self.std
+        feats = self.algebra.part_norms(x).reshape(x.shape[0], -1)  # (n, 3F)
+        h = self.act(self.linear(self.out_norm(feats)))
+        energy = self.output_network(h).squeeze(1) * self.std
         if self.use_atomref:
             energy = energy + self.atomref[z]
         return energy
