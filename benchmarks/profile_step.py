@@ -5,10 +5,10 @@ TorchForce runs (half pair list; dynamic on CPU, fixed capacity on CUDA), then a
 LangevinMiddle step of the OpenMM System is timed; the remainder is OpenMM's share (integration,
 MM forces, the TorchForce's copies and calling overhead). Medians over ``--repeats`` calls.
 
-    GOMP_SPINCOUNT=3000 .venv/bin/python benchmarks/profile_step.py [--systems ala2 ala2-water
+    GOMP_SPINCOUNT=15000 .venv/bin/python benchmarks/profile_step.py [--systems ala2 ala2-water
         water-648] [--platform CPU] [--threads 2] [--repeats 20]
 
-(``GOMP_SPINCOUNT=3000``: torch's OpenMP threads spin as briefly as in the runner, see
+(``GOMP_SPINCOUNT=15000``: torch's OpenMP threads spin as briefly as in the runner, see
 :mod:`tensornet_openmm.openmp`.)
 """
 

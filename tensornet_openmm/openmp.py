@@ -10,12 +10,17 @@ Measured on the project's 2-core machine (``benchmarks/bench_md.py --systems ala
 ours reference --omp-spin both --rounds 2 --seconds 4``): alanine dipeptide in TIP3P water, 22 ML
 atoms of 2,269, took 15.18 ms per step against 20.85 with libgomp's default (the reference route:
 21.83 against 23.80); pure-ML water boxes are unchanged. Not spinning at all (``--omp-spin 0``)
-is much slower: each parallel loop then waits for threads to wake.
+is much slower: each parallel loop then waits for threads to wake. The count was 3,000 until the
+fused CPU kernels cut a force call's parallel loops from 434 to 49; since then 15,000 is faster:
+in interleaved runs of the same ML/MM step (two processes taking turns, 15 blocks of 250 steps
+each) 4-12% per step in three comparisons, with 8,000 and 30,000 level with it and 50,000 17%
+slower; ``--omp-spin 15000`` gave 11.53 ms against the reference's 23.64 (2.05x) where the
+default 3,000 had given 12.02 against 23.80 (1.98x) an hour earlier.
 
 libgomp reads ``GOMP_SPINCOUNT`` once, when it is loaded, which ``import torch`` does. So the
 setting has to be in the environment before Python starts: ``tensornet-openmm run`` restarts
 itself once with it (:func:`restart_with_short_spin`); in your own scripts run
-``GOMP_SPINCOUNT=3000 python script.py``. A value already in the environment is always kept.
+``GOMP_SPINCOUNT=15000 python script.py``. A value already in the environment is always kept.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 VARIABLE = "GOMP_SPINCOUNT"
-SPIN_COUNT = 3000
+SPIN_COUNT = 15000
 """Iterations an idle libgomp worker spins before it sleeps (libgomp's default: 300,000)."""
 
 
