@@ -1,11 +1,13 @@
-"""Fused CPU kernels for the pair sums and the per-atom algebra, and the PyTorch they replace.
+"""Fused CPU kernels for the pair sums, the radial networks and the per-atom algebra, and the
+PyTorch they replace.
 
 On the CPU a small molecule's force call is mostly operator overhead: the pair sums (gather each
-pair's sender rows, multiply them by the pair's filters, add them onto the receivers) and the
-per-atom tensor algebra, forwards and backwards, as thousands of small operators.
-``csrc/pair_ops.cpp`` has five operators, each one pass with its backward written out:
-``messages``, ``embedding_sums``, ``packed_product``, ``packed_mix``, ``packed_normalize`` and
-``mlp`` (small networks: the radial filters of a block of pairs).
+pair's sender rows, multiply them by the pair's filters, add them onto the receivers), the radial
+networks and the per-atom tensor algebra, forwards and backwards, as thousands of small operators
+and hundreds of OpenMP parallel regions. ``csrc/pair_ops.cpp`` has six operators, each one pass
+(one parallel region at most) with its backward written out: ``messages``, ``embedding_sums``,
+``mlp`` (small networks: the radial filters of a block of pairs), ``packed_product``,
+``packed_mix`` and ``packed_normalize``.
 It is compiled with the compiler PyTorch uses for extensions the first time it is asked for
 (:func:`load`, about 20 s; the build is cached per torch and Python version) and registered as
 ``torch.ops.tensornet_openmm``.
