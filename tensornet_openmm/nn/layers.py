@@ -184,14 +184,20 @@ class TensorEmbedding(nn.Module):
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
 
-    def _project(self, basis: Tensor) -> Tensor:
-        """The three distance projections at once: (P, K) -> (P, 3, F)."""
+    def _projection(self) -> tuple[Tensor, Tensor]:
+        """Weight (3F, K) and bias (3F,) of the three distance projections at once (constants
+        once frozen)."""
         weight = torch.cat(
             (self.distance_proj1.weight, self.distance_proj2.weight, self.distance_proj3.weight)
         )
         bias = torch.cat(
             (self.distance_proj1.bias, self.distance_proj2.bias, self.distance_proj3.bias)
         )
+        return weight, bias
+
+    def _project(self, basis: Tensor) -> Tensor:
+        """The three distance projections at once: (P, K) -> (P, 3, F)."""
+        weight, bias = self._projection()
         projected = nn.functional.linear(basis, weight, bias)
         return projected.reshape(basis.shape[0], 3, self.hidden_channels)  # also for 0 pairs
 
@@ -210,12 +216,7 @@ class TensorEmbedding(nn.Module):
 
     def _fused_radial(self, cut: Tensor, basis: Tensor) -> Tensor:
         """:meth:`_radial` as one operator (:meth:`PairKernels.mlp`, no activation)."""
-        weight = torch.cat(
-            (self.distance_proj1.weight, self.distance_proj2.weight, self.distance_proj3.weight)
-        )
-        bias = torch.cat(
-            (self.distance_proj1.bias, self.distance_proj2.bias, self.distance_proj3.bias)
-        )
+        weight, bias = self._projection()
         radial = self.pair_kernels.mlp(basis, cut, [weight], [bias], 2)
         return radial.reshape(basis.shape[0], 3, self.hidden_channels)
 
