@@ -26,22 +26,30 @@ Systems: ``ala2`` (alanine dipeptide in vacuum, 22 atoms, pure ML), ``ala2-water
 TIP3P water with PME, mechanical embedding, 2,269 atoms) and ``water-N`` (periodic pure-ML water
 boxes of about N atoms at liquid density).
 
-Each case runs in a fresh process. Time: LangevinMiddle at 300 K, 1 fs, after warm-up steps (Warp
-kernels, CUDA-graph capture and torch.compile happen there and are excluded), the median of three
-timed blocks sized to ``--seconds``, each from the same initial positions and velocities with the
-same Langevin seed. (With random weights a free molecule drifts far from its start: alanine
-dipeptide's pairs within 5 A went from 161 to 95 in under 1,000 steps, and our step time, which
-follows the pair count, with them; the reference's static shapes do not.) glibc's malloc is tuned in
-every route as our runner tunes it (:mod:`tensornet_openmm.allocator`; ``--allocator default`` or
-``both`` to compare), and libgomp's idle threads spin briefly, as the runner sets them
-(:mod:`tensornet_openmm.openmp`; ``--omp-spin default`` or ``both`` to compare). Peak memory:
-on CPU the growth of the process's peak resident set (Linux VmHWM) from before the System is built;
-on CUDA torch's peak allocation (OpenMM's own buffers are not included). E0 is the initial
-potential energy: the ML routes agree when the weights are the same. A failed case (out of memory,
-time limit) is a row with its reason; larger water boxes are then skipped for that route.
+Each case runs in a fresh process; with ``--interleave N`` the routes of a system run side by side
+instead, one process each, set up together and then taking turns for N timed blocks, so that a
+machine whose speed wanders between minutes weighs on every route alike (steadier ratios; all of a
+system's routes are in memory at once). Keep the blocks (``--seconds`` / N) at 2 s or more: after a
+pause a process's first steps are slower, ours more than the reference's (alanine dipeptide: 5.92
+ms/step in 0.5 s blocks, 3.95 in 3 s blocks, the reference 15.8 and 14.4). Time: LangevinMiddle at
+300 K, 1 fs, after warm-up steps (Warp kernels, CUDA-graph capture and torch.compile happen there
+and are excluded), the median of three (or N) timed blocks sized to ``--seconds``, each from the
+same initial positions and velocities with the same Langevin seed. (With random weights a free
+molecule drifts far from its start: alanine dipeptide's pairs within 5 A went from 161 to 95 in
+under 1,000 steps, and our step time, which follows the pair count, with them; the reference's
+static shapes do not.) glibc's malloc is tuned in every route as our runner tunes it
+(:mod:`tensornet_openmm.allocator`; ``--allocator default`` or ``both`` to compare), and libgomp's
+idle threads spin briefly, as the runner sets them (:mod:`tensornet_openmm.openmp`; ``--omp-spin
+default`` or ``both`` to compare). Peak memory: on CPU the growth of the process's peak resident set
+(Linux VmHWM) from before the System is built; on CUDA torch's peak allocation (OpenMM's own buffers
+are not included). E0 is the initial potential energy: the ML routes agree when the weights are the
+same. A failed case (out of memory, time limit) is a row with its reason; larger water boxes are
+then skipped for that route.
 
     .venv/bin/python benchmarks/bench_md.py                       # everything, every platform
     .venv/bin/python benchmarks/bench_md.py --systems ala2 --routes ours reference
+    .venv/bin/python benchmarks/bench_md.py --systems ala2-water --routes ours reference mm \
+        --interleave 10 --seconds 30                              # ratios on a noisy machine
     .venv/bin/python benchmarks/bench_md.py --water-sizes 648 1500 5000 20000 --csv md.csv
 """
 
@@ -247,7 +255,8 @@ def _reset_peak() -> None:
         handle.write("5")  # resets VmHWM to the current resident set
 
 
-def worker(spec: dict) -> dict:
+def _prepared(spec: dict) -> dict:
+    """A case's System and Context, built and warmed up, with its timers (a worker's state)."""
     import openmm
     import openmm.unit as u
 
@@ -293,13 +302,49 @@ def worker(spec: dict) -> dict:
         return time.perf_counter() - start
 
     warmup_s = steps(spec["warmup"])
-    per_step = steps(1)
-    n = int(min(max(spec["seconds"] / 3 / max(per_step, 1e-6), 1), 20000))
+    return {"context": context, "system": system, "ml_atoms": ml_atoms, "start": start,
+            "steps": steps, "e0": e0, "base_mb": base_mb, "build_s": build_s,
+            "warmup_s": warmup_s, "cuda": cuda}  # fmt: skip
+
+
+def _block_steps(seconds: float, per_step: float) -> int:
+    return int(min(max(seconds / max(per_step, 1e-6), 1), 20000))
+
+
+def worker(spec: dict) -> dict:
+    """One case: the median of three timed blocks sized to ``spec['seconds']``."""
+    case = _prepared(spec)
+    n = _block_steps(spec["seconds"] / 3, case["steps"](1))
     blocks = []
     for _ in range(3):
-        start()
-        blocks.append(steps(n) / n)
-    ms = 1e3 * statistics.median(blocks)
+        case["start"]()
+        blocks.append(case["steps"](n) / n)
+    return _report(spec, case, 1e3 * statistics.median(blocks), 3 * n)
+
+
+def serve(spec: dict) -> None:
+    """One case of ``--interleave``: set up, say ``{"ready": seconds per step}``, then run a timed
+    block of N steps for each line N read (answering ``{"ms": ms per step}``) until ``end``, and
+    answer with the case's row."""
+    case = _prepared(spec)
+    print(json.dumps({"ready": case["steps"](1)}), flush=True)
+    blocks: list[float] = []
+    timed = 0
+    for line in sys.stdin:
+        if line.strip() == "end":
+            break
+        n = int(line)
+        timed += n
+        case["start"]()
+        blocks.append(1e3 * case["steps"](n) / n)
+        print(json.dumps({"ms": blocks[-1]}), flush=True)
+    ms = statistics.median(blocks) if blocks else math.nan
+    print(json.dumps({**_report(spec, case, ms, timed), "blocks_ms": blocks}), flush=True)
+
+
+def _report(spec: dict, case: dict, ms: float, steps_timed: int) -> dict:
+    context, system, ml_atoms = case["context"], case["system"], case["ml_atoms"]
+    cuda = case["cuda"]
     state = context.getState(getEnergy=True, getPositions=True)
     n_ml = system.getNumParticles() if ml_atoms is None else len(ml_atoms)
     n_ml = 0 if spec["route"] == "mm" else n_ml
@@ -307,12 +352,12 @@ def worker(spec: dict) -> dict:
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mb = _vm_hwm_mb() - base_mb
+        peak_mb = _vm_hwm_mb() - case["base_mb"]
     return {
         "atoms": system.getNumParticles(), "ml_atoms": n_ml,
         "ms_per_step": ms, "ns_per_day": TIMESTEP_FS * 1e-6 * 86400e3 / ms,
-        "peak_mb": peak_mb, "e0_kj_per_mol": e0, "steps_timed": 3 * n, "warmup_s": warmup_s,
-        "build_s": build_s, "finite": finite,
+        "peak_mb": peak_mb, "e0_kj_per_mol": case["e0"], "steps_timed": steps_timed,
+        "warmup_s": case["warmup_s"], "build_s": case["build_s"], "finite": finite,
     }  # fmt: skip
 
 
@@ -377,15 +422,82 @@ def device_name(platform: str) -> str:
     return "CPU"
 
 
-def run_case(spec: dict, timeout: float) -> dict:
+def _worker_env(spec: dict) -> dict:
     from tensornet_openmm import openmp
 
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
     env = {k: v for k, v in os.environ.items() if k != openmp.VARIABLE}
     if spec["spin"] == "short":  # read by libgomp as the worker starts, so set here
         env = openmp.tuned_environment(env)
     elif spec["spin"] != "default":
         env[openmp.VARIABLE] = spec["spin"]  # a count given on the command line
+    return env
+
+
+def _answer(proc) -> dict:
+    """The next JSON line a serving worker prints (other output, such as Warp's banner, skipped);
+    an error when it exits first."""
+    for line in proc.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+    proc.wait()
+    proc.stderr_file.seek(0)
+    lines = [x for x in proc.stderr_file.read().splitlines() if x.strip()]
+    reason = lines[-1] if lines else f"exit {proc.returncode}"
+    if "out of memory" in reason.lower() or proc.returncode in (-9, 137):
+        reason = "out of memory: " + reason
+    return {"error": reason[:160]}
+
+
+def run_interleaved(specs: list[dict], blocks: int) -> list[dict]:
+    """The cases of one system side by side: one process each, all set up first, then taking
+    turns (in rotating order) for ``blocks`` timed blocks of about ``seconds / blocks`` each. On
+    a machine whose speed wanders, every case sees the same stretches of it, so their ratios
+    hold better than those of cases run minutes apart. Rows as :func:`combine_rounds` makes them
+    (median ms/step over the blocks, its spread)."""
+    procs = []
+    for spec in specs:
+        stderr = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", json.dumps(spec)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=_worker_env(spec),
+        )  # fmt: skip
+        proc.stderr_file = stderr
+        procs.append(proc)
+    results: list[dict] = [_answer(proc) for proc in procs]
+    live = [i for i, r in enumerate(results) if "ready" in r]
+    steps = {i: _block_steps(specs[i]["seconds"] / blocks, results[i]["ready"]) for i in live}
+    for block in range(blocks):
+        order = live[block % len(live) :] + live[: block % len(live)] if live else []
+        for i in order:
+            if "error" in results[i]:
+                continue
+            procs[i].stdin.write(f"{steps[i]}\n")
+            procs[i].stdin.flush()
+            answer = _answer(procs[i])
+            if "error" in answer:
+                results[i] = answer
+    rows = []
+    for i, (spec, proc) in enumerate(zip(specs, procs, strict=True)):
+        if "error" not in results[i]:
+            proc.stdin.write("end\n")
+            proc.stdin.flush()
+            results[i] = _answer(proc)
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        proc.wait()
+        proc.stderr_file.close()
+        result = results[i]
+        if "error" in result:
+            rows.append(result)
+            continue
+        per_block = [{**result, "ms_per_step": ms} for ms in result.pop("blocks_ms")]
+        rows.append(combine_rounds(spec, per_block))
+    return rows
+
+
+def run_case(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    env = _worker_env(spec)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -446,6 +558,7 @@ def _gigabytes(text: str) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--systems", nargs="+", default=["ala2", "ala2-water", "water"])
     parser.add_argument("--water-sizes", type=int, nargs="+", default=[648, 1500])
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
@@ -465,6 +578,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=_rounds, default=1,
                         help="run every case this many times, round-robin; the table shows the "
                         "median ms/step and its spread")  # fmt: skip
+    parser.add_argument("--interleave", type=_rounds, metavar="BLOCKS",
+                        help="run the routes of each system side by side, one process each, "
+                        "taking turns for this many timed blocks (instead of --rounds): "
+                        "steadier ratios on a noisy machine; a system's routes are in memory "
+                        "at once; keep --seconds / BLOCKS at 2 s or more")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps (>= graph warm-up)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     for key, value in MODEL_DEFAULTS.items():
@@ -483,6 +601,12 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.serve:
+        serve(json.loads(args.serve))
+        return
+    if args.interleave is not None and args.rounds > 1:
+        parser.error("--interleave and --rounds: give one (--interleave N times the routes of a "
+                     "system side by side; --rounds N reruns every case N times)")  # fmt: skip
     platforms = args.platforms or available_platforms()
     todo = list(cases(args, platforms))
     results: list[list[dict]] = [[] for _ in todo]
@@ -493,24 +617,28 @@ def main(argv=None):
             checkpoint, n_params = make_checkpoint(
                 Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
             )
-        failed: set[tuple] = set()  # (platform, route, graphs, ...) that failed on a water box
-        for _ in range(args.rounds):  # round-robin: every case sees the machine's moods alike
-            for case, done in zip(todo, results, strict=True):
-                key = tuple(case[k] for k in ("platform", "route", "graphs", "allocator", "spin"))
-                if case["system"].startswith("water-") and key in failed:
-                    done.append({"error": "skipped: a smaller box failed"})
-                    continue
-                spec = {**case, "checkpoint": str(checkpoint), "threads": args.threads,
-                        "torch_threads": args.torch_threads,
-                        "precision": args.precision, "seconds": args.seconds,
-                        "gpu_memory_gb": args.gpu_memory_gb,
-                        "warmup": args.warmup}  # fmt: skip
-                result = run_case(spec, args.timeout)
-                if "error" in result and case["system"].startswith("water-"):
-                    failed.add(key)
-                done.append(result)
-                print_row({**case, **result}, flush=True)
-    rows = [combine_rounds(case, done) for case, done in zip(todo, results, strict=True)]
+
+        def spec_for(case: dict) -> dict:
+            return {**case, "checkpoint": str(checkpoint), "threads": args.threads,
+                    "torch_threads": args.torch_threads,
+                    "precision": args.precision, "seconds": args.seconds,
+                    "gpu_memory_gb": args.gpu_memory_gb,
+                    "warmup": args.warmup}  # fmt: skip
+
+        if args.interleave is not None:
+            rows_by_case: dict[int, dict] = {}
+            groups: dict[tuple, list[int]] = {}
+            for index, case in enumerate(todo):  # a system's routes side by side
+                key = tuple(v for k, v in sorted(case.items()) if k != "route")
+                groups.setdefault(key, []).append(index)
+            for indices in groups.values():
+                group_rows = run_interleaved([spec_for(todo[i]) for i in indices], args.interleave)
+                for index, row in zip(indices, group_rows, strict=True):
+                    rows_by_case[index] = {**todo[index], **row}
+                    print_row(rows_by_case[index], flush=True)
+            rows = [rows_by_case[i] for i in range(len(todo))]
+        else:
+            rows = run_rounds(todo, results, args, spec_for)
     print()
     for platform in platforms:
         print(f"platform {platform}: {device_name(platform)}, threads {args.threads}"
@@ -524,6 +652,23 @@ def main(argv=None):
     print_table(rows)
     if args.csv:
         write_csv(rows, args.csv)
+
+
+def run_rounds(todo: list[dict], results: list[list[dict]], args, spec_for) -> list[dict]:
+    """Every case ``--rounds`` times, round-robin, each run in a fresh process."""
+    failed: set[tuple] = set()  # (platform, route, graphs, ...) that failed on a water box
+    for _ in range(args.rounds):  # round-robin: every case sees the machine's moods alike
+        for case, done in zip(todo, results, strict=True):
+            key = tuple(case[k] for k in ("platform", "route", "graphs", "allocator", "spin"))
+            if case["system"].startswith("water-") and key in failed:
+                done.append({"error": "skipped: a smaller box failed"})
+                continue
+            result = run_case(spec_for(case), args.timeout)
+            if "error" in result and case["system"].startswith("water-"):
+                failed.add(key)
+            done.append(result)
+            print_row({**case, **result}, flush=True)
+    return [combine_rounds(case, done) for case, done in zip(todo, results, strict=True)]
 
 
 def combine_rounds(case: dict, results: list[dict]) -> dict:
@@ -607,7 +752,8 @@ def print_table(rows):
           "(same platform, system, malloc, spin and graph setting). malloc: glibc tuned by "
           "tensornet_openmm.allocator (as the runner does) or default; spin: libgomp's idle "
           "threads spin short (tensornet_openmm.openmp, as the runner sets) or as long as by "
-          "default; all routes alike. With --rounds: ms/step is the median over rounds, spread% "
+          "default; all routes alike. With --rounds (--interleave): ms/step is the median over "
+          "rounds (timed blocks), spread% "
           "its range.")  # fmt: skip
 
 

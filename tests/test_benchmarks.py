@@ -52,6 +52,7 @@ def test_rounds_give_the_median_and_its_spread():
     [(["--rounds", "0"], "'0' rounds: give a whole number of at least 1"),
      (["--omp-spin", "fast"], "use short, default, both or a count such as 3000"),
      (["--gpu-memory-gb", "0"], "'0' GB: give a positive number, such as 80"),
+     (["--interleave", "4", "--rounds", "3"], "--interleave and --rounds: give one"),
      (["--gpu-memory-gb", "lots"], "'lots' GB: give a positive number, such as 80"),
      (["--checkpoint", "missing.ckpt", "--systems", "ala2", "--platforms", "CPU"],
       "--checkpoint missing.ckpt: no such file; give a TorchMD-Net TensorNet checkpoint")],
@@ -73,3 +74,26 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
         assert f"ala2 {route}: " in out
     counts = [float(line.split(": ")[1].split()[0]) for line in out.splitlines() if ": " in line]
     assert len(counts) == 3 and min(counts) > 50
+
+
+def test_interleaved_routes_take_turns_in_one_run(tmp_path):
+    """--interleave: the routes of a system set up side by side and time their blocks in turns;
+    each row is the median over its blocks, with the same energy as a plain run."""
+    import csv
+
+    checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
+    out = tmp_path / "md.csv"
+    common = ["--checkpoint", str(checkpoint), "--systems", "ala2", "--platforms", "CPU",
+              "--seconds", "0.3", "--warmup", "2"]  # fmt: skip
+    bench_md.main([*common, "--routes", "ours", "mm", "--interleave", "3", "--csv", str(out)])
+    with out.open() as handle:
+        rows = {row["route"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"ours", "mm"}
+    for row in rows.values():
+        assert row["error"] == "" and row["finite"] == "True"
+        assert row["rounds"] == "3" and float(row["ms_per_step"]) > 0
+    plain = tmp_path / "plain.csv"
+    bench_md.main([*common, "--routes", "ours", "--csv", str(plain)])
+    with plain.open() as handle:
+        (single,) = list(csv.DictReader(handle))
+    assert float(rows["ours"]["e0_kj_per_mol"]) == pytest.approx(float(single["e0_kj_per_mol"]))
