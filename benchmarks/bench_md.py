@@ -441,9 +441,15 @@ def _answer(proc) -> dict:
             return json.loads(line)
     proc.wait()
     proc.stderr_file.seek(0)
-    lines = [x for x in proc.stderr_file.read().splitlines() if x.strip()]
-    reason = lines[-1] if lines else f"exit {proc.returncode}"
-    if "out of memory" in reason.lower() or proc.returncode in (-9, 137):
+    return _failure(proc.stderr_file.read(), proc.returncode)
+
+
+def _failure(stderr: str, returncode: int) -> dict:
+    """A worker that ended without its row: the last line it wrote to stderr, out of memory
+    named as such."""
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    reason = lines[-1] if lines else f"exit {returncode}"
+    if "out of memory" in stderr.lower() or returncode in (-9, 137):
         reason = "out of memory: " + reason
     return {"error": reason[:160]}
 
@@ -505,11 +511,7 @@ def run_case(spec: dict, timeout: float) -> dict:
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    lines = [x for x in done.stderr.splitlines() if x.strip()]
-    reason = lines[-1] if lines else f"exit {done.returncode}"
-    if "out of memory" in done.stderr.lower() or done.returncode in (-9, 137):
-        reason = "out of memory: " + reason
-    return {"error": reason[:160]}
+    return _failure(done.stderr, done.returncode)
 
 
 def cases(args, platforms):
