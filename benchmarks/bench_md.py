@@ -10,8 +10,8 @@ Routes:
   list, fixed capacity on CUDA only).
 - ``ours-lowmem``: the same with ``low_memory=True`` (forces without the pairs' activations kept
   for the backward pass: one more pass over the pairs, a fraction of the memory).
-- ``ours-pytorch``: ``ours`` without the fused CPU kernels (``fused_kernels=False``: the pair sums
-  in plain PyTorch), to show what the kernels bring. On CUDA the two are the same code.
+- ``ours-pytorch``: ``ours`` without the fused kernels (``fused_kernels=False``: the pair sums and
+  the per-atom algebra in plain PyTorch, on the CPU and on CUDA), to show what the kernels bring.
 - ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 neighbour slots per atom, its
   Warp kernels) scripted into a TorchForce with a thin nm / kJ/mol wrapper.
 - ``pythonforce``: the same checkpoint through openmm-ml's ``MLPotential('torchmdnet')``, that is

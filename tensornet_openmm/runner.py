@@ -256,7 +256,7 @@ def build(config: dict, log=print):
         if options["low_memory"]:
             description += ", low-memory forces"
         elif kernels.wanted() and kernels.available():
-            description += ", fused CPU kernels"
+            description += ", " + kernels.description()
     if config["ensemble"] == "npt":
         import openmm
         import openmm.unit as u

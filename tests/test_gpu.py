@@ -5,6 +5,7 @@ machine: ``python -m pytest -m gpu``. The OpenMM CUDA platform must then be ther
 fails (with OpenMM's plugin load failures) rather than skips, since it means a broken install.
 """
 
+import functools
 import json
 
 import numpy as np
@@ -19,7 +20,9 @@ from test_runner import QUICK, SIMULATIONS
 
 from tensornet_openmm import create_force, create_mixed_system, save_model
 from tensornet_openmm.cli import main
+from tensornet_openmm.export import TensorNetForce, script
 from tensornet_openmm.neighbors import neighbor_pairs
+from tensornet_openmm.nn import kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -187,3 +190,102 @@ def test_runner_on_cuda(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert np.isfinite(summary["final_energy_kj_per_mol"])
     assert "platform CUDA" in (out / "run.log").read_text()
+
+
+def cuda_kernels():
+    """The fused kernels with their CUDA part: built wherever the CUDA compiler is found (a
+    failed build fails the test, it would otherwise leave the GPU on the slower PyTorch)."""
+    missing = kernels._cuda_compiler()
+    if missing is not None:
+        pytest.skip(f"no fused CUDA kernels to test: {missing}")
+    assert kernels.load() and kernels.cuda_available(), "the CUDA kernels did not build"
+
+
+def _last(op, flag, *tensors):
+    """op(*tensors, flag): the operators take their flag last."""
+    return op(*tensors, flag)
+
+
+def _fused_cases(channels):
+    """(name, operator, float64 CPU inputs) of every CUDA operator, small random inputs."""
+    g = torch.Generator().manual_seed(channels)
+    n, p, f = 9, 41, channels
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    src, dst = torch.randint(0, n, (p,), generator=g), torch.randint(0, n, (p,), generator=g)
+    ops = torch.ops.tensornet_openmm
+    cases = []
+    for half in (True, False):
+        messages = functools.partial(_last, ops.messages, half)
+        embedding = functools.partial(_last, ops.embedding_sums, half)
+        cases.append((f"messages-half={half}", messages, [rand(n, 10, f), rand(p, 3, f), src, dst]))
+        cases.append((f"embedding-half={half}", embedding,
+                      [rand(p, 3, f), rand(n, f), rand(n, f), rand(p, 10), src, dst]))  # fmt: skip
+        product = functools.partial(_last, ops.packed_product, half)  # half: symmetric here
+        cases.append((f"product-symmetric={half}", product, [rand(n, 10, f), rand(n, 10, f)]))
+    cases.append(("normalize", ops.packed_normalize, [rand(n, 10, f)]))
+    return cases
+
+
+@pytest.mark.parametrize("channels", [40, 160])
+def test_fused_cuda_kernels_equal_the_cpu_kernels(channels):
+    """Every CUDA operator against its CPU twin in float64: values, and the gradients of each
+    floating input (channels: fewer than a warp's multiple, and more than a block row)."""
+    cuda_kernels()
+    for name, op, inputs in _fused_cases(channels):
+        cpu = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+        gpu = [x.cuda().requires_grad_(x.is_floating_point()) for x in inputs]
+        out_cpu, out_gpu = op(*cpu), op(*gpu)
+        torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-12, atol=1e-12, msg=name)
+        seed = torch.randn_like(out_cpu)
+        wrt_cpu = [x for x in cpu if x.requires_grad]
+        wrt_gpu = [x for x in gpu if x.requires_grad]
+        expected = torch.autograd.grad(out_cpu, wrt_cpu, seed)
+        actual = torch.autograd.grad(out_gpu, wrt_gpu, seed.cuda())
+        for k, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            torch.testing.assert_close(a.cpu(), e, rtol=1e-11, atol=1e-11, msg=f"{name} input {k}")
+
+
+def test_fused_cuda_kernels_pass_gradcheck():
+    """Gradients against finite differences on the GPU (atomic sums: not bit-reproducible)."""
+    cuda_kernels()
+    for name, op, inputs in _fused_cases(5):
+        gpu = tuple(x.cuda().requires_grad_(x.is_floating_point()) for x in inputs)
+        assert torch.autograd.gradcheck(op, gpu, nondet_tol=1e-10), name
+
+
+def test_fused_cuda_kernels_refuse_mixed_devices():
+    cuda_kernels()
+    y, w = torch.randn(4, 10, 8, device="cuda"), torch.randn(5, 3, 8, device="cuda")
+    i = torch.zeros(5, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="pair indices on cpu and cpu for tensors on cuda"):
+        torch.ops.tensornet_openmm.messages(y, w, i, i, True)
+    with pytest.raises(RuntimeError, match="messages: tensors on cuda:0 and cpu"):
+        torch.ops.tensornet_openmm.messages(y, w.cpu(), i.cuda(), i.cuda(), True)
+
+
+def test_cuda_force_module_runs_the_fused_cuda_kernels():
+    """The force module as create_force makes it on a GPU machine (kernels by default): the
+    fused CUDA kernels run in its forward and backward, and it gives the eager model's energy
+    and forces (float64)."""
+    cuda_kernels()
+    model = small_model()
+    z, pos = molecule()
+    module = TensorNetForce(model, z, fused_kernels=kernels.wanted())
+    assert module.fused_kernels
+    frozen = torch.jit.freeze(script(module).eval()).cuda()
+    x = torch.tensor(pos, device="cuda", requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        energy = frozen(x)
+        (grad,) = torch.autograd.grad(energy, x)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    for kernel in ("messages_kernel", "embedding_kernel", "embedding_grads_kernel",
+                   "product_kernel", "normalize_grad_kernel"):  # fmt: skip
+        assert kernel in names, kernel
+    ref_energy, ref_forces = eager(model, z, pos)
+    assert energy.item() == pytest.approx(ref_energy, rel=1e-10)
+    forces = -grad.cpu().numpy()
+    np.testing.assert_allclose(forces, ref_forces, atol=1e-9 * np.abs(ref_forces).max())

@@ -22,7 +22,33 @@
 
 #include <dlfcn.h>
 
+#include "packed_math.h"
+
+#ifdef TN_WITH_CUDA
+// pair_ops_cuda.cu: the same operators on CUDA tensors (inputs checked and contiguous)
+namespace tn_cuda {
+at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
+                    const at::Tensor& dst, bool half);
+at::Tensor filter_grad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& src,
+                       const at::Tensor& dst, int64_t pairs, bool half);
+at::Tensor embedding(const at::Tensor& radial, const at::Tensor& z_recv,
+                     const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src,
+                     const at::Tensor& dst, bool half);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
+    const at::Tensor& grad, const at::Tensor& radial, const at::Tensor& z_recv,
+    const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src, const at::Tensor& dst,
+    bool half, bool want_radial, bool want_species, bool want_geom);
+at::Tensor product(const at::Tensor& a, const at::Tensor& b, bool symmetric);
+std::tuple<at::Tensor, at::Tensor> product_grad(const at::Tensor& grad, const at::Tensor& a,
+                                                const at::Tensor& b, bool symmetric, bool want_a,
+                                                bool want_b);
+at::Tensor normalize(const at::Tensor& p);
+at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p);
+}  // namespace tn_cuda
+#endif
+
 #include <algorithm>
+#include <initializer_list>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -34,16 +60,39 @@ constexpr int64_t kParts = 3;
 constexpr int64_t kGroup[kComps] = {0, 1, 1, 1, 2, 2, 2, 2, 2, 2};
 constexpr double kReversedSign[kComps] = {1, -1, -1, -1, 1, 1, 1, 1, 1, 1};
 
-// The pair indices, contiguous, once checked: two int64 CPU vectors of ``pairs`` entries, every
-// index in [0, atoms).
+// Whether an operator's tensors are on a CUDA device (all on the same one) rather than the CPU;
+// an error names the operator when they are spread over devices, or on a device it has no
+// kernels for.
+bool on_cuda(const char* op, std::initializer_list<at::Tensor> tensors) {
+  const at::Device device = tensors.begin()->device();
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device() == device, op, ": tensors on ", device, " and ", t.device(),
+                "; put them on one device");
+  }
+#ifdef TN_WITH_CUDA
+  TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, " has CPU and CUDA kernels, not ",
+              device.type(), " ones");
+#else
+  TORCH_CHECK(device.is_cpu(), op, " was built with CPU kernels only (no CUDA compiler when it ",
+              "was built), not for ", device);
+#endif
+  return device.is_cuda();
+}
+
+// The pair indices, contiguous, once checked: two int64 vectors of ``pairs`` entries, on the
+// device of the other inputs; on the CPU every index in [0, atoms) (on a GPU that would stop the
+// stream; the CUDA kernels assert it instead).
 std::pair<at::Tensor, at::Tensor> checked_pairs(const at::Tensor& src, const at::Tensor& dst,
-                                                int64_t pairs, int64_t atoms) {
+                                                int64_t pairs, int64_t atoms,
+                                                const at::Device& device) {
   TORCH_CHECK(src.dim() == 1 && dst.dim() == 1 && src.size(0) == pairs && dst.size(0) == pairs,
               "pair indices must be two vectors of ", pairs, " entries");
   TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong,
               "pair indices must be int64");
-  TORCH_CHECK(src.device().is_cpu() && dst.device().is_cpu(), "CPU kernels take CPU tensors");
+  TORCH_CHECK(src.device() == device && dst.device() == device, "pair indices on ",
+              src.device(), " and ", dst.device(), " for tensors on ", device);
   const at::Tensor s = src.contiguous(), d = dst.contiguous();
+  if (!device.is_cpu()) return {s, d};
   const int64_t *s_ptr = s.data_ptr<int64_t>(), *d_ptr = d.data_ptr<int64_t>();
   for (int64_t p = 0; p < pairs; ++p) {  // an index out of range would write anywhere
     TORCH_CHECK(s_ptr[p] >= 0 && s_ptr[p] < atoms && d_ptr[p] >= 0 && d_ptr[p] < atoms,
@@ -334,10 +383,13 @@ at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
   TORCH_CHECK(filt_in.dim() == 3 && filt_in.size(1) == kParts && filt_in.size(2) == y_in.size(2),
               "messages: filters must be (pairs, 3, channels), got ", filt_in.sizes());
   TORCH_CHECK(y_in.scalar_type() == filt_in.scalar_type(), "messages: y and filters differ in dtype");
-  TORCH_CHECK(y_in.device().is_cpu() && filt_in.device().is_cpu(), "CPU kernels take CPU tensors");
+  [[maybe_unused]] const bool cuda = on_cuda("messages", {y_in, filt_in});
   const at::Tensor y = y_in.contiguous(), filt = filt_in.contiguous();
   at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
-  std::tie(s, d) = checked_pairs(src, dst, filt.size(0), y.size(0));
+  std::tie(s, d) = checked_pairs(src, dst, filt.size(0), y.size(0), y.device());
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::messages(y, filt, s, d, half);
+#endif
   at::Tensor out = at::empty_like(y, at::MemoryFormat::Contiguous);  // zeroed by the kernel
   const int64_t pairs = filt.size(0), f_len = y.size(2);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages", [&] {
@@ -355,6 +407,9 @@ at::Tensor filter_grad_kernel(const at::Tensor& grad, const at::Tensor& y_in,
                               const at::Tensor& src, const at::Tensor& dst, int64_t pairs,
                               bool half) {
   const at::Tensor y = y_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (y.is_cuda()) return tn_cuda::filter_grad(grad, y, src, dst, pairs, half);
+#endif
   at::Tensor out = at::empty({pairs, kParts, y.size(2)}, y.options());  // zeroed by the kernel
   const int64_t f_len = y.size(2);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_backward", [&] {
@@ -384,13 +439,14 @@ at::Tensor embedding_kernel(const at::Tensor& radial_in, const at::Tensor& z_rec
   TORCH_CHECK(z_recv_in.scalar_type() == dtype && z_send_in.scalar_type() == dtype &&
                   geom_in.scalar_type() == dtype,
               "embedding_sums: inputs differ in dtype");
-  TORCH_CHECK(radial_in.device().is_cpu() && z_recv_in.device().is_cpu() &&
-                  z_send_in.device().is_cpu() && geom_in.device().is_cpu(),
-              "CPU kernels take CPU tensors");
+  [[maybe_unused]] const bool cuda = on_cuda("embedding_sums", {radial_in, z_recv_in, z_send_in, geom_in});
   const at::Tensor radial = radial_in.contiguous(), z_recv = z_recv_in.contiguous(),
                    z_send = z_send_in.contiguous(), geom = geom_in.contiguous();
   at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
-  std::tie(s, d) = checked_pairs(src, dst, pairs, z_recv.size(0));
+  std::tie(s, d) = checked_pairs(src, dst, pairs, z_recv.size(0), radial.device());
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::embedding(radial, z_recv, z_send, geom, s, d, half);
+#endif
   at::Tensor out = at::empty({z_recv.size(0), kComps, channels}, radial.options());  // zeroed
   AT_DISPATCH_FLOATING_TYPES(dtype, "tensornet_openmm_embedding_sums", [&] {
     const scalar_t *rp = radial.data_ptr<scalar_t>(), *zr = z_recv.data_ptr<scalar_t>(),
@@ -456,6 +512,16 @@ class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
     const at::Tensor grad = grads[0].contiguous();
     const bool want_species = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     at::Tensor g_radial, g_recv, g_send, g_geom;
+#ifdef TN_WITH_CUDA
+    if (radial.is_cuda()) {
+      std::tie(g_radial, g_recv, g_send, g_geom) = tn_cuda::embedding_grads(
+          grad, radial, z_recv, z_send, geom, src, dst, half, ctx->needs_input_grad(0),
+          want_species, ctx->needs_input_grad(3));
+      if (!ctx->needs_input_grad(1)) g_recv = at::Tensor();
+      if (!ctx->needs_input_grad(2)) g_send = at::Tensor();
+      return {g_radial, g_recv, g_send, g_geom, at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+#endif
     // each kernel zeroes its own rows of its outputs (in cache, in its thread) before adding
     if (ctx->needs_input_grad(0)) g_radial = at::empty_like(radial);
     if (want_species) {
@@ -509,47 +575,6 @@ at::Tensor embedding_sums(const at::Tensor& radial, const at::Tensor& z_recv,
 // unpacking, the product and the decomposition in registers, instead of a batched matrix
 // product each way and a (n, 3, 3, 3, F) temporary.
 
-template <typename T>
-TN_INLINE void unpack(const T p[kComps], T x[9]) {
-  x[0] = p[0] + p[4]; x[1] = p[7] - p[3]; x[2] = p[8] + p[2];
-  x[3] = p[7] + p[3]; x[4] = p[0] + p[5]; x[5] = p[9] - p[1];
-  x[6] = p[8] - p[2]; x[7] = p[9] + p[1]; x[8] = p[0] + p[6];
-}
-
-template <typename T>
-TN_INLINE void pack(const T x[9], T p[kComps]) {
-  const T iso = (x[0] + x[4] + x[8]) / T(3);
-  p[0] = iso;
-  p[1] = T(0.5) * (x[7] - x[5]); p[2] = T(0.5) * (x[2] - x[6]); p[3] = T(0.5) * (x[3] - x[1]);
-  p[4] = x[0] - iso; p[5] = x[4] - iso; p[6] = x[8] - iso;
-  p[7] = T(0.5) * (x[1] + x[3]); p[8] = T(0.5) * (x[2] + x[6]); p[9] = T(0.5) * (x[5] + x[7]);
-}
-
-// transposes of unpack and pack (their vector-Jacobian products)
-template <typename T>
-TN_INLINE void unpack_t(const T x[9], T p[kComps]) {
-  p[0] = x[0] + x[4] + x[8];
-  p[1] = x[7] - x[5]; p[2] = x[2] - x[6]; p[3] = x[3] - x[1];
-  p[4] = x[0]; p[5] = x[4]; p[6] = x[8];
-  p[7] = x[1] + x[3]; p[8] = x[2] + x[6]; p[9] = x[5] + x[7];
-}
-
-template <typename T>
-TN_INLINE void pack_t(const T p[kComps], T x[9]) {
-  const T t = (p[0] - p[4] - p[5] - p[6]) / T(3);
-  x[0] = t + p[4]; x[4] = t + p[5]; x[8] = t + p[6];
-  x[1] = T(0.5) * (p[7] - p[3]); x[3] = T(0.5) * (p[7] + p[3]);
-  x[2] = T(0.5) * (p[8] + p[2]); x[6] = T(0.5) * (p[8] - p[2]);
-  x[5] = T(0.5) * (p[9] - p[1]); x[7] = T(0.5) * (p[9] + p[1]);
-}
-
-template <typename T>
-TN_INLINE void mat3(const T a[9], const T b[9], T c[9]) {  // c = a b
-  for (int r = 0; r < 3; ++r)
-    for (int k = 0; k < 3; ++k)
-      c[3 * r + k] = a[3 * r] * b[k] + a[3 * r + 1] * b[3 + k] + a[3 * r + 2] * b[6 + k];
-}
-
 // out = packed(A B), or packed(A B + B A) when symmetric, for atoms [a0, a1)
 template <typename T>
 TN_INLINE void packed_product(const T* a, const T* b, T* out, int64_t f_len, bool symmetric,
@@ -557,62 +582,22 @@ TN_INLINE void packed_product(const T* a, const T* b, T* out, int64_t f_len, boo
   for (int64_t n = a0; n < a1; ++n) {
     const int64_t base = n * kComps * f_len;
     for (int64_t f = 0; f < f_len; ++f) {
-      T pa[kComps], pb[kComps], xa[9], xb[9], xc[9], xd[9], pc[kComps];
-      for (int c = 0; c < kComps; ++c) {
-        pa[c] = a[base + c * f_len + f];
-        pb[c] = b[base + c * f_len + f];
-      }
-      unpack(pa, xa);
-      unpack(pb, xb);
-      mat3(xa, xb, xc);
-      if (symmetric) {
-        mat3(xb, xa, xd);
-        for (int k = 0; k < 9; ++k) xc[k] += xd[k];
-      }
-      pack(xc, pc);
-      for (int c = 0; c < kComps; ++c) out[base + c * f_len + f] = pc[c];
+      tn_math::product(a + base + f, b + base + f, out + base + f, f_len, symmetric);
     }
   }
 }
 
 // gradients of packed(A B) (+ packed(B A) when symmetric) with respect to a and b (either may
-// be null), for atoms [a0, a1): G = pack^T g; dA = G B^T (+ B^T G), dB = A^T G (+ G A^T);
-// then unpack^T
+// be null), for atoms [a0, a1)
 template <typename T>
 TN_INLINE void packed_product_grad(const T* grad, const T* a, const T* b, T* g_a, T* g_b,
                                    int64_t f_len, bool symmetric, int64_t a0, int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
     const int64_t base = n * kComps * f_len;
     for (int64_t f = 0; f < f_len; ++f) {
-      T pg[kComps], pa[kComps], pb[kComps], xg[9], xa[9], xb[9], d[9], e[9], pd[kComps];
-      for (int c = 0; c < kComps; ++c) {
-        pg[c] = grad[base + c * f_len + f];
-        pa[c] = a[base + c * f_len + f];
-        pb[c] = b[base + c * f_len + f];
-      }
-      pack_t(pg, xg);
-      unpack(pa, xa);
-      unpack(pb, xb);
-      const T at[9] = {xa[0], xa[3], xa[6], xa[1], xa[4], xa[7], xa[2], xa[5], xa[8]};
-      const T bt[9] = {xb[0], xb[3], xb[6], xb[1], xb[4], xb[7], xb[2], xb[5], xb[8]};
-      if (g_a != nullptr) {
-        mat3(xg, bt, d);
-        if (symmetric) {
-          mat3(bt, xg, e);
-          for (int k = 0; k < 9; ++k) d[k] += e[k];
-        }
-        unpack_t(d, pd);
-        for (int c = 0; c < kComps; ++c) g_a[base + c * f_len + f] = pd[c];
-      }
-      if (g_b != nullptr) {
-        mat3(at, xg, d);
-        if (symmetric) {
-          mat3(xg, at, e);
-          for (int k = 0; k < 9; ++k) d[k] += e[k];
-        }
-        unpack_t(d, pd);
-        for (int c = 0; c < kComps; ++c) g_b[base + c * f_len + f] = pd[c];
-      }
+      tn_math::product_grad(grad + base + f, a + base + f, b + base + f,
+                            g_a == nullptr ? nullptr : g_a + base + f,
+                            g_b == nullptr ? nullptr : g_b + base + f, f_len, symmetric);
     }
   }
 }
@@ -637,8 +622,11 @@ at::Tensor product_kernel(const at::Tensor& a_in, const at::Tensor& b_in, bool s
               "packed_product: a and b must be (atoms, 10, channels) alike, got ", a_in.sizes(),
               " and ", b_in.sizes());
   TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "packed_product: a and b differ in dtype");
-  TORCH_CHECK(a_in.device().is_cpu() && b_in.device().is_cpu(), "CPU kernels take CPU tensors");
+  [[maybe_unused]] const bool cuda = on_cuda("packed_product", {a_in, b_in});
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::product(a, b, symmetric);
+#endif
   at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
   const int64_t atoms = a.size(0), f_len = a.size(2);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_packed_product", [&] {
@@ -668,6 +656,13 @@ class PackedProduct : public torch::autograd::Function<PackedProduct> {
     const bool symmetric = ctx->saved_data["symmetric"].toBool();
     const at::Tensor grad = grads[0].contiguous();
     at::Tensor g_a, g_b;
+#ifdef TN_WITH_CUDA
+    if (a.is_cuda()) {
+      std::tie(g_a, g_b) = tn_cuda::product_grad(grad, a, b, symmetric, ctx->needs_input_grad(0),
+                                                 ctx->needs_input_grad(1));
+      return {g_a, g_b, at::Tensor()};
+    }
+#endif
     if (ctx->needs_input_grad(0)) g_a = at::empty_like(a);
     if (ctx->needs_input_grad(1)) g_b = at::empty_like(b);
     const int64_t atoms = a.size(0), f_len = a.size(2);
@@ -757,41 +752,21 @@ at::Tensor packed_mix_op(const at::Tensor& p, const at::Tensor& w) {
 }
 
 // ---- Normalisation X / (|X|^2 + 1) of packed tensors ------------------------------------------
-// |X|^2 = sum_c NORM[c] p_c^2 (the squared Frobenius norm: off-diagonal entries count twice).
-constexpr double kNorm[kComps] = {3, 2, 2, 2, 1, 1, 1, 2, 2, 2};
-
 template <typename T>
 TN_INLINE void normalize(const T* p, T* out, int64_t f_len, int64_t a0, int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
-    const T* pn = p + n * kComps * f_len;
-    T* on = out + n * kComps * f_len;
-    for (int64_t f = 0; f < f_len; ++f) {
-      T s = 1;
-      for (int c = 0; c < kComps; ++c) s += static_cast<T>(kNorm[c]) * pn[c * f_len + f] * pn[c * f_len + f];
-      const T inv = T(1) / s;
-      for (int c = 0; c < kComps; ++c) on[c * f_len + f] = pn[c * f_len + f] * inv;
-    }
+    const int64_t base = n * kComps * f_len;
+    for (int64_t f = 0; f < f_len; ++f) tn_math::normalize(p + base + f, out + base + f, f_len);
   }
 }
 
-// g_p[k] = g[k] / s - 2 NORM[k] p[k] (sum_c g[c] p[c]) / s^2
 template <typename T>
 TN_INLINE void normalize_grad(const T* grad, const T* p, T* g_p, int64_t f_len, int64_t a0,
                               int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
     const int64_t base = n * kComps * f_len;
     for (int64_t f = 0; f < f_len; ++f) {
-      T s = 1, dot = 0;
-      for (int c = 0; c < kComps; ++c) {
-        const T v = p[base + c * f_len + f];
-        s += static_cast<T>(kNorm[c]) * v * v;
-        dot += grad[base + c * f_len + f] * v;
-      }
-      const T inv = T(1) / s, k = T(2) * dot * inv * inv;
-      for (int c = 0; c < kComps; ++c) {
-        const int64_t i = base + c * f_len + f;
-        g_p[i] = grad[i] * inv - static_cast<T>(kNorm[c]) * p[i] * k;
-      }
+      tn_math::normalize_grad(grad + base + f, p + base + f, g_p + base + f, f_len);
     }
   }
 }
@@ -813,8 +788,11 @@ constexpr int64_t kNormalizeWork = 40;  // operations per atom, channel
 at::Tensor normalize_kernel(const at::Tensor& p_in) {
   TORCH_CHECK(p_in.dim() == 3 && p_in.size(1) == kComps,
               "packed_normalize: p must be (atoms, 10, channels), got ", p_in.sizes());
-  TORCH_CHECK(p_in.device().is_cpu(), "CPU kernels take CPU tensors");
+  [[maybe_unused]] const bool cuda = on_cuda("packed_normalize", {p_in});
   const at::Tensor p = p_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::normalize(p);
+#endif
   at::Tensor out = at::empty_like(p, at::MemoryFormat::Contiguous);
   const int64_t atoms = p.size(0), f_len = p.size(2);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_normalize", [&] {
@@ -839,6 +817,9 @@ class PackedNormalize : public torch::autograd::Function<PackedNormalize> {
     if (!grads[0].defined()) return {at::Tensor()};
     const at::Tensor p = ctx->get_saved_variables()[0].contiguous();
     const at::Tensor grad = grads[0].contiguous();
+#ifdef TN_WITH_CUDA
+    if (p.is_cuda()) return {tn_cuda::normalize_grad(grad, p)};
+#endif
     at::Tensor g_p = at::empty_like(p);
     const int64_t atoms = p.size(0), f_len = p.size(2);
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_normalize_backward", [&] {
@@ -1052,6 +1033,16 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_normalize", normalize_kernel);
   m.impl("mlp", mlp_kernel);
 }
+
+#ifdef TN_WITH_CUDA
+// packed_mix and mlp stay with PyTorch's own CUDA kernels (matrix products: cuBLAS).
+TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
+  m.impl("messages", messages_kernel);
+  m.impl("embedding_sums", embedding_kernel);
+  m.impl("packed_product", product_kernel);
+  m.impl("packed_normalize", normalize_kernel);
+}
+#endif
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("messages", messages);

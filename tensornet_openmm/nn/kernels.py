@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the pair sums, the radial networks and the per-atom algebra, and the
+"""Fused kernels for the pair sums, the radial networks and the per-atom algebra, and the
 PyTorch they replace.
 
 On the CPU a small molecule's force call is mostly operator overhead: the pair sums (gather each
@@ -7,14 +7,17 @@ networks and the per-atom tensor algebra, forwards and backwards, as thousands o
 and hundreds of OpenMP parallel regions. ``csrc/pair_ops.cpp`` has six operators, each one pass
 (one parallel region at most) with its backward written out: ``messages``, ``embedding_sums``,
 ``mlp`` (small networks: the radial filters of a block of pairs), ``packed_product``,
-``packed_mix`` and ``packed_normalize``.
-It is compiled with the compiler PyTorch uses for extensions the first time it is asked for
-(:func:`load`, about 20 s; the build is cached per torch and Python version) and registered as
-``torch.ops.tensornet_openmm``.
+``packed_mix`` and ``packed_normalize``. On a GPU the same holds for kernel launches and memory
+traffic: ``csrc/pair_ops_cuda.cu`` has CUDA kernels for ``messages``, ``embedding_sums``,
+``packed_product`` and ``packed_normalize`` (one kernel each way instead of a gather, a product
+and a scatter of pair-sized tensors, or an unpacking, a batched product and a decomposition).
+They are compiled with the compilers PyTorch uses for extensions the first time they are asked
+for (:func:`load`: about 20 s for the CPU, a minute more with CUDA; the build is cached per
+torch and Python version and sources) and registered as ``torch.ops.tensornet_openmm``.
 
 The model does not need them: :class:`PairKernels` is the same arithmetic in PyTorch, what the
-model runs by default and on GPUs. :func:`use_fused_kernels` switches a model's layers to
-:class:`FusedPairKernels`, which run the compiled kernels on CPU tensors and fall back to
+model runs by default. :func:`use_fused_kernels` switches a model's layers to
+:class:`FusedPairKernels`, which run the compiled kernels where they have them and fall back to
 PyTorch elsewhere. They are first-order only (no forces in a training loss), which is why only
 the OpenMM forces use them.
 
@@ -23,6 +26,7 @@ Set ``TENSORNET_OPENMM_FUSED=0`` to never build or use them.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -37,7 +41,9 @@ from torch import Tensor, nn
 from .algebra import PackedAlgebra, matmul
 
 ENVIRONMENT_SWITCH = "TENSORNET_OPENMM_FUSED"
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "pair_ops.cpp"
+SOURCES = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = SOURCES / "pair_ops.cpp"
+CUDA_SOURCE = SOURCES / "pair_ops_cuda.cu"
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -49,10 +55,18 @@ REVERSED_SIGN = (1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 """Sign of each packed component of (1, u, u u^T) when the unit vector u is reversed."""
 
 
-def build_directory() -> Path:
-    """Where the compiled kernels are cached: one folder per torch and Python version."""
+def build_directory(cuda: bool = False) -> Path:
+    """Where the compiled kernels are cached: one folder per torch and Python version, sources
+    (``csrc/``, headers included) and CPU-only or CPU and CUDA build."""
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    digest = hashlib.sha256()
+    for path in sorted(SOURCES.iterdir()):
+        if path.suffix in (".cpp", ".cu", ".h"):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    tag = (
+        f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+        f"-{'cuda' if cuda else 'cpu'}-{digest.hexdigest()[:12]}"
+    )
     return root / "tensornet_openmm" / "kernels" / tag.replace("+", "_")
 
 
@@ -79,13 +93,35 @@ def available() -> bool:
     return True
 
 
+def cuda_available() -> bool:
+    """Whether the loaded kernels include the CUDA ones (``csrc/pair_ops_cuda.cu``)."""
+    return available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "tensornet_openmm::messages", "CUDA"
+    )
+
+
+def _cuda_compiler() -> str | None:
+    """Why the CUDA kernels cannot be built here (None when they can): they need a CUDA device
+    and the CUDA compiler torch finds (``CUDA_HOME`` or ``nvcc`` on PATH)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None or not (Path(home) / "bin" / "nvcc").exists():
+        return "no CUDA compiler (nvcc) found: set CUDA_HOME or put nvcc on PATH"
+    return None
+
+
 def load(verbose: bool = False) -> bool:
     """Build (once) and load the fused kernels; True when they are ready.
 
-    False, with a warning naming the reason, when they cannot be built (no C++ compiler, no
-    ninja); everything then runs in PyTorch, only slower on the CPU. False without building when
-    ``TENSORNET_OPENMM_FUSED=0``. Call it before deserializing a System whose TorchForce was made
-    with the kernels in another process.
+    On a machine with a CUDA device and the CUDA compiler, the CUDA kernels are built with the
+    CPU ones (about a minute the first time); without the compiler, or if that build fails, the
+    CPU ones alone, with a warning that the GPU runs PyTorch. False, with a warning naming the
+    reason, when they cannot be built at all (no C++ compiler, no ninja); everything then runs
+    in PyTorch, only slower. False without building when ``TENSORNET_OPENMM_FUSED=0``. Call it
+    before deserializing a System whose TorchForce was made with the kernels in another process.
     """
     if disabled():
         return False
@@ -95,27 +131,22 @@ def load(verbose: bool = False) -> bool:
         if available():  # loaded by someone else in this process
             _STATE["ok"] = True
             return True
-        quiet = logging.getLogger("torch.utils.cpp_extension")
-        level = quiet.level
-        path = os.environ.get("PATH")
-        quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found": we build for the CPU only
+        no_cuda = _cuda_compiler()
+        if no_cuda is None:
+            try:
+                _build(True, verbose)
+            except Exception as error:  # nvcc or CUDA headers broken: the CPU kernels alone
+                no_cuda = f"their build failed ({error!s:.300})"
+        if no_cuda is not None and torch.cuda.is_available():
+            warnings.warn(
+                f"tensornet_openmm: no fused CUDA kernels ({no_cuda}); forces on the GPU run in "
+                f"plain PyTorch, slower. Set {ENVIRONMENT_SWITCH}=0 to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         try:
-            from torch.utils import cpp_extension
-
-            folder = build_directory()
-            folder.mkdir(parents=True, exist_ok=True)
-            _put_ninja_on_path()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "No CUDA runtime is found" and the like
-                cpp_extension.load(
-                    name="tensornet_openmm_pair_ops",
-                    sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"],
-                    build_directory=str(folder),
-                    is_python_module=False,
-                    verbose=verbose,
-                )
+            if no_cuda is not None:
+                _build(False, verbose)
             _STATE["ok"] = available()
         except Exception as error:  # compiler, ninja or headers missing: PyTorch instead
             _STATE["ok"] = False
@@ -127,13 +158,40 @@ def load(verbose: bool = False) -> bool:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        finally:
-            quiet.setLevel(level)
-            if path is None:  # PATH as it was: ninja was needed for the build only
-                os.environ.pop("PATH", None)
-            else:
-                os.environ["PATH"] = path
         return bool(_STATE["ok"])
+
+
+def _build(cuda: bool, verbose: bool) -> None:
+    """Compile (or find in the cache) and load the kernels: CPU and CUDA, or CPU only."""
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    path = os.environ.get("PATH")
+    quiet.setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU-only builds
+    try:
+        from torch.utils import cpp_extension
+
+        folder = build_directory(cuda)
+        folder.mkdir(parents=True, exist_ok=True)
+        _put_ninja_on_path()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "No CUDA runtime is found" and the like
+            cpp_extension.load(
+                name="tensornet_openmm_pair_ops" + ("_cuda" if cuda else ""),
+                sources=[str(SOURCE)] + ([str(CUDA_SOURCE)] if cuda else []),
+                extra_cflags=["-O3", "-fopenmp"] + (["-DTN_WITH_CUDA"] if cuda else []),
+                extra_cuda_cflags=["-O3"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                with_cuda=cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
+    finally:
+        quiet.setLevel(level)
+        if path is None:  # PATH as it was: ninja was needed for the build only
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
 
 
 def _put_ninja_on_path() -> None:
@@ -255,13 +313,19 @@ class PairKernels(nn.Module):
 
 
 class FusedPairKernels(PairKernels):
-    """The compiled kernels on CPU tensors (first derivatives only); PyTorch elsewhere.
+    """The compiled kernels (first derivatives only) on CPU tensors, and on CUDA tensors where
+    the CUDA kernels were built (:func:`cuda_available`; there the channel mixing and the small
+    networks stay with PyTorch, whose matrix products are cuBLAS's); PyTorch elsewhere.
 
     Made only after :func:`load` succeeded (scripting it needs the registered operators).
     """
 
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(dtype)
+        self.cuda_kernels = cuda_available()
+
     def applies(self, like: Tensor) -> bool:
-        return like.device.type == "cpu"
+        return like.device.type == "cpu" or (self.cuda_kernels and like.device.type == "cuda")
 
     def messages(self, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool) -> Tensor:
         return torch.ops.tensornet_openmm.messages(y, filters, src, dst, half)
@@ -281,12 +345,12 @@ class FusedPairKernels(PairKernels):
         )
 
     def product(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
-        if a.device.type == "cpu":
+        if self.applies(a):
             return torch.ops.tensornet_openmm.packed_product(a, b, symmetric)
         return self._torch_product(a, b, symmetric)
 
     def normalize(self, p: Tensor) -> Tensor:
-        if p.device.type == "cpu":
+        if self.applies(p):
             return torch.ops.tensornet_openmm.packed_normalize(p)
         return self._torch_normalize(p)
 
@@ -305,9 +369,17 @@ class FusedPairKernels(PairKernels):
 
 def wanted() -> bool:
     """The default of ``create_force(fused_kernels=None)``: on, unless
-    ``TENSORNET_OPENMM_FUSED=0`` or this machine has a CUDA device (where the forces run on the
-    GPU and the CPU kernels would be built for nothing)."""
-    return not disabled() and not torch.cuda.is_available()
+    ``TENSORNET_OPENMM_FUSED=0``. On a machine with a CUDA device they include the CUDA kernels
+    where the CUDA compiler is found (see :func:`load`)."""
+    return not disabled()
+
+
+def description() -> str:
+    """Which fused kernels this process has loaded, for logs: "fused CPU and CUDA kernels",
+    "fused CPU kernels" or "" (none)."""
+    if not available():
+        return ""
+    return "fused CPU and CUDA kernels" if cuda_available() else "fused CPU kernels"
 
 
 def jit_load(source: str | Path | bytes) -> torch.jit.ScriptModule:

@@ -1,0 +1,397 @@
+// CUDA kernels of the fused operators (pair_ops.cpp has the CPU ones and the autograd
+// functions, which call these for CUDA tensors).
+//
+// On a GPU a force call is a sequence of kernels (replayed from a CUDA graph in OpenMM), and its
+// time is roughly their number times a few microseconds for small molecules and their memory
+// traffic for large systems. In PyTorch every message sum is a gather, a product and a scatter,
+// each writing a (pairs, 10, channels) tensor; every 3x3 product is an unpacking, a batched
+// matrix product and a decomposition. Here each is one kernel (two for the embedding's backward),
+// reading the per-atom rows and writing only the result.
+//
+// Layouts as on the CPU: packed per-atom tensors (atoms, 10, channels), filters (pairs, 3,
+// channels), pair indices int64. Threads run over (pair, channel) or (atom, channel), channels
+// fastest, so that neighbouring threads touch neighbouring memory. Sums onto atoms use atomic
+// adds: the order of the additions, and so the last bits of a result, can differ between runs.
+// Kernels run on the current stream and never synchronise with the host (CUDA-graph capture).
+// Pair indices are not range-checked on the host (that would synchronise): a device assertion
+// stops the kernel at an index outside [0, atoms).
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <tuple>
+#include <vector>
+
+#include "packed_math.h"
+
+namespace tn_cuda {
+namespace {
+
+constexpr int kComps = 10;
+constexpr int kParts = 3;
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int group_of(int c) { return c == 0 ? 0 : (c < 4 ? 1 : 2); }
+template <typename T>
+__device__ __forceinline__ T reversed_sign(int c) {
+  return (c >= 1 && c <= 3) ? T(-1) : T(1);
+}
+
+int blocks_for(int64_t work) {
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < 1 ? 1 : blocks);
+}
+
+__device__ __forceinline__ void check_pair(int64_t i, int64_t j, int64_t atoms) {
+  CUDA_KERNEL_ASSERT(i >= 0 && i < atoms && j >= 0 && j < atoms);
+}
+
+// out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half)
+template <typename T>
+__global__ void messages_kernel(const T* __restrict__ y, const T* __restrict__ filt,
+                                const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
+                                T* __restrict__ out, int64_t pairs, int64_t f_len, int64_t atoms,
+                                bool half) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= pairs * f_len) return;
+  const int64_t p = t / f_len, f = t - p * f_len;
+  const int64_t i = src[p], j = dst[p];
+  check_pair(i, j, atoms);
+  const T w[kParts] = {filt[(p * kParts) * f_len + f], filt[(p * kParts + 1) * f_len + f],
+                       filt[(p * kParts + 2) * f_len + f]};
+  for (int c = 0; c < kComps; ++c) {
+    const T wc = w[group_of(c)];
+    atomicAdd(out + (i * kComps + c) * f_len + f, wc * y[(j * kComps + c) * f_len + f]);
+    if (half) atomicAdd(out + (j * kComps + c) * f_len + f, wc * y[(i * kComps + c) * f_len + f]);
+  }
+}
+
+// grad_filt[p, g] = sum over c in part g of grad[i, c] * y[j, c] (+ grad[j, c] * y[i, c])
+template <typename T>
+__global__ void filter_grad_kernel(const T* __restrict__ grad, const T* __restrict__ y,
+                                   const int64_t* __restrict__ src,
+                                   const int64_t* __restrict__ dst, T* __restrict__ out,
+                                   int64_t pairs, int64_t f_len, int64_t atoms, bool half) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= pairs * f_len) return;
+  const int64_t p = t / f_len, f = t - p * f_len;
+  const int64_t i = src[p], j = dst[p];
+  check_pair(i, j, atoms);
+  T acc[kParts] = {T(0), T(0), T(0)};
+  for (int c = 0; c < kComps; ++c) {
+    T v = grad[(i * kComps + c) * f_len + f] * y[(j * kComps + c) * f_len + f];
+    if (half) v += grad[(j * kComps + c) * f_len + f] * y[(i * kComps + c) * f_len + f];
+    acc[group_of(c)] += v;
+  }
+  for (int g = 0; g < kParts; ++g) out[(p * kParts + g) * f_len + f] = acc[g];
+}
+
+// out[i, c] += radial[p, GROUP[c]] * (z_recv[i] + z_send[j]) * geom[p, c], and when half
+// out[j, c] += radial[p, GROUP[c]] * (z_recv[j] + z_send[i]) * SIGN[c] * geom[p, c]
+template <typename T>
+__global__ void embedding_kernel(const T* __restrict__ radial, const T* __restrict__ z_recv,
+                                 const T* __restrict__ z_send, const T* __restrict__ geom,
+                                 const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
+                                 T* __restrict__ out, int64_t pairs, int64_t f_len, int64_t atoms,
+                                 bool half) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= pairs * f_len) return;
+  const int64_t p = t / f_len, f = t - p * f_len;
+  const int64_t i = src[p], j = dst[p];
+  check_pair(i, j, atoms);
+  const T r[kParts] = {radial[(p * kParts) * f_len + f], radial[(p * kParts + 1) * f_len + f],
+                       radial[(p * kParts + 2) * f_len + f]};
+  const T s_ij = z_recv[i * f_len + f] + z_send[j * f_len + f];
+  for (int c = 0; c < kComps; ++c) {
+    atomicAdd(out + (i * kComps + c) * f_len + f, geom[p * kComps + c] * r[group_of(c)] * s_ij);
+  }
+  if (half) {
+    const T s_ji = z_recv[j * f_len + f] + z_send[i * f_len + f];
+    for (int c = 0; c < kComps; ++c) {
+      const T a = reversed_sign<T>(c) * geom[p * kComps + c];
+      atomicAdd(out + (j * kComps + c) * f_len + f, a * r[group_of(c)] * s_ji);
+    }
+  }
+}
+
+// The embedding's backward per pair and channel: with h_ij[c] = grad[i, c] s_ij and
+// h_ji[c] = SIGN[c] grad[j, c] s_ji, grad_radial[p, g] = sum_{c in g} geom[p, c] (h_ij[c] +
+// h_ji[c]); each side adds t = sum_c a_c radial[p, GROUP[c]] grad[to, c] to z_recv's gradient at
+// its receiver and z_send's at its sender; and grad_geom[p, c] = sum over channels of
+// radial[p, GROUP[c]] (h_ij[c] + h_ji[c]), summed in the block (one block row per pair,
+// blockDim.x threads over its channels). Any output may be null.
+template <typename T>
+__global__ void embedding_grads_kernel(const T* __restrict__ grad, const T* __restrict__ radial,
+                                       const T* __restrict__ z_recv, const T* __restrict__ z_send,
+                                       const T* __restrict__ geom,
+                                       const int64_t* __restrict__ src,
+                                       const int64_t* __restrict__ dst, T* __restrict__ g_radial,
+                                       T* __restrict__ g_recv, T* __restrict__ g_send,
+                                       T* __restrict__ g_geom, int64_t pairs, int64_t f_len,
+                                       int64_t atoms, bool half) {
+  extern __shared__ unsigned char shared_bytes[];
+  T* dots = reinterpret_cast<T*>(shared_bytes);  // (blockDim.y, kComps)
+  const int64_t p = blockIdx.x * int64_t(blockDim.y) + threadIdx.y;
+  const bool active = p < pairs;
+  T dot[kComps];
+  for (int c = 0; c < kComps; ++c) dot[c] = T(0);
+  if (active) {
+    const int64_t i = src[p], j = dst[p];
+    check_pair(i, j, atoms);
+    for (int64_t f = threadIdx.x; f < f_len; f += blockDim.x) {
+      const T r[kParts] = {radial[(p * kParts) * f_len + f],
+                           radial[(p * kParts + 1) * f_len + f],
+                           radial[(p * kParts + 2) * f_len + f]};
+      const T s_ij = z_recv[i * f_len + f] + z_send[j * f_len + f];
+      const T s_ji = half ? z_recv[j * f_len + f] + z_send[i * f_len + f] : T(0);
+      T acc[kParts] = {T(0), T(0), T(0)};
+      T t_ij = 0, t_ji = 0;
+      for (int c = 0; c < kComps; ++c) {
+        const int g = group_of(c);
+        const T a = geom[p * kComps + c], g_i = grad[(i * kComps + c) * f_len + f];
+        T h = g_i * s_ij;
+        t_ij += a * r[g] * g_i;
+        if (half) {
+          const T sign = reversed_sign<T>(c), g_j = grad[(j * kComps + c) * f_len + f];
+          h += sign * g_j * s_ji;
+          t_ji += sign * a * r[g] * g_j;
+        }
+        acc[g] += a * h;
+        dot[c] += r[g] * h;
+      }
+      if (g_radial != nullptr) {
+        for (int g = 0; g < kParts; ++g) g_radial[(p * kParts + g) * f_len + f] = acc[g];
+      }
+      if (g_recv != nullptr) {
+        atomicAdd(g_recv + i * f_len + f, t_ij);
+        atomicAdd(g_send + j * f_len + f, t_ij);
+        if (half) {
+          atomicAdd(g_recv + j * f_len + f, t_ji);
+          atomicAdd(g_send + i * f_len + f, t_ji);
+        }
+      }
+    }
+  }
+  if (g_geom == nullptr) return;
+  // sum each dot over the block row's threads: within warps, then across them
+  for (int c = 0; c < kComps; ++c) {
+    T v = dot[c];
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+    dot[c] = v;
+  }
+  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  T* row = dots + threadIdx.y * kComps;
+  if (threadIdx.x < kComps) row[threadIdx.x] = T(0);
+  __syncthreads();
+  if (lane == 0 && warps > 1) {
+    for (int c = 0; c < kComps; ++c) atomicAdd(row + c, dot[c]);
+  }
+  __syncthreads();
+  if (active && threadIdx.x == 0) {
+    for (int c = 0; c < kComps; ++c) g_geom[p * kComps + c] = warps > 1 ? row[c] : dot[c];
+  }
+}
+
+template <typename T>
+__global__ void product_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                               T* __restrict__ out, int64_t atoms, int64_t f_len, bool symmetric) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  tn_math::product(a + base, b + base, out + base, f_len, symmetric);
+}
+
+template <typename T>
+__global__ void product_grad_kernel(const T* __restrict__ grad, const T* __restrict__ a,
+                                    const T* __restrict__ b, T* __restrict__ g_a,
+                                    T* __restrict__ g_b, int64_t atoms, int64_t f_len,
+                                    bool symmetric) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  tn_math::product_grad(grad + base, a + base, b + base, g_a == nullptr ? nullptr : g_a + base,
+                        g_b == nullptr ? nullptr : g_b + base, f_len, symmetric);
+}
+
+template <typename T>
+__global__ void normalize_kernel(const T* __restrict__ p, T* __restrict__ out, int64_t atoms,
+                                 int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  tn_math::normalize(p + base, out + base, f_len);
+}
+
+template <typename T>
+__global__ void normalize_grad_kernel(const T* __restrict__ grad, const T* __restrict__ p,
+                                      T* __restrict__ g_p, int64_t atoms, int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  tn_math::normalize_grad(grad + base, p + base, g_p + base, f_len);
+}
+
+template <typename T>
+T* data_or_null(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+
+}  // namespace
+
+// ---- Host entry points (inputs checked and made contiguous by pair_ops.cpp) -------------------
+
+at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
+                    const at::Tensor& dst, bool half) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = at::zeros_like(y, at::MemoryFormat::Contiguous);
+  const int64_t pairs = filt.size(0), f_len = y.size(2);
+  if (pairs == 0 || f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_cuda", [&] {
+    messages_kernel<scalar_t><<<blocks_for(pairs * f_len), kThreads, 0, stream>>>(
+        y.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
+        dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs, f_len, y.size(0), half);
+  });
+  check_launch();
+  return out;
+}
+
+at::Tensor filter_grad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& src,
+                       const at::Tensor& dst, int64_t pairs, bool half) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  const int64_t f_len = y.size(2);
+  at::Tensor out = at::empty({pairs, kParts, f_len}, y.options());
+  if (pairs == 0 || f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_filter_grad_cuda", [&] {
+    filter_grad_kernel<scalar_t><<<blocks_for(pairs * f_len), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
+        dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs, f_len, y.size(0), half);
+  });
+  check_launch();
+  return out;
+}
+
+at::Tensor embedding(const at::Tensor& radial, const at::Tensor& z_recv,
+                     const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src,
+                     const at::Tensor& dst, bool half) {
+  const c10::cuda::CUDAGuard guard(radial.device());
+  const int64_t pairs = radial.size(0), f_len = radial.size(2), atoms = z_recv.size(0);
+  at::Tensor out = at::zeros({atoms, kComps, f_len}, radial.options());
+  if (pairs == 0 || f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_cuda", [&] {
+    embedding_kernel<scalar_t><<<blocks_for(pairs * f_len), kThreads, 0, stream>>>(
+        radial.data_ptr<scalar_t>(), z_recv.data_ptr<scalar_t>(), z_send.data_ptr<scalar_t>(),
+        geom.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
+        out.data_ptr<scalar_t>(), pairs, f_len, atoms, half);
+  });
+  check_launch();
+  return out;
+}
+
+// Gradients of embedding() for radial, the species terms and geom, each only when asked (an
+// undefined tensor otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
+    const at::Tensor& grad, const at::Tensor& radial, const at::Tensor& z_recv,
+    const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src, const at::Tensor& dst,
+    bool half, bool want_radial, bool want_species, bool want_geom) {
+  const c10::cuda::CUDAGuard guard(radial.device());
+  const int64_t pairs = radial.size(0), f_len = radial.size(2), atoms = z_recv.size(0);
+  at::Tensor g_radial, g_recv, g_send, g_geom;
+  if (want_radial) g_radial = at::empty_like(radial);  // every entry written once
+  if (want_species) {
+    g_recv = at::zeros_like(z_recv);
+    g_send = at::zeros_like(z_send);
+  }
+  if (want_geom) g_geom = at::empty_like(geom);
+  if (pairs == 0 || f_len == 0 || !(want_radial || want_species || want_geom)) {
+    return {g_radial, g_recv, g_send, g_geom};
+  }
+  // a block row of threads per pair: 32 to 128 of them over its channels
+  int tx = 32;
+  while (tx < 128 && tx < f_len) tx *= 2;
+  const dim3 block(tx, kThreads / tx);
+  const int64_t grid = (pairs + block.y - 1) / block.y;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_grads_cuda", [&] {
+    const size_t shared = sizeof(scalar_t) * block.y * kComps;
+    embedding_grads_kernel<scalar_t><<<static_cast<unsigned>(grid), block, shared, stream>>>(
+        grad.data_ptr<scalar_t>(), radial.data_ptr<scalar_t>(), z_recv.data_ptr<scalar_t>(),
+        z_send.data_ptr<scalar_t>(), geom.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
+        dst.data_ptr<int64_t>(), data_or_null<scalar_t>(g_radial),
+        data_or_null<scalar_t>(g_recv), data_or_null<scalar_t>(g_send),
+        data_or_null<scalar_t>(g_geom), pairs, f_len, atoms, half);
+  });
+  check_launch();
+  return {g_radial, g_recv, g_send, g_geom};
+}
+
+at::Tensor product(const at::Tensor& a, const at::Tensor& b, bool symmetric) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
+  const int64_t atoms = a.size(0), f_len = a.size(2);
+  if (atoms * f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_packed_product_cuda", [&] {
+    product_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), atoms, f_len,
+        symmetric);
+  });
+  check_launch();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> product_grad(const at::Tensor& grad, const at::Tensor& a,
+                                                const at::Tensor& b, bool symmetric, bool want_a,
+                                                bool want_b) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor g_a, g_b;
+  if (want_a) g_a = at::empty_like(a, at::MemoryFormat::Contiguous);
+  if (want_b) g_b = at::empty_like(b, at::MemoryFormat::Contiguous);
+  const int64_t atoms = a.size(0), f_len = a.size(2);
+  if (atoms * f_len == 0 || !(want_a || want_b)) return {g_a, g_b};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_packed_product_grad_cuda", [&] {
+    product_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+        data_or_null<scalar_t>(g_a), data_or_null<scalar_t>(g_b), atoms, f_len, symmetric);
+  });
+  check_launch();
+  return {g_a, g_b};
+}
+
+at::Tensor normalize(const at::Tensor& p) {
+  const c10::cuda::CUDAGuard guard(p.device());
+  at::Tensor out = at::empty_like(p, at::MemoryFormat::Contiguous);
+  const int64_t atoms = p.size(0), f_len = p.size(2);
+  if (atoms * f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_normalize_cuda", [&] {
+    normalize_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        p.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), atoms, f_len);
+  });
+  check_launch();
+  return out;
+}
+
+at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p) {
+  const c10::cuda::CUDAGuard guard(p.device());
+  at::Tensor g_p = at::empty_like(p, at::MemoryFormat::Contiguous);
+  const int64_t atoms = p.size(0), f_len = p.size(2);
+  if (atoms * f_len == 0) return g_p;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_normalize_grad_cuda", [&] {
+    normalize_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), g_p.data_ptr<scalar_t>(), atoms,
+        f_len);
+  });
+  check_launch();
+  return g_p;
+}
+
+}  // namespace tn_cuda
