@@ -5,12 +5,15 @@
 #   . scripts/device/stack.sh > $OUT/stack.log 2>&1 || exit 3; bash scripts/device/checks.sh STAGE
 #
 #   STAGE    carry                    what it runs (about)
-#   tests    .dev/base .dev/warp1     GPU tests; ours (+ low_memory) and MM on CUDA      4 min
-#   scan     .dev/warp2               kernels per call; largest water box within 80 GB   4 min
-#   compare  .dev/warp3               ours against the reference and PythonForce         4 min
+#   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; GPU tests; ours with and    6 min
+#                                     without them on CUDA; kernels per force call
+#   scan     .dev/warp2               largest water box within 80 GB (ours, low_memory)          3 min
+#   compare  .dev/warp3               ours against the reference and PythonForce                4 min
 #
 # Call them back to back: a device machine is given back 30 s after a call ends, and the warp
-# parts collect in its /tmp. Logs and CSVs go to $OUT (the device tool's output folder).
+# parts collect in its /tmp (a 15-minute lease fits tests and compare with a bare call for
+# warp2 between them: `true` instead of the scan). Logs and CSVs go to $OUT (the device tool's
+# output folder).
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -21,20 +24,25 @@ stage=${1:-}
 case "$stage" in
 tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    # the kernels' first build (nvcc: about a minute) before anything times itself
+    timeout 240 python3 -c "from tensornet_openmm.nn import kernels; kernels.load(verbose=True); \
+print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
+    grep -E "^kernels:|Warning|error" "$out/build.log" | tail -5
     timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py \
         >"$out/gpu_tests.log" 2>&1
     echo "pytest rc=$?"
     grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu_tests.log" | tail -15
-    timeout 220 "${bench[@]}" --systems ala2 ala2-water water --water-sizes 5000 \
-        --routes ours ours-lowmem mm --graphs both --seconds 2 --timeout 50 \
+    timeout 200 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
+        --routes ours ours-pytorch --graphs both --seconds 2 --timeout 50 \
         --csv "$out/tests.csv" >"$out/tests.log" 2>&1
+    echo "bench rc=$?"
+    timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
+        --systems ala2 water-5000 --routes ours ours-pytorch >"$out/kernels.log" 2>&1
+    grep "per call" "$out/kernels.log"
     ;;
 scan)
-    timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
-        --systems ala2 water-5000 --routes ours ours-dynamic ours-lowmem >"$out/kernels.log" 2>&1
-    grep "per call" "$out/kernels.log"
-    timeout 200 "${bench[@]}" --systems water --water-sizes 20000 30000 60000 100000 \
-        --routes ours ours-lowmem --graphs both --seconds 1 --warmup 3 --timeout 50 \
+    timeout 170 "${bench[@]}" --systems water --water-sizes 30000 60000 100000 \
+        --routes ours ours-lowmem --graphs off --seconds 1 --warmup 3 --timeout 50 \
         --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
     ;;
 compare)
@@ -42,8 +50,8 @@ compare)
     timeout 40 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
         --systems ala2 water-5000 --routes reference >"$out/kernels_reference.log" 2>&1
     grep "per call" "$out/kernels_reference.log"
-    timeout 280 "${bench[@]}" --systems ala2 ala2-water water --water-sizes 5000 \
-        --routes ours reference pythonforce --graphs both --seconds 2 --timeout 90 \
+    timeout 250 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
+        --routes ours reference pythonforce --graphs both --seconds 1.5 --timeout 80 \
         --csv "$out/compare.csv" >"$out/compare.log" 2>&1
     ;;
 *)
