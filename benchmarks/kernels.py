@@ -73,7 +73,9 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
                     fused_kernels=wanted() and route != "ours-pytorch",  # as create_force
                 )
             )  # fmt: skip
-        frozen = torch.jit.freeze(module.eval()).to(device)
+        # moved, then frozen, as openmm-torch does (freezing makes the weights constants, which
+        # a later move would leave behind)
+        frozen = torch.jit.freeze(module.to(device).eval())
         yield route, frozen, pos.to(device), None if box is None else box.to(device)
 
 
