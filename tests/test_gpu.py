@@ -226,17 +226,35 @@ def _fused_cases(channels):
         product = functools.partial(_last, ops.packed_product, half)  # half: symmetric here
         cases.append((f"product-symmetric={half}", product, [rand(n, 10, f), rand(n, 10, f)]))
     cases.append(("normalize", ops.packed_normalize, [rand(n, 10, f)]))
+    for kind, lower in ((0, 0.0), (1, 0.6)):  # exp-normal; Gaussian with a lower cutoff
+        vectors = rand(p, 3) * 2.5  # lengths about 0.5 to 8 A: some beyond the 5 A cutoff
+        geometry = functools.partial(_geometry, kind, lower)
+        widths = rand(f).abs() * (1 if kind == 0 else -1)  # Gaussian: exp(width d^2), width < 0
+        cases.append((f"geometry-{kind}", geometry, [vectors, rand(f).abs(), widths]))
     return cases
+
+
+def _geometry(kind, lower, vectors, centers, widths):
+    """The geometry operator's three outputs in one tensor (the tests compare one output)."""
+    cut, geom, basis = torch.ops.tensornet_openmm.geometry(
+        vectors, centers, widths, kind, 1.1, lower, lower, 5.0
+    )
+    return torch.cat((cut.unsqueeze(1), geom, basis), 1)
 
 
 @pytest.mark.parametrize("channels", [40, 160])
 def test_fused_cuda_kernels_equal_the_cpu_kernels(channels):
     """Every CUDA operator against its CPU twin in float64: values, and the gradients of each
-    floating input (channels: fewer than a warp's multiple, and more than a block row)."""
+    floating input (channels: fewer than a warp's multiple, and more than a block row; the
+    geometry's basis functions)."""
     cuda_kernels()
     for name, op, inputs in _fused_cases(channels):
-        cpu = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
-        gpu = [x.cuda().requires_grad_(x.is_floating_point()) for x in inputs]
+        if name.startswith("geometry"):  # no gradients for the basis parameters
+            cpu = [inputs[0].clone().requires_grad_(), *inputs[1:]]
+            gpu = [inputs[0].cuda().requires_grad_(), *(x.cuda() for x in inputs[1:])]
+        else:
+            cpu = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+            gpu = [x.cuda().requires_grad_(x.is_floating_point()) for x in inputs]
         out_cpu, out_gpu = op(*cpu), op(*gpu)
         torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-12, atol=1e-12, msg=name)
         seed = torch.randn_like(out_cpu)
@@ -252,8 +270,11 @@ def test_fused_cuda_kernels_pass_gradcheck():
     """Gradients against finite differences on the GPU (atomic sums: not bit-reproducible)."""
     cuda_kernels()
     for name, op, inputs in _fused_cases(5):
-        gpu = tuple(x.cuda().requires_grad_(x.is_floating_point()) for x in inputs)
-        assert torch.autograd.gradcheck(op, gpu, nondet_tol=1e-10), name
+        gpu = [x.cuda().requires_grad_(x.is_floating_point()) for x in inputs]
+        if name.startswith("geometry"):
+            gpu[1].requires_grad_(False)
+            gpu[2].requires_grad_(False)
+        assert torch.autograd.gradcheck(op, tuple(gpu), nondet_tol=1e-10), name
 
 
 def test_fused_cuda_kernels_refuse_mixed_devices():
@@ -290,7 +311,7 @@ def test_cuda_force_module_runs_the_fused_cuda_kernels():
     x = torch.tensor(pos, device="cuda", requires_grad=True)
     energy = frozen(x)
     nodes = _autograd_nodes(energy)
-    for op in ("Messages", "EmbeddingSums", "PackedProduct", "PackedNormalize"):
+    for op in ("Geometry", "Messages", "EmbeddingSums", "PackedProduct", "PackedNormalize"):
         assert f"torch::autograd::CppNode<(anonymous namespace)::{op}>" in nodes, op
     (grad,) = torch.autograd.grad(energy, x)
     ref_energy, ref_forces = eager(model, z, pos)

@@ -109,6 +109,64 @@ def test_embedding_kernel_values_and_gradients(half):
         torch.testing.assert_close(a, e)
 
 
+GEOMETRIES = {
+    "expnorm": {},
+    "gauss-lower": {"rbf_type": "gauss", "cutoff_lower": 0.5},
+    "expnorm-lower": {"cutoff_lower": 0.7},
+}
+
+
+@pytest.mark.parametrize("options", GEOMETRIES.values(), ids=GEOMETRIES.keys())
+def test_geometry_kernel_values_and_gradients(options):
+    """Cutoff, packed (1, u, u u^T) and radial basis of pair vectors, some beyond the cutoff and
+    inside the lower one: against the model's PyTorch code (float64), with gradcheck."""
+    model = small_model(**options)
+    g = torch.Generator().manual_seed(3)
+    directions = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    lengths = torch.linspace(0.2, model.cutoff_upper + 1.0, 40, dtype=torch.float64)
+    vec = (directions / directions.norm(dim=1, keepdim=True) * lengths[:, None]).requires_grad_()
+    kind, centers, widths, alpha, basis_lower = model.distance_expansion.fused_parameters()
+    args = (centers, widths, kind, alpha, basis_lower, model.cutoff_lower, model.cutoff_upper)
+
+    def fused(v):
+        return torch.ops.tensornet_openmm.geometry(v, *args)
+
+    cut, rhat, basis = model._geometry(vec)
+    ones = torch.ones(40, 1, dtype=torch.float64)
+    expected = (cut, torch.cat((ones, rhat, layers.algebra.symmetric_outer(rhat)), 1), basis)
+    got = fused(vec)
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-14)
+    assert (got[0][lengths >= model.cutoff_upper] == 0).all()
+    assert torch.autograd.gradcheck(fused, (vec,))
+    seeds = [torch.randn_like(e) for e in expected]
+    wanted = torch.autograd.grad(expected, vec, seeds)
+    actual = torch.autograd.grad(fused(vec), vec, seeds)
+    torch.testing.assert_close(actual[0], wanted[0], rtol=1e-11, atol=1e-12)
+    # one output used (the others' gradients undefined), as in a model with the cutoff unused
+    (only_basis,) = torch.autograd.grad(fused(vec)[2].sum(), vec)
+    (expected_basis,) = torch.autograd.grad(model._geometry(vec)[2].sum(), vec)
+    torch.testing.assert_close(only_basis, expected_basis, rtol=1e-11, atol=1e-12)
+
+
+def test_geometry_kernel_refuses_bad_input_and_basis_gradients():
+    vec = torch.randn(5, 3, dtype=torch.float64)
+    centers, widths = torch.rand(8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    geometry = torch.ops.tensornet_openmm.geometry
+    with pytest.raises(RuntimeError, match=r"vectors must be \(pairs, 3\), got \[5, 2\]"):
+        geometry(vec[:, :2], centers, widths, 0, 1.0, 0.0, 0.0, 5.0)
+    with pytest.raises(RuntimeError, match="basis kind must be 0 .* got 7"):
+        geometry(vec, centers, widths, 7, 1.0, 0.0, 0.0, 5.0)
+    with pytest.raises(RuntimeError, match="0 <= lower < upper, got 5 and 4"):
+        geometry(vec, centers, widths, 0, 1.0, 0.0, 5.0, 4.0)
+    with pytest.raises(RuntimeError, match="centers and widths must be two vectors of one length"):
+        geometry(vec, centers, widths[:3], 0, 1.0, 0.0, 0.0, 5.0)
+    trained = centers.clone().requires_grad_()
+    out = geometry(vec, trained, widths, 0, 1.0, 0.0, 0.0, 5.0)
+    with pytest.raises(RuntimeError, match="no gradients for the basis parameters"):
+        torch.autograd.grad(out[2].sum(), trained)
+
+
 def test_bad_input_is_refused_with_the_value():
     src, dst = _pairs()
     y, filters = torch.randn(9, 10, 6), torch.randn(23, 3, 6)
@@ -167,7 +225,7 @@ def test_scripted_frozen_model_uses_the_kernels():
     frozen = torch.jit.freeze(torch.jit.script(fused).eval())
     graph = str(frozen.graph)
     assert "tensornet_openmm::messages" in graph and "tensornet_openmm::embedding_sums" in graph
-    assert "tensornet_openmm::mlp" in graph
+    assert "tensornet_openmm::mlp" in graph and "tensornet_openmm::geometry" in graph
     e_fused, f_fused = energy_forces(frozen, z, pos)
     e_ref, f_ref = energy_forces(model, z, pos)
     torch.testing.assert_close(e_fused, e_ref, rtol=1e-12, atol=1e-12)

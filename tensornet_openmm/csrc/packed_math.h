@@ -7,6 +7,7 @@
 // tensor).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #ifdef __CUDACC__
@@ -143,6 +144,131 @@ TN_MATH void normalize_grad(const T* grad, const T* p, T* g_p, int64_t stride) {
   for (int c = 0; c < kComps; ++c) {
     g_p[c * stride] = grad[c * stride] * inv - norm_weight<T>(c) * p[c * stride] * k;
   }
+}
+
+}  // namespace tn_math
+
+// ---- Pair geometry ------------------------------------------------------------------------------
+// From a pair vector r_ij to what the layers take: the cosine cutoff of its length, the packed
+// geometry (1, u, u u^T as [xx, yy, zz, xy, xz, yz]) of its unit vector u, and the radial basis
+// (tensornet_openmm/nn/radial.py), with the gradient back to r_ij. kind 0: exp-normal basis,
+// c(r) exp(-width_k (exp(alpha (basis_lower - r)) - center_k)^2) with c the cosine cutoff with
+// lower edge 0; kind 1: Gaussian, exp(width_k (r - center_k)^2).
+namespace tn_math {
+
+using std::cos;  // float and double overloads, on the host and (CUDA's) on the device
+using std::exp;
+using std::sin;
+using std::sqrt;
+
+constexpr int kGeometry = 10;
+constexpr int kExpNormal = 0;
+constexpr int kGaussian = 1;
+
+template <typename T>
+struct GeometryParams {
+  int kind;
+  T alpha, basis_lower, lower, upper;
+  const T* centers;
+  const T* widths;
+  int64_t k;
+};
+
+// Cosine cutoff at r and its derivative d/dr (lower > 0: the shifted form).
+template <typename T>
+TN_MATH T cosine_cut(T r, T lower, T upper, T* derivative) {
+  const T pi = T(3.14159265358979323846);
+  T arg, slope;
+  bool inside;
+  if (lower > T(0)) {
+    arg = pi * (T(2) * (r - lower) / (upper - lower) + T(1));
+    slope = pi * T(2) / (upper - lower);
+    inside = r > lower && r < upper;
+  } else {
+    arg = r * (pi / upper);
+    slope = pi / upper;
+    inside = r < upper;
+  }
+  if (!inside) {
+    *derivative = T(0);
+    return T(0);
+  }
+  *derivative = T(-0.5) * sin(arg) * slope;
+  return T(0.5) * (cos(arg) + T(1));
+}
+
+// Basis value k at r and its derivative d/dr.
+template <typename T>
+TN_MATH T basis_value(const GeometryParams<T>& g, int64_t k, T r, T c0, T c0_slope, T e,
+                      T* derivative) {
+  if (g.kind == kExpNormal) {
+    const T shifted = e - g.centers[k];
+    const T gauss = exp(-g.widths[k] * shifted * shifted);
+    // d shifted / dr = -alpha e
+    *derivative = c0_slope * gauss + c0 * gauss * (T(2) * g.widths[k] * shifted * g.alpha * e);
+    return c0 * gauss;
+  }
+  const T d = r - g.centers[k];
+  const T value = exp(g.widths[k] * d * d);
+  *derivative = value * T(2) * g.widths[k] * d;
+  return value;
+}
+
+// cut (1), geom (kGeometry) and basis (k) of one pair vector v (3).
+template <typename T>
+TN_MATH void geometry(const GeometryParams<T>& g, const T* v, T* cut, T* geom, T* basis) {
+  const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  T slope;
+  *cut = cosine_cut(r, g.lower, g.upper, &slope);
+  const T u[3] = {v[0] / r, v[1] / r, v[2] / r};
+  geom[0] = T(1);
+  geom[1] = u[0]; geom[2] = u[1]; geom[3] = u[2];
+  geom[4] = u[0] * u[0]; geom[5] = u[1] * u[1]; geom[6] = u[2] * u[2];
+  geom[7] = u[0] * u[1]; geom[8] = u[0] * u[2]; geom[9] = u[1] * u[2];
+  T c0 = T(1), c0_slope = T(0), e = T(0);
+  if (g.kind == kExpNormal) {
+    c0 = cosine_cut(r, T(0), g.upper, &c0_slope);
+    e = exp(g.alpha * (g.basis_lower - r));
+  }
+  for (int64_t k = 0; k < g.k; ++k) {
+    T unused;
+    basis[k] = basis_value(g, k, r, c0, c0_slope, e, &unused);
+  }
+}
+
+// The gradient with respect to v (3) from those of cut, geom and basis (each may be null).
+template <typename T>
+TN_MATH void geometry_grad(const GeometryParams<T>& g, const T* v, const T* g_cut,
+                           const T* g_geom, const T* g_basis, T* g_v) {
+  const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  const T u[3] = {v[0] / r, v[1] / r, v[2] / r};
+  T d_r = T(0);  // dL/dr
+  if (g_cut != nullptr) {
+    T slope;
+    cosine_cut(r, g.lower, g.upper, &slope);
+    d_r += *g_cut * slope;
+  }
+  if (g_basis != nullptr) {
+    T c0 = T(1), c0_slope = T(0), e = T(0);
+    if (g.kind == kExpNormal) {
+      c0 = cosine_cut(r, T(0), g.upper, &c0_slope);
+      e = exp(g.alpha * (g.basis_lower - r));
+    }
+    for (int64_t k = 0; k < g.k; ++k) {
+      T slope;
+      basis_value(g, k, r, c0, c0_slope, e, &slope);
+      d_r += g_basis[k] * slope;
+    }
+  }
+  T g_u[3] = {T(0), T(0), T(0)};
+  if (g_geom != nullptr) {
+    g_u[0] = g_geom[1] + T(2) * u[0] * g_geom[4] + u[1] * g_geom[7] + u[2] * g_geom[8];
+    g_u[1] = g_geom[2] + T(2) * u[1] * g_geom[5] + u[0] * g_geom[7] + u[2] * g_geom[9];
+    g_u[2] = g_geom[3] + T(2) * u[2] * g_geom[6] + u[0] * g_geom[8] + u[1] * g_geom[9];
+  }
+  // u = v / r: du_a / dv_b = (delta_ab - u_a u_b) / r; dr / dv = u
+  const T along = g_u[0] * u[0] + g_u[1] * u[1] + g_u[2] * u[2];
+  for (int a = 0; a < 3; ++a) g_v[a] = (g_u[a] - along * u[a]) / r + d_r * u[a];
 }
 
 }  // namespace tn_math

@@ -44,6 +44,15 @@ std::tuple<at::Tensor, at::Tensor> product_grad(const at::Tensor& grad, const at
                                                 bool want_b);
 at::Tensor normalize(const at::Tensor& p);
 at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
+                                                        const at::Tensor& centers,
+                                                        const at::Tensor& widths, int64_t kind,
+                                                        double alpha, double basis_lower,
+                                                        double lower, double upper);
+at::Tensor geometry_grad(const at::Tensor& vec, const at::Tensor& centers,
+                         const at::Tensor& widths, int64_t kind, double alpha, double basis_lower,
+                         double lower, double upper, const at::Tensor& g_cut,
+                         const at::Tensor& g_geom, const at::Tensor& g_basis);
 }  // namespace tn_cuda
 #endif
 
@@ -1010,6 +1019,142 @@ at::Tensor mlp_op(const at::Tensor& basis, const at::Tensor& cut,
   return Mlp::apply(basis, cut, weights, biases, activation);
 }
 
+// ---- Pair geometry --------------------------------------------------------------------------
+// The cosine cutoff, packed (1, u, u u^T) and radial basis of every pair vector, and the gradient
+// back to the vectors (tn_math::geometry): one pass over the pairs each way instead of a dozen
+// elementwise operators (and their OpenMP regions or GPU kernels) each way.
+
+template <typename T>
+tn_math::GeometryParams<T> geometry_params(const at::Tensor& centers, const at::Tensor& widths,
+                                           int64_t kind, double alpha, double basis_lower,
+                                           double lower, double upper) {
+  return {static_cast<int>(kind), static_cast<T>(alpha), static_cast<T>(basis_lower),
+          static_cast<T>(lower), static_cast<T>(upper), centers.data_ptr<T>(),
+          widths.data_ptr<T>(), centers.size(0)};
+}
+
+constexpr int64_t kGeometryWork = 30;  // operations per pair and basis function
+
+void geometry_checked(const at::Tensor& vec, const at::Tensor& centers, const at::Tensor& widths,
+                      int64_t kind, double lower, double upper) {
+  TORCH_CHECK(vec.dim() == 2 && vec.size(1) == 3, "geometry: vectors must be (pairs, 3), got ",
+              vec.sizes());
+  TORCH_CHECK(centers.dim() == 1 && widths.sizes() == centers.sizes(),
+              "geometry: basis centers and widths must be two vectors of one length, got ",
+              centers.sizes(), " and ", widths.sizes());
+  TORCH_CHECK(centers.scalar_type() == vec.scalar_type() &&
+                  widths.scalar_type() == vec.scalar_type(),
+              "geometry: vectors and basis parameters differ in dtype");
+  TORCH_CHECK(kind == tn_math::kExpNormal || kind == tn_math::kGaussian,
+              "geometry: basis kind must be 0 (exp-normal) or 1 (Gaussian), got ", kind);
+  TORCH_CHECK(lower >= 0 && upper > lower, "geometry: cutoffs must satisfy 0 <= lower < upper, got ",
+              lower, " and ", upper);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry_kernel(
+    const at::Tensor& vec_in, const at::Tensor& centers_in, const at::Tensor& widths_in,
+    int64_t kind, double alpha, double basis_lower, double lower, double upper) {
+  geometry_checked(vec_in, centers_in, widths_in, kind, lower, upper);
+  [[maybe_unused]] const bool cuda = on_cuda("geometry", {vec_in, centers_in, widths_in});
+  const at::Tensor vec = vec_in.contiguous(), centers = centers_in.contiguous(),
+                   widths = widths_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::geometry(vec, centers, widths, kind, alpha, basis_lower, lower, upper);
+#endif
+  const int64_t pairs = vec.size(0), k = centers.size(0);
+  at::Tensor cut = at::empty({pairs}, vec.options());
+  at::Tensor geom = at::empty({pairs, tn_math::kGeometry}, vec.options());
+  at::Tensor basis = at::empty({pairs, k}, vec.options());
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry", [&] {
+    const auto g =
+        geometry_params<scalar_t>(centers, widths, kind, alpha, basis_lower, lower, upper);
+    const scalar_t* v = vec.data_ptr<scalar_t>();
+    scalar_t *c = cut.data_ptr<scalar_t>(), *o = geom.data_ptr<scalar_t>(),
+             *b = basis.data_ptr<scalar_t>();
+    split(pairs, kPairGrain, pairs * (k + 1) * kGeometryWork, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        tn_math::geometry(g, v + 3 * p, c + p, o + tn_math::kGeometry * p, b + k * p);
+      }
+    });
+  });
+  return {cut, geom, basis};
+}
+
+at::Tensor geometry_grad_kernel(const at::Tensor& vec, const at::Tensor& centers,
+                                const at::Tensor& widths, int64_t kind, double alpha,
+                                double basis_lower, double lower, double upper,
+                                const at::Tensor& g_cut, const at::Tensor& g_geom,
+                                const at::Tensor& g_basis) {
+#ifdef TN_WITH_CUDA
+  if (vec.is_cuda()) {
+    return tn_cuda::geometry_grad(vec, centers, widths, kind, alpha, basis_lower, lower, upper,
+                                  g_cut, g_geom, g_basis);
+  }
+#endif
+  const int64_t pairs = vec.size(0), k = centers.size(0);
+  at::Tensor g_vec = at::empty_like(vec);
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry_backward", [&] {
+    const auto g =
+        geometry_params<scalar_t>(centers, widths, kind, alpha, basis_lower, lower, upper);
+    const scalar_t* v = vec.data_ptr<scalar_t>();
+    const scalar_t *gc = g_cut.defined() ? g_cut.data_ptr<scalar_t>() : nullptr,
+                   *gg = g_geom.defined() ? g_geom.data_ptr<scalar_t>() : nullptr,
+                   *gb = g_basis.defined() ? g_basis.data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = g_vec.data_ptr<scalar_t>();
+    split(pairs, kPairGrain, pairs * (k + 1) * kGeometryWork, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        tn_math::geometry_grad(g, v + 3 * p, gc == nullptr ? nullptr : gc + p,
+                               gg == nullptr ? nullptr : gg + tn_math::kGeometry * p,
+                               gb == nullptr ? nullptr : gb + k * p, out + 3 * p);
+      }
+    });
+  });
+  return g_vec;
+}
+
+class Geometry : public torch::autograd::Function<Geometry> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& vec,
+                               const at::Tensor& centers, const at::Tensor& widths, int64_t kind,
+                               double alpha, double basis_lower, double lower, double upper) {
+    ctx->save_for_backward({vec, centers, widths});
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["basis_lower"] = basis_lower;
+    ctx->saved_data["lower"] = lower;
+    ctx->saved_data["upper"] = upper;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor cut, geom, basis;
+    std::tie(cut, geom, basis) =
+        geometry_kernel(vec, centers, widths, kind, alpha, basis_lower, lower, upper);
+    return {cut, geom, basis};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!ctx->needs_input_grad(1) && !ctx->needs_input_grad(2),
+                "geometry: no gradients for the basis parameters here (the fused kernels are "
+                "for forces): train with the PyTorch code (fused_kernels=False)");
+    variable_list result(8);
+    if (!ctx->needs_input_grad(0)) return result;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor vec = saved[0].contiguous(), centers = saved[1].contiguous(),
+                     widths = saved[2].contiguous();
+    auto grad = [&](int i) { return grads[i].defined() ? grads[i].contiguous() : at::Tensor(); };
+    result[0] = geometry_grad_kernel(
+        vec, centers, widths, ctx->saved_data["kind"].toInt(), ctx->saved_data["alpha"].toDouble(),
+        ctx->saved_data["basis_lower"].toDouble(), ctx->saved_data["lower"].toDouble(),
+        ctx->saved_data["upper"].toDouble(), grad(0), grad(1), grad(2));
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry_op(
+    const at::Tensor& vec, const at::Tensor& centers, const at::Tensor& widths, int64_t kind,
+    double alpha, double basis_lower, double lower, double upper) {
+  const auto out = Geometry::apply(vec, centers, widths, kind, alpha, basis_lower, lower, upper);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tensornet_openmm, m) {
@@ -1023,6 +1168,9 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "mlp(Tensor x, Tensor scale, Tensor[] weights, Tensor[] biases, int activation) -> "
       "Tensor");
+  m.def(
+      "geometry(Tensor vec, Tensor centers, Tensor widths, int kind, float alpha, "
+      "float basis_lower, float lower, float upper) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
@@ -1032,6 +1180,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_mix", mix_checked);
   m.impl("packed_normalize", normalize_kernel);
   m.impl("mlp", mlp_kernel);
+  m.impl("geometry", geometry_kernel);
 }
 
 #ifdef TN_WITH_CUDA
@@ -1041,6 +1190,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("embedding_sums", embedding_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_normalize", normalize_kernel);
+  m.impl("geometry", geometry_kernel);
 }
 #endif
 
@@ -1051,4 +1201,5 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("packed_mix", packed_mix_op);
   m.impl("packed_normalize", packed_normalize_op);
   m.impl("mlp", mlp_op);
+  m.impl("geometry", geometry_op);
 }

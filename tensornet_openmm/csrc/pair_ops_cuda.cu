@@ -234,6 +234,41 @@ __global__ void normalize_grad_kernel(const T* __restrict__ grad, const T* __res
 }
 
 template <typename T>
+__global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
+                                T* __restrict__ cut, T* __restrict__ geom, T* __restrict__ basis,
+                                int64_t pairs) {
+  const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (p >= pairs) return;
+  tn_math::geometry(g, vec + 3 * p, cut + p, geom + tn_math::kGeometry * p, basis + g.k * p);
+}
+
+template <typename T>
+__global__ void geometry_grad_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
+                                     const T* __restrict__ g_cut, const T* __restrict__ g_geom,
+                                     const T* __restrict__ g_basis, T* __restrict__ g_vec,
+                                     int64_t pairs) {
+  const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (p >= pairs) return;
+  tn_math::geometry_grad(g, vec + 3 * p, g_cut == nullptr ? nullptr : g_cut + p,
+                         g_geom == nullptr ? nullptr : g_geom + tn_math::kGeometry * p,
+                         g_basis == nullptr ? nullptr : g_basis + g.k * p, g_vec + 3 * p);
+}
+
+template <typename T>
+tn_math::GeometryParams<T> geometry_params(const at::Tensor& centers, const at::Tensor& widths,
+                                           int64_t kind, double alpha, double basis_lower,
+                                           double lower, double upper) {
+  return {static_cast<int>(kind), static_cast<T>(alpha), static_cast<T>(basis_lower),
+          static_cast<T>(lower), static_cast<T>(upper), centers.data_ptr<T>(),
+          widths.data_ptr<T>(), centers.size(0)};
+}
+
+template <typename T>
+const T* const_data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
 T* data_or_null(at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
@@ -392,6 +427,50 @@ at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p) {
   });
   check_launch();
   return g_p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
+                                                        const at::Tensor& centers,
+                                                        const at::Tensor& widths, int64_t kind,
+                                                        double alpha, double basis_lower,
+                                                        double lower, double upper) {
+  const c10::cuda::CUDAGuard guard(vec.device());
+  const int64_t pairs = vec.size(0), k = centers.size(0);
+  at::Tensor cut = at::empty({pairs}, vec.options());
+  at::Tensor geom = at::empty({pairs, tn_math::kGeometry}, vec.options());
+  at::Tensor basis = at::empty({pairs, k}, vec.options());
+  if (pairs == 0) return {cut, geom, basis};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry_cuda", [&] {
+    const auto g =
+        geometry_params<scalar_t>(centers, widths, kind, alpha, basis_lower, lower, upper);
+    geometry_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
+        g, vec.data_ptr<scalar_t>(), cut.data_ptr<scalar_t>(), geom.data_ptr<scalar_t>(),
+        basis.data_ptr<scalar_t>(), pairs);
+  });
+  check_launch();
+  return {cut, geom, basis};
+}
+
+at::Tensor geometry_grad(const at::Tensor& vec, const at::Tensor& centers,
+                         const at::Tensor& widths, int64_t kind, double alpha, double basis_lower,
+                         double lower, double upper, const at::Tensor& g_cut,
+                         const at::Tensor& g_geom, const at::Tensor& g_basis) {
+  const c10::cuda::CUDAGuard guard(vec.device());
+  const int64_t pairs = vec.size(0);
+  at::Tensor g_vec = at::empty_like(vec, at::MemoryFormat::Contiguous);
+  if (pairs == 0) return g_vec;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry_grad_cuda", [&] {
+    const auto g =
+        geometry_params<scalar_t>(centers, widths, kind, alpha, basis_lower, lower, upper);
+    geometry_grad_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
+        g, vec.data_ptr<scalar_t>(), const_data_or_null<scalar_t>(g_cut),
+        const_data_or_null<scalar_t>(g_geom), const_data_or_null<scalar_t>(g_basis),
+        g_vec.data_ptr<scalar_t>(), pairs);
+  });
+  check_launch();
+  return g_vec;
 }
 
 }  // namespace tn_cuda

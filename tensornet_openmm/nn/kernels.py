@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .algebra import PackedAlgebra, matmul
+from .algebra import PackedAlgebra, matmul, symmetric_outer
+from .radial import cosine_cutoff, exp_normal, gaussian
 
 ENVIRONMENT_SWITCH = "TENSORNET_OPENMM_FUSED"
 SOURCES = Path(__file__).resolve().parent.parent / "csrc"
@@ -279,6 +280,43 @@ class PairKernels(nn.Module):
         :data:`MLP_ACTIVATIONS`), then each row times scale (N,) (radial filters: the cutoff)."""
         return self._torch_mlp(x, scale, weights, biases, act)
 
+    def geometry(
+        self,
+        vec: Tensor,
+        centers: Tensor,
+        widths: Tensor,
+        kind: int,
+        alpha: float,
+        basis_lower: float,
+        lower: float,
+        upper: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Cosine cutoff (P,), packed geometry (P, 10) = (1, u, [xx, yy, zz, xy, xz, yz] of
+        u u^T) and radial basis (P, K) of pair vectors vec (P, 3), u = vec / |vec|: the basis of
+        :mod:`.radial` given by ``fused_parameters()`` (kind, centers, widths, alpha,
+        basis_lower), the cutoff between ``lower`` and ``upper``."""
+        return self._torch_geometry(vec, centers, widths, kind, alpha, basis_lower, lower, upper)
+
+    def _torch_geometry(
+        self,
+        vec: Tensor,
+        centers: Tensor,
+        widths: Tensor,
+        kind: int,
+        alpha: float,
+        basis_lower: float,
+        lower: float,
+        upper: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        r = torch.sqrt((vec * vec).sum(-1))
+        u = vec / r.unsqueeze(1)
+        if kind == 0:  # exp-normal (radial.py)
+            basis = exp_normal(r.unsqueeze(-1), centers, widths, alpha, basis_lower, upper)
+        else:
+            basis = gaussian(r.unsqueeze(-1), centers, widths)
+        geom = torch.cat((u.new_ones((u.shape[0], 1)), u, symmetric_outer(u)), 1)
+        return cosine_cutoff(r, lower, upper), geom, basis
+
     def _torch_mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
@@ -365,6 +403,23 @@ class FusedPairKernels(PairKernels):
         if p.device.type == "cpu":
             return torch.ops.tensornet_openmm.packed_mix(p, w)
         return self._torch_mix(p, w)
+
+    def geometry(
+        self,
+        vec: Tensor,
+        centers: Tensor,
+        widths: Tensor,
+        kind: int,
+        alpha: float,
+        basis_lower: float,
+        lower: float,
+        upper: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if self.applies(vec):
+            return torch.ops.tensornet_openmm.geometry(
+                vec, centers, widths, kind, alpha, basis_lower, lower, upper
+            )
+        return self._torch_geometry(vec, centers, widths, kind, alpha, basis_lower, lower, upper)
 
 
 def wanted() -> bool:

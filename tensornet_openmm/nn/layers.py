@@ -18,6 +18,8 @@ way, j <- i, with the unit vector reversed. The radial work (filter networks, cu
 symmetric in i and j and the bulk of the cost, is then done once per pair.
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -303,18 +305,23 @@ class TensorEmbedding(nn.Module):
         basis: Tensor,
         self_basis: Tensor,
         half: bool = False,
+        geom: Optional[Tensor] = None,
     ) -> Tensor:
+        """X_i of every atom. ``geom``: the pairs' (1, rhat, packed rhat rhat^T), (P, 10), if
+        already made (the fused kernels' ``geometry``); only the fused path takes it."""
         z_recv, z_send = self.species_terms(z)
         block = pair_block(src.shape[0], self.hidden_channels, z_recv.device)
-        if self.pair_kernels.applies(z_recv):  # fused CPU kernels
+        if self.pair_kernels.applies(z_recv):  # fused kernels
+            if geom is None:
+                ones = rhat.new_ones((rhat.shape[0], 1))
+                geom = torch.cat((ones, rhat, algebra.symmetric_outer(rhat)), 1)
             packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
-            for i, j, cut_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            for i, j, cut_b, basis_b, geom_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
                 src.split(block), dst.split(block), cut.split(block), basis.split(block),
-                rhat.split(block),
+                geom.split(block),
             ):  # fmt: skip
-                geom = torch.cat((u.new_ones((u.shape[0], 1)), u, algebra.symmetric_outer(u)), 1)
                 packed = packed + self.pair_kernels.embedding_sums(
-                    self._fused_radial(cut_b, basis_b), z_recv, z_send, geom, i, j, half
+                    self._fused_radial(cut_b, basis_b), z_recv, z_send, geom_b, i, j, half
                 )
             sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
             return self.finish(z_recv, z_send, sums, self_basis)

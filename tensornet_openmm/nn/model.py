@@ -131,9 +131,20 @@ class TensorNet(nn.Module):
         ``half``: the pairs are listed once each (see :meth:`forward`).
         """
         src, dst = edge_index[0], edge_index[1]
-        cut, rhat, basis = self._geometry(edge_vec)
         self_basis = self.distance_expansion(self.zero_distance)  # (1, K), a constant once frozen
-        x = self.tensor_embedding(z, src, dst, cut, rhat, basis, self_basis, half)
+        kernels = self.tensor_embedding.pair_kernels
+        if kernels.applies(edge_vec):  # fused kernels: cutoff, geometry and basis in one pass
+            kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
+            cut, geom, basis = kernels.geometry(
+                edge_vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
+                self.cutoff_upper,
+            )  # fmt: skip
+            x = self.tensor_embedding(
+                z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom
+            )
+        else:
+            cut, rhat, basis = self._geometry(edge_vec)
+            x = self.tensor_embedding(z, src, dst, cut, rhat, basis, self_basis, half)
         for layer in self.layers:
             x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half)
         return self._head(x, z)

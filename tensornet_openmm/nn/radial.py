@@ -24,6 +24,25 @@ def cosine_cutoff(r: Tensor, lower: float, upper: float) -> Tensor:
     return 0.5 * (torch.cos(arg) + 1.0) * inside.to(r.dtype)
 
 
+# Basis kinds of fused_parameters() (the fused ``geometry`` kernel's codes; written as literals
+# in the TorchScript methods, which cannot read module globals): 0 exp-normal, 1 Gaussian.
+
+
+def exp_normal(
+    r: Tensor, means: Tensor, betas: Tensor, alpha: float, lower: float, upper: float
+) -> Tensor:
+    """cos_cutoff(r) exp(-beta_k (exp(alpha (lower - r)) - mu_k)^2) for distances r (P, 1)."""
+    cut = cosine_cutoff(r, 0.0, upper)
+    shifted = torch.exp(alpha * (lower - r)) - means
+    return cut * torch.exp(-betas * shifted * shifted)
+
+
+def gaussian(r: Tensor, offset: Tensor, coeff: Tensor) -> Tensor:
+    """exp(coeff (r - o_k)^2) for distances r (P, 1)."""
+    d = r - offset
+    return torch.exp(coeff * d * d)
+
+
 class ExpNormalBasis(nn.Module):
     """exp-normal radial basis: phi(r) exp(-beta (exp(alpha (r_l - r)) - mu_k)^2).
 
@@ -57,10 +76,14 @@ class ExpNormalBasis(nn.Module):
 
     def forward(self, r: Tensor) -> Tensor:
         """Basis values, shape (n_pairs, num_rbf), for distances ``r`` of shape (n_pairs,), A."""
-        r = r.unsqueeze(-1)
-        cut = cosine_cutoff(r, 0.0, self.cutoff_upper)
-        shifted = torch.exp(self.alpha * (self.cutoff_lower - r)) - self.means
-        return cut * torch.exp(-self.betas * shifted * shifted)
+        return exp_normal(
+            r.unsqueeze(-1), self.means, self.betas, self.alpha, self.cutoff_lower,
+            self.cutoff_upper,
+        )  # fmt: skip
+
+    def fused_parameters(self) -> tuple[int, Tensor, Tensor, float, float]:
+        """(kind, centers, widths, alpha, lower) for the fused geometry kernel."""
+        return 0, self.means, self.betas, self.alpha, self.cutoff_lower  # 0: exp-normal
 
 
 class GaussianBasis(nn.Module):
@@ -86,8 +109,11 @@ class GaussianBasis(nn.Module):
 
     def forward(self, r: Tensor) -> Tensor:
         """Basis values, shape (n_pairs, num_rbf), for distances ``r`` of shape (n_pairs,), A."""
-        d = r.unsqueeze(-1) - self.offset
-        return torch.exp(self.coeff * d * d)
+        return gaussian(r.unsqueeze(-1), self.offset, self.coeff)
+
+    def fused_parameters(self) -> tuple[int, Tensor, Tensor, float, float]:
+        """(kind, centers, widths, alpha, lower) for the fused geometry kernel."""
+        return 1, self.offset, self.coeff.expand_as(self.offset), 0.0, 0.0  # 1: Gaussian
 
 
 RADIAL_BASES = {"expnorm": ExpNormalBasis, "gauss": GaussianBasis}
