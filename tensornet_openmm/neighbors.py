@@ -16,10 +16,13 @@ Strategies (one interface, identical pair sets):
 Two modes:
 
 - dynamic (``capacity < 0``): exactly the pairs within the cutoff; shapes depend on the data.
-- fixed capacity (``capacity >= 0``): shapes are fixed, as CUDA-graph capture needs. Unused slots
-  hold pair (0, 0) with a displacement of length 2 * cutoff, which contributes exactly nothing to
-  TensorNet's energy or forces. The true pair count is returned as a tensor, so an overflow
-  (count > capacity, pairs dropped) is visible without a host synchronisation.
+- fixed capacity (``capacity >= 0``): shapes are fixed, as CUDA-graph capture needs. Unused slot k
+  holds the self pair (a, a), a = k mod n, with a displacement of length 2 * cutoff, which
+  contributes exactly nothing to TensorNet's energy or forces. (Spread over the atoms, not all
+  (0, 0): a GPU adds a pair's zero terms onto its atoms with atomic adds, and a third of the slots
+  adding onto one atom would queue up on the same addresses.) The true pair count is returned as
+  a tensor, so an overflow (count > capacity, pairs dropped) is visible without a host
+  synchronisation.
 
 Boxes are in OpenMM's reduced form (rows a = (ax, 0, 0), b = (bx, by, 0), c = (cx, cy, cz),
 ax >= 2|bx|, ax >= 2|cx|, by >= 2|cy|) with the cutoff at most half of each width; check them
@@ -119,8 +122,9 @@ class _Compactor:
     GPU serialises (not yet measured there; on the CPU both take the same time).
     """
 
-    def __init__(self, capacity: int, device: torch.device):
+    def __init__(self, capacity: int, device: torch.device, atoms: int = 1):
         self.capacity = capacity
+        self.atoms = max(atoms, 1)
         self.found: list[Tensor] = []
         size = max(capacity, 0)
         self.kept = torch.zeros((2, size), dtype=torch.int64, device=device)
@@ -146,7 +150,11 @@ class _Compactor:
             pairs = torch.cat(self.found, dim=1) if len(self.found) > 0 else self.kept[:, :0]
             used = torch.ones(pairs.shape[1], dtype=torch.bool, device=device)
             return pairs, used, torch.full((), pairs.shape[1], dtype=torch.int64, device=device)
-        return self.kept, self.used, self.count
+        # unused slot k: the self pair (k mod n, k mod n) (see the module's docstring)
+        spread = torch.remainder(
+            torch.arange(self.capacity, device=self.kept.device), self.atoms
+        ).expand(2, -1)
+        return torch.where(self.used, self.kept, spread), self.used, self.count
 
 
 def _brute(pos: Tensor, cutoff: float, box: Optional[Tensor], half: bool, out: _Compactor) -> None:
@@ -278,7 +286,7 @@ def neighbor_pairs(
         raise ValueError("a fixed-capacity search needs at least one atom (padding uses atom 0)")
     if strategy == "auto":
         strategy = "cell" if positions.shape[0] >= cell_list_min_atoms() else "brute"
-    out = _Compactor(capacity, positions.device)
+    out = _Compactor(capacity, positions.device, positions.shape[0])
     with torch.no_grad():
         if strategy == "brute":
             _brute(positions, cutoff, box, half, out)

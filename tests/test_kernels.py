@@ -24,7 +24,7 @@ from helpers import (
 )
 
 from tensornet_openmm import create_force
-from tensornet_openmm.export import TensorNetForce, export, read_metadata, script
+from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
 from tensornet_openmm.neighbors import neighbor_pairs
 from tensornet_openmm.nn import kernels, layers
 
@@ -230,6 +230,28 @@ def test_scripted_frozen_model_uses_the_kernels():
     e_ref, f_ref = energy_forces(model, z, pos)
     torch.testing.assert_close(e_fused, e_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(f_fused, f_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_fused_kernels_on_padded_fixed_capacity_pairs():
+    """The fixed-capacity pair list of CUDA graphs (padding slots: self pairs beyond the cutoff,
+    spread over the atoms) through the fused kernels gives the dynamic list's energy and forces
+    in plain PyTorch (float64, a periodic water box)."""
+    z, pos, box = water_box_nm(1.2)
+    model = small_model()
+    capacity, cell_capacity, strategy = pair_capacity(model, len(z), pos * 10, box * 10)
+    results = []
+    for fixed, fused in ((False, False), (True, True)):
+        module = TensorNetForce(
+            model, z, periodic=True, capacity=capacity if fixed else -1, strategy=strategy,
+            cell_capacity=cell_capacity if fixed else -1, outputs_forces=True,
+            fixed_on_cpu=fixed, fused_kernels=fused,
+        )  # fmt: skip
+        assert module.fused_kernels == fused
+        energy, forces = script(module)(torch.tensor(pos), torch.tensor(box))
+        results.append((energy.item(), forces.numpy()))
+    (e0, f0), (e1, f1) = results
+    assert e1 == pytest.approx(e0, rel=1e-10)
+    np.testing.assert_allclose(f1, f0, rtol=1e-9, atol=1e-9 * np.abs(f0).max())
 
 
 def test_openmm_force_defaults_to_the_kernels_and_matches_pytorch(monkeypatch):

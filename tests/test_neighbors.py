@@ -134,6 +134,9 @@ def test_fixed_capacity_pads_and_reports_overflow(strategy):
     assert fixed.edge_index.shape == (2, count + 37) and int(fixed.num_pairs) == count
     assert_same(as_dict(fixed), as_dict(dynamic))
     assert torch.all(fixed.vectors[count:].norm(dim=1) == 10.0)  # padding: length 2 * cutoff
+    # padding slot k: the self pair of atom k mod n (spread, not all onto one atom's rows)
+    spread = torch.arange(count, count + 37) % 400
+    assert torch.equal(fixed.edge_index[:, count:], torch.stack((spread, spread)))
     assert torch.all(fixed.distances[count:] == 10.0)
     small = neighbor_pairs(pos, 5.0, box, 10, strategy, cell_capacity=64)
     assert small.edge_index.shape == (2, 10) and int(small.num_pairs) == count  # overflow visible
