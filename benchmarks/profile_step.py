@@ -1,12 +1,15 @@
 """Where one MD step of our route goes: pair search, model forward, backward, and OpenMM.
 
 For each system the ML force's work is timed piece by piece with the same scripted code that the
-TorchForce runs (half pair list; dynamic on CPU, fixed capacity on CUDA), then a whole
-LangevinMiddle step of the OpenMM System is timed; the remainder is OpenMM's share (integration,
-MM forces, the TorchForce's copies and calling overhead). Medians over ``--repeats`` calls.
+TorchForce runs (half pair list: dynamic on the CPU; on CUDA, or with ``--fixed``, padded to the
+fixed capacity that ``create_force`` gives it for CUDA graphs), then a whole LangevinMiddle step
+of the OpenMM System is timed; the remainder is OpenMM's share (integration, MM forces, the
+TorchForce's copies and calling overhead). On CUDA the forward and backward are also captured in
+a CUDA graph of PyTorch's own and replayed (column ``graph``): against ``forward + backward``, what
+replaying costs outside OpenMM. Medians over ``--repeats`` calls.
 
     GOMP_SPINCOUNT=15000 .venv/bin/python benchmarks/profile_step.py [--systems ala2 ala2-water
-        water-648] [--platform CPU] [--threads 2] [--repeats 20]
+        water-648] [--platform CPU] [--threads 2] [--repeats 20] [--fixed]
 
 (``GOMP_SPINCOUNT=15000``: torch's OpenMP threads spin as briefly as in the runner, see
 :mod:`tensornet_openmm.openmp`.)
@@ -42,12 +45,28 @@ def _median_ms(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
-def profile(system_name: str, checkpoint: Path, platform: str, repeats: int) -> dict:
+def _graph_ms(fn, repeats: int) -> float:
+    """fn captured in a CUDA graph (after warm-up on a side stream, as PyTorch asks), replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _median_ms(graph.replay, repeats, torch.cuda.synchronize)
+
+
+def profile(
+    system_name: str, checkpoint: Path, platform: str, repeats: int, fixed: bool = False
+) -> dict:
     import openmm
     import openmm.unit as u
 
     import tensornet_openmm as tn
-    from tensornet_openmm.export import TensorNetForce
+    from tensornet_openmm.export import TensorNetForce, pair_capacity
     from tensornet_openmm.nn.kernels import wanted
 
     topology, positions, mm_system, ml_atoms = build_system(system_name)
@@ -70,7 +89,16 @@ def profile(system_name: str, checkpoint: Path, platform: str, repeats: int) -> 
     cutoff = core.cutoff_upper
     search = torch.jit.script(neighbor_pairs)
     scripted = torch.jit.script(core)
-    pairs = search(pos, cutoff, box_a, -1, "auto", -1, True)
+    capacity, cell_capacity, strategy = -1, -1, "auto"
+    if fixed or device.type == "cuda":  # as create_force sizes it for CUDA graphs
+        capacity, cell_capacity, strategy = pair_capacity(
+            core, len(atoms), pos.cpu().numpy(), None if box_a is None else box_a.cpu().numpy()
+        )
+
+    def find():
+        return search(pos, cutoff, box_a, capacity, strategy, cell_capacity, True)
+
+    pairs = find()
 
     def forward():
         x = pos.detach().requires_grad_(True)
@@ -85,9 +113,10 @@ def profile(system_name: str, checkpoint: Path, platform: str, repeats: int) -> 
         x, energy = forward()
         torch.autograd.grad(energy.sum(), x)
 
-    nl_ms = _median_ms(lambda: search(pos, cutoff, box_a, -1, "auto", -1, True), repeats, sync)
+    nl_ms = _median_ms(find, repeats, sync)
     fwd_ms = _median_ms(forward, repeats, sync)
     fwd_bwd_ms = _median_ms(backward, repeats, sync)
+    graph_ms = _graph_ms(backward, repeats) if device.type == "cuda" else float("nan")
 
     if ml_atoms is None:
         system = tn.create_ml_system(topology, model, positions=positions)
@@ -109,8 +138,9 @@ def profile(system_name: str, checkpoint: Path, platform: str, repeats: int) -> 
     step_ms = _median_ms(step, repeats, lambda: None)
     return {
         "system": system_name, "atoms": topology.getNumAtoms(), "ml_atoms": len(atoms),
-        "pairs": int(pairs.num_pairs), "search": nl_ms, "forward": fwd_ms,
-        "backward": fwd_bwd_ms - fwd_ms, "openmm": step_ms - nl_ms - fwd_bwd_ms, "step": step_ms,
+        "pairs": int(pairs.num_pairs), "slots": int(pairs.edge_index.shape[1]), "search": nl_ms,
+        "forward": fwd_ms, "backward": fwd_bwd_ms - fwd_ms, "graph": graph_ms,
+        "openmm": step_ms - nl_ms - fwd_bwd_ms, "step": step_ms,
     }  # fmt: skip
 
 
@@ -120,6 +150,8 @@ def main(argv=None):
     parser.add_argument("--platform", default="CPU")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--fixed", action="store_true",
+                        help="pad the pairs to the CUDA-graph capacity on the CPU too")  # fmt: skip
     for key, value in MODEL_DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -129,17 +161,22 @@ def main(argv=None):
         checkpoint, n_params = make_checkpoint(
             Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
         )
-        rows = [profile(name, checkpoint, args.platform, args.repeats) for name in args.systems]
+        rows = [
+            profile(name, checkpoint, args.platform, args.repeats, args.fixed)
+            for name in args.systems
+        ]
     print(f"platform {args.platform}, threads {args.threads}; TensorNet {args.channels} channels, "
           f"{args.layers} layers, {args.rbf} rbf, cutoff {args.cutoff} A, float32; "
           "ms per step (median), half pair list")  # fmt: skip
-    keys = ["search", "forward", "backward", "openmm", "step"]
-    print(f"{'system':12s} {'atoms':>6s} {'ML':>5s} {'pairs':>7s} "
+    keys = ["search", "forward", "backward", "graph", "openmm", "step"]
+    print(f"{'system':12s} {'atoms':>6s} {'ML':>5s} {'pairs':>7s} {'slots':>7s} "
           + " ".join(f"{k:>9s}" for k in keys))  # fmt: skip
     for r in rows:
         cells = " ".join(f"{r[k]:9.2f}" for k in keys)
-        print(f"{r['system']:12s} {r['atoms']:6d} {r['ml_atoms']:5d} {r['pairs']:7d} {cells}")
-    print("search + forward + backward: the ML force; openmm: the rest of the step")
+        print(f"{r['system']:12s} {r['atoms']:6d} {r['ml_atoms']:5d} {r['pairs']:7d} "
+              f"{r['slots']:7d} {cells}")  # fmt: skip
+    print("search + forward + backward: the ML force (eager); graph: forward + backward replayed "
+          "from a CUDA graph (CUDA only); openmm: the rest of the step")  # fmt: skip
 
 
 if __name__ == "__main__":

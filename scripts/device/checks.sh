@@ -5,8 +5,9 @@
 #   . scripts/device/stack.sh > $OUT/stack.log 2>&1 || exit 3; bash scripts/device/checks.sh STAGE
 #
 #   STAGE    carry                    what it runs (about)
-#   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; GPU tests; ours with and    6 min
-#                                     without them on CUDA; kernels per force call
+#   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; GPU tests; ours with and    7 min
+#                                     without them on CUDA; the step's pieces and a PyTorch
+#                                     graph replay (profile_step); kernels per force call
 #   scan     .dev/warp2               largest water box within 80 GB (ours, low_memory)          3 min
 #   compare  .dev/warp3               ours against the reference and PythonForce                4 min
 #
@@ -36,6 +37,10 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
         --routes ours ours-pytorch --graphs both --seconds 2 --timeout 50 \
         --csv "$out/tests.csv" >"$out/tests.log" 2>&1
     echo "bench rc=$?"
+    # eager pieces on the padded pair list, PyTorch's own graph replay, and the OpenMM step
+    timeout 120 python3 benchmarks/profile_step.py --systems water-5000 ala2 --platform CUDA \
+        --repeats 10 >"$out/profile.log" 2>&1
+    tail -4 "$out/profile.log" | cut -c1-170
     timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
         --systems ala2 water-5000 --routes ours ours-pytorch >"$out/kernels.log" 2>&1
     grep "per call" "$out/kernels.log"
