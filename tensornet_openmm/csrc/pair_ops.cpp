@@ -15,6 +15,10 @@
 // they never clash), per-pair outputs over pairs. The channel mixing and the small networks, which
 // are matrix products, split their rows between the threads in one parallel region (split_rows).
 // Small inputs run on the calling thread (kParallelWork).
+//
+// Built with -DTN_WITH_CUDA (tensornet_openmm/nn/kernels.py does so where a CUDA device and nvcc
+// exist), geometry, messages, embedding_sums, packed_product and packed_normalize also take CUDA
+// tensors: their checks and autograd functions here, their kernels in pair_ops_cuda.cu.
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>

@@ -4,11 +4,12 @@ PyTorch they replace.
 On the CPU a small molecule's force call is mostly operator overhead: the pair sums (gather each
 pair's sender rows, multiply them by the pair's filters, add them onto the receivers), the radial
 networks and the per-atom tensor algebra, forwards and backwards, as thousands of small operators
-and hundreds of OpenMP parallel regions. ``csrc/pair_ops.cpp`` has six operators, each one pass
-(one parallel region at most) with its backward written out: ``messages``, ``embedding_sums``,
-``mlp`` (small networks: the radial filters of a block of pairs), ``packed_product``,
-``packed_mix`` and ``packed_normalize``. On a GPU the same holds for kernel launches and memory
-traffic: ``csrc/pair_ops_cuda.cu`` has CUDA kernels for ``messages``, ``embedding_sums``,
+and hundreds of OpenMP parallel regions. ``csrc/pair_ops.cpp`` has seven operators, each one
+pass (one parallel region at most) with its backward written out: ``geometry`` (cutoff, packed
+(1, u, u u^T) and radial basis of the pair vectors), ``messages``, ``embedding_sums``, ``mlp``
+(small networks: the radial filters of a block of pairs), ``packed_product``, ``packed_mix`` and
+``packed_normalize``. On a GPU the same holds for kernel launches and memory traffic:
+``csrc/pair_ops_cuda.cu`` has CUDA kernels for ``geometry``, ``messages``, ``embedding_sums``,
 ``packed_product`` and ``packed_normalize`` (one kernel each way instead of a gather, a product
 and a scatter of pair-sized tensors, or an unpacking, a batched product and a decomposition).
 They are compiled with the compilers PyTorch uses for extensions the first time they are asked
