@@ -12,8 +12,10 @@
 
 #ifdef __CUDACC__
 #define TN_MATH __host__ __device__ __forceinline__
+#define TN_MATH_CTOR __host__ __device__
 #else
 #define TN_MATH static inline __attribute__((always_inline))
+#define TN_MATH_CTOR
 #endif
 
 namespace tn_math {
@@ -172,6 +174,12 @@ struct GeometryParams {
   const T* centers;
   const T* widths;
   int64_t k;
+
+  TN_MATH_CTOR GeometryParams(int64_t kind_, double alpha_, double basis_lower_, double lower_,
+                              double upper_, const T* centers_, const T* widths_, int64_t k_)
+      : kind(static_cast<int>(kind_)), alpha(static_cast<T>(alpha_)),
+        basis_lower(static_cast<T>(basis_lower_)), lower(static_cast<T>(lower_)),
+        upper(static_cast<T>(upper_)), centers(centers_), widths(widths_), k(k_) {}
 };
 
 // Cosine cutoff at r and its derivative d/dr (lower > 0: the shifted form).

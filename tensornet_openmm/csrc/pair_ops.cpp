@@ -1028,15 +1028,6 @@ at::Tensor mlp_op(const at::Tensor& basis, const at::Tensor& cut,
 // back to the vectors (tn_math::geometry): one pass over the pairs each way instead of a dozen
 // elementwise operators (and their OpenMP regions or GPU kernels) each way.
 
-template <typename T>
-tn_math::GeometryParams<T> geometry_params(const at::Tensor& centers, const at::Tensor& widths,
-                                           int64_t kind, double alpha, double basis_lower,
-                                           double lower, double upper) {
-  return {static_cast<int>(kind), static_cast<T>(alpha), static_cast<T>(basis_lower),
-          static_cast<T>(lower), static_cast<T>(upper), centers.data_ptr<T>(),
-          widths.data_ptr<T>(), centers.size(0)};
-}
-
 constexpr int64_t kGeometryWork = 30;  // operations per pair and basis function
 
 void geometry_checked(const at::Tensor& vec, const at::Tensor& centers, const at::Tensor& widths,
@@ -1070,8 +1061,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry_kernel(
   at::Tensor geom = at::empty({pairs, tn_math::kGeometry}, vec.options());
   at::Tensor basis = at::empty({pairs, k}, vec.options());
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry", [&] {
-    const auto g =
-        geometry_params<scalar_t>(centers, widths, kind, alpha, basis_lower, lower, upper);
+    const tn_math::GeometryParams<scalar_t> g(kind, alpha, basis_lower, lower, upper,
+                                              centers.data_ptr<scalar_t>(),
+                                              widths.data_ptr<scalar_t>(), centers.size(0));
     const scalar_t* v = vec.data_ptr<scalar_t>();
     scalar_t *c = cut.data_ptr<scalar_t>(), *o = geom.data_ptr<scalar_t>(),
              *b = basis.data_ptr<scalar_t>();
@@ -1098,8 +1090,9 @@ at::Tensor geometry_grad_kernel(const at::Tensor& vec, const at::Tensor& centers
   const int64_t pairs = vec.size(0), k = centers.size(0);
   at::Tensor g_vec = at::empty_like(vec);
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry_backward", [&] {
-    const auto g =
-        geometry_params<scalar_t>(centers, widths, kind, alpha, basis_lower, lower, upper);
+    const tn_math::GeometryParams<scalar_t> g(kind, alpha, basis_lower, lower, upper,
+                                              centers.data_ptr<scalar_t>(),
+                                              widths.data_ptr<scalar_t>(), centers.size(0));
     const scalar_t* v = vec.data_ptr<scalar_t>();
     const scalar_t *gc = g_cut.defined() ? g_cut.data_ptr<scalar_t>() : nullptr,
                    *gg = g_geom.defined() ? g_geom.data_ptr<scalar_t>() : nullptr,

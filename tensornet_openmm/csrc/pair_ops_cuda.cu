@@ -255,15 +255,6 @@ __global__ void geometry_grad_kernel(tn_math::GeometryParams<T> g, const T* __re
 }
 
 template <typename T>
-tn_math::GeometryParams<T> geometry_params(const at::Tensor& centers, const at::Tensor& widths,
-                                           int64_t kind, double alpha, double basis_lower,
-                                           double lower, double upper) {
-  return {static_cast<int>(kind), static_cast<T>(alpha), static_cast<T>(basis_lower),
-          static_cast<T>(lower), static_cast<T>(upper), centers.data_ptr<T>(),
-          widths.data_ptr<T>(), centers.size(0)};
-}
-
-template <typename T>
 const T* const_data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
@@ -442,8 +433,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
   if (pairs == 0) return {cut, geom, basis};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry_cuda", [&] {
-    const auto g =
-        geometry_params<scalar_t>(centers, widths, kind, alpha, basis_lower, lower, upper);
+    const tn_math::GeometryParams<scalar_t> g(kind, alpha, basis_lower, lower, upper,
+                                              centers.data_ptr<scalar_t>(),
+                                              widths.data_ptr<scalar_t>(), centers.size(0));
     geometry_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
         g, vec.data_ptr<scalar_t>(), cut.data_ptr<scalar_t>(), geom.data_ptr<scalar_t>(),
         basis.data_ptr<scalar_t>(), pairs);
@@ -462,8 +454,9 @@ at::Tensor geometry_grad(const at::Tensor& vec, const at::Tensor& centers,
   if (pairs == 0) return g_vec;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry_grad_cuda", [&] {
-    const auto g =
-        geometry_params<scalar_t>(centers, widths, kind, alpha, basis_lower, lower, upper);
+    const tn_math::GeometryParams<scalar_t> g(kind, alpha, basis_lower, lower, upper,
+                                              centers.data_ptr<scalar_t>(),
+                                              widths.data_ptr<scalar_t>(), centers.size(0));
     geometry_grad_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
         g, vec.data_ptr<scalar_t>(), const_data_or_null<scalar_t>(g_cut),
         const_data_or_null<scalar_t>(g_geom), const_data_or_null<scalar_t>(g_basis),
