@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     exporter.add_argument("--low-memory", action="store_true",
                           help="forces without the pairs' activations")  # fmt: skip
     exporter.add_argument("--fused-kernels", action="store_true",
-                          help="compiled CPU kernels for the pair sums: faster on the CPU; "
-                          "loading the file then needs tensornet_openmm")  # fmt: skip
+                          help="compiled kernels for the pair geometry, sums and algebra: "
+                          "faster on the CPU and, where built with CUDA, on GPUs; loading the "
+                          "file then needs tensornet_openmm")  # fmt: skip
     exporter.set_defaults(func=_cmd_export)
     selftest = sub.add_parser("selftest", help="check that the model and the OpenMM stack work")
     selftest.set_defaults(func=_cmd_selftest)

@@ -85,10 +85,11 @@ class TensorNetForce(nn.Module):
         (:meth:`TensorNet.energy_and_gradient`): same numbers, a fraction of the memory (the
         largest box that fits grows accordingly), one more pass over the pairs.
     fused_kernels : bool
-        Run the pair sums on CPU tensors with the compiled kernels of
-        :mod:`tensornet_openmm.nn.kernels` (built on first use; PyTorch if they cannot be built,
-        and always on GPUs). The scripted module then needs them loaded in any process that
-        loads it (:func:`tensornet_openmm.nn.kernels.jit_load` does that).
+        Run the pair geometry, the pair sums and the per-atom algebra with the compiled kernels
+        of :mod:`tensornet_openmm.nn.kernels` (built on first use): on CPU tensors, and on CUDA
+        tensors where the CUDA kernels were built; PyTorch elsewhere or if they cannot be built.
+        The scripted module then needs them loaded in any process that loads it
+        (:func:`tensornet_openmm.nn.kernels.jit_load` does that).
     """
 
     def __init__(

@@ -161,10 +161,11 @@ def create_force(
         forces with far less memory (about 2 MB per atom of water less at 128 channels) and one
         more pass over the pairs. For the largest systems (see README, "Memory").
     fused_kernels : bool, optional
-        Compiled CPU kernels for the pair sums (:mod:`tensornet_openmm.nn.kernels`; built once,
-        about 30 s): the same forces, faster on the CPU platform. Default: on, unless this
-        machine has a CUDA device or ``TENSORNET_OPENMM_FUSED=0``. Where they cannot be built,
-        PyTorch runs them, with a warning.
+        Compiled kernels for the pair geometry, the pair sums and the per-atom algebra
+        (:mod:`tensornet_openmm.nn.kernels`; built once, about 30 s, a minute more with CUDA):
+        the same forces, faster on the CPU platform and, where the machine has a CUDA device and
+        ``nvcc``, on the CUDA platform. Default: on, unless ``TENSORNET_OPENMM_FUSED=0``. Where
+        they cannot be built, PyTorch runs them, with a warning.
 
     Returns
     -------
