@@ -109,6 +109,26 @@ def test_embedding_kernel_values_and_gradients(half):
         torch.testing.assert_close(a, e)
 
 
+def test_batched_mix_equals_the_three_linears():
+    """The GPU's channel mixing (one batched product, FusedPairKernels._batched_mix) against
+    PyTorch's three linears, values and gradients (float64, on the CPU here; the GPU tests run
+    the model through it)."""
+    fused = kernels.FusedPairKernels(torch.float64)
+    torch.jit.script(fused)  # TorchScript compiles it
+    g = torch.Generator().manual_seed(4)
+    p = torch.randn(7, 10, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 16, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    got, expected = fused._batched_mix(p, w), fused._torch_mix(p, w)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+    seed = torch.randn_like(got)
+    for a, e in zip(
+        torch.autograd.grad(got, (p, w), seed), torch.autograd.grad(expected, (p, w), seed),
+        strict=True,
+    ):  # fmt: skip
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 GEOMETRIES = {
     "expnorm": {},
     "gauss-lower": {"rbf_type": "gauss", "cutoff_lower": 0.5},

@@ -353,8 +353,9 @@ class PairKernels(nn.Module):
 
 class FusedPairKernels(PairKernels):
     """The compiled kernels (first derivatives only) on CPU tensors, and on CUDA tensors where
-    the CUDA kernels were built (:func:`cuda_available`; there the channel mixing and the small
-    networks stay with PyTorch, whose matrix products are cuBLAS's); PyTorch elsewhere.
+    the CUDA kernels were built (:func:`cuda_available`; there the channel mixing is one batched
+    product and the small networks stay with PyTorch, whose matrix products are cuBLAS's);
+    PyTorch elsewhere.
 
     Made only after :func:`load` succeeded (scripting it needs the registered operators).
     """
@@ -403,7 +404,17 @@ class FusedPairKernels(PairKernels):
     def mix(self, p: Tensor, w: Tensor) -> Tensor:
         if p.device.type == "cpu":
             return torch.ops.tensornet_openmm.packed_mix(p, w)
+        if self.applies(p):  # CUDA: one batched product
+            return self._batched_mix(p, w)
         return self._torch_mix(p, w)
+
+    def _batched_mix(self, p: Tensor, w: Tensor) -> Tensor:
+        """:meth:`mix` as one batched matrix product over the 10 components, each with its
+        part's weight (the expanded weights are a constant once frozen): on a GPU two kernels
+        each way (the product and a copy back to atom-major order) instead of two copies, three
+        products and a concatenation forward and as many backward."""
+        weights = w.index_select(0, self.group).transpose(1, 2)  # (10, F, F): W[GROUP[c]]^T
+        return torch.bmm(p.transpose(0, 1), weights).transpose(0, 1).contiguous()
 
     def geometry(
         self,
