@@ -63,10 +63,12 @@ import itertools
 import json
 import math
 import os
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -433,15 +435,47 @@ def _worker_env(spec: dict) -> dict:
     return env
 
 
-def _answer(proc) -> dict:
+def _serve(spec: dict) -> subprocess.Popen:
+    """A serving worker (``--serve``) for ``spec``, its stdout read line by line into
+    ``proc.lines`` by a thread (so that :func:`_answer` can wait with a time limit)."""
+    stderr = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", json.dumps(spec)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=stderr, text=True, env=_worker_env(spec),
+    )  # fmt: skip
+    proc.stderr_file = stderr
+    _read_lines(proc)
+    return proc
+
+
+def _read_lines(proc) -> None:
+    proc.lines = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            proc.lines.put(line)
+        proc.lines.put(None)  # the end of its output
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+def _answer(proc, timeout: float) -> dict:
     """The next JSON line a serving worker prints (other output, such as Warp's banner, skipped);
-    an error when it exits first."""
-    for line in proc.stdout:
+    an error when it exits first, or when ``timeout`` seconds pass (the worker is then killed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = proc.lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            proc.kill()
+            proc.wait()
+            return {"error": f"time limit ({timeout:.0f} s)"}
+        if line is None:
+            proc.wait()
+            proc.stderr_file.seek(0)
+            return _failure(proc.stderr_file.read(), proc.returncode)
         if line.startswith("{"):
             return json.loads(line)
-    proc.wait()
-    proc.stderr_file.seek(0)
-    return _failure(proc.stderr_file.read(), proc.returncode)
 
 
 def _failure(stderr: str, returncode: int) -> dict:
@@ -454,22 +488,15 @@ def _failure(stderr: str, returncode: int) -> dict:
     return {"error": reason[:160]}
 
 
-def run_interleaved(specs: list[dict], blocks: int) -> list[dict]:
+def run_interleaved(specs: list[dict], blocks: int, timeout: float = 900.0) -> list[dict]:
     """The cases of one system side by side: one process each, all set up first, then taking
     turns (in rotating order) for ``blocks`` timed blocks of about ``seconds / blocks`` each. On
     a machine whose speed wanders, every case sees the same stretches of it, so their ratios
     hold better than those of cases run minutes apart. Rows as :func:`combine_rounds` makes them
-    (median ms/step over the blocks, its spread)."""
-    procs = []
-    for spec in specs:
-        stderr = tempfile.TemporaryFile(mode="w+")
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", json.dumps(spec)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=stderr, text=True, env=_worker_env(spec),
-        )  # fmt: skip
-        proc.stderr_file = stderr
-        procs.append(proc)
-    results: list[dict] = [_answer(proc) for proc in procs]
+    (median ms/step over the blocks, its spread). A worker that takes more than ``timeout``
+    seconds for its set-up or for one block is stopped, and its row is that error."""
+    procs = [_serve(spec) for spec in specs]
+    results: list[dict] = [_answer(proc, timeout) for proc in procs]
     live = [i for i, r in enumerate(results) if "ready" in r]
     steps = {i: _block_steps(specs[i]["seconds"] / blocks, results[i]["ready"]) for i in live}
     for block in range(blocks):
@@ -479,7 +506,7 @@ def run_interleaved(specs: list[dict], blocks: int) -> list[dict]:
                 continue
             procs[i].stdin.write(f"{steps[i]}\n")
             procs[i].stdin.flush()
-            answer = _answer(procs[i])
+            answer = _answer(procs[i], timeout)
             if "error" in answer:
                 results[i] = answer
     rows = []
@@ -487,7 +514,7 @@ def run_interleaved(specs: list[dict], blocks: int) -> list[dict]:
         if "error" not in results[i]:
             proc.stdin.write("end\n")
             proc.stdin.flush()
-            results[i] = _answer(proc)
+            results[i] = _answer(proc, timeout)
         with contextlib.suppress(OSError):
             proc.stdin.close()
         proc.wait()
@@ -586,7 +613,8 @@ def main(argv=None):
                         "steadier ratios on a noisy machine; a system's routes are in memory "
                         "at once; keep --seconds / BLOCKS at 2 s or more")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps (>= graph warm-up)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds per case (--interleave: per set-up, per block)")  # fmt: skip
     for key, value in MODEL_DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value)
     parser.add_argument("--checkpoint", type=Path,
@@ -633,10 +661,22 @@ def main(argv=None):
             for index, case in enumerate(todo):  # a system's routes side by side
                 key = tuple(v for k, v in sorted(case.items()) if k != "route")
                 groups.setdefault(key, []).append(index)
+            failed: set[tuple] = set()  # as in run_rounds: routes that failed on a water box
             for indices in groups.values():
-                group_rows = run_interleaved([spec_for(todo[i]) for i in indices], args.interleave)
-                for index, row in zip(indices, group_rows, strict=True):
+                run, skipped = [], []
+                for i in indices:
+                    skip = todo[i]["system"].startswith("water-") and _route_key(todo[i]) in failed
+                    (skipped if skip else run).append(i)
+                for i in skipped:
+                    rows_by_case[i] = {**todo[i], "error": "skipped: a smaller box failed"}
+                group_rows = run_interleaved(
+                    [spec_for(todo[i]) for i in run], args.interleave, args.timeout
+                ) if run else []  # fmt: skip
+                for index, row in zip(run, group_rows, strict=True):
                     rows_by_case[index] = {**todo[index], **row}
+                    if "error" in row and todo[index]["system"].startswith("water-"):
+                        failed.add(_route_key(todo[index]))
+                for index in indices:
                     print_row(rows_by_case[index], flush=True)
             rows = [rows_by_case[i] for i in range(len(todo))]
         else:
@@ -661,7 +701,7 @@ def run_rounds(todo: list[dict], results: list[list[dict]], args, spec_for) -> l
     failed: set[tuple] = set()  # (platform, route, graphs, ...) that failed on a water box
     for _ in range(args.rounds):  # round-robin: every case sees the machine's moods alike
         for case, done in zip(todo, results, strict=True):
-            key = tuple(case[k] for k in ("platform", "route", "graphs", "allocator", "spin"))
+            key = _route_key(case)
             if case["system"].startswith("water-") and key in failed:
                 done.append({"error": "skipped: a smaller box failed"})
                 continue
@@ -671,6 +711,11 @@ def run_rounds(todo: list[dict], results: list[list[dict]], args, spec_for) -> l
             done.append(result)
             print_row({**case, **result}, flush=True)
     return [combine_rounds(case, done) for case, done in zip(todo, results, strict=True)]
+
+
+def _route_key(case: dict) -> tuple:
+    """A case without its system: a route that failed on one water box skips the larger ones."""
+    return tuple(case[k] for k in ("platform", "route", "graphs", "allocator", "spin"))
 
 
 def combine_rounds(case: dict, results: list[dict]) -> dict:

@@ -97,3 +97,45 @@ def test_interleaved_routes_take_turns_in_one_run(tmp_path):
     with plain.open() as handle:
         (single,) = list(csv.DictReader(handle))
     assert float(rows["ours"]["e0_kj_per_mol"]) == pytest.approx(float(single["e0_kj_per_mol"]))
+
+
+def test_a_serving_worker_past_its_time_limit_is_stopped():
+    """--interleave's wait for a worker's answer: a worker that says nothing in time is killed
+    and its row names the limit (lines that are not answers, such as banners, are skipped)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('a banner', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    proc.stderr_file = tempfile.TemporaryFile(mode="w+")
+    bench_md._read_lines(proc)
+    assert bench_md._answer(proc, 1.0) == {"error": "time limit (1 s)"}
+    assert proc.poll() is not None  # killed, not left running
+    proc.stderr_file.close()
+
+
+def test_interleaved_water_boxes_skip_a_route_after_it_failed(tmp_path, monkeypatch):
+    """--interleave, like --rounds: a route that failed on a water box (out of memory, say) is
+    not run on the larger ones; its rows say why."""
+    import csv
+
+    calls = []
+
+    def fake(specs, blocks, timeout):
+        calls.append([spec["system"] for spec in specs])
+        return [{"error": "out of memory: fake"} for _ in specs]
+
+    monkeypatch.setattr(bench_md, "run_interleaved", fake)
+    checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
+    out = tmp_path / "md.csv"
+    bench_md.main(["--checkpoint", str(checkpoint), "--systems", "water", "--water-sizes", "300",
+                   "600", "--platforms", "CPU", "--routes", "ours", "--interleave", "2",
+                   "--csv", str(out)])  # fmt: skip
+    assert calls == [["water-300"]]
+    with out.open() as handle:
+        errors = {row["system"]: row["error"] for row in csv.DictReader(handle)}
+    assert errors == {"water-300": "out of memory: fake",
+                      "water-600": "skipped: a smaller box failed"}  # fmt: skip
