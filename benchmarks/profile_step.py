@@ -18,9 +18,11 @@ replaying costs outside OpenMM. Medians over ``--repeats`` calls.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
@@ -45,8 +47,9 @@ def _median_ms(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
-def _graph_ms(fn, repeats: int) -> float:
-    """fn captured in a CUDA graph (after warm-up on a side stream, as PyTorch asks), replayed."""
+def _graph_ms(fn, repeats: int) -> tuple[float, str]:
+    """fn captured in a CUDA graph (after warm-up on a side stream, as PyTorch asks), replayed:
+    median ms, and what the graph holds (:func:`graph_nodes`, from CUDA's DOT dump of it)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -54,9 +57,26 @@ def _graph_ms(fn, repeats: int) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    graph.enable_debug_mode()  # keeps the graph for debug_dump
     with torch.cuda.graph(graph):
         fn()
-    return _median_ms(graph.replay, repeats, torch.cuda.synchronize)
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "graph.dot"
+        try:
+            graph.debug_dump(str(dump))
+            nodes = graph_nodes(dump.read_text())
+        except (RuntimeError, OSError) as error:
+            nodes = f"no DOT dump ({error!s:.80})"
+    return _median_ms(graph.replay, repeats, torch.cuda.synchronize), nodes
+
+
+def graph_nodes(dot: str, top: int = 12) -> str:
+    """Nodes of a CUDA graph from its DOT dump (cudaGraphDebugDotPrint): their number and the
+    kernels that occur most often (names cut at their template arguments), best effort."""
+    count = len(re.findall(r'"graph_\d+_node_\d+"\s*\[', dot))
+    names = Counter(re.findall(r"void ([^\n<]+?)(?:<|\((?!anonymous))", dot))
+    listed = ", ".join(f"{n} x{c}" for n, c in names.most_common(top))
+    return f"{count} nodes; kernels: {listed or 'names not found'}"
 
 
 def profile(
@@ -116,7 +136,9 @@ def profile(
     nl_ms = _median_ms(find, repeats, sync)
     fwd_ms = _median_ms(forward, repeats, sync)
     fwd_bwd_ms = _median_ms(backward, repeats, sync)
-    graph_ms = _graph_ms(backward, repeats) if device.type == "cuda" else float("nan")
+    graph_ms, nodes = float("nan"), ""
+    if device.type == "cuda":
+        graph_ms, nodes = _graph_ms(backward, repeats)
 
     if ml_atoms is None:
         system = tn.create_ml_system(topology, model, positions=positions)
@@ -140,7 +162,7 @@ def profile(
         "system": system_name, "atoms": topology.getNumAtoms(), "ml_atoms": len(atoms),
         "pairs": int(pairs.num_pairs), "slots": int(pairs.edge_index.shape[1]), "search": nl_ms,
         "forward": fwd_ms, "backward": fwd_bwd_ms - fwd_ms, "graph": graph_ms,
-        "openmm": step_ms - nl_ms - fwd_bwd_ms, "step": step_ms,
+        "openmm": step_ms - nl_ms - fwd_bwd_ms, "step": step_ms, "nodes": nodes,
     }  # fmt: skip
 
 
@@ -177,6 +199,9 @@ def main(argv=None):
               f"{r['slots']:7d} {cells}")  # fmt: skip
     print("search + forward + backward: the ML force (eager); graph: forward + backward replayed "
           "from a CUDA graph (CUDA only); openmm: the rest of the step")  # fmt: skip
+    for r in rows:
+        if r["nodes"]:
+            print(f"{r['system']} graph: {r['nodes']}")
 
 
 if __name__ == "__main__":

@@ -139,3 +139,20 @@ def test_interleaved_water_boxes_skip_a_route_after_it_failed(tmp_path, monkeypa
         errors = {row["system"]: row["error"] for row in csv.DictReader(handle)}
     assert errors == {"water-300": "out of memory: fake",
                       "water-600": "skipped: a smaller box failed"}  # fmt: skip
+
+
+def test_graph_nodes_reads_a_cuda_graph_dump():
+    """profile_step's summary of a CUDA graph's DOT dump: node count and kernel names (cut at
+    their template arguments; anonymous namespaces kept)."""
+    profile_step = pytest.importorskip("profile_step")
+    node = '"graph_1_node_{}"[style="solid" shape="rectangle" label="{}\nvoid {}(int)\n"];\n'
+    kernels = ["at::native::vectorized_elementwise_kernel<4, at::native::MulFunctor<float> >",
+               "tn_cuda::(anonymous namespace)::messages_kernel<float>",
+               "at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >",
+               "gemv2T_kernel_val"]  # fmt: skip
+    dot = "digraph dot {\n" + "".join(node.format(i, i, k) for i, k in enumerate(kernels)) + "}"
+    assert profile_step.graph_nodes(dot) == (
+        "4 nodes; kernels: at::native::vectorized_elementwise_kernel x2, "
+        "tn_cuda::(anonymous namespace)::messages_kernel x1, gemv2T_kernel_val x1"
+    )
+    assert profile_step.graph_nodes("digraph dot {}") == "0 nodes; kernels: names not found"
