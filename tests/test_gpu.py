@@ -226,12 +226,20 @@ def _fused_cases(channels):
         product = functools.partial(_last, ops.packed_product, half)  # half: symmetric here
         cases.append((f"product-symmetric={half}", product, [rand(n, 10, f), rand(n, 10, f)]))
     cases.append(("normalize", ops.packed_normalize, [rand(n, 10, f)]))
+    for act in (0, 1, 2):  # SiLU, tanh, none: two layers, f -> 7 -> f
+        network = functools.partial(_mlp, act)
+        cases.append((f"mlp-{act}", network,
+                      [rand(p, f), rand(p), rand(7, f), rand(7), rand(f, 7), rand(f)]))  # fmt: skip
     for kind, lower in ((0, 0.0), (1, 0.6)):  # exp-normal; Gaussian with a lower cutoff
         vectors = rand(p, 3) * 2.5  # lengths about 0.5 to 8 A: some beyond the 5 A cutoff
         geometry = functools.partial(_geometry, kind, lower)
         widths = rand(f).abs() * (1 if kind == 0 else -1)  # Gaussian: exp(width d^2), width < 0
         cases.append((f"geometry-{kind}", geometry, [vectors, rand(f).abs(), widths]))
     return cases
+
+
+def _mlp(act, x, scale, w1, b1, w2, b2):
+    return torch.ops.tensornet_openmm.mlp(x, scale, [w1, w2], [b1, b2], act)
 
 
 def _geometry(kind, lower, vectors, centers, widths):
@@ -311,7 +319,7 @@ def test_cuda_force_module_runs_the_fused_cuda_kernels():
     x = torch.tensor(pos, device="cuda", requires_grad=True)
     energy = frozen(x)
     nodes = _autograd_nodes(energy)
-    for op in ("Geometry", "Messages", "EmbeddingSums", "PackedProduct", "PackedNormalize"):
+    for op in ("Geometry", "Mlp", "Messages", "EmbeddingSums", "PackedProduct", "PackedNormalize"):
         assert f"torch::autograd::CppNode<(anonymous namespace)::{op}>" in nodes, op
     (grad,) = torch.autograd.grad(energy, x)
     ref_energy, ref_forces = eager(model, z, pos)

@@ -878,6 +878,17 @@ at::Tensor activation_backward(int64_t activation, const at::Tensor& grad, const
   return grad;
 }
 
+// The network's rows: split between the CPU threads (split_rows), or all at once for CUDA
+// tensors, whose operators run on the GPU (a chain of ATen calls: a kernel each, no threads).
+template <typename F>
+void network_rows(const at::Device& device, int64_t rows, int64_t work, const F& f) {
+  if (device.is_cpu()) {
+    split_rows(rows, work, f);
+  } else if (rows > 0) {
+    f(0, rows);
+  }
+}
+
 // Checks the inputs; returns the multiply-adds per pair of the network's matrix products.
 int64_t mlp_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorList weights,
                        at::TensorList biases, int64_t activation) {
@@ -888,7 +899,7 @@ int64_t mlp_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorLi
               basis.sizes());
   TORCH_CHECK(cut.dim() == 1 && cut.size(0) == basis.size(0), "mlp: scale must be (",
               basis.size(0), "), got ", cut.sizes());
-  TORCH_CHECK(basis.device().is_cpu() && cut.device().is_cpu(), "CPU kernels take CPU tensors");
+  on_cuda("mlp", {basis, cut});
   TORCH_CHECK(cut.scalar_type() == basis.scalar_type(), "mlp: scale differs in dtype");
   TORCH_CHECK(!weights.empty() && weights.size() == biases.size(),
               "mlp: one bias per weight, and at least one layer");
@@ -901,8 +912,9 @@ int64_t mlp_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorLi
     TORCH_CHECK(weights[l].scalar_type() == basis.scalar_type() &&
                     biases[l].scalar_type() == basis.scalar_type(),
                 "mlp: layer ", l, " differs in dtype from x");
-    TORCH_CHECK(weights[l].device().is_cpu() && biases[l].device().is_cpu(),
-                "CPU kernels take CPU tensors");
+    TORCH_CHECK(weights[l].device() == basis.device() && biases[l].device() == basis.device(),
+                "mlp: layer ", l, " is on ", weights[l].device(), " and ", biases[l].device(),
+                ", x on ", basis.device());
     work += width * weights[l].size(0);
     width = weights[l].size(0);
   }
@@ -922,7 +934,7 @@ at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
     a->push_back(activation == kIdentity ? z->back() : at::empty_like(z->back()));
   }
   at::Tensor out = at::empty_like(a->back());
-  split_rows(pairs, pairs * work, [&](int64_t lo, int64_t hi) {
+  network_rows(basis.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
     at::Tensor h = basis.narrow(0, lo, hi - lo);
     for (int64_t l = 0; l < layers; ++l) {
       at::Tensor zl = (*z)[l].narrow(0, lo, hi - lo), al = (*a)[l].narrow(0, lo, hi - lo);
@@ -982,7 +994,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
     }
     at::Tensor g_basis = want_basis ? at::empty_like(basis) : at::Tensor();
     at::Tensor g_cut = want_cut ? at::empty({pairs, 1}, basis.options()) : at::Tensor();
-    split_rows(pairs, pairs * work, [&](int64_t lo, int64_t hi) {
+    network_rows(basis.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
       const at::Tensor g = grad.narrow(0, lo, n);
       if (want_cut) {
@@ -1181,13 +1193,14 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
 }
 
 #ifdef TN_WITH_CUDA
-// packed_mix and mlp stay with PyTorch's own CUDA kernels (matrix products: cuBLAS).
+// packed_mix stays with PyTorch (kernels.py: one batched product); mlp's ATen calls run CUDA's.
 TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("messages", messages_kernel);
   m.impl("embedding_sums", embedding_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_normalize", normalize_kernel);
   m.impl("geometry", geometry_kernel);
+  m.impl("mlp", mlp_kernel);
 }
 #endif
 

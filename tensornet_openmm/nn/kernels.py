@@ -354,7 +354,7 @@ class PairKernels(nn.Module):
 class FusedPairKernels(PairKernels):
     """The compiled kernels (first derivatives only) on CPU tensors, and on CUDA tensors where
     the CUDA kernels were built (:func:`cuda_available`; there the channel mixing is one batched
-    product and the small networks stay with PyTorch, whose matrix products are cuBLAS's);
+    product, and ``mlp`` runs ATen's CUDA operators from C++, with its own backward);
     PyTorch elsewhere.
 
     Made only after :func:`load` succeeded (scripting it needs the registered operators).
@@ -397,7 +397,8 @@ class FusedPairKernels(PairKernels):
     def mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
-        if x.device.type == "cpu":
+        if self.applies(x):  # CUDA too: its backward is one kernel per layer and step, where
+            # TorchScript's autodiff of SiLU is half a dozen
             return torch.ops.tensornet_openmm.mlp(x, scale, weights, biases, act)
         return self._torch_mlp(x, scale, weights, biases, act)
 
