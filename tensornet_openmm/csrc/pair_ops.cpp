@@ -86,8 +86,9 @@ bool on_cuda(const char* op, std::initializer_list<at::Tensor> tensors) {
   TORCH_CHECK(device.is_cpu() || device.is_cuda(), op, " has CPU and CUDA kernels, not ",
               device.type(), " ones");
 #else
-  TORCH_CHECK(device.is_cpu(), op, " was built with CPU kernels only (no CUDA compiler when it ",
-              "was built), not for ", device);
+  TORCH_CHECK(device.is_cpu(), op, " has CPU kernels only here (they were built without a CUDA ",
+              "compiler), not ", device, " ones: install nvcc (the CUDA toolkit) and restart, or ",
+              "make the force again with fused_kernels=False");
 #endif
   return device.is_cuda();
 }
