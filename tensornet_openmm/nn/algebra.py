@@ -104,6 +104,12 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(3) * b.unsqueeze(1)).sum(2)  # views: no slice to undo in backward
 
 
+def packed_geometry(u: Tensor) -> Tensor:
+    """(1, u, [xx, yy, zz, xy, xz, yz] of u u^T) of unit vectors: (P, 3) -> (P, 10), the packed
+    components a pair adds in the embedding."""
+    return torch.cat((u.new_ones((u.shape[0], 1)), u, symmetric_outer(u)), 1)
+
+
 def symmetric_outer(v: Tensor) -> Tensor:
     """The 6 components [xx, yy, zz, xy, xz, yz] of v v^T: (P, 3) -> (P, 6)."""
     x, y, z = v.unbind(1)

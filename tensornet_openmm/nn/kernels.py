@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .algebra import PackedAlgebra, matmul, symmetric_outer
+from .algebra import PackedAlgebra, matmul, packed_geometry
 from .radial import cosine_cutoff, exp_normal, gaussian
 
 ENVIRONMENT_SWITCH = "TENSORNET_OPENMM_FUSED"
@@ -82,7 +82,7 @@ def disabled() -> bool:
         return False
     raise ValueError(
         f"{ENVIRONMENT_SWITCH}={os.environ[ENVIRONMENT_SWITCH]!r} is not a switch: set it to 0 "
-        "(no fused CPU kernels) or 1 (use them where they apply), or unset it"
+        "(no fused kernels) or 1 (use them where they apply), or unset it"
     )
 
 
@@ -296,27 +296,13 @@ class PairKernels(nn.Module):
         u u^T) and radial basis (P, K) of pair vectors vec (P, 3), u = vec / |vec|: the basis of
         :mod:`.radial` given by ``fused_parameters()`` (kind, centers, widths, alpha,
         basis_lower), the cutoff between ``lower`` and ``upper``."""
-        return self._torch_geometry(vec, centers, widths, kind, alpha, basis_lower, lower, upper)
-
-    def _torch_geometry(
-        self,
-        vec: Tensor,
-        centers: Tensor,
-        widths: Tensor,
-        kind: int,
-        alpha: float,
-        basis_lower: float,
-        lower: float,
-        upper: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
         r = torch.sqrt((vec * vec).sum(-1))
         u = vec / r.unsqueeze(1)
         if kind == 0:  # exp-normal (radial.py)
             basis = exp_normal(r.unsqueeze(-1), centers, widths, alpha, basis_lower, upper)
         else:
             basis = gaussian(r.unsqueeze(-1), centers, widths)
-        geom = torch.cat((u.new_ones((u.shape[0], 1)), u, symmetric_outer(u)), 1)
-        return cosine_cutoff(r, lower, upper), geom, basis
+        return cosine_cutoff(r, lower, upper), packed_geometry(u), basis
 
     def _torch_mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
@@ -428,11 +414,10 @@ class FusedPairKernels(PairKernels):
         lower: float,
         upper: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if self.applies(vec):
-            return torch.ops.tensornet_openmm.geometry(
-                vec, centers, widths, kind, alpha, basis_lower, lower, upper
-            )
-        return self._torch_geometry(vec, centers, widths, kind, alpha, basis_lower, lower, upper)
+        # only called where the kernels apply (TensorNet.atomic_energies), as messages
+        return torch.ops.tensornet_openmm.geometry(
+            vec, centers, widths, kind, alpha, basis_lower, lower, upper
+        )
 
 
 def wanted() -> bool:

@@ -313,8 +313,7 @@ class TensorEmbedding(nn.Module):
         block = pair_block(src.shape[0], self.hidden_channels, z_recv.device)
         if self.pair_kernels.applies(z_recv):  # fused kernels
             if geom is None:
-                ones = rhat.new_ones((rhat.shape[0], 1))
-                geom = torch.cat((ones, rhat, algebra.symmetric_outer(rhat)), 1)
+                geom = algebra.packed_geometry(rhat)
             packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
             for i, j, cut_b, basis_b, geom_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
                 src.split(block), dst.split(block), cut.split(block), basis.split(block),
