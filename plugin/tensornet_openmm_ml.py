@@ -48,6 +48,7 @@ FORCE_OPTIONS = {
     "outputsForces": "outputs_forces",
     "lowMemory": "low_memory",
     "fusedKernels": "fused_kernels",
+    "radialTables": "radial_tables",
 }
 OPENMMML_PASSED = {"mlLongRange", "linkAtomDistances", "device"}
 

@@ -29,6 +29,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
     from .export import TensorNetForce, export, validate_elements
+    from .nn.tables import requested_tolerance
 
     model = load_model(args.model, trust_pickle=args.trust_pickle)
     numbers = [int(v) for v in args.atomic_numbers.split(",")]
@@ -36,7 +37,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     module = TensorNetForce(model, numbers, periodic=args.periodic,
                             total_charge=args.total_charge,
                             low_memory=args.low_memory,
-                            fused_kernels=args.fused_kernels)  # fmt: skip
+                            fused_kernels=args.fused_kernels,
+                            radial_tables=requested_tolerance(args.radial_tables))  # fmt: skip
     export(module, args.output)
     print(f"wrote {args.output}: {len(numbers)} atoms, periodic={args.periodic}; forward(positions "
           "nm[, box nm]) -> energy kJ/mol")  # fmt: skip
@@ -184,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="compiled kernels for the pair geometry, sums and algebra: "
                           "faster on the CPU and, where built with CUDA, on GPUs; loading the "
                           "file then needs tensornet_openmm")  # fmt: skip
+    exporter.add_argument("--radial-tables", nargs="?", const=True, default=False, type=float,
+                          metavar="TOLERANCE",
+                          help="with --fused-kernels: read the radial networks from tables "
+                          "(approximate: relative error 1e-6, or TOLERANCE)")  # fmt: skip
     exporter.set_defaults(func=_cmd_export)
     selftest = sub.add_parser("selftest", help="check that the model and the OpenMM stack work")
     selftest.set_defaults(func=_cmd_selftest)

@@ -39,6 +39,7 @@ from .neighbors import cell_list_min_atoms, check_box, neighbor_pairs
 from .nn import TensorNet
 from .nn.kernels import use_fused_kernels
 from .nn.model import no_history
+from .nn.tables import describe, tabulate_radial
 from .units import ANGSTROM_TO_NM, EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
 METADATA_NAME = "tensornet_openmm.json"
@@ -90,6 +91,10 @@ class TensorNetForce(nn.Module):
         tensors where the CUDA kernels were built; PyTorch elsewhere or if they cannot be built.
         The scripted module then needs them loaded in any process that loads it
         (:func:`tensornet_openmm.nn.kernels.jit_load` does that).
+    radial_tables : float, optional
+        Tolerance of radial tables (:func:`tensornet_openmm.nn.tables.tabulate_radial`): the
+        fused kernels then read each pair's radial functions from tables instead of running
+        their networks, approximately (None: the networks run, exactly). Needs the fused kernels.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class TensorNetForce(nn.Module):
         fixed_on_cpu: bool = False,
         low_memory: bool = False,
         fused_kernels: bool = False,
+        radial_tables: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.model = copy.deepcopy(model).eval()
@@ -114,6 +120,16 @@ class TensorNetForce(nn.Module):
             p.requires_grad_(False)
         # the low-memory path has its own pair loops, in PyTorch
         self.fused_kernels = use_fused_kernels(self.model, fused_kernels and not low_memory)
+        self.radial_tables = ""  # what tabulate_radial made, for logs and metadata
+        if radial_tables is not None:
+            if not self.fused_kernels:
+                raise ValueError(
+                    "radial tables are read by the fused kernels, which this force does not use "
+                    f"(fused_kernels={fused_kernels}, low_memory={low_memory}, or they cannot be "
+                    "built here: see the warning above): turn the fused kernels on, or the tables "
+                    "off"
+                )
+            self.radial_tables = describe(tabulate_radial(self.model, radial_tables))
         dtype = next(self.model.parameters()).dtype
         z = torch.as_tensor(np.asarray(atomic_numbers, dtype=np.int64))
         if z.ndim != 1 or z.numel() == 0:
@@ -301,6 +317,7 @@ def metadata(module: TensorNetForce) -> dict[str, Any]:
         "scale_parameter": module.scale_parameter,
         "low_memory": module.low_memory,
         "fused_kernels": module.fused_kernels,
+        "radial_tables": module.radial_tables,
         "units": {"positions": "nm", "box": "nm", "energy": "kJ/mol", "forces": "kJ/mol/nm"},
         "model_metadata": model.metadata,
         "versions": {"tensornet_openmm": __version__, "torch": str(torch.__version__)},

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "allow_cut_bonds": False,
         "cuda_graphs": True,
         "low_memory": False,  # forces without the pairs' activations: largest systems
+        "radial_tables": False,  # true or a tolerance: tabulated radial networks (approximate)
     },
     "platform": "auto",
     "precision": "mixed",
@@ -223,10 +224,14 @@ def build(config: dict, log=print):
         system = _system_from_export(config, topology, exported, periodic)
         description = f"pure ML (exported module), {topology.getNumAtoms()} atoms"
     else:
+        from .nn import kernels, tables
+
+        tolerance = tables.requested_tolerance(mlconf["radial_tables"])  # checked before the work
         model = load_any_model(config)
         options = {
             "cuda_graphs": bool(mlconf["cuda_graphs"]),
             "low_memory": bool(mlconf["low_memory"]),
+            "radial_tables": tolerance or False,
         }
         if mlconf["atoms"] == "all":
             from .systems import create_ml_system
@@ -251,12 +256,12 @@ def build(config: dict, log=print):
             description = (
                 f"ML/MM, ML region {mlconf['atoms']!r}: {n_ml} of {topology.getNumAtoms()} atoms"
             )
-        from .nn import kernels
-
         if options["low_memory"]:
             description += ", low-memory forces"
         elif kernels.wanted() and kernels.available():
             description += ", " + kernels.description()
+        if tolerance is not None:
+            description += f", radial tables (tolerance {tolerance:g})"
     if config["ensemble"] == "npt":
         import openmm
         import openmm.unit as u

@@ -7,6 +7,7 @@ fails (with OpenMM's plugin load failures) rather than skips, since it means a b
 
 import functools
 import json
+import math
 
 import numpy as np
 import openmm
@@ -235,7 +236,18 @@ def _fused_cases(channels):
         geometry = functools.partial(_geometry, kind, lower)
         widths = rand(f).abs() * (1 if kind == 0 else -1)  # Gaussian: exp(width d^2), width < 0
         cases.append((f"geometry-{kind}", geometry, [vectors, rand(f).abs(), widths]))
+    for a, c, lower in ((1.0, 0.033, 0.0), (0.0, 1.0, 0.6)):  # exp-normal and Gaussian grids
+        table = functools.partial(_table, a, c, lower)
+        cases.append((f"table-a={a}", table, [rand(p, 3) * 2.5, rand(12, 4, f)]))
     return cases
+
+
+def _table(a, c, lower, vectors, table):
+    """The radial_table operator on a 12-interval grid over [0, 5] A."""
+    v_max = a * (1.0 - math.exp(-1.1 * 5.0)) + c * 5.0
+    return torch.ops.tensornet_openmm.radial_table(
+        vectors, table, a, 1.1, c, 12 / v_max, lower, 5.0
+    )
 
 
 def _mlp(act, x, scale, w1, b1, w2, b2):
@@ -257,7 +269,7 @@ def test_fused_cuda_kernels_equal_the_cpu_kernels(channels):
     geometry's basis functions)."""
     cuda_kernels()
     for name, op, inputs in _fused_cases(channels):
-        if name.startswith("geometry"):  # no gradients for the basis parameters
+        if name.startswith(("geometry", "table")):  # no gradients for basis parameters, tables
             cpu = [inputs[0].clone().requires_grad_(), *inputs[1:]]
             gpu = [inputs[0].cuda().requires_grad_(), *(x.cuda() for x in inputs[1:])]
         else:
@@ -279,9 +291,8 @@ def test_fused_cuda_kernels_pass_gradcheck():
     cuda_kernels()
     for name, op, inputs in _fused_cases(5):
         gpu = [x.cuda().requires_grad_(x.is_floating_point()) for x in inputs]
-        if name.startswith("geometry"):
-            gpu[1].requires_grad_(False)
-            gpu[2].requires_grad_(False)
+        for k in range(1, len(gpu) if name.startswith(("geometry", "table")) else 1):
+            gpu[k].requires_grad_(False)
         assert torch.autograd.gradcheck(op, tuple(gpu), nondet_tol=1e-10), name
 
 
@@ -326,3 +337,26 @@ def test_cuda_force_module_runs_the_fused_cuda_kernels():
     assert energy.item() == pytest.approx(ref_energy, rel=1e-10)
     forces = -grad.cpu().numpy()
     np.testing.assert_allclose(forces, ref_forces, atol=1e-9 * np.abs(ref_forces).max())
+
+
+def test_cuda_force_module_with_radial_tables_equals_the_cpu_one():
+    """Radial tables on the GPU: the force module reads them through the radial_table operator
+    (and runs no mlp), and gives the CPU kernels' energy and forces with the same tables."""
+    cuda_kernels()
+    model = small_model(cutoff=5.0)
+    z, pos = molecule()
+    module = TensorNetForce(model, z, fused_kernels=True, radial_tables=1e-6)
+    results = []
+    for device in ("cpu", "cuda"):
+        frozen = torch.jit.freeze(script(module).to(device).eval())
+        x = torch.tensor(pos, device=device, requires_grad=True)
+        energy = frozen(x)
+        if device == "cuda":
+            nodes = _autograd_nodes(energy)
+            assert "torch::autograd::CppNode<(anonymous namespace)::RadialTable>" in nodes
+            assert "torch::autograd::CppNode<(anonymous namespace)::Mlp>" not in nodes
+        (grad,) = torch.autograd.grad(energy, x)
+        results.append((energy.item(), grad.cpu().numpy()))
+    (e_cpu, g_cpu), (e_gpu, g_gpu) = results
+    assert e_gpu == pytest.approx(e_cpu, rel=1e-11)
+    np.testing.assert_allclose(g_gpu, g_cpu, atol=1e-10 * np.abs(g_cpu).max())

@@ -160,6 +160,7 @@ namespace tn_math {
 
 using std::cos;  // float and double overloads, on the host and (CUDA's) on the device
 using std::exp;
+using std::floor;
 using std::sin;
 using std::sqrt;
 
@@ -277,6 +278,52 @@ TN_MATH void geometry_grad(const GeometryParams<T>& g, const T* v, const T* g_cu
   // u = v / r: du_a / dv_b = (delta_ab - u_a u_b) / r; dr / dv = u
   const T along = g_u[0] * u[0] + g_u[1] * u[1] + g_u[2] * u[2];
   for (int a = 0; a < 3; ++a) g_v[a] = (g_u[a] - along * u[a]) / r + d_r * u[a];
+}
+
+}  // namespace tn_math
+
+// ---- Tabulated radial functions -----------------------------------------------------------------
+// cut(r) g(r), g a pair's radial functions (the filters of a layer, say: width values) read from a
+// table (tensornet_openmm/nn/tables.py) of cubic polynomials. The intervals lie evenly in
+// v(r) = a (1 - exp(-alpha r)) + c r, interval k = [k h, (k + 1) h), and rows 4k .. 4k + 3 of
+// the table hold the coefficients of g on it in the position u = v / h - k in [0, 1]:
+//   g = c0 + c1 u + c2 u^2 + c3 u^3
+// (coefficients rather than values at the knots: the derivative then takes no difference of
+// nearly equal numbers, which float32 would round to a few 1e-6).
+namespace tn_math {
+
+template <typename T>
+struct TableParams {
+  T a, alpha, c, inv_h, lower, upper;
+  int64_t intervals;
+
+  TN_MATH_CTOR TableParams(double a_, double alpha_, double c_, double inv_h_, double lower_,
+                           double upper_, int64_t intervals_)
+      : a(static_cast<T>(a_)), alpha(static_cast<T>(alpha_)), c(static_cast<T>(c_)),
+        inv_h(static_cast<T>(inv_h_)), lower(static_cast<T>(lower_)),
+        upper(static_cast<T>(upper_)), intervals(intervals_) {}
+};
+
+// The interval k of distance r, the weights w of its four rows (times the cosine cutoff) and
+// the weights dw of d(cut g)/dr. Beyond the cutoff every weight is 0 (and k stays in the table).
+template <typename T>
+TN_MATH int64_t table_weights(const TableParams<T>& t, T r, T w[4], T dw[4]) {
+  T cut_slope;
+  const T cut = cosine_cut(r, t.lower, t.upper, &cut_slope);
+  const T e = exp(-t.alpha * r);
+  const T x = (t.a * (T(1) - e) + t.c * r) * t.inv_h;  // in intervals
+  const T dx = (t.a * t.alpha * e + t.c) * t.inv_h;     // dx/dr
+  const T last = T(t.intervals - 1);
+  const T k = x > T(0) ? (x < last ? floor(x) : last) : T(0);  // also for NaN r
+  T u = x - k;
+  u = u > T(0) ? (u < T(1) ? u : T(1)) : T(0);
+  const T powers[4] = {T(1), u, u * u, u * u * u};
+  const T slopes[4] = {T(0), T(1), T(2) * u, T(3) * u * u};  // d/du
+  for (int i = 0; i < 4; ++i) {
+    w[i] = cut * powers[i];
+    dw[i] = cut_slope * powers[i] + cut * slopes[i] * dx;
+  }
+  return static_cast<int64_t>(k);
 }
 
 }  // namespace tn_math

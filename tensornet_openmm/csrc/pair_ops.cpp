@@ -57,6 +57,11 @@ at::Tensor geometry_grad(const at::Tensor& vec, const at::Tensor& centers,
                          const at::Tensor& widths, int64_t kind, double alpha, double basis_lower,
                          double lower, double upper, const at::Tensor& g_cut,
                          const at::Tensor& g_geom, const at::Tensor& g_basis);
+at::Tensor radial_table(const at::Tensor& vec, const at::Tensor& table, double a, double alpha,
+                        double c, double inv_h, double lower, double upper);
+at::Tensor radial_table_grad(const at::Tensor& grad, const at::Tensor& vec, const at::Tensor& table,
+                             double a, double alpha, double c, double inv_h, double lower,
+                             double upper);
 }  // namespace tn_cuda
 #endif
 
@@ -1165,6 +1170,159 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry_op(
   return {out[0], out[1], out[2]};
 }
 
+// ---- Tabulated radial functions -------------------------------------------------------------
+// cut(r) g(r) for every pair vector, g read from a table (tn_math::table_weights): a layer's
+// radial filters, which a network of three matrix products makes from the radial basis, as four
+// multiply-adds per value, and the gradient back to the vectors as eight.
+
+constexpr int64_t kTableWork = 8;  // operations per pair and value
+
+template <typename T>
+TN_INLINE void table_rows(const tn_math::TableParams<T>& t, const T* table, const T* vec, T* out,
+                          int64_t width, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* v = vec + 3 * p;
+    T w[4], dw[4];
+    const int64_t k = tn_math::table_weights(t, std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]),
+                                             w, dw);
+    const T* row = table + 4 * k * width;  // the interval's coefficients c0 .. c3
+    T* o = out + p * width;
+    for (int64_t f = 0; f < width; ++f) {
+      o[f] = w[0] * row[f] + w[1] * row[width + f] + w[2] * row[2 * width + f] +
+             w[3] * row[3 * width + f];
+    }
+  }
+}
+
+template <typename T>
+TN_INLINE void table_grads(const tn_math::TableParams<T>& t, const T* table, const T* vec,
+                           const T* grad, T* g_vec, int64_t width, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* v = vec + 3 * p;
+    const T r = std::sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+    T w[4], dw[4];
+    const int64_t k = tn_math::table_weights(t, r, w, dw);
+    const T* row = table + 4 * k * width;
+    const T* g = grad + p * width;
+    T d_r = T(0);  // dL/dr
+    for (int64_t f = 0; f < width; ++f) {
+      d_r += g[f] * (dw[0] * row[f] + dw[1] * row[width + f] + dw[2] * row[2 * width + f] +
+                     dw[3] * row[3 * width + f]);
+    }
+    const T scale = r > T(0) ? d_r / r : T(0);  // dr/dv = v / r
+    for (int a = 0; a < 3; ++a) g_vec[3 * p + a] = scale * v[a];
+  }
+}
+
+#define TN_TABLE_INSTANCES(T)                                                                   \
+  TN_CLONES void run_table(const tn_math::TableParams<T>& t, const T* table, const T* vec,      \
+                           T* out, int64_t width, int64_t p0, int64_t p1) {                     \
+    table_rows<T>(t, table, vec, out, width, p0, p1);                                           \
+  }                                                                                             \
+  TN_CLONES void run_table_grad(const tn_math::TableParams<T>& t, const T* table, const T* vec, \
+                                const T* grad, T* g_vec, int64_t width, int64_t p0,             \
+                                int64_t p1) {                                                   \
+    table_grads<T>(t, table, vec, grad, g_vec, width, p0, p1);                                  \
+  }
+
+TN_TABLE_INSTANCES(float)
+TN_TABLE_INSTANCES(double)
+
+void table_checked(const at::Tensor& vec, const at::Tensor& table, double a, double alpha,
+                   double c, double inv_h, double lower, double upper) {
+  TORCH_CHECK(vec.dim() == 2 && vec.size(1) == 3,
+              "radial_table: vectors must be (pairs, 3), got ", vec.sizes());
+  TORCH_CHECK(table.dim() == 3 && table.size(0) >= 1 && table.size(1) == 4,
+              "radial_table: the table must be (intervals, 4, values), got ", table.sizes());
+  TORCH_CHECK(table.scalar_type() == vec.scalar_type(),
+              "radial_table: vectors and table differ in dtype");
+  TORCH_CHECK(inv_h > 0 && alpha >= 0 && a >= 0 && c >= 0 && a + c > 0,
+              "radial_table: the knot spacing must be positive and v(r) = a (1 - exp(-alpha r)) "
+              "+ c r increasing, got a = ", a, ", alpha = ", alpha, ", c = ", c, ", 1/h = ", inv_h);
+  TORCH_CHECK(lower >= 0 && upper > lower,
+              "radial_table: cutoffs must satisfy 0 <= lower < upper, got ", lower, " and ", upper);
+}
+
+at::Tensor radial_table_kernel(const at::Tensor& vec_in, const at::Tensor& table_in, double a,
+                               double alpha, double c, double inv_h, double lower, double upper) {
+  table_checked(vec_in, table_in, a, alpha, c, inv_h, lower, upper);
+  [[maybe_unused]] const bool cuda = on_cuda("radial_table", {vec_in, table_in});
+  const at::Tensor vec = vec_in.contiguous(), table = table_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::radial_table(vec, table, a, alpha, c, inv_h, lower, upper);
+#endif
+  const int64_t pairs = vec.size(0), width = table.size(2);
+  at::Tensor out = at::empty({pairs, width}, vec.options());
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_radial_table", [&] {
+    const tn_math::TableParams<scalar_t> t(a, alpha, c, inv_h, lower, upper, table.size(0));
+    const scalar_t *tp = table.data_ptr<scalar_t>(), *vp = vec.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    split(pairs, kPairGrain, pairs * width * kTableWork, [&](int64_t p0, int64_t p1) {
+      run_table(t, tp, vp, op, width, p0, p1);
+    });
+  });
+  return out;
+}
+
+at::Tensor radial_table_grad_kernel(const at::Tensor& grad, const at::Tensor& vec,
+                                    const at::Tensor& table, double a, double alpha, double c,
+                                    double inv_h, double lower, double upper) {
+#ifdef TN_WITH_CUDA
+  if (vec.is_cuda()) {
+    return tn_cuda::radial_table_grad(grad, vec, table, a, alpha, c, inv_h, lower, upper);
+  }
+#endif
+  const int64_t pairs = vec.size(0), width = table.size(2);
+  at::Tensor g_vec = at::empty_like(vec);
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_radial_table_backward", [&] {
+    const tn_math::TableParams<scalar_t> t(a, alpha, c, inv_h, lower, upper, table.size(0));
+    const scalar_t *tp = table.data_ptr<scalar_t>(), *vp = vec.data_ptr<scalar_t>(),
+                   *gp = grad.data_ptr<scalar_t>();
+    scalar_t* out = g_vec.data_ptr<scalar_t>();
+    split(pairs, kPairGrain, pairs * width * kTableWork, [&](int64_t p0, int64_t p1) {
+      run_table_grad(t, tp, vp, gp, out, width, p0, p1);
+    });
+  });
+  return g_vec;
+}
+
+class RadialTable : public torch::autograd::Function<RadialTable> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& vec, const at::Tensor& table,
+                            double a, double alpha, double c, double inv_h, double lower,
+                            double upper) {
+    ctx->save_for_backward({vec, table});
+    ctx->saved_data["a"] = a;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["c"] = c;
+    ctx->saved_data["inv_h"] = inv_h;
+    ctx->saved_data["lower"] = lower;
+    ctx->saved_data["upper"] = upper;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return radial_table_kernel(vec, table, a, alpha, c, inv_h, lower, upper);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!ctx->needs_input_grad(1),
+                "radial_table: no gradients for the table (tables are for forces, made from "
+                "trained weights): train the model without tables");
+    variable_list result(8);
+    if (!ctx->needs_input_grad(0) || !grads[0].defined()) return result;
+    const auto saved = ctx->get_saved_variables();
+    auto value = [&](const char* name) { return ctx->saved_data[name].toDouble(); };
+    result[0] = radial_table_grad_kernel(grads[0].contiguous(), saved[0].contiguous(),
+                                         saved[1].contiguous(), value("a"), value("alpha"),
+                                         value("c"), value("inv_h"), value("lower"),
+                                         value("upper"));
+    return result;
+  }
+};
+
+at::Tensor radial_table_op(const at::Tensor& vec, const at::Tensor& table, double a, double alpha,
+                           double c, double inv_h, double lower, double upper) {
+  return RadialTable::apply(vec, table, a, alpha, c, inv_h, lower, upper);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tensornet_openmm, m) {
@@ -1181,6 +1339,9 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "geometry(Tensor vec, Tensor centers, Tensor widths, int kind, float alpha, "
       "float basis_lower, float lower, float upper) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "radial_table(Tensor vec, Tensor table, float a, float alpha, float c, float inv_h, "
+      "float lower, float upper) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
@@ -1191,6 +1352,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_normalize", normalize_kernel);
   m.impl("mlp", mlp_kernel);
   m.impl("geometry", geometry_kernel);
+  m.impl("radial_table", radial_table_kernel);
 }
 
 #ifdef TN_WITH_CUDA
@@ -1202,6 +1364,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("packed_normalize", normalize_kernel);
   m.impl("geometry", geometry_kernel);
   m.impl("mlp", mlp_kernel);
+  m.impl("radial_table", radial_table_kernel);
 }
 #endif
 
@@ -1213,4 +1376,5 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("packed_normalize", packed_normalize_op);
   m.impl("mlp", mlp_op);
   m.impl("geometry", geometry_op);
+  m.impl("radial_table", radial_table_op);
 }

@@ -254,6 +254,51 @@ __global__ void geometry_grad_kernel(tn_math::GeometryParams<T> g, const T* __re
                          g_basis == nullptr ? nullptr : g_basis + g.k * p, g_vec + 3 * p);
 }
 
+// cut(r) g(r) from a table (tn_math::table_weights): one thread per pair and value, so that
+// neighbouring threads read neighbouring table entries
+template <typename T>
+__global__ void radial_table_kernel(tn_math::TableParams<T> t, const T* __restrict__ table,
+                                    const T* __restrict__ vec, T* __restrict__ out, int64_t pairs,
+                                    int64_t width) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= pairs * width) return;
+  const int64_t p = i / width, f = i - p * width;
+  const T* v = vec + 3 * p;
+  T w[4], dw[4];
+  const int64_t k = tn_math::table_weights(t, sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]), w, dw);
+  const T* row = table + 4 * k * width + f;
+  out[i] = w[0] * row[0] + w[1] * row[width] + w[2] * row[2 * width] + w[3] * row[3 * width];
+}
+
+// dL/dv of each pair: one block per pair, its threads summing over the values
+template <typename T>
+__global__ void radial_table_grad_kernel(tn_math::TableParams<T> t, const T* __restrict__ table,
+                                         const T* __restrict__ vec, const T* __restrict__ grad,
+                                         T* __restrict__ g_vec, int64_t width) {
+  __shared__ T partial[kThreads];
+  const int64_t p = blockIdx.x;
+  const T* v = vec + 3 * p;
+  const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  T w[4], dw[4];
+  const int64_t k = tn_math::table_weights(t, r, w, dw);
+  const T* row = table + 4 * k * width;
+  const T* g = grad + p * width;
+  T sum = T(0);
+  for (int64_t f = threadIdx.x; f < width; f += blockDim.x) {
+    sum += g[f] * (dw[0] * row[f] + dw[1] * row[width + f] + dw[2] * row[2 * width + f] +
+                   dw[3] * row[3 * width + f]);
+  }
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x < 3) {
+    g_vec[3 * p + threadIdx.x] = r > T(0) ? partial[0] / r * v[threadIdx.x] : T(0);
+  }
+}
+
 template <typename T>
 const T* const_data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -461,6 +506,41 @@ at::Tensor geometry_grad(const at::Tensor& vec, const at::Tensor& centers,
         g, vec.data_ptr<scalar_t>(), const_data_or_null<scalar_t>(g_cut),
         const_data_or_null<scalar_t>(g_geom), const_data_or_null<scalar_t>(g_basis),
         g_vec.data_ptr<scalar_t>(), pairs);
+  });
+  check_launch();
+  return g_vec;
+}
+
+at::Tensor radial_table(const at::Tensor& vec, const at::Tensor& table, double a, double alpha,
+                        double c, double inv_h, double lower, double upper) {
+  const c10::cuda::CUDAGuard guard(vec.device());
+  const int64_t pairs = vec.size(0), width = table.size(2);
+  at::Tensor out = at::empty({pairs, width}, vec.options());
+  if (pairs * width == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_radial_table_cuda", [&] {
+    const tn_math::TableParams<scalar_t> t(a, alpha, c, inv_h, lower, upper, table.size(0));
+    radial_table_kernel<scalar_t><<<blocks_for(pairs * width), kThreads, 0, stream>>>(
+        t, table.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pairs,
+        width);
+  });
+  check_launch();
+  return out;
+}
+
+at::Tensor radial_table_grad(const at::Tensor& grad, const at::Tensor& vec, const at::Tensor& table,
+                             double a, double alpha, double c, double inv_h, double lower,
+                             double upper) {
+  const c10::cuda::CUDAGuard guard(vec.device());
+  const int64_t pairs = vec.size(0), width = table.size(2);
+  at::Tensor g_vec = at::zeros_like(vec, at::MemoryFormat::Contiguous);
+  if (pairs == 0) return g_vec;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_radial_table_grad_cuda", [&] {
+    const tn_math::TableParams<scalar_t> t(a, alpha, c, inv_h, lower, upper, table.size(0));
+    radial_table_grad_kernel<scalar_t><<<static_cast<unsigned>(pairs), kThreads, 0, stream>>>(
+        t, table.data_ptr<scalar_t>(), vec.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+        g_vec.data_ptr<scalar_t>(), width);
   });
   check_launch();
   return g_vec;

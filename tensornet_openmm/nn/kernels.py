@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from .algebra import PackedAlgebra, matmul, packed_geometry
 from .radial import cosine_cutoff, exp_normal, gaussian
+from .tables import interpolate
 
 ENVIRONMENT_SWITCH = "TENSORNET_OPENMM_FUSED"
 SOURCES = Path(__file__).resolve().parent.parent / "csrc"
@@ -304,6 +305,21 @@ class PairKernels(nn.Module):
             basis = gaussian(r.unsqueeze(-1), centers, widths)
         return cosine_cutoff(r, lower, upper), packed_geometry(u), basis
 
+    def radial_table(
+        self,
+        vec: Tensor,
+        table: Tensor,
+        a: float,
+        alpha: float,
+        c: float,
+        inv_h: float,
+        lower: float,
+        upper: float,
+    ) -> Tensor:
+        """cut(r) g(r) of pair vectors (P, 3) from a radial table (intervals, 4, width)
+        (:mod:`tensornet_openmm.nn.tables`)."""
+        return interpolate(vec, table, a, alpha, c, inv_h, lower, upper)
+
     def _torch_mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
@@ -418,6 +434,23 @@ class FusedPairKernels(PairKernels):
         return torch.ops.tensornet_openmm.geometry(
             vec, centers, widths, kind, alpha, basis_lower, lower, upper
         )
+
+    def radial_table(
+        self,
+        vec: Tensor,
+        table: Tensor,
+        a: float,
+        alpha: float,
+        c: float,
+        inv_h: float,
+        lower: float,
+        upper: float,
+    ) -> Tensor:
+        if self.applies(vec):
+            return torch.ops.tensornet_openmm.radial_table(
+                vec, table, a, alpha, c, inv_h, lower, upper
+            )
+        return interpolate(vec, table, a, alpha, c, inv_h, lower, upper)
 
 
 def wanted() -> bool:

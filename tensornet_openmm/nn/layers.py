@@ -154,7 +154,26 @@ def _message_dot(adj: list[Tensor], to: Tensor, filters: Tensor, rows: list[Tens
     return total
 
 
-class TensorEmbedding(nn.Module):
+class _RadialLayer(nn.Module):
+    """A layer with radial functions, which :func:`tensornet_openmm.nn.tables.tabulate_radial`
+    can give a table: ``radial_table`` (intervals, 4, width), empty while the network runs, and its
+    grid ``table_grid`` [a, alpha, c, 1/h]. The table is not saved with the weights."""
+
+    def _no_table(self, dtype: torch.dtype) -> None:
+        self.register_buffer("radial_table", torch.zeros((0, 4, 0), dtype=dtype), persistent=False)
+        self.table_grid = [0.0, 0.0, 0.0, 0.0]
+
+    def _tabulated(self, pair_vec: Tensor) -> Tensor:
+        """cut(r) g(r), (P, 3, F), of pair vectors (P, 3) from the table."""
+        grid = self.table_grid
+        g = self.pair_kernels.radial_table(
+            pair_vec, self.radial_table, grid[0], grid[1], grid[2], grid[3], self.cutoff_lower,
+            self.cutoff_upper,
+        )  # fmt: skip
+        return g.reshape(g.shape[0], 3, self.hidden_channels)
+
+
+class TensorEmbedding(_RadialLayer):
     """Builds the initial per-atom tensors X_i from neighbours' species and geometry."""
 
     def __init__(
@@ -185,6 +204,7 @@ class TensorEmbedding(nn.Module):
         self.init_norm = nn.LayerNorm(f, dtype=dtype)
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
+        self._no_table(dtype)
 
     def _projection(self) -> tuple[Tensor, Tensor]:
         """Weight (3F, K) and bias (3F,) of the three distance projections at once (constants
@@ -306,21 +326,29 @@ class TensorEmbedding(nn.Module):
         self_basis: Tensor,
         half: bool = False,
         geom: Optional[Tensor] = None,
+        vec: Optional[Tensor] = None,
     ) -> Tensor:
         """X_i of every atom. ``geom``: the pairs' (1, rhat, packed rhat rhat^T), (P, 10), if
-        already made (the fused kernels' ``geometry``); only the fused path takes it."""
+        already made (the fused kernels' ``geometry``); ``vec``: the pair vectors (P, 3), for a
+        radial table. Only the fused path takes them."""
         z_recv, z_send = self.species_terms(z)
         block = pair_block(src.shape[0], self.hidden_channels, z_recv.device)
         if self.pair_kernels.applies(z_recv):  # fused kernels
             if geom is None:
                 geom = algebra.packed_geometry(rhat)
+            tabulated = vec is not None and self.radial_table.numel() > 0
+            pair_vec = vec if vec is not None else rhat  # read only when tabulated
             packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
-            for i, j, cut_b, basis_b, geom_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            for i, j, cut_b, basis_b, geom_b, vec_b in zip(  # noqa: B905 (TorchScript's zip...)
                 src.split(block), dst.split(block), cut.split(block), basis.split(block),
-                geom.split(block),
+                geom.split(block), pair_vec.split(block),
             ):  # fmt: skip
+                if tabulated:
+                    radial = self._tabulated(vec_b)
+                else:
+                    radial = self._fused_radial(cut_b, basis_b)
                 packed = packed + self.pair_kernels.embedding_sums(
-                    self._fused_radial(cut_b, basis_b), z_recv, z_send, geom_b, i, j, half
+                    radial, z_recv, z_send, geom_b, i, j, half
                 )
             sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
             return self.finish(z_recv, z_send, sums, self_basis)
@@ -334,7 +362,7 @@ class TensorEmbedding(nn.Module):
         return self.finish(z_recv, z_send, sums, self_basis)
 
 
-class Interaction(nn.Module):
+class Interaction(_RadialLayer):
     """One TensorNet interaction layer: X_i -> X_i + dX + (1 + 0.1 q) dX^2."""
 
     def __init__(
@@ -365,6 +393,7 @@ class Interaction(nn.Module):
         self.mlp_activation = MLP_ACTIVATIONS.get(activation, -1)  # -1: not in the kernel
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
+        self._no_table(dtype)
 
     def _filters(self, basis: Tensor, cut: Tensor) -> Tensor:
         """Radial filters f_I, f_A, f_S: (P, num_rbf) -> (P, 3, F), times the cutoff (P,)."""
@@ -438,9 +467,13 @@ class Interaction(nn.Module):
         self_basis: Tensor,
         charge_factor: Tensor,
         half: bool = False,
+        vec: Optional[Tensor] = None,
     ) -> Tensor:
+        """The new X. ``vec``: the pair vectors (P, 3), for a radial table (fused path only)."""
         if self.pair_kernels.applies(x):
-            return self._fused_forward(x, src, dst, cut, basis, self_basis, charge_factor, half)
+            return self._fused_forward(
+                x, src, dst, cut, basis, self_basis, charge_factor, half, vec
+            )
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
         x, parts = self.prepare(x)
         msg = self.self_messages(parts, self_basis)  # the self pair, then sum_j f(ij) y_j
@@ -467,18 +500,26 @@ class Interaction(nn.Module):
         self_basis: Tensor,
         charge_factor: Tensor,
         half: bool,
+        vec: Optional[Tensor] = None,
     ) -> Tensor:
-        """:meth:`forward` with the fused CPU kernels: packed tensors throughout, the messages,
+        """:meth:`forward` with the fused kernels: packed tensors throughout, the messages,
         channel mixing and 3x3 products each one operator."""
         kernels = self.pair_kernels
         x = kernels.normalize(x)
         y = kernels.mix(x, self._mix_weights(0))
         msg = y * self._self_filters(self_basis).index_select(1, kernels.group)  # self pair
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
-        for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
-            src.split(block), dst.split(block), cut.split(block), basis.split(block)
-        ):
-            msg = msg + kernels.messages(y, self._fused_filters(basis_b, cut_b), i, j, half)
+        tabulated = vec is not None and self.radial_table.numel() > 0
+        pair_vec = vec if vec is not None else basis  # read only when tabulated
+        for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            src.split(block), dst.split(block), cut.split(block), basis.split(block),
+            pair_vec.split(block),
+        ):  # fmt: skip
+            if tabulated:
+                filters = self._tabulated(vec_b)
+            else:
+                filters = self._fused_filters(basis_b, cut_b)
+            msg = msg + kernels.messages(y, filters, i, j, half)
         q = charge_factor.reshape(-1, 1, 1)
         if self.o3:
             c = kernels.product(msg, y, True) * q

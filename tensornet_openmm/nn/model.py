@@ -106,6 +106,7 @@ class TensorNet(nn.Module):
         self.register_buffer("std", torch.ones((), dtype=dtype))
         # r = 0 of the self pairs: a buffer, so that a frozen module folds their terms
         self.register_buffer("zero_distance", torch.zeros(1, dtype=dtype), persistent=False)
+        self.radial_tables = False  # see tensornet_openmm.nn.tables.tabulate_radial
 
     @property
     def config(self) -> ModelConfig:
@@ -135,16 +136,20 @@ class TensorNet(nn.Module):
         kernels = self.tensor_embedding.pair_kernels
         if kernels.applies(edge_vec):  # fused kernels: cutoff, geometry and basis in one pass
             kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
+            if self.radial_tables:  # the layers read tables: no basis functions needed
+                centers, widths = centers[:0], widths[:0]
             cut, geom, basis = kernels.geometry(
                 edge_vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
                 self.cutoff_upper,
             )  # fmt: skip
             x = self.tensor_embedding(
-                z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom
+                z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom, edge_vec
             )
-        else:
-            cut, rhat, basis = self._geometry(edge_vec)
-            x = self.tensor_embedding(z, src, dst, cut, rhat, basis, self_basis, half)
+            for layer in self.layers:
+                x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec)
+            return self._head(x, z)
+        cut, rhat, basis = self._geometry(edge_vec)
+        x = self.tensor_embedding(z, src, dst, cut, rhat, basis, self_basis, half)
         for layer in self.layers:
             x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half)
         return self._head(x, z)
