@@ -76,6 +76,9 @@ class RunError(RuntimeError):
 # ---------------------------------------------------------------------------- configuration
 
 
+_BOOL_OR_NUMBER = {"radial_tables"}  # true, false or a tolerance
+
+
 def merge(base: dict, update: dict, where: str = "") -> dict:
     """``base`` updated with ``update``; unknown keys are an error naming the allowed ones."""
     out = copy.deepcopy(base)
@@ -91,7 +94,14 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
             out[key] = merge(base[key], value, f"{where}{key}.")
         elif isinstance(base[key], bool) and not isinstance(value, bool):
             # bool() would take any non-empty string, a typo included, for true
-            raise ValueError(f"{where + key!r} must be true or false, not {value!r}")
+            if key not in _BOOL_OR_NUMBER:
+                raise ValueError(f"{where + key!r} must be true or false, not {value!r}")
+            try:  # YAML reads 1e-6 (no dot) as a string
+                out[key] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{where + key!r} must be true, false or a number, not {value!r}"
+                ) from None
         else:
             out[key] = value
     return out

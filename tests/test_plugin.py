@@ -43,6 +43,12 @@ def test_registered_and_equal_to_create_ml_system(model_path):
         assert energy(theirs, test.positions) == pytest.approx(
             energy(mine, test.positions), rel=1e-10
         )
+    # radialTables reaches create_force: the same approximate energy as ours with tables
+    tabulated = potential.createSystem(vacuum.topology, radialTables=1e-6, fusedKernels=True)
+    mine = create_ml_system(vacuum.topology, ours, radial_tables=1e-6, fused_kernels=True)
+    assert energy(tabulated, vacuum.positions) == pytest.approx(
+        energy(mine, vacuum.positions), rel=1e-12
+    )
 
 
 def test_mixed_systems_with_openmmml_interpolation(model_path):

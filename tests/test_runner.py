@@ -134,6 +134,12 @@ def test_run_errors_are_clear(model_file, tmp_path, capsys):
     assert "unknown configuration key 'integratr'" in capsys.readouterr().err
     assert main([*base, "--set", "ml.low_memory=ture"]) == 2
     assert "'ml.low_memory' must be true or false, not 'ture'" in capsys.readouterr().err
+    assert main([*base, "--set", "ml.radial_tables=fine"]) == 2
+    assert (
+        "'ml.radial_tables' must be true, false or a number, not 'fine'" in capsys.readouterr().err
+    )
+    assert main([*base, "--set", "ml.radial_tables=2", "--output", str(tmp_path / "t")]) == 2
+    assert "radial table tolerance 2.0 must lie between 0 and 1" in capsys.readouterr().err
     assert main([*base, "--set", "integrator.step=1", "--output", str(tmp_path / "a")]) == 2
     assert "allowed keys in integrator" in capsys.readouterr().err
     assert main([*base, "--set", "system.pdb=missing.pdb", "--output", str(tmp_path / "b")]) == 2
@@ -184,3 +190,20 @@ def test_low_memory_run_follows_the_same_trajectory(model_file, tmp_path):
         table = np.genfromtxt(out / "energies.csv", delimiter=",", names=True)
         energies[low] = table[table.dtype.names[2]]
     np.testing.assert_allclose(energies["true"], energies["false"], rtol=2e-4)
+
+
+def test_radial_tables_run_follows_the_same_trajectory(model_file, tmp_path):
+    """ml.radial_tables: the log says so, and the MD (same seed) stays with the exact one."""
+    if not (kernels.wanted() and kernels.load()):
+        pytest.skip("no fused kernels here")
+    energies = {}
+    for tables in ("false", "1e-6"):
+        out = tmp_path / tables
+        argv = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", model_file, "--steps", "10",
+                "--output", str(out), "--set", f"ml.radial_tables={tables}", *QUICK]  # fmt: skip
+        assert main(argv) == 0
+        log = (out / "run.log").read_text()
+        assert ("radial tables (tolerance 1e-06)" in log) == (tables != "false")
+        table = np.genfromtxt(out / "energies.csv", delimiter=",", names=True)
+        energies[tables] = table[table.dtype.names[2]]
+    np.testing.assert_allclose(energies["1e-6"], energies["false"], rtol=2e-4)
