@@ -17,8 +17,9 @@
 // Small inputs run on the calling thread (kParallelWork).
 //
 // Built with -DTN_WITH_CUDA (tensornet_openmm/nn/kernels.py does so where a CUDA device and nvcc
-// exist), geometry, messages, embedding_sums, packed_product and packed_normalize also take CUDA
-// tensors: their checks and autograd functions here, their kernels in pair_ops_cuda.cu.
+// exist), geometry, messages, embedding_sums, packed_product, packed_normalize and radial_table
+// also take CUDA tensors: their checks and autograd functions here, their kernels in
+// pair_ops_cuda.cu.
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>

@@ -4,14 +4,16 @@ PyTorch they replace.
 On the CPU a small molecule's force call is mostly operator overhead: the pair sums (gather each
 pair's sender rows, multiply them by the pair's filters, add them onto the receivers), the radial
 networks and the per-atom tensor algebra, forwards and backwards, as thousands of small operators
-and hundreds of OpenMP parallel regions. ``csrc/pair_ops.cpp`` has seven operators, each one
+and hundreds of OpenMP parallel regions. ``csrc/pair_ops.cpp`` has eight operators, each one
 pass (one parallel region at most) with its backward written out: ``geometry`` (cutoff, packed
 (1, u, u u^T) and radial basis of the pair vectors), ``messages``, ``embedding_sums``, ``mlp``
-(small networks: the radial filters of a block of pairs), ``packed_product``, ``packed_mix`` and
+(small networks: the radial filters of a block of pairs), ``radial_table`` (the same filters
+read from a table, :mod:`tensornet_openmm.nn.tables`), ``packed_product``, ``packed_mix`` and
 ``packed_normalize``. On a GPU the same holds for kernel launches and memory traffic:
 ``csrc/pair_ops_cuda.cu`` has CUDA kernels for ``geometry``, ``messages``, ``embedding_sums``,
-``packed_product`` and ``packed_normalize`` (one kernel each way instead of a gather, a product
-and a scatter of pair-sized tensors, or an unpacking, a batched product and a decomposition).
+``radial_table``, ``packed_product`` and ``packed_normalize`` (one kernel each way instead of a
+gather, a product and a scatter of pair-sized tensors, or an unpacking, a batched product and a
+decomposition).
 They are compiled with the compilers PyTorch uses for extensions the first time they are asked
 for (:func:`load`: about 20 s for the CPU, a minute more with CUDA; the build is cached per
 torch and Python version and sources) and registered as ``torch.ops.tensornet_openmm``.

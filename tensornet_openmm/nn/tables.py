@@ -32,6 +32,7 @@ PyTorch code, training included, always runs the networks.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ DEFAULT_TOLERANCE = 1e-6
 FIRST_INTERVALS = 256
 MAX_INTERVALS = 1 << 15
 _TEST_POINTS = (0.1, 0.25, 0.5, 0.75, 0.9)  # within each interval
+_CHUNK = 1024  # distances evaluated at once
 
 
 @dataclass(frozen=True)
@@ -131,18 +133,28 @@ def _spacing(grid: tuple[float, float, float], upper: float, intervals: int) -> 
     return float(knot_variable(torch.tensor(upper, dtype=torch.float64), *grid)) / intervals
 
 
+def _with_slopes(f, r: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(r, f(r), df/dr) in chunks of ``r``: f maps each distance to its own row, and a chunk's
+    activations stay small (a whole table's would take hundreds of MB)."""
+    for part in r.split(_CHUNK):
+        value, slope = torch.func.jvp(f, (part,), (torch.ones_like(part),))
+        yield part, value.detach(), slope.detach()
+
+
 def _build(g, grid: tuple[float, float, float], upper: float, intervals: int) -> Tensor:
     """The cubic of each interval (intervals, 4, width), float64: the Hermite cubic through the
     values and derivatives of g at the interval's ends, as coefficients of powers of u."""
     a, alpha, c = grid
     h = _spacing(grid, upper, intervals)
     v = torch.arange(intervals + 1, dtype=torch.float64) * h
-    r = _invert(v, a, alpha, c, upper)
-    value, slope = torch.func.jvp(g, (r,), (torch.ones_like(r),))  # dg/dr
-    m = h * slope / (a * alpha * torch.exp(-alpha * r) + c).unsqueeze(1)  # dg/du = h dg/dv
+    values, slopes = [], []
+    for r, value, slope in _with_slopes(g, _invert(v, a, alpha, c, upper)):
+        values.append(value)
+        slopes.append(h * slope / (a * alpha * torch.exp(-alpha * r) + c).unsqueeze(1))  # dg/du
+    value, m = torch.cat(values), torch.cat(slopes)
     g0, g1, m0, m1 = value[:-1], value[1:], m[:-1], m[1:]
     rise = g1 - g0
-    return torch.stack((g0, m0, 3.0 * rise - 2.0 * m0 - m1, m0 + m1 - 2.0 * rise), dim=1).detach()
+    return torch.stack((g0, m0, 3.0 * rise - 2.0 * m0 - m1, m0 + m1 - 2.0 * rise), dim=1)
 
 
 def _errors(
@@ -155,20 +167,23 @@ def _errors(
     h = _spacing(grid, upper, intervals)
     offsets = torch.tensor(_TEST_POINTS, dtype=torch.float64)
     v = ((torch.arange(intervals, dtype=torch.float64).unsqueeze(1) + offsets) * h).reshape(-1)
-    r = _invert(v, a, alpha, c, upper)
-    ones = torch.ones_like(r)
-    exact, exact_slope = torch.func.jvp(_with_cutoff(g, lower, upper), (r,), (ones,))
 
     def tabulated(d: Tensor) -> Tensor:
         vec = torch.stack((d, torch.zeros_like(d), torch.zeros_like(d)), dim=1)
         return interpolate(vec, table, a, alpha, c, 1.0 / h, lower, upper)
 
-    value, slope = torch.func.jvp(tabulated, (r,), (ones,))
-
-    def relative(error: Tensor, scale: Tensor) -> float:
-        return float(error.abs().max() / scale.abs().max().clamp_min(1e-300))
-
-    return relative(value - exact, exact), relative(slope - exact_slope, exact_slope)
+    largest = torch.zeros(4, dtype=torch.float64)  # |value|, |slope|, value error, slope error
+    r = _invert(v, a, alpha, c, upper)
+    exact_parts = _with_slopes(_with_cutoff(g, lower, upper), r)
+    for (_, value, slope), (_, t_value, t_slope) in zip(
+        exact_parts, _with_slopes(tabulated, r), strict=True
+    ):
+        found = torch.stack(
+            [x.abs().max() for x in (value, slope, t_value - value, t_slope - slope)]
+        )
+        largest = torch.maximum(largest, found)
+    scale = largest[:2].clamp_min(1e-300)
+    return float(largest[2] / scale[0]), float(largest[3] / scale[1])
 
 
 def requested_tolerance(radial_tables: bool | float | None) -> float | None:
