@@ -8,7 +8,8 @@ positions), after warm-up, under torch.profiler:
 - ``ours``: our module with the fixed pair capacity it gets under CUDA graphs (``create_force``'s
   sizing from the starting positions); ``ours-dynamic``: the exact dynamic pair list, as without
   graphs; ``ours-lowmem``: fixed capacity with ``low_memory=True``; ``ours-pytorch``: fixed
-  capacity without the fused kernels (plain PyTorch);
+  capacity without the fused kernels (plain PyTorch); ``ours-tables``: fixed capacity with radial
+  tables (``radial_tables=True``);
 - ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 slots), if it is installed.
 
     python benchmarks/kernels.py --checkpoint CKPT [--systems ala2 water-5000] [--platform CUDA]
@@ -71,6 +72,7 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
                     strategy=strategy, cell_capacity=cell_capacity if fixed else -1,
                     fixed_on_cpu=fixed, low_memory=route == "ours-lowmem",
                     fused_kernels=wanted() and route != "ours-pytorch",  # as create_force
+                    radial_tables=1e-6 if route == "ours-tables" else None,
                 )
             )  # fmt: skip
         # moved, then frozen, as openmm-torch does (freezing makes the weights constants, which
@@ -118,7 +120,7 @@ def main(argv=None):
     parser.add_argument("--systems", nargs="+", default=["ala2", "water-5000"])
     parser.add_argument("--routes", nargs="+", default=["ours", "ours-dynamic", "reference"],
                         choices=["ours", "ours-dynamic", "ours-lowmem", "ours-pytorch",
-                                 "reference"])  # fmt: skip
+                                 "ours-tables", "reference"])  # fmt: skip
     parser.add_argument("--platform", default="CUDA" if torch.cuda.is_available() else "CPU")
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--top", type=int, default=12)

@@ -68,12 +68,19 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
     kernels = pytest.importorskip("kernels")
     checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
     kernels.main(["--checkpoint", str(checkpoint), "--systems", "ala2", "--platform", "CPU",
-                  "--routes", "ours", "ours-lowmem", "reference", "--calls", "2"])  # fmt: skip
+                  "--routes", "ours", "ours-lowmem", "ours-tables", "reference", "--calls",
+                  "2"])  # fmt: skip
     out = capsys.readouterr().out
-    for route in ("ours", "ours-lowmem", "reference"):
+    routes = ("ours", "ours-lowmem", "ours-tables", "reference")
+    for route in routes:
         assert f"ala2 {route}: " in out
-    counts = [float(line.split(": ")[1].split()[0]) for line in out.splitlines() if ": " in line]
-    assert len(counts) == 3 and min(counts) > 50
+    counts = {
+        line.split(": ")[0].split()[1]: float(line.split(": ")[1].split()[0])
+        for line in out.splitlines()
+        if line.startswith("ala2 ") and ": " in line
+    }
+    assert set(counts) == set(routes) and min(counts.values()) > 50
+    assert counts["ours-tables"] < counts["ours"]  # no radial networks
 
 
 def test_interleaved_routes_take_turns_in_one_run(tmp_path):
@@ -85,10 +92,14 @@ def test_interleaved_routes_take_turns_in_one_run(tmp_path):
     out = tmp_path / "md.csv"
     common = ["--checkpoint", str(checkpoint), "--systems", "ala2", "--platforms", "CPU",
               "--seconds", "0.3", "--warmup", "2"]  # fmt: skip
-    bench_md.main([*common, "--routes", "ours", "mm", "--interleave", "3", "--csv", str(out)])
+    bench_md.main([*common, "--routes", "ours", "ours-tables", "mm", "--interleave", "3",
+                   "--csv", str(out)])  # fmt: skip
     with out.open() as handle:
         rows = {row["route"]: row for row in csv.DictReader(handle)}
-    assert set(rows) == {"ours", "mm"}
+    assert set(rows) == {"ours", "ours-tables", "mm"}
+    assert float(rows["ours-tables"]["e0_kj_per_mol"]) == pytest.approx(
+        float(rows["ours"]["e0_kj_per_mol"]), rel=1e-5
+    )
     for row in rows.values():
         assert row["error"] == "" and row["finite"] == "True"
         assert row["rounds"] == "3" and float(row["ms_per_step"]) > 0

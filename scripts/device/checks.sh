@@ -6,10 +6,10 @@
 #
 #   STAGE    carry                    what it runs (about)
 #   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; GPU tests; ours with and    7 min
-#                                     without them on CUDA; the step's pieces and a PyTorch
+#                                     without radial tables on CUDA; the step's pieces and a PyTorch
 #                                     graph replay (profile_step); kernels per force call
 #   scan     .dev/warp2               largest water box within 80 GB (ours, low_memory)          3 min
-#   compare  .dev/warp3               ours against the reference and PythonForce                4 min
+#   compare  .dev/warp3               ours (exact, tables) against the reference and PythonForce 5 min
 #
 # Call them back to back: a device machine is given back 30 s after a call ends, and the warp
 # parts collect in its /tmp (a 15-minute lease fits tests and compare with a bare call for
@@ -33,8 +33,8 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
         >"$out/gpu_tests.log" 2>&1
     echo "pytest rc=$?"
     grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu_tests.log" | tail -15
-    timeout 200 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
-        --routes ours ours-pytorch --graphs both --seconds 2 --timeout 50 \
+    timeout 220 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
+        --routes ours ours-tables --graphs both --seconds 2 --timeout 50 \
         --csv "$out/tests.csv" >"$out/tests.log" 2>&1
     echo "bench rc=$?"
     # eager pieces on the padded pair list, PyTorch's own graph replay, and the OpenMM step
@@ -42,7 +42,7 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
         --repeats 10 >"$out/profile.log" 2>&1
     tail -4 "$out/profile.log" | cut -c1-170
     timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
-        --systems ala2 water-5000 --routes ours ours-pytorch >"$out/kernels.log" 2>&1
+        --systems ala2 water-5000 --routes ours ours-tables >"$out/kernels.log" 2>&1
     grep "per call" "$out/kernels.log"
     ;;
 scan)
@@ -55,8 +55,8 @@ compare)
     timeout 40 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
         --systems ala2 water-5000 --routes reference >"$out/kernels_reference.log" 2>&1
     grep "per call" "$out/kernels_reference.log"
-    timeout 250 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
-        --routes ours reference pythonforce --graphs both --seconds 1.5 --timeout 80 \
+    timeout 290 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
+        --routes ours ours-tables reference pythonforce --graphs both --seconds 1.5 --timeout 80 \
         --csv "$out/compare.csv" >"$out/compare.log" 2>&1
     ;;
 *)
