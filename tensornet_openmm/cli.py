@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "file then needs tensornet_openmm")  # fmt: skip
     exporter.add_argument("--radial-tables", nargs="?", const=True, default=False, type=float,
                           metavar="TOLERANCE",
-                          help="with --fused-kernels: read the radial networks from tables "
-                          "(approximate: relative error 1e-6, or TOLERANCE)")  # fmt: skip
+                          help="read the radial networks from tables (faster, approximate: "
+                          "relative error 1e-6, or TOLERANCE)")  # fmt: skip
     exporter.set_defaults(func=_cmd_export)
     selftest = sub.add_parser("selftest", help="check that the model and the OpenMM stack work")
     selftest.set_defaults(func=_cmd_selftest)

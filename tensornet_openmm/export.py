@@ -92,9 +92,10 @@ class TensorNetForce(nn.Module):
         The scripted module then needs them loaded in any process that loads it
         (:func:`tensornet_openmm.nn.kernels.jit_load` does that).
     radial_tables : float, optional
-        Tolerance of radial tables (:func:`tensornet_openmm.nn.tables.tabulate_radial`): the
-        fused kernels then read each pair's radial functions from tables instead of running
-        their networks, approximately (None: the networks run, exactly). Needs the fused kernels.
+        Tolerance of radial tables (:func:`tensornet_openmm.nn.tables.tabulate_radial`): each
+        pair's radial functions are then read from tables instead of running their networks,
+        approximately (None: the networks run, exactly); on every path (fused kernels, PyTorch,
+        low_memory).
     """
 
     def __init__(
@@ -122,13 +123,6 @@ class TensorNetForce(nn.Module):
         self.fused_kernels = use_fused_kernels(self.model, fused_kernels and not low_memory)
         self.radial_tables = ""  # what tabulate_radial made, for logs and metadata
         if radial_tables is not None:
-            if not self.fused_kernels:
-                raise ValueError(
-                    "radial tables are read by the fused kernels, which this force does not use "
-                    f"(fused_kernels={fused_kernels}, low_memory={low_memory}, or they cannot be "
-                    "built here: see the warning above): turn the fused kernels on, or the tables "
-                    "off"
-                )
             self.radial_tables = describe(tabulate_radial(self.model, radial_tables))
         dtype = next(self.model.parameters()).dtype
         z = torch.as_tensor(np.asarray(atomic_numbers, dtype=np.int64))

@@ -174,7 +174,8 @@ def create_force(
         molecule on the CPU, but no longer the reference's arithmetic to the last digit. True
         tabulates to a relative error of 1e-6 in values and derivatives (forces then differ from
         the exact model's by about as much as float32 rounding makes them differ); a number sets
-        that tolerance. Needs the fused kernels. Default: off, the networks run exactly.
+        that tolerance. With the fused kernels, PyTorch and ``low_memory`` alike. Default: off,
+        the networks run exactly.
 
     Returns
     -------

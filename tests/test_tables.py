@@ -154,9 +154,6 @@ def test_tolerance_errors_name_the_value_and_the_fix(monkeypatch):
         ValueError, match=r"cannot be tabulated to 1e-12 with 512 intervals.*larger"
     ):
         tables.tabulate_radial(small_model(), 1e-12)
-    model = small_model()
-    with pytest.raises(ValueError, match="fused kernels"):
-        TensorNetForce(model, [1, 8, 1], fused_kernels=False, radial_tables=1e-6)
 
 
 def _energy_forces(module, pos):
@@ -185,6 +182,26 @@ def test_force_with_tables_is_close_to_the_exact_model():
     assert _energy_forces(script(spoiled), pos_nm)[0] != pytest.approx(e1, rel=1e-4)
     # the weights' file is unchanged: tables are not saved with them
     assert set(tabulated.model.state_dict()) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("path", ["pytorch", "low_memory"])
+def test_every_path_reads_the_tables(path):
+    """Without the fused kernels, and with low_memory (its own pair loops and adjoint), a force
+    with tables gives the fused kernels' tabulated energy and forces (float64), not the exact
+    ones."""
+    model = small_model(cutoff=5.0, hidden_channels=16, num_rbf=16)
+    z, pos = random_molecule(14, spread=3.0)
+    pos_nm = pos / 10.0
+    options = {"fused_kernels": False, "low_memory": path == "low_memory"}
+    e_fused, f_fused = _energy_forces(
+        script(TensorNetForce(model, z.tolist(), fused_kernels=True, radial_tables=1e-5)), pos_nm
+    )
+    module = TensorNetForce(model, z.tolist(), radial_tables=1e-5, **options)
+    assert not module.fused_kernels and module.radial_tables
+    e, f = _energy_forces(script(module), pos_nm)
+    e_exact, _ = _energy_forces(script(TensorNetForce(model, z.tolist(), **options)), pos_nm)
+    assert e == pytest.approx(e_fused, rel=1e-12) and e != pytest.approx(e_exact, rel=1e-12)
+    torch.testing.assert_close(f, f_fused, rtol=1e-9, atol=1e-9 * float(f_fused.abs().max()))
 
 
 def test_openmm_force_with_tables_is_as_close_as_float32_rounding(tmp_path):

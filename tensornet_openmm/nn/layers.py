@@ -154,10 +154,24 @@ def _message_dot(adj: list[Tensor], to: Tensor, filters: Tensor, rows: list[Tens
     return total
 
 
+def _blocks(vec: Optional[Tensor], pairs: int, block: int) -> list[Optional[Tensor]]:
+    """The pair vectors split into blocks of ``block`` (None for each block without them)."""
+    out: list[Optional[Tensor]] = []
+    if vec is not None:
+        for v in vec.split(block):
+            out.append(v)
+        return out
+    for _ in range((pairs + block - 1) // block if pairs > 0 else 1):
+        out.append(None)
+    return out
+
+
 class _RadialLayer(nn.Module):
     """A layer with radial functions, which :func:`tensornet_openmm.nn.tables.tabulate_radial`
     can give a table: ``radial_table`` (intervals, 4, width), empty while the network runs, and its
-    grid ``table_grid`` [a, alpha, c, 1/h]. The table is not saved with the weights."""
+    grid ``table_grid`` [a, alpha, c, 1/h]. The table is not saved with the weights. The layers
+    read it wherever they are given the pair vectors (every path of :class:`TensorNet`: the fused
+    kernels' ``radial_table`` operator, or its PyTorch arithmetic)."""
 
     def _no_table(self, dtype: torch.dtype) -> None:
         self.register_buffer("radial_table", torch.zeros((0, 4, 0), dtype=dtype), persistent=False)
@@ -253,9 +267,14 @@ class TensorEmbedding(_RadialLayer):
         z_recv: Tensor,
         z_send: Tensor,
         half: bool,
+        vec: Optional[Tensor] = None,
     ) -> None:
-        """sums += the pair terms of one block of pairs (i, j), in place."""
-        radial = self._radial(cut, basis)
+        """sums += the pair terms of one block of pairs (i, j), in place (``vec``: their
+        vectors, for a radial table)."""
+        if vec is not None and self.radial_table.numel() > 0:
+            radial = self._tabulated(vec)
+        else:
+            radial = self._radial(cut, basis)
         uu = algebra.symmetric_outer(rhat)
         _embedding_sums(sums, i, j, radial, z_recv, z_send, rhat, uu)
         if half:  # the reversed pair: species swapped, unit vector reversed
@@ -272,9 +291,13 @@ class TensorEmbedding(_RadialLayer):
         z_recv: Tensor,
         z_send: Tensor,
         half: bool,
+        vec: Optional[Tensor] = None,
     ) -> Tensor:
         """adj . (what :meth:`add_block` adds), a scalar (see :func:`_embedding_dot`)."""
-        radial = self._radial(cut, basis)
+        if vec is not None and self.radial_table.numel() > 0:
+            radial = self._tabulated(vec)
+        else:
+            radial = self._radial(cut, basis)
         uu = algebra.symmetric_outer(rhat)
         total = _embedding_dot(adj, i, j, radial, z_recv, z_send, rhat, uu)
         if half:
@@ -329,21 +352,19 @@ class TensorEmbedding(_RadialLayer):
         vec: Optional[Tensor] = None,
     ) -> Tensor:
         """X_i of every atom. ``geom``: the pairs' (1, rhat, packed rhat rhat^T), (P, 10), if
-        already made (the fused kernels' ``geometry``); ``vec``: the pair vectors (P, 3), for a
-        radial table. Only the fused path takes them."""
+        already made (the fused kernels' ``geometry``; only the fused path takes it); ``vec``:
+        the pair vectors (P, 3), for a radial table."""
         z_recv, z_send = self.species_terms(z)
         block = pair_block(src.shape[0], self.hidden_channels, z_recv.device)
         if self.pair_kernels.applies(z_recv):  # fused kernels
             if geom is None:
                 geom = algebra.packed_geometry(rhat)
-            tabulated = vec is not None and self.radial_table.numel() > 0
-            pair_vec = vec if vec is not None else rhat  # read only when tabulated
             packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
             for i, j, cut_b, basis_b, geom_b, vec_b in zip(  # noqa: B905 (TorchScript's zip...)
                 src.split(block), dst.split(block), cut.split(block), basis.split(block),
-                geom.split(block), pair_vec.split(block),
+                geom.split(block), _blocks(vec, src.shape[0], block),
             ):  # fmt: skip
-                if tabulated:
+                if vec_b is not None and self.radial_table.numel() > 0:
                     radial = self._tabulated(vec_b)
                 else:
                     radial = self._fused_radial(cut_b, basis_b)
@@ -354,11 +375,11 @@ class TensorEmbedding(_RadialLayer):
             return self.finish(z_recv, z_send, sums, self_basis)
         # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
         sums = self.new_sums(z_recv)
-        for i, j, cut_b, basis_b, u in zip(  # noqa: B905 (TorchScript's zip has no strict)
+        for i, j, cut_b, basis_b, u, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), cut.split(block), basis.split(block),
-            rhat.split(block),
+            rhat.split(block), _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
-            self.add_block(sums, i, j, cut_b, u, basis_b, z_recv, z_send, half)
+            self.add_block(sums, i, j, cut_b, u, basis_b, z_recv, z_send, half, vec_b)
         return self.finish(z_recv, z_send, sums, self_basis)
 
 
@@ -431,9 +452,15 @@ class Interaction(_RadialLayer):
         basis: Tensor,
         parts: list[Tensor],
         half: bool,
+        vec: Optional[Tensor] = None,
     ) -> None:
-        """msg += sum_j f(ij) Y_j for one block of pairs (i, j), in place."""
-        filters = self._filters(basis, cut)  # (B, 3, F), once per listed pair
+        """msg += sum_j f(ij) Y_j for one block of pairs (i, j), in place (``vec``: their
+        vectors, for a radial table)."""
+        # (B, 3, F), once per listed pair
+        if vec is not None and self.radial_table.numel() > 0:
+            filters = self._tabulated(vec)
+        else:
+            filters = self._filters(basis, cut)
         _messages(msg, i, filters, parts, j)
         if half:  # the filters are symmetric in i and j
             _messages(msg, j, filters, parts, i)
@@ -448,10 +475,14 @@ class Interaction(_RadialLayer):
         rows_j: list[Tensor],
         rows_i: list[Tensor],
         half: bool,
+        vec: Optional[Tensor] = None,
     ) -> Tensor:
         """adj . (what :meth:`add_block` adds), a scalar; rows_j (rows_i) are the parts of the
         atoms j (i), gathered (see :func:`_message_dot`)."""
-        filters = self._filters(basis, cut)
+        if vec is not None and self.radial_table.numel() > 0:
+            filters = self._tabulated(vec)
+        else:
+            filters = self._filters(basis, cut)
         total = _message_dot(adj, i, filters, rows_j)
         if half:
             total = total + _message_dot(adj, j, filters, rows_i)
@@ -469,7 +500,7 @@ class Interaction(_RadialLayer):
         half: bool = False,
         vec: Optional[Tensor] = None,
     ) -> Tensor:
-        """The new X. ``vec``: the pair vectors (P, 3), for a radial table (fused path only)."""
+        """The new X. ``vec``: the pair vectors (P, 3), for a radial table."""
         if self.pair_kernels.applies(x):
             return self._fused_forward(
                 x, src, dst, cut, basis, self_basis, charge_factor, half, vec
@@ -477,10 +508,11 @@ class Interaction(_RadialLayer):
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
         x, parts = self.prepare(x)
         msg = self.self_messages(parts, self_basis)  # the self pair, then sum_j f(ij) y_j
-        for i, j, cut_b, basis_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
-            src.split(block), dst.split(block), cut.split(block), basis.split(block)
-        ):
-            self.add_block(msg, i, j, cut_b, basis_b, parts, half)
+        for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+            src.split(block), dst.split(block), cut.split(block), basis.split(block),
+            _blocks(vec, src.shape[0], block),
+        ):  # fmt: skip
+            self.add_block(msg, i, j, cut_b, basis_b, parts, half, vec_b)
         return self.finish(x, parts, msg, self_basis, charge_factor, False)
 
     def _mix_weights(self, first: int) -> Tensor:
@@ -509,13 +541,11 @@ class Interaction(_RadialLayer):
         y = kernels.mix(x, self._mix_weights(0))
         msg = y * self._self_filters(self_basis).index_select(1, kernels.group)  # self pair
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
-        tabulated = vec is not None and self.radial_table.numel() > 0
-        pair_vec = vec if vec is not None else basis  # read only when tabulated
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), cut.split(block), basis.split(block),
-            pair_vec.split(block),
+            _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
-            if tabulated:
+            if vec_b is not None and self.radial_table.numel() > 0:
                 filters = self._tabulated(vec_b)
             else:
                 filters = self._fused_filters(basis_b, cut_b)

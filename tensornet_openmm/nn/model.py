@@ -149,9 +149,9 @@ class TensorNet(nn.Module):
                 x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec)
             return self._head(x, z)
         cut, rhat, basis = self._geometry(edge_vec)
-        x = self.tensor_embedding(z, src, dst, cut, rhat, basis, self_basis, half)
+        x = self.tensor_embedding(z, src, dst, cut, rhat, basis, self_basis, half, None, edge_vec)
         for layer in self.layers:
-            x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half)
+            x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec)
         return self._head(x, z)
 
     def _geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -211,7 +211,7 @@ class TensorNet(nn.Module):
             sums = emb.new_sums(z_recv)
             for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
                 cut, rhat, basis = self._geometry(v)
-                emb.add_block(sums, i, j, cut, rhat, basis, z_recv, z_send, half)
+                emb.add_block(sums, i, j, cut, rhat, basis, z_recv, z_send, half, v)
             x = emb.finish(z_recv, z_send, sums, self_basis)
             for layer in self.layers:
                 inputs.append(x)
@@ -219,7 +219,7 @@ class TensorNet(nn.Module):
                 msg = [torch.zeros_like(p) for p in parts]
                 for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
                     cut, _, basis = self._geometry(v)
-                    layer.add_block(msg, i, j, cut, basis, parts, half)
+                    layer.add_block(msg, i, j, cut, basis, parts, half, v)
                 msgs.append(msg)
                 x = layer.finish(x, parts, msg, self_basis, charge_factor)
         # 2. the head: the energy and its gradient with respect to the last X
@@ -252,7 +252,7 @@ class TensorNet(nn.Module):
                         if half:
                             rows_i = [p.index_select(0, i).requires_grad_() for p in fixed]
                             wrt = wrt + rows_i
-                        dot = interaction.block_dot(adj, i, j, cut, basis, rows_j, rows_i, half)
+                        dot = interaction.block_dot(adj, i, j, cut, basis, rows_j, rows_i, half, v)
                         g = _grads([dot], wrt, [torch.ones_like(dot)], False)
                         grad_vec[start : start + v.shape[0]] += g[0]
                         for c in range(3):
@@ -269,7 +269,7 @@ class TensorNet(nn.Module):
         for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
             v = no_history(v).requires_grad_()
             cut, rhat, basis = self._geometry(v)
-            dot = emb.block_dot(adj, i, j, cut, rhat, basis, z_recv, z_send, half)
+            dot = emb.block_dot(adj, i, j, cut, rhat, basis, z_recv, z_send, half, v)
             grad_vec[start : start + v.shape[0]] += _grads(
                 [dot], [v], [torch.ones_like(dot)], False
             )[0]

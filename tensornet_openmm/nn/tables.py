@@ -25,8 +25,9 @@ the largest value (or derivative) of that function. About 1,000 intervals reach 
 The result is no longer the reference's arithmetic to the last digit: at the default tolerance
 the forces differ from the exact model's by about as much as float32 rounding makes them differ
 (see ``tests/test_tables.py`` and the README, "Radial tables"). It is opt-in
-(``create_force(..., radial_tables=True)``) and only the fused kernels read the tables: the
-PyTorch code, training included, always runs the networks.
+(``create_force(..., radial_tables=True)``). The layers read a table wherever the model passes
+them the pair vectors (``TensorNet.forward`` and ``energy_and_gradient``, with or without the
+fused kernels); training never makes tables.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def requested_tolerance(radial_tables: bool | float | None) -> float | None:
 
 
 def tabulate_radial(model: nn.Module, tolerance: float = DEFAULT_TOLERANCE) -> list[TableReport]:
-    """Give each radial function of ``model`` (a TensorNet, changed in place) a table that the
-    fused kernels read instead of running its network; returns what was made, per function.
+    """Give each radial function of ``model`` (a TensorNet, changed in place) a table that its
+    layers read instead of running the network; returns what was made, per function.
 
     The model's weights must not change afterwards (the tables would not follow them): tabulate
     a copy that only runs MD, as :func:`tensornet_openmm.create_force` does.
