@@ -14,7 +14,8 @@ Routes:
   the per-atom algebra in plain PyTorch, on the CPU and on CUDA), to show what the kernels bring.
 - ``ours-tables``: ``ours`` with ``radial_tables=True``: the radial networks read from tables
   (approximate, relative error 1e-6; see ``tensornet_openmm/nn/tables.py``), not the
-  reference's arithmetic to the last digit, so it is listed apart from ``ours``.
+  reference's arithmetic to the last digit, so it is listed apart from ``ours``;
+  ``ours-lowmem-tables``: ``ours-lowmem`` with them.
 - ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 neighbour slots per atom, its
   Warp kernels) scripted into a TorchForce with a thin nm / kJ/mol wrapper.
 - ``pythonforce``: the same checkpoint through openmm-ml's ``MLPotential('torchmdnet')``, that is
@@ -82,8 +83,8 @@ import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 from tensornet_openmm.units import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
-ROUTES = ("ours", "ours-tables", "ours-lowmem", "ours-pytorch", "reference", "pythonforce", "mm")
-OURS = ("ours", "ours-tables", "ours-lowmem", "ours-pytorch")
+OURS = ("ours", "ours-tables", "ours-lowmem", "ours-lowmem-tables", "ours-pytorch")
+ROUTES = (*OURS, "reference", "pythonforce", "mm")
 TIMESTEP_FS = 1.0
 MODEL_DEFAULTS = {"channels": 128, "layers": 2, "rbf": 32, "cutoff": 5.0}
 NEIGHBOR_SLOTS = 64
@@ -203,9 +204,9 @@ def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atom
     model = tn.load_model(checkpoint, trust_pickle=True)
     options = {
         "cuda_graphs": graphs,
-        "low_memory": route == "ours-lowmem",
+        "low_memory": route.startswith("ours-lowmem"),
         "fused_kernels": None if route != "ours-pytorch" else False,
-        "radial_tables": route == "ours-tables",
+        "radial_tables": route.endswith("-tables"),
     }
     if ml_atoms is None:
         system = tn.create_ml_system(topology, model, positions=positions, **options)

@@ -8,7 +8,7 @@
 #   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; GPU tests; ours with and    7 min
 #                                     without radial tables on CUDA; the step's pieces and a PyTorch
 #                                     graph replay (profile_step); kernels per force call
-#   scan     .dev/warp2               largest water box within 80 GB (ours, tables, low_memory)  4 min
+#   scan     .dev/warp2               largest water box within 80 GB (ours, tables, low_memory)  5 min
 #   compare  .dev/warp3               ours (exact, tables) against the reference and PythonForce 5 min
 #
 # Call them back to back: a device machine is given back 30 s after a call ends, and the warp
@@ -46,9 +46,9 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
     grep "per call" "$out/kernels.log"
     ;;
 scan)
-    timeout 230 "${bench[@]}" --systems water --water-sizes 30000 60000 100000 \
-        --routes ours ours-tables ours-lowmem --graphs off --seconds 1 --warmup 3 --timeout 50 \
-        --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
+    timeout 290 "${bench[@]}" --systems water --water-sizes 30000 60000 100000 \
+        --routes ours ours-tables ours-lowmem ours-lowmem-tables --graphs off --seconds 1 \
+        --warmup 3 --timeout 50 --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
     ;;
 compare)
     grep -i "warp" "$out/stack.log"
