@@ -404,15 +404,6 @@ def test_packed_normalize_kernel_values_and_gradients():
     assert torch.autograd.gradcheck(fused, (p,))
 
 
-@pytest.fixture
-def two_threads():
-    """At least two intra-op threads, so that large inputs take the kernels' parallel path."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, 2))
-    yield
-    torch.set_num_threads(before)
-
-
 def _radial_inputs(pairs, widths, seed=0):
     g = torch.Generator().manual_seed(seed)
     f64 = {"dtype": torch.float64, "generator": g}

@@ -174,36 +174,33 @@ def test_run_errors_are_clear(model_file, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+def _water_run(model_file, out, setting):
+    """Ten steps of the water box with one ``--set``: the run log and the potential energies."""
+    argv = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", model_file, "--steps", "10",
+            "--output", str(out), "--set", setting, *QUICK]  # fmt: skip
+    assert main(argv) == 0
+    table = np.genfromtxt(out / "energies.csv", delimiter=",", names=True)
+    return (out / "run.log").read_text(), table[table.dtype.names[2]]
+
+
 def test_low_memory_run_follows_the_same_trajectory(model_file, tmp_path):
     """ml.low_memory: the same MD (same seed) as the default forces, step for step."""
     energies = {}
     for low in ("false", "true"):
-        out = tmp_path / low
-        argv = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", model_file, "--steps", "10",
-                "--output", str(out), "--set", f"ml.low_memory={low}", *QUICK]  # fmt: skip
-        assert main(argv) == 0
-        assert f"low_memory: {low}" in (out / "config.resolved.yaml").read_text()
-        log = (out / "run.log").read_text()
+        log, energies[low] = _water_run(model_file, tmp_path / low, f"ml.low_memory={low}")
+        assert f"low_memory: {low}" in (tmp_path / low / "config.resolved.yaml").read_text()
         assert ("low-memory forces" in log) == (low == "true")
         expect_kernels = low == "false" and kernels.wanted() and kernels.load()
         assert ("fused CPU" in log) == expect_kernels  # "fused CPU (and CUDA) kernels"
-        table = np.genfromtxt(out / "energies.csv", delimiter=",", names=True)
-        energies[low] = table[table.dtype.names[2]]
     np.testing.assert_allclose(energies["true"], energies["false"], rtol=2e-4)
 
 
 def test_radial_tables_run_follows_the_same_trajectory(model_file, tmp_path):
     """ml.radial_tables: the log says so, and the MD (same seed) stays with the exact one."""
-    if not (kernels.wanted() and kernels.load()):
-        pytest.skip("no fused kernels here")
     energies = {}
     for tables in ("false", "1e-6"):
-        out = tmp_path / tables
-        argv = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", model_file, "--steps", "10",
-                "--output", str(out), "--set", f"ml.radial_tables={tables}", *QUICK]  # fmt: skip
-        assert main(argv) == 0
-        log = (out / "run.log").read_text()
+        log, energies[tables] = _water_run(
+            model_file, tmp_path / tables, f"ml.radial_tables={tables}"
+        )
         assert ("radial tables (tolerance 1e-06)" in log) == (tables != "false")
-        table = np.genfromtxt(out / "energies.csv", delimiter=",", names=True)
-        energies[tables] = table[table.dtype.names[2]]
     np.testing.assert_allclose(energies["1e-6"], energies["false"], rtol=2e-4)

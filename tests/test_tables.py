@@ -27,15 +27,6 @@ def built():
     assert kernels.load(), "the fused kernels did not build (see the warning)"
 
 
-@pytest.fixture
-def two_threads():
-    """At least two intra-op threads, so that large inputs take the kernels' parallel path."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, 2))
-    yield
-    torch.set_num_threads(before)
-
-
 def _vectors(distances, seed=0):
     """Pair vectors of the given lengths in random directions."""
     g = torch.Generator().manual_seed(seed)
