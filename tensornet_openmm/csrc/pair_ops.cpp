@@ -130,6 +130,23 @@ std::pair<at::Tensor, at::Tensor> checked_pairs(const at::Tensor& src, const at:
 #define TN_INLINE static inline __attribute__((always_inline))
 #define TN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
+// sum of term(f) over f in [0, n), in kLanes partial sums: one running sum is a chain of
+// dependent additions that the compiler may not reorder (so the whole loop stays scalar), where
+// kLanes sums side by side fill a vector register. term may also write (gradients on the way).
+constexpr int kLanes = 16;
+template <typename T, typename Term>
+TN_INLINE T lane_sum(int64_t n, const Term& term) {
+  T lanes[kLanes] = {};
+  int64_t f = 0;
+  for (; f + kLanes <= n; f += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += term(f + l);
+  }
+  for (; f < n; ++f) lanes[0] += term(f);
+  T total = T(0);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
 // out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half), for the
 // receivers in [a0, a1)
 template <typename T>
@@ -233,11 +250,17 @@ TN_INLINE void embedding_pair_grads(const T* grad, const T* radial, const T* z_r
       const T* __restrict__ g_j = grad + (j * kComps + c) * f_len;
       const T a = geom[p * kComps + c];
       T* __restrict__ gr = g_radial == nullptr ? nullptr : g_radial + (p * kParts + kGroup[c]) * f_len;
-      T dot = 0;
-      for (int64_t f = 0; f < f_len; ++f) {
-        const T h = g_i[f] * s_ij[f] + (half ? sign * g_j[f] * s_ji[f] : T(0));
-        if (gr != nullptr) gr[f] += a * h;
-        dot += r[f] * h;
+      T dot;
+      if (gr != nullptr) {
+        dot = lane_sum<T>(f_len, [&](int64_t f) {
+          const T h = g_i[f] * s_ij[f] + (half ? sign * g_j[f] * s_ji[f] : T(0));
+          gr[f] += a * h;
+          return r[f] * h;
+        });
+      } else {
+        dot = lane_sum<T>(f_len, [&](int64_t f) {
+          return r[f] * (g_i[f] * s_ij[f] + (half ? sign * g_j[f] * s_ji[f] : T(0)));
+        });
       }
       if (g_geom != nullptr) g_geom[p * kComps + c] = dot;
     }
@@ -1205,11 +1228,10 @@ TN_INLINE void table_grads(const tn_math::TableParams<T>& t, const T* table, con
     const int64_t k = tn_math::table_weights(t, r, w, dw);
     const T* row = table + 4 * k * width;
     const T* g = grad + p * width;
-    T d_r = T(0);  // dL/dr
-    for (int64_t f = 0; f < width; ++f) {
-      d_r += g[f] * (dw[0] * row[f] + dw[1] * row[width + f] + dw[2] * row[2 * width + f] +
+    const T d_r = lane_sum<T>(width, [&](int64_t f) {  // dL/dr
+      return g[f] * (dw[0] * row[f] + dw[1] * row[width + f] + dw[2] * row[2 * width + f] +
                      dw[3] * row[3 * width + f]);
-    }
+    });
     const T scale = r > T(0) ? d_r / r : T(0);  // dr/dv = v / r
     for (int a = 0; a < 3; ++a) g_vec[3 * p + a] = scale * v[a];
   }
