@@ -220,7 +220,8 @@ def test_model_with_fused_kernels_equals_pytorch(half, blocks, options, monkeypa
     """Energies and forces of a charged molecule, float64: fused kernels, the PyTorch versions
     of the same sums, and the model's default code; with several pair blocks too."""
     if blocks:
-        monkeypatch.setattr(layers, "_block_elements", lambda: 10 * 32 * 7)  # 7 pairs per block
+        for name in ("_block_elements", "_fused_block_elements"):  # 7 pairs per block
+            monkeypatch.setattr(layers, name, lambda: 10 * 32 * 7)
     model = small_model(**options)
     z, pos = random_molecule(14, spread=2.5)
     pairs = neighbor_pairs(pos, model.cutoff_upper, half=half)
