@@ -40,8 +40,8 @@ def _filters(model, vec):
     r = vec.norm(dim=1)
     cut = cosine_cutoff(r, model.cutoff_lower, model.cutoff_upper)
     basis = model.distance_expansion(r)
-    out = [model.tensor_embedding._radial(cut, basis).reshape(len(r), -1)]
-    return out + [layer._filters(basis, cut).reshape(len(r), -1) for layer in model.layers]
+    modules = [model.tensor_embedding, *model.layers]
+    return [m._network(cut, basis).reshape(len(r), -1) for m in modules]
 
 
 def _tabulated(model, vec):
@@ -173,6 +173,8 @@ def test_force_with_tables_is_close_to_the_exact_model():
     assert _energy_forces(script(spoiled), pos_nm)[0] != pytest.approx(e1, rel=1e-4)
     # the weights' file is unchanged: tables are not saved with them
     assert set(tabulated.model.state_dict()) == set(model.state_dict())
+    tables.untabulate(spoiled.model)  # the networks again, exactly
+    assert _energy_forces(script(spoiled), pos_nm)[0] == e0
 
 
 @pytest.mark.parametrize("path", ["pytorch", "low_memory"])

@@ -183,11 +183,24 @@ class _RadialLayer(nn.Module):
     can give a table: ``radial_table`` (intervals, 4, width), empty while the network runs, and its
     grid ``table_grid`` [a, alpha, c, 1/h]. The table is not saved with the weights. The layers
     read it wherever they are given the pair vectors (every path of :class:`TensorNet`: the fused
-    kernels' ``radial_table`` operator, or its PyTorch arithmetic)."""
+    kernels' ``radial_table`` operator, or its PyTorch arithmetic). Subclasses define the
+    network the table replaces, ``_network(cut, basis)`` and ``_fused_network(cut, basis)``."""
 
     def _no_table(self, dtype: torch.dtype) -> None:
         self.register_buffer("radial_table", torch.zeros((0, 4, 0), dtype=dtype), persistent=False)
         self.table_grid = [0.0, 0.0, 0.0, 0.0]
+
+    def _pair_radial(
+        self, cut: Tensor, basis: Tensor, vec: Optional[Tensor], fused: bool
+    ) -> Tensor:
+        """A block's radial functions times the cutoff, (B, 3, F): from the table where there is
+        one and the pair vectors are given, else from the network (:meth:`_network`), as one
+        fused operator when ``fused``."""
+        if vec is not None and self.radial_table.numel() > 0:
+            return self._tabulated(vec)
+        if fused:
+            return self._fused_network(cut, basis)
+        return self._network(cut, basis)
 
     def _tabulated(self, pair_vec: Tensor) -> Tensor:
         """cut(r) g(r), (P, 3, F), of pair vectors (P, 3) from the table."""
@@ -259,11 +272,12 @@ class TensorEmbedding(_RadialLayer):
         z_send = nn.functional.linear(species, w[:, f:])
         return z_recv, z_send
 
-    def _radial(self, cut: Tensor, basis: Tensor) -> Tensor:
-        return self._project(basis) * cut.reshape(-1, 1, 1)  # (B, 3, F), once per listed pair
+    def _network(self, cut: Tensor, basis: Tensor) -> Tensor:
+        """The distance projections times the cutoff, (B, 3, F), once per listed pair."""
+        return self._project(basis) * cut.reshape(-1, 1, 1)
 
-    def _fused_radial(self, cut: Tensor, basis: Tensor) -> Tensor:
-        """:meth:`_radial` as one operator (:meth:`PairKernels.mlp`, no activation)."""
+    def _fused_network(self, cut: Tensor, basis: Tensor) -> Tensor:
+        """:meth:`_network` as one operator (:meth:`PairKernels.mlp`, no activation)."""
         weight, bias = self._projection()
         radial = self.pair_kernels.mlp(basis, cut, [weight], [bias], 2)
         return radial.reshape(basis.shape[0], 3, self.hidden_channels)
@@ -283,10 +297,7 @@ class TensorEmbedding(_RadialLayer):
     ) -> None:
         """sums += the pair terms of one block of pairs (i, j), in place (``vec``: their
         vectors, for a radial table)."""
-        if vec is not None and self.radial_table.numel() > 0:
-            radial = self._tabulated(vec)
-        else:
-            radial = self._radial(cut, basis)
+        radial = self._pair_radial(cut, basis, vec, False)
         uu = algebra.symmetric_outer(rhat)
         _embedding_sums(sums, i, j, radial, z_recv, z_send, rhat, uu)
         if half:  # the reversed pair: species swapped, unit vector reversed
@@ -306,10 +317,7 @@ class TensorEmbedding(_RadialLayer):
         vec: Optional[Tensor] = None,
     ) -> Tensor:
         """adj . (what :meth:`add_block` adds), a scalar (see :func:`_embedding_dot`)."""
-        if vec is not None and self.radial_table.numel() > 0:
-            radial = self._tabulated(vec)
-        else:
-            radial = self._radial(cut, basis)
+        radial = self._pair_radial(cut, basis, vec, False)
         uu = algebra.symmetric_outer(rhat)
         total = _embedding_dot(adj, i, j, radial, z_recv, z_send, rhat, uu)
         if half:
@@ -377,13 +385,10 @@ class TensorEmbedding(_RadialLayer):
                 src.split(block), dst.split(block), cut.split(block), basis.split(block),
                 geom.split(block), _blocks(vec, src.shape[0], block),
             ):  # fmt: skip
-                if vec_b is not None and self.radial_table.numel() > 0:
-                    radial = self._tabulated(vec_b)
-                else:
-                    radial = self._fused_radial(cut_b, basis_b)
                 packed = packed + self.pair_kernels.embedding_sums(
-                    radial, z_recv, z_send, geom_b, i, j, half
-                )
+                    self._pair_radial(cut_b, basis_b, vec_b, True), z_recv, z_send, geom_b, i, j,
+                    half,
+                )  # fmt: skip
             sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
             return self.finish(z_recv, z_send, sums, self_basis)
         # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
@@ -429,7 +434,7 @@ class Interaction(_RadialLayer):
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
         self._no_table(dtype)
 
-    def _filters(self, basis: Tensor, cut: Tensor) -> Tensor:
+    def _network(self, cut: Tensor, basis: Tensor) -> Tensor:
         """Radial filters f_I, f_A, f_S: (P, num_rbf) -> (P, 3, F), times the cutoff (P,)."""
         h = basis
         for linear in self.linears_scalar:
@@ -469,11 +474,7 @@ class Interaction(_RadialLayer):
     ) -> None:
         """msg += sum_j f(ij) Y_j for one block of pairs (i, j), in place (``vec``: their
         vectors, for a radial table)."""
-        # (B, 3, F), once per listed pair
-        if vec is not None and self.radial_table.numel() > 0:
-            filters = self._tabulated(vec)
-        else:
-            filters = self._filters(basis, cut)
+        filters = self._pair_radial(cut, basis, vec, False)  # (B, 3, F), once per listed pair
         _messages(msg, i, filters, parts, j)
         if half:  # the filters are symmetric in i and j
             _messages(msg, j, filters, parts, i)
@@ -492,10 +493,7 @@ class Interaction(_RadialLayer):
     ) -> Tensor:
         """adj . (what :meth:`add_block` adds), a scalar; rows_j (rows_i) are the parts of the
         atoms j (i), gathered (see :func:`_message_dot`)."""
-        if vec is not None and self.radial_table.numel() > 0:
-            filters = self._tabulated(vec)
-        else:
-            filters = self._filters(basis, cut)
+        filters = self._pair_radial(cut, basis, vec, False)
         total = _message_dot(adj, i, filters, rows_j)
         if half:
             total = total + _message_dot(adj, j, filters, rows_i)
@@ -558,10 +556,7 @@ class Interaction(_RadialLayer):
             src.split(block), dst.split(block), cut.split(block), basis.split(block),
             _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
-            if vec_b is not None and self.radial_table.numel() > 0:
-                filters = self._tabulated(vec_b)
-            else:
-                filters = self._fused_filters(basis_b, cut_b)
+            filters = self._pair_radial(cut_b, basis_b, vec_b, True)
             msg = msg + kernels.messages(y, filters, i, j, half)
         q = charge_factor.reshape(-1, 1, 1)
         if self.o3:
@@ -571,10 +566,10 @@ class Interaction(_RadialLayer):
         dx = kernels.mix(kernels.normalize(c), self._mix_weights(3))
         return x + dx + q * kernels.product(dx, dx, False)
 
-    def _fused_filters(self, basis: Tensor, cut: Tensor) -> Tensor:
-        """:meth:`_filters` as one operator (:meth:`PairKernels.mlp`) where it can be."""
+    def _fused_network(self, cut: Tensor, basis: Tensor) -> Tensor:
+        """:meth:`_network` as one operator (:meth:`PairKernels.mlp`) where it can be."""
         if self.mlp_activation < 0:
-            return self._filters(basis, cut)
+            return self._network(cut, basis)
         lin = self.linears_scalar
         h = self.pair_kernels.mlp(
             basis, cut, [lin[0].weight, lin[1].weight, lin[2].weight],
@@ -585,7 +580,7 @@ class Interaction(_RadialLayer):
     def _self_filters(self, self_basis: Tensor) -> Tensor:
         """The self pair's filters f(0), (1, 3, F) (a constant once frozen)."""
         cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
-        return self._filters(self_basis, cut0)
+        return self._network(cut0, self_basis)
 
     def self_messages(self, parts: list[Tensor], self_basis: Tensor) -> list[Tensor]:
         """The self pair's messages f(0) Y_i."""

@@ -106,7 +106,6 @@ class TensorNet(nn.Module):
         self.register_buffer("std", torch.ones((), dtype=dtype))
         # r = 0 of the self pairs: a buffer, so that a frozen module folds their terms
         self.register_buffer("zero_distance", torch.zeros(1, dtype=dtype), persistent=False)
-        self.radial_tables = False  # see tensornet_openmm.nn.tables.tabulate_radial
 
     @property
     def config(self) -> ModelConfig:
@@ -136,7 +135,7 @@ class TensorNet(nn.Module):
         kernels = self.tensor_embedding.pair_kernels
         if kernels.applies(edge_vec):  # fused kernels: cutoff, geometry and basis in one pass
             kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
-            if self.radial_tables:  # the layers read tables: no basis functions needed
+            if self._tabulated():  # the layers read tables: no basis functions needed
                 centers, widths = centers[:0], widths[:0]
             cut, geom, basis = kernels.geometry(
                 edge_vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
@@ -153,6 +152,16 @@ class TensorNet(nn.Module):
         for layer in self.layers:
             x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec)
         return self._head(x, z)
+
+    def _tabulated(self) -> bool:
+        """Whether the embedding and every layer have radial tables
+        (:func:`tensornet_openmm.nn.tables.tabulate_radial`)."""
+        if self.tensor_embedding.radial_table.numel() == 0:
+            return False
+        for layer in self.layers:
+            if layer.radial_table.numel() == 0:
+                return False
+        return True
 
     def _geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Cosine cutoff (P,), unit vectors (P, 3) and radial basis (P, K) of pair vectors; the

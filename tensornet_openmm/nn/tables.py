@@ -119,7 +119,7 @@ def _radial_functions(model: nn.Module) -> list[tuple[str, nn.Module, object]]:
     for index, layer in enumerate(model.layers):
 
         def filters(r: Tensor, layer: nn.Module = layer) -> Tensor:
-            return layer._filters(basis(r), torch.ones_like(r)).reshape(r.shape[0], -1)
+            return layer._network(torch.ones_like(r), basis(r)).reshape(r.shape[0], -1)
 
         functions.append((f"layers.{index}", layer, filters))
     return functions
@@ -249,7 +249,6 @@ def tabulate_radial(model: nn.Module, tolerance: float = DEFAULT_TOLERANCE) -> l
         h = _spacing(grid, upper, table.shape[0])
         module.radial_table = table.to(device=reference.device, dtype=reference.dtype)
         module.table_grid = [grid[0], grid[1], grid[2], 1.0 / h]
-    model.radial_tables = True
     return reports
 
 
@@ -257,7 +256,6 @@ def untabulate(model: nn.Module) -> None:
     """Drop the tables of :func:`tabulate_radial` (in place): the networks run again."""
     for _, module, _ in _radial_functions(model):
         module.radial_table = module.radial_table.new_zeros((0, 4, 0))
-    model.radial_tables = False
 
 
 def describe(reports: list[TableReport]) -> str:
