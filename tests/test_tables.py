@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import context_for, openmm_energy_forces, random_molecule, small_model
+from helpers import context_for, openmm_energy_forces, random_molecule, small_model, water_box_nm
 
 from tensornet_openmm import create_force
-from tensornet_openmm.export import TensorNetForce, export, read_metadata, script
+from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
 from tensornet_openmm.nn import kernels, tables
 from tensornet_openmm.nn.kernels import jit_load
 from tensornet_openmm.nn.radial import cosine_cutoff
@@ -195,6 +195,28 @@ def test_every_path_reads_the_tables(path):
     e_exact, _ = _energy_forces(script(TensorNetForce(model, z.tolist(), **options)), pos_nm)
     assert e == pytest.approx(e_fused, rel=1e-12) and e != pytest.approx(e_exact, rel=1e-12)
     torch.testing.assert_close(f, f_fused, rtol=1e-9, atol=1e-9 * float(f_fused.abs().max()))
+
+
+def test_tables_on_padded_fixed_capacity_pairs():
+    """The fixed-capacity pair list of CUDA graphs (padding slots: self pairs beyond the cutoff)
+    with tables, fused kernels and PyTorch alike, gives the dynamic list's tabulated energy and
+    forces (float64, a periodic water box)."""
+    z, pos, box = water_box_nm(1.2)
+    model = small_model(cutoff=5.0)
+    capacity, cell_capacity, strategy = pair_capacity(model, len(z), pos * 10, box * 10)
+    results = []
+    for fixed, fused in ((False, True), (True, True), (True, False)):
+        module = TensorNetForce(
+            model, z, periodic=True, capacity=capacity if fixed else -1, strategy=strategy,
+            cell_capacity=cell_capacity if fixed else -1, outputs_forces=True,
+            fixed_on_cpu=fixed, fused_kernels=fused, radial_tables=1e-6,
+        )  # fmt: skip
+        energy, forces = script(module)(torch.tensor(pos), torch.tensor(box))
+        results.append((energy.item(), forces.numpy()))
+    (e0, f0), *others = results
+    for e, f in others:
+        assert e == pytest.approx(e0, rel=1e-10)
+        np.testing.assert_allclose(f, f0, rtol=1e-9, atol=1e-9 * np.abs(f0).max())
 
 
 def test_openmm_force_with_tables_is_as_close_as_float32_rounding(tmp_path):
