@@ -171,11 +171,11 @@ def create_force(
         Read each pair's radial functions (the embedding's distance projection and every
         layer's filter network) from tables instead of running their networks
         (:mod:`tensornet_openmm.nn.tables`): a quarter less time per force call of a small
-        molecule on the CPU, but no longer the reference's arithmetic to the last digit. True
-        tabulates to a relative error of 1e-6 in values and derivatives (forces then differ from
-        the exact model's by about as much as float32 rounding makes them differ); a number sets
-        that tolerance. With the fused kernels, PyTorch and ``low_memory`` alike. Default: off,
-        the networks run exactly.
+        molecule on the CPU and more than half less for water boxes, but no longer the
+        reference's arithmetic to the last digit. True tabulates to a relative error of 1e-6 in
+        values and derivatives (forces then differ from the exact model's by less than float32
+        rounding moves them); a number sets that tolerance. With the fused kernels, PyTorch and
+        ``low_memory`` alike. Default: off, the networks run exactly.
 
     Returns
     -------
