@@ -144,11 +144,11 @@ class TensorNet(nn.Module):
             x = self.tensor_embedding(
                 z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom, edge_vec
             )
-            for layer in self.layers:
-                x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec)
-            return self._head(x, z)
-        cut, rhat, basis = self._geometry(edge_vec)
-        x = self.tensor_embedding(z, src, dst, cut, rhat, basis, self_basis, half, None, edge_vec)
+        else:
+            cut, rhat, basis = self._geometry(edge_vec)
+            x = self.tensor_embedding(
+                z, src, dst, cut, rhat, basis, self_basis, half, None, edge_vec
+            )
         for layer in self.layers:
             x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec)
         return self._head(x, z)
