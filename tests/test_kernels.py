@@ -109,16 +109,17 @@ def test_embedding_kernel_values_and_gradients(half):
         torch.testing.assert_close(a, e)
 
 
-def test_batched_mix_equals_the_three_linears():
-    """The GPU's channel mixing (one batched product, FusedPairKernels._batched_mix) against
-    PyTorch's three linears, values and gradients (float64, on the CPU here; the GPU tests run
-    the model through it)."""
+@pytest.mark.parametrize("atoms", [7, 300])
+def test_batched_mix_equals_the_three_linears(atoms, two_threads):
+    """The fused path's channel mixing (one batched product, FusedPairKernels.mix on the CPU as
+    on a GPU) against PyTorch's three linears, values and gradients (float64; 300 atoms split
+    between two threads)."""
     fused = kernels.FusedPairKernels(torch.float64)
     torch.jit.script(fused)  # TorchScript compiles it
     g = torch.Generator().manual_seed(4)
-    p = torch.randn(7, 10, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    p = torch.randn(atoms, 10, 16, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(3, 16, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    got, expected = fused._batched_mix(p, w), fused._torch_mix(p, w)
+    got, expected = fused.mix(p, w), fused._torch_mix(p, w)
     assert got.is_contiguous()
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
     seed = torch.randn_like(got)
@@ -386,7 +387,8 @@ def test_packed_product_kernel_values_and_gradients():
 
 
 def test_packed_mix_kernel_values_and_gradients():
-    """Channel mixing with one weight per part, and its gradients (weights included)."""
+    """Channel mixing with one weight per part, and its gradients (weights included): the
+    operator that modules exported by earlier versions call."""
     f64 = {"dtype": torch.float64, "requires_grad": True}
     p, w = torch.randn(6, 10, 5, **f64), torch.randn(3, 5, 5, **f64)
     reference = kernels.PairKernels(torch.float64)

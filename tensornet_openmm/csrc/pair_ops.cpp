@@ -728,6 +728,8 @@ at::Tensor packed_product_op(const at::Tensor& a, const at::Tensor& b, bool symm
 // ---- Channel mixing of a packed tensor --------------------------------------------------------
 // out[n, c] = W[GROUP[c]] p[n, c] (a linear over channels, one weight per part): the packed
 // tensor goes to component-major order once, so that each part is one matrix product.
+// The model no longer calls this operator (kernels.py: one batched product over the components,
+// faster on the CPU too); it stays for TorchScript modules exported by earlier versions.
 
 // All three products in one parallel region (split_rows over atoms; part k has m_k = 1, 3, 6 rows
 // per atom, component-major).
@@ -1379,7 +1381,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
 }
 
 #ifdef TN_WITH_CUDA
-// packed_mix stays with PyTorch (kernels.py: one batched product); mlp's ATen calls run CUDA's.
+// The channel mixing is PyTorch's batched product (kernels.py); mlp's ATen calls run CUDA's.
 TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("messages", messages_kernel);
   m.impl("embedding_sums", embedding_kernel);
