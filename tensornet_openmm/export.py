@@ -124,6 +124,7 @@ class TensorNetForce(nn.Module):
         self.radial_tables = ""  # what tabulate_radial made, for logs and metadata
         if radial_tables is not None:
             self.radial_tables = describe(tabulate_radial(self.model, radial_tables))
+        self.model.store_self_pair_terms()  # constants of the weights: computed once, here
         dtype = next(self.model.parameters()).dtype
         z = torch.as_tensor(np.asarray(atomic_numbers, dtype=np.int64))
         if z.ndim != 1 or z.numel() == 0:

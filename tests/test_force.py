@@ -176,6 +176,34 @@ def _graph_nodes(block):
             yield from _graph_nodes(inner)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
+def test_self_pair_terms_are_computed_once_at_export(fused):
+    """The self pairs' radial terms (r = 0) depend on the weights alone and torch.jit.freeze does
+    not fold them: TensorNetForce computes them once, on its own copy of the model, and the
+    force calls read them. Same energy and forces to the last bit; the stored values are what
+    runs (changing them changes the energy); no cosine is left in a fused force call."""
+    model = small_model()
+    z, pos = molecule()
+    x = torch.tensor(pos, dtype=torch.float64)
+    stored = TensorNetForce(model, z, outputs_forces=True, fused_kernels=fused)
+    assert stored.model.self_basis.shape == (1, model.config.num_rbf)
+    for layer in [stored.model.tensor_embedding, *stored.model.layers]:
+        assert layer.self_radial.shape == (1, 3, model.config.hidden_channels)
+    assert model.self_basis.numel() == 0  # the caller's model is left alone
+    computed = TensorNetForce(model, z, outputs_forces=True, fused_kernels=fused)
+    computed.model.clear_self_pair_terms()
+    call = torch.jit.freeze(script(stored).eval())
+    e_stored, f_stored = call(x)
+    e_computed, f_computed = torch.jit.freeze(script(computed).eval())(x)
+    assert torch.equal(e_stored, e_computed) and torch.equal(f_stored, f_computed)
+    if fused:  # the pairs' cutoffs are the geometry operator's: any cosine is a self pair's
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            call(x)
+        assert "aten::cos" not in {event.name for event in prof.events()}
+    stored.model.layers[0].self_radial.mul_(1.5)
+    assert not torch.equal(torch.jit.freeze(script(stored).eval())(x)[0], e_stored)
+
+
 @pytest.mark.parametrize(
     "strategy, low_memory", [("brute", False), ("cell", False), ("cell", True)]
 )

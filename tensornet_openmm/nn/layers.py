@@ -189,6 +189,16 @@ class _RadialLayer(nn.Module):
     def _no_table(self, dtype: torch.dtype) -> None:
         self.register_buffer("radial_table", torch.zeros((0, 4, 0), dtype=dtype), persistent=False)
         self.table_grid = [0.0, 0.0, 0.0, 0.0]
+        # the self pair's radial functions, once TensorNet.store_self_pair_terms computed them
+        self.register_buffer("self_radial", torch.zeros((0, 3, 0), dtype=dtype), persistent=False)
+
+    def self_radial_functions(self, self_basis: Tensor) -> Tensor:
+        """The self pair's radial functions times the cutoff, cut(0) g(0), (1, 3, F): stored
+        (:meth:`TensorNet.store_self_pair_terms`), else from the network."""
+        if self.self_radial.numel() > 0:
+            return self.self_radial
+        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
+        return self._network(cut0, self_basis)
 
     def _pair_radial(
         self, cut: Tensor, basis: Tensor, vec: Optional[Tensor], fused: bool
@@ -329,9 +339,8 @@ class TensorEmbedding(_RadialLayer):
     ) -> Tensor:
         """X_i from the pair sums: self pair, tracelessness, norms, gates, channel mixing."""
         n, f = z_recv.shape[0], self.hidden_channels
-        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
         z_self = z_recv + z_send
-        iso = sums[0] + cut0 * z_self * self._project(self_basis)[0, 0]  # + self pair
+        iso = sums[0] + z_self * self.self_radial_functions(self_basis)[0, 0]  # + self pair
         vec = sums[1].contiguous()  # a strided view (fused path) would take a product per atom
         diag, offdiag = torch.split(sums[2], [3, 3], dim=1)
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
@@ -550,7 +559,7 @@ class Interaction(_RadialLayer):
         kernels = self.pair_kernels
         x = kernels.normalize(x)
         y = kernels.mix(x, self._mix_weights(0))
-        msg = y * self._self_filters(self_basis).index_select(1, kernels.group)  # self pair
+        msg = y * self.self_radial_functions(self_basis).index_select(1, kernels.group)
         block = pair_block(src.shape[0], self.hidden_channels, x.device, True)
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             src.split(block), dst.split(block), cut.split(block), basis.split(block),
@@ -577,14 +586,9 @@ class Interaction(_RadialLayer):
         )  # fmt: skip
         return h.reshape(h.shape[0], 3, self.hidden_channels)
 
-    def _self_filters(self, self_basis: Tensor) -> Tensor:
-        """The self pair's filters f(0), (1, 3, F) (a constant once frozen)."""
-        cut0 = cosine_cutoff(self_basis.new_zeros(1), self.cutoff_lower, self.cutoff_upper)
-        return self._network(cut0, self_basis)
-
     def self_messages(self, parts: list[Tensor], self_basis: Tensor) -> list[Tensor]:
         """The self pair's messages f(0) Y_i."""
-        f0 = self._self_filters(self_basis)
+        f0 = self.self_radial_functions(self_basis)
         return [f0.select(1, k) * parts[k] for k in range(3)]
 
     def finish(

@@ -104,8 +104,9 @@ class TensorNet(nn.Module):
         self.register_buffer("atomref", torch.zeros(max(cfg.atomref_size, 1), dtype=dtype))
         self.register_buffer("mean", torch.zeros((), dtype=dtype))
         self.register_buffer("std", torch.ones((), dtype=dtype))
-        # r = 0 of the self pairs: a buffer, so that a frozen module folds their terms
+        # r = 0 of the self pairs, and their radial basis once store_self_pair_terms made it
         self.register_buffer("zero_distance", torch.zeros(1, dtype=dtype), persistent=False)
+        self.register_buffer("self_basis", torch.zeros((0, 0), dtype=dtype), persistent=False)
 
     @property
     def config(self) -> ModelConfig:
@@ -116,6 +117,35 @@ class TensorNet(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters())
+
+    @torch.jit.unused
+    def store_self_pair_terms(self) -> None:
+        """Compute the self pairs' radial terms (r = 0: the basis and every layer's radial
+        functions, which depend on the weights alone) once and keep them as buffers, for a copy
+        that only runs inference: the OpenMM forces do this. ``torch.jit.freeze`` does not fold
+        them, so every force call would repeat them: seven linears, three cosines and their
+        elementwise operators, on a GPU as many kernels. The buffers are not saved with the
+        weights; they go stale if the weights change (:meth:`clear_self_pair_terms`)."""
+        self.clear_self_pair_terms()
+        with torch.no_grad():
+            basis = self._self_basis()
+            for layer in [self.tensor_embedding, *self.layers]:
+                layer.self_radial = layer.self_radial_functions(basis)
+            self.self_basis = basis
+
+    @torch.jit.unused
+    def clear_self_pair_terms(self) -> None:
+        """Compute the self pairs' terms at every call again (undoes
+        :meth:`store_self_pair_terms`)."""
+        self.self_basis = self.self_basis.new_zeros((0, 0))
+        for layer in [self.tensor_embedding, *self.layers]:
+            layer.self_radial = layer.self_radial.new_zeros((0, 3, 0))
+
+    def _self_basis(self) -> Tensor:
+        """The radial basis at r = 0 of the self pairs, (1, K): stored, or computed."""
+        if self.self_basis.numel() > 0:
+            return self.self_basis
+        return self.distance_expansion(self.zero_distance)
 
     def atomic_energies(
         self,
@@ -131,7 +161,7 @@ class TensorNet(nn.Module):
         ``half``: the pairs are listed once each (see :meth:`forward`).
         """
         src, dst = edge_index[0], edge_index[1]
-        self_basis = self.distance_expansion(self.zero_distance)  # (1, K), a constant once frozen
+        self_basis = self._self_basis()  # (1, K)
         kernels = self.tensor_embedding.pair_kernels
         if kernels.applies(edge_vec):  # fused kernels: cutoff, geometry and basis in one pass
             kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
@@ -215,7 +245,7 @@ class TensorNet(nn.Module):
         inputs: list[Tensor] = []
         msgs: list[list[Tensor]] = []
         with torch.no_grad():
-            self_basis = self.distance_expansion(self.zero_distance)
+            self_basis = self._self_basis()
             z_recv, z_send = emb.species_terms(z)
             sums = emb.new_sums(z_recv)
             for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
