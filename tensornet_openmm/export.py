@@ -139,6 +139,7 @@ class TensorNetForce(nn.Module):
             )
         self.register_buffer("atoms", index.to(torch.int64))
         self.register_buffer("total_charge", torch.tensor([float(total_charge)], dtype=dtype))
+        self.neutral = float(total_charge) == 0.0  # the model then skips its charge factors
         self.periodic = bool(periodic)
         self.capacity = int(capacity)
         self.strategy = str(strategy)
@@ -169,18 +170,19 @@ class TensorNetForce(nn.Module):
         pairs = neighbor_pairs(
             pos, self.cutoff, box_a, capacity, self.strategy, cell_capacity, half=True
         )
+        charge: Optional[Tensor] = None if self.neutral else self.total_charge
         if self.low_memory:
             vectors = pairs.vectors
             fixed = no_history(vectors)
             e, grad = self.model.energy_and_gradient(
-                self.z, pairs.edge_index, fixed, self.total_charge, True, 0
+                self.z, pairs.edge_index, fixed, charge, True, 0
             )
             # the energy's value, with the gradient it has through the pair vectors: autograd
             # (OpenMM's or ours) carries it on to the positions through that small graph alone
             energy = (e + (grad * (vectors - fixed)).sum())[None]
         else:
             energy = self.model(
-                self.z, pos, pairs.edge_index, pairs.vectors, None, self.total_charge, 1, half=True
+                self.z, pos, pairs.edge_index, pairs.vectors, None, charge, 1, half=True
             )
         overflow = pairs.num_pairs > capacity if capacity >= 0 else torch.zeros_like(pos[0, 0] > 0)
         return energy[0] * self.ev_to_kj_per_mol, overflow

@@ -85,6 +85,25 @@ def test_forces_are_minus_gradient_by_finite_differences(layers):
         )
 
 
+@pytest.mark.parametrize("group", ["O(3)", "SO(3)"])
+def test_neutral_molecules_skip_the_charge_factor_exactly(group):
+    """No total charge (None) skips the products with the charge factor 1 + 0.1 q, which is
+    exactly 1 for a neutral molecule: energy and forces equal those with an explicit zero charge
+    to the last bit (forward and the low-memory gradient), and a charge still counts."""
+    model = _model(group)
+    z, pos = random_molecule(10, spread=2.0)
+    zero, one = (torch.tensor([q], dtype=torch.float64) for q in (0.0, 1.0))
+    e_none, f_none = energy_forces(model, z, pos)
+    e_zero, f_zero = energy_forces(model, z, pos, total_charge=zero)
+    assert torch.equal(e_none, e_zero) and torch.equal(f_none, f_zero)
+    assert not torch.equal(energy_forces(model, z, pos, total_charge=one)[0], e_none)
+    edges = all_pairs(torch.zeros_like(z))
+    vec = pos[edges[0]] - pos[edges[1]]
+    skipped = model.energy_and_gradient(z, edges, vec, None, False, 0)
+    multiplied = model.energy_and_gradient(z, edges, vec, zero, False, 0)
+    assert all(torch.equal(a, b) for a, b in zip(skipped, multiplied, strict=True))
+
+
 def test_pair_beyond_cutoff_has_exactly_zero_force():
     model = _model(cutoff_upper=4.0)
     z = torch.tensor([6, 8])

@@ -178,6 +178,14 @@ def _blocks(vec: Optional[Tensor], pairs: int, block: int) -> list[Optional[Tens
     return out
 
 
+def _charged(t: Tensor, charge_factor: Optional[Tensor]) -> Tensor:
+    """``t`` (n, 10, F) times each atom's charge factor 1 + 0.1 q (None: every molecule neutral,
+    a factor of exactly 1, so the product is skipped)."""
+    if charge_factor is None:
+        return t
+    return t * charge_factor.reshape(-1, 1, 1)
+
+
 class _RadialLayer(nn.Module):
     """A layer with radial functions, which :func:`tensornet_openmm.nn.tables.tabulate_radial`
     can give a table: ``radial_table`` (intervals, 4, width), empty while the network runs, and its
@@ -516,7 +524,7 @@ class Interaction(_RadialLayer):
         cut: Tensor,
         basis: Tensor,
         self_basis: Tensor,
-        charge_factor: Tensor,
+        charge_factor: Optional[Tensor],
         half: bool = False,
         vec: Optional[Tensor] = None,
     ) -> Tensor:
@@ -550,7 +558,7 @@ class Interaction(_RadialLayer):
         cut: Tensor,
         basis: Tensor,
         self_basis: Tensor,
-        charge_factor: Tensor,
+        charge_factor: Optional[Tensor],
         half: bool,
         vec: Optional[Tensor] = None,
     ) -> Tensor:
@@ -567,13 +575,12 @@ class Interaction(_RadialLayer):
         ):  # fmt: skip
             filters = self._pair_radial(cut_b, basis_b, vec_b, True)
             msg = msg + kernels.messages(y, filters, i, j, half)
-        q = charge_factor.reshape(-1, 1, 1)
         if self.o3:
-            c = kernels.product(msg, y, True) * q
+            c = _charged(kernels.product(msg, y, True), charge_factor)
         else:
             c = 2.0 * kernels.product(y, msg, False)
         dx = kernels.mix(kernels.normalize(c), self._mix_weights(3))
-        return x + dx + q * kernels.product(dx, dx, False)
+        return x + dx + _charged(kernels.product(dx, dx, False), charge_factor)
 
     def _fused_network(self, cut: Tensor, basis: Tensor) -> Tensor:
         """:meth:`_network` as one operator (:meth:`PairKernels.mlp`) where it can be."""
@@ -597,7 +604,7 @@ class Interaction(_RadialLayer):
         parts: list[Tensor],
         msg: list[Tensor],
         self_basis: Tensor,
-        charge_factor: Tensor,
+        charge_factor: Optional[Tensor],
         add_self: bool = True,
     ) -> Tensor:
         """The new X from the normalised X, its parts and the messages (the pairs' only, or with
@@ -605,14 +612,15 @@ class Interaction(_RadialLayer):
         if add_self:
             own = self.self_messages(parts, self_basis)
             msg = [msg[k] + own[k] for k in range(3)]
-        q = charge_factor.reshape(-1, 1, 1)
         y = self.algebra.full(torch.cat(parts, dim=1))
         m = self.algebra.full(torch.cat(msg, dim=1))
         if self.o3:
-            c = self.algebra.packed(algebra.matmul(m, y) + algebra.matmul(y, m)) * q
+            c = _charged(self.algebra.packed(algebra.matmul(m, y) + algebra.matmul(y, m)),
+                         charge_factor)  # fmt: skip
         else:
             c = 2.0 * self.algebra.packed(algebra.matmul(y, m))
         c = c / (self.algebra.squared_norm(c) + 1.0)
         dx = torch.cat(self._mix(3, c), dim=1)
         dx_full = self.algebra.full(dx)
-        return x + dx + q * self.algebra.packed(algebra.matmul(dx_full, dx_full))
+        return x + dx + _charged(self.algebra.packed(algebra.matmul(dx_full, dx_full)),
+                                 charge_factor)  # fmt: skip

@@ -152,12 +152,13 @@ class TensorNet(nn.Module):
         z: Tensor,
         edge_index: Tensor,
         edge_vec: Tensor,
-        charge_factor: Tensor,
+        charge_factor: Optional[Tensor],
         half: bool = False,
     ) -> Tensor:
         """Per-atom energies (eV, shape (n_atoms,)) before reduction and mean.
 
-        ``charge_factor`` (n_atoms,) is 1 + 0.1 q with q the total charge of each atom's molecule.
+        ``charge_factor`` (n_atoms,) is 1 + 0.1 q with q the total charge of each atom's molecule;
+        None when every molecule is neutral (a factor of exactly 1, whose products are skipped).
         ``half``: the pairs are listed once each (see :meth:`forward`).
         """
         src, dst = edge_index[0], edge_index[1]
@@ -234,9 +235,11 @@ class TensorNet(nn.Module):
         src, dst = edge_index[0], edge_index[1]
         vec = no_history(edge_vec)
         n = z.shape[0]
-        charge_factor = torch.ones(n, dtype=vec.dtype, device=vec.device)
+        charge_factor: Optional[Tensor] = None  # neutral: a factor of exactly 1
         if total_charge is not None:
-            charge_factor = charge_factor * (1.0 + 0.1 * total_charge.to(vec.dtype))
+            charge_factor = torch.ones(n, dtype=vec.dtype, device=vec.device) * (
+                1.0 + 0.1 * total_charge.to(vec.dtype)
+            )
         if block <= 0:
             block = low_memory_block(self.tensor_embedding.hidden_channels, vec.device)
         emb = self.tensor_embedding
@@ -362,9 +365,8 @@ class TensorNet(nn.Module):
             num_molecules = 1
         elif num_molecules <= 0:
             num_molecules = int(batch.max()) + 1
-        if total_charge is None:
-            charge_factor = torch.ones(z.shape[0], dtype=edge_vec.dtype, device=z.device)
-        else:
+        charge_factor: Optional[Tensor] = None  # neutral: a factor of exactly 1
+        if total_charge is not None:
             charge_factor = 1.0 + 0.1 * total_charge.to(edge_vec.dtype)[batch]
         e_atom = self.atomic_energies(z, edge_index, edge_vec, charge_factor, half)
         energy = torch.zeros(num_molecules, dtype=e_atom.dtype, device=e_atom.device)
