@@ -33,22 +33,23 @@ boxes of about N atoms at liquid density).
 Each case runs in a fresh process; with ``--interleave N`` the routes of a system run side by side
 instead, one process each, set up together and then taking turns for N timed blocks, so that a
 machine whose speed wanders between minutes weighs on every route alike (steadier ratios; all of a
-system's routes are in memory at once). Keep the blocks (``--seconds`` / N) at 2 s or more: after a
-pause a process's first steps are slower, ours more than the reference's (alanine dipeptide: 5.92
-ms/step in 0.5 s blocks, 3.95 in 3 s blocks, the reference 15.8 and 14.4). Time: LangevinMiddle at
-300 K, 1 fs, after warm-up steps (Warp kernels, CUDA-graph capture and torch.compile happen there
-and are excluded), the median of three (or N) timed blocks sized to ``--seconds``, each from the
-same initial positions and velocities with the same Langevin seed. (With random weights a free
-molecule drifts far from its start: alanine dipeptide's pairs within 5 A went from 161 to 95 in
-under 1,000 steps, and our step time, which follows the pair count, with them; the reference's
-static shapes do not.) glibc's malloc is tuned in every route as our runner tunes it
-(:mod:`tensornet_openmm.allocator`; ``--allocator default`` or ``both`` to compare), and libgomp's
-idle threads spin briefly, as the runner sets them (:mod:`tensornet_openmm.openmp`; ``--omp-spin
-default`` or ``both`` to compare). Peak memory: on CPU the growth of the process's peak resident set
-(Linux VmHWM) from before the System is built; on CUDA torch's peak allocation (OpenMM's own buffers
-are not included). E0 is the initial potential energy: the ML routes agree when the weights are the
-same. A failed case (out of memory, time limit) is a row with its reason; larger water boxes are
-then skipped for that route.
+system's routes are in memory at once; column ``x ref/blk`` pairs the routes' blocks: the median and
+quartiles of the reference's time over ours, block by block). Keep the blocks (``--seconds`` / N) at
+2 s or more: after a pause a process's first steps are slower, ours more than the reference's
+(alanine dipeptide: 5.92 ms/step in 0.5 s blocks, 3.95 in 3 s blocks, the reference 15.8 and 14.4).
+Time: LangevinMiddle at 300 K, 1 fs, after warm-up steps (Warp kernels, CUDA-graph capture and
+torch.compile happen there and are excluded), the median of three (or N) timed blocks sized to
+``--seconds``, each from the same initial positions and velocities with the same Langevin seed.
+(With random weights a free molecule drifts far from its start: alanine dipeptide's pairs within 5 A
+went from 161 to 95 in under 1,000 steps, and our step time, which follows the pair count, with
+them; the reference's static shapes do not.) glibc's malloc is tuned in every route as our runner
+tunes it (:mod:`tensornet_openmm.allocator`; ``--allocator default`` or ``both`` to compare), and
+libgomp's idle threads spin briefly, as the runner sets them (:mod:`tensornet_openmm.openmp`;
+``--omp-spin default`` or ``both`` to compare). Peak memory: on CPU the growth of the process's peak
+resident set (Linux VmHWM) from before the System is built; on CUDA torch's peak allocation
+(OpenMM's own buffers are not included). E0 is the initial potential energy: the ML routes agree
+when the weights are the same. A failed case (out of memory, time limit) is a row with its reason;
+larger water boxes are then skipped for that route.
 
     .venv/bin/python benchmarks/bench_md.py                       # everything, every platform
     .venv/bin/python benchmarks/bench_md.py --systems ala2 --routes ours reference
@@ -725,7 +726,8 @@ def _route_key(case: dict) -> tuple:
 
 def combine_rounds(case: dict, results: list[dict]) -> dict:
     """One table row from a case's rounds: the median ms/step, its spread (max - min, in % of the
-    median) and the largest peak memory; a case that never ran is its last error."""
+    median) and the largest peak memory; a case that never ran is its last error. When every
+    round ran, the row keeps their times in order (``blocks_ms``), for :func:`speedups`."""
     good = [r for r in results if "error" not in r]
     if not good:
         return {**case, **results[-1]}
@@ -735,25 +737,45 @@ def combine_rounds(case: dict, results: list[dict]) -> dict:
     row["ns_per_day"] = TIMESTEP_FS * 1e-6 * 86400e3 / median
     row["peak_mb"] = max(r["peak_mb"] for r in good)
     row["spread_pct"] = 100 * (max(ms) - min(ms)) / median if len(ms) > 1 else math.nan
+    if len(good) == len(results):
+        row["blocks_ms"] = ms
     return row
+
+
+def paired_ratios(ours: dict, other: dict) -> tuple[float, str]:
+    """The median and quartiles of other / ours, block by block: with ``--interleave`` (or
+    ``--rounds``) block k of every route ran at about the same time, so each block's ratio sees
+    one stretch of the machine, which the ratio of two medians does not. NaN and "" unless both
+    rows kept the same number (2 or more) of blocks."""
+    a, b = ours.get("blocks_ms"), other.get("blocks_ms")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return math.nan, ""
+    ratios = [y / x for x, y in zip(a, b, strict=True)]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), f"{low:.2f}-{high:.2f}"
 
 
 def speedups(rows):
     """Steps per second of ours over the reference and PythonForce routes, matched by platform,
     system, allocator, spin and graph setting (PythonForce has one setting: torch.compile
-    decides)."""
-    ms = {}
+    decides): the ratio of the medians, and the median and quartiles of the block-by-block
+    ratios (:func:`paired_ratios`)."""
+    found = {}
     for r in rows:
         if "ms_per_step" in r:
             key = (r["platform"], r["system"], r["route"], r["graphs"], r["allocator"], r["spin"])
-            ms[key] = r["ms_per_step"]
+            found[key] = r
     for r in rows:
         if r["route"] in OURS and "ms_per_step" in r:
-            where = (r["platform"], r["system"])
-            ref = ms.get((*where, "reference", r["graphs"], r["allocator"], r["spin"]))
-            pyf = ms.get((*where, "pythonforce", "-", r["allocator"], r["spin"]))
-            r["vs_reference"] = ref / r["ms_per_step"] if ref else math.nan
-            r["vs_pythonforce"] = pyf / r["ms_per_step"] if pyf else math.nan
+            where, setting = (r["platform"], r["system"]), (r["allocator"], r["spin"])
+            others = {
+                "reference": found.get((*where, "reference", r["graphs"], *setting)),
+                "pythonforce": found.get((*where, "pythonforce", "-", *setting)),
+            }
+            for name, other in others.items():
+                r[f"vs_{name}"] = other["ms_per_step"] / r["ms_per_step"] if other else math.nan
+                paired, quartiles = paired_ratios(r, other) if other else (math.nan, "")
+                r[f"vs_{name}_blocks"], r[f"vs_{name}_quartiles"] = paired, quartiles
 
 
 COLUMNS = [
@@ -762,12 +784,14 @@ COLUMNS = [
     ("ms_per_step", 10, ".2f"),
     ("ns_per_day", 9, ".3f"),
     ("peak_mb", 8, ".0f"), ("e0_kj_per_mol", 14, ".3f"), ("vs_reference", 7, ".2f"),
-    ("vs_pythonforce", 7, ".2f"), ("spread_pct", 7, ".0f"),
+    ("vs_pythonforce", 7, ".2f"), ("spread_pct", 7, ".0f"), ("vs_reference_blocks", 9, ".2f"),
+    ("vs_reference_quartiles", 11, "s"),
 ]  # fmt: skip
 HEADERS = {"ml_atoms": "ML", "allocator": "malloc", "ms_per_step": "ms/step",
            "ns_per_day": "ns/day", "peak_mb": "peak MB", "e0_kj_per_mol": "E0 kJ/mol",
            "vs_reference": "x ref", "spread_pct": "spread%",
-           "vs_pythonforce": "x pyf"}  # fmt: skip
+           "vs_pythonforce": "x pyf", "vs_reference_blocks": "x ref/blk",
+           "vs_reference_quartiles": "quartiles"}  # fmt: skip
 
 
 def _cell(row, key, width, fmt):
@@ -805,15 +829,17 @@ def print_table(rows):
           "tensornet_openmm.allocator (as the runner does) or default; spin: libgomp's idle "
           "threads spin short (tensornet_openmm.openmp, as the runner sets) or as long as by "
           "default; all routes alike. With --rounds (--interleave): ms/step is the median over "
-          "rounds (timed blocks), spread% "
-          "its range.")  # fmt: skip
+          "rounds (timed blocks), spread% its range, and x ref/blk the median of the reference's "
+          "time over ours block by block (blocks k of both routes ran at about the same time), "
+          "with its quartiles.")  # fmt: skip
 
 
 def write_csv(rows, path: Path):
     keys = ["platform", "system", "atoms", "ml_atoms", "route", "graphs", "allocator", "spin",
             "ms_per_step", "ns_per_day", "peak_mb", "e0_kj_per_mol", "vs_reference",
-            "vs_pythonforce", "rounds", "spread_pct", "steps_timed", "warmup_s", "build_s",
-            "finite", "error"]  # fmt: skip
+            "vs_pythonforce", "rounds", "spread_pct", "vs_reference_blocks",
+            "vs_reference_quartiles", "vs_pythonforce_blocks", "vs_pythonforce_quartiles",
+            "steps_timed", "warmup_s", "build_s", "finite", "error"]  # fmt: skip
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, keys, extrasaction="ignore")
         writer.writeheader()

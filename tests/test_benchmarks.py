@@ -1,5 +1,6 @@
 """The MD benchmark compares like with like: every ML route computes the same energy."""
 
+import math
 import sys
 from pathlib import Path
 
@@ -45,6 +46,34 @@ def test_rounds_give_the_median_and_its_spread():
     assert row["ns_per_day"] == pytest.approx(86.4 / 10.0)
     failed = bench_md.combine_rounds(case, [{"error": "out of memory: killed"}])
     assert failed["error"] == "out of memory: killed" and "ms_per_step" not in failed
+
+
+def test_block_by_block_ratios_pair_the_routes_blocks():
+    """x ref/blk: the reference's time over ours block by block, median and quartiles. A slow
+    stretch of the machine that slows both routes' block 1 leaves that block's ratio alone, where
+    the ratio of the two medians moves with it."""
+    where = {"platform": "CPU", "system": "ala2-water", "graphs": "-", "allocator": "tuned",
+             "spin": "short"}  # fmt: skip
+    blocks = {"ours": [10.0, 20.0, 11.0], "reference": [20.0, 40.0, 23.0]}
+    rows = [
+        bench_md.combine_rounds(
+            {**where, "route": route},
+            [{"ms_per_step": ms, "peak_mb": 1.0, "e0_kj_per_mol": 0.0} for ms in times],
+        )
+        for route, times in blocks.items()
+    ]
+    bench_md.speedups(rows)
+    ours = rows[0]
+    assert ours["vs_reference"] == pytest.approx(23.0 / 11.0)  # the ratio of the medians
+    assert ours["vs_reference_blocks"] == pytest.approx(2.0)
+    assert ours["vs_reference_quartiles"] == "2.00-2.05"
+    assert math.isnan(ours["vs_pythonforce_blocks"]) and ours["vs_pythonforce_quartiles"] == ""
+    # a block that failed leaves no pairing (which blocks would match is unknown)
+    broken = bench_md.combine_rounds({**where, "route": "ours"}, [
+        {"ms_per_step": 10.0, "peak_mb": 1.0, "e0_kj_per_mol": 0.0}, {"error": "killed"},
+        {"ms_per_step": 11.0, "peak_mb": 1.0, "e0_kj_per_mol": 0.0}])  # fmt: skip
+    assert "blocks_ms" not in broken
+    assert bench_md.paired_ratios(broken, rows[1]) == (pytest.approx(math.nan, nan_ok=True), "")
 
 
 @pytest.mark.parametrize(
