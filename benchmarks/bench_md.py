@@ -315,6 +315,10 @@ def _prepared(spec: dict) -> dict:
             "warmup_s": warmup_s, "cuda": cuda}  # fmt: skip
 
 
+MIN_BLOCK_SECONDS = 2.0
+"""Shortest timed block of ``--interleave`` that does not favour a route (module docstring)."""
+
+
 def _block_steps(seconds: float, per_step: float) -> int:
     return int(min(max(seconds / max(per_step, 1e-6), 1), 20000))
 
@@ -643,6 +647,12 @@ def main(argv=None):
     if args.interleave is not None and args.rounds > 1:
         parser.error("--interleave and --rounds: give one (--interleave N times the routes of a "
                      "system side by side; --rounds N reruns every case N times)")  # fmt: skip
+    if args.interleave is not None and args.seconds / args.interleave < MIN_BLOCK_SECONDS:
+        print(f"bench_md: warning: --seconds {args.seconds:g} / --interleave {args.interleave} = "
+              f"{args.seconds / args.interleave:.2g} s per timed block; blocks under "
+              f"{MIN_BLOCK_SECONDS:g} s weigh the slower first steps after each pause, which cost "
+              f"ours more than the reference; give --seconds "
+              f"{MIN_BLOCK_SECONDS * args.interleave:g} or more", file=sys.stderr)  # fmt: skip
     platforms = args.platforms or available_platforms()
     todo = list(cases(args, platforms))
     results: list[list[dict]] = [[] for _ in todo]

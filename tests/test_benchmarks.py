@@ -112,9 +112,10 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
     assert counts["ours-tables"] < counts["ours"]  # no radial networks
 
 
-def test_interleaved_routes_take_turns_in_one_run(tmp_path):
+def test_interleaved_routes_take_turns_in_one_run(tmp_path, capsys):
     """--interleave: the routes of a system set up side by side and time their blocks in turns;
-    each row is the median over its blocks, with the same energy as a plain run."""
+    each row is the median over its blocks, with the same energy as a plain run. Blocks this
+    short (0.1 s) get a warning that names the --seconds to give."""
     import csv
 
     checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
@@ -123,6 +124,8 @@ def test_interleaved_routes_take_turns_in_one_run(tmp_path):
               "--seconds", "0.3", "--warmup", "2"]  # fmt: skip
     bench_md.main([*common, "--routes", "ours", "ours-tables", "mm", "--interleave", "3",
                    "--csv", str(out)])  # fmt: skip
+    warning = capsys.readouterr().err
+    assert "0.1 s per timed block" in warning and "give --seconds 6 or more" in warning
     with out.open() as handle:
         rows = {row["route"]: row for row in csv.DictReader(handle)}
     assert set(rows) == {"ours", "ours-tables", "mm"}
