@@ -370,11 +370,16 @@ def test_a_failed_build_warns_and_falls_back(tmp_path):
     assert out.stdout.split() == ["False", "True", "True"]  # and PATH is left as it was
 
 
-def test_packed_product_kernel_values_and_gradients():
+# channels: fewer than the kernels' 16 lanes (one channel at a time), and 2 x 16 lanes + 5
+CHANNELS = [7, 37]
+
+
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_packed_product_kernel_values_and_gradients(channels):
     """packed(A B) and packed(A B + B A) per atom and channel against the PyTorch path (full
     form, broadcast product, decomposition), with the same tensor on both sides too (dX^2)."""
     f64 = {"dtype": torch.float64, "requires_grad": True}
-    a, b = torch.randn(5, 10, 7, **f64), torch.randn(5, 10, 7, **f64)
+    a, b = torch.randn(5, 10, channels, **f64), torch.randn(5, 10, channels, **f64)
     reference = kernels.PairKernels(torch.float64)
     fused = torch.ops.tensornet_openmm.packed_product
     for symmetric in (False, True):
@@ -399,8 +404,9 @@ def test_packed_mix_kernel_values_and_gradients():
         fused(p, w[:2])
 
 
-def test_packed_normalize_kernel_values_and_gradients():
-    p = torch.randn(6, 10, 5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_packed_normalize_kernel_values_and_gradients(channels):
+    p = torch.randn(6, 10, channels, dtype=torch.float64, requires_grad=True)
     reference = kernels.PairKernels(torch.float64)
     fused = torch.ops.tensornet_openmm.packed_normalize
     torch.testing.assert_close(fused(p), reference.normalize(p))

@@ -21,10 +21,19 @@
 namespace tn_math {
 
 constexpr int kComps = 10;
-// |X|^2 = sum_c NORM[c] p_c^2 (the squared Frobenius norm: off-diagonal entries count twice)
+
+// The scalar type of T: T, or the element type where T holds several channels' values side by
+// side (pair_ops.cpp's Lanes, which specialises this). Constants are of this type: a vector
+// times a scalar is one instruction, where a constant vector might be built lane by lane.
 template <typename T>
-TN_MATH T norm_weight(int c) {
-  return c == 0 ? T(3) : (c >= 4 && c <= 6) ? T(1) : T(2);
+struct ScalarOf {
+  typedef T type;
+};
+
+// |X|^2 = sum_c NORM[c] p_c^2 (the squared Frobenius norm: off-diagonal entries count twice)
+template <typename S>
+TN_MATH S norm_weight(int c) {
+  return c == 0 ? S(3) : (c >= 4 && c <= 6) ? S(1) : S(2);
 }
 
 template <typename T>
@@ -36,11 +45,12 @@ TN_MATH void unpack(const T p[kComps], T x[9]) {
 
 template <typename T>
 TN_MATH void pack(const T x[9], T p[kComps]) {
-  const T iso = (x[0] + x[4] + x[8]) / T(3);
+  typedef typename ScalarOf<T>::type S;
+  const T iso = (x[0] + x[4] + x[8]) / S(3);
   p[0] = iso;
-  p[1] = T(0.5) * (x[7] - x[5]); p[2] = T(0.5) * (x[2] - x[6]); p[3] = T(0.5) * (x[3] - x[1]);
+  p[1] = S(0.5) * (x[7] - x[5]); p[2] = S(0.5) * (x[2] - x[6]); p[3] = S(0.5) * (x[3] - x[1]);
   p[4] = x[0] - iso; p[5] = x[4] - iso; p[6] = x[8] - iso;
-  p[7] = T(0.5) * (x[1] + x[3]); p[8] = T(0.5) * (x[2] + x[6]); p[9] = T(0.5) * (x[5] + x[7]);
+  p[7] = S(0.5) * (x[1] + x[3]); p[8] = S(0.5) * (x[2] + x[6]); p[9] = S(0.5) * (x[5] + x[7]);
 }
 
 // transposes of unpack and pack (their vector-Jacobian products)
@@ -54,11 +64,12 @@ TN_MATH void unpack_t(const T x[9], T p[kComps]) {
 
 template <typename T>
 TN_MATH void pack_t(const T p[kComps], T x[9]) {
-  const T t = (p[0] - p[4] - p[5] - p[6]) / T(3);
+  typedef typename ScalarOf<T>::type S;
+  const T t = (p[0] - p[4] - p[5] - p[6]) / S(3);
   x[0] = t + p[4]; x[4] = t + p[5]; x[8] = t + p[6];
-  x[1] = T(0.5) * (p[7] - p[3]); x[3] = T(0.5) * (p[7] + p[3]);
-  x[2] = T(0.5) * (p[8] + p[2]); x[6] = T(0.5) * (p[8] - p[2]);
-  x[5] = T(0.5) * (p[9] - p[1]); x[7] = T(0.5) * (p[9] + p[1]);
+  x[1] = S(0.5) * (p[7] - p[3]); x[3] = S(0.5) * (p[7] + p[3]);
+  x[2] = S(0.5) * (p[8] + p[2]); x[6] = S(0.5) * (p[8] - p[2]);
+  x[5] = S(0.5) * (p[9] - p[1]); x[7] = S(0.5) * (p[9] + p[1]);
 }
 
 template <typename T>
@@ -68,84 +79,127 @@ TN_MATH void mat3(const T a[9], const T b[9], T c[9]) {  // c = a b
       c[3 * r + k] = a[3 * r] * b[k] + a[3 * r + 1] * b[3 + k] + a[3 * r + 2] * b[6 + k];
 }
 
-// out = packed(A B), or packed(A B + B A) when symmetric, for one atom and channel
+// The per atom and channel functions below come twice: on values (arrays of the 10 components,
+// the core) and on memory (a pointer to component 0 and the stride between components). The
+// CPU kernels run the cores on 16 channels at once (T a vector type: pair_ops.cpp, Lanes), the
+// CUDA kernels on one channel per thread; same arithmetic, in the same order, either way.
+
+// out = packed(A B), or packed(A B + B A) when symmetric
 template <typename T>
-TN_MATH void product(const T* a, const T* b, T* out, int64_t stride, bool symmetric) {
-  T pa[kComps], pb[kComps], xa[9], xb[9], xc[9], xd[9], pc[kComps];
-  for (int c = 0; c < kComps; ++c) {
-    pa[c] = a[c * stride];
-    pb[c] = b[c * stride];
-  }
+TN_MATH void product_values(const T pa[kComps], const T pb[kComps], T pc[kComps],
+                            bool symmetric) {
+  T xa[9], xb[9], xc[9];
   unpack(pa, xa);
   unpack(pb, xb);
   mat3(xa, xb, xc);
   if (symmetric) {
+    T xd[9];
     mat3(xb, xa, xd);
     for (int k = 0; k < 9; ++k) xc[k] += xd[k];
   }
   pack(xc, pc);
-  for (int c = 0; c < kComps; ++c) out[c * stride] = pc[c];
 }
 
 // gradients of packed(A B) (+ packed(B A) when symmetric) with respect to a and b (either may
-// be null), for one atom and channel: G = pack^T g; dA = G B^T (+ B^T G), dB = A^T G (+ G A^T);
-// then unpack^T
+// be null): G = pack^T g; dA = G B^T (+ B^T G), dB = A^T G (+ G A^T); then unpack^T
 template <typename T>
-TN_MATH void product_grad(const T* grad, const T* a, const T* b, T* g_a, T* g_b, int64_t stride,
-                          bool symmetric) {
-  T pg[kComps], pa[kComps], pb[kComps], xg[9], xa[9], xb[9], d[9], e[9], pd[kComps];
-  for (int c = 0; c < kComps; ++c) {
-    pg[c] = grad[c * stride];
-    pa[c] = a[c * stride];
-    pb[c] = b[c * stride];
-  }
+TN_MATH void product_grad_values(const T pg[kComps], const T pa[kComps], const T pb[kComps],
+                                 T* g_a, T* g_b, bool symmetric) {
+  T xg[9], xa[9], xb[9], d[9], e[9];
   pack_t(pg, xg);
   unpack(pa, xa);
   unpack(pb, xb);
-  const T at[9] = {xa[0], xa[3], xa[6], xa[1], xa[4], xa[7], xa[2], xa[5], xa[8]};
-  const T bt[9] = {xb[0], xb[3], xb[6], xb[1], xb[4], xb[7], xb[2], xb[5], xb[8]};
   if (g_a != nullptr) {
+    const T bt[9] = {xb[0], xb[3], xb[6], xb[1], xb[4], xb[7], xb[2], xb[5], xb[8]};
     mat3(xg, bt, d);
     if (symmetric) {
       mat3(bt, xg, e);
       for (int k = 0; k < 9; ++k) d[k] += e[k];
     }
-    unpack_t(d, pd);
-    for (int c = 0; c < kComps; ++c) g_a[c * stride] = pd[c];
+    unpack_t(d, g_a);
   }
   if (g_b != nullptr) {
+    const T at[9] = {xa[0], xa[3], xa[6], xa[1], xa[4], xa[7], xa[2], xa[5], xa[8]};
     mat3(at, xg, d);
     if (symmetric) {
       mat3(xg, at, e);
       for (int k = 0; k < 9; ++k) d[k] += e[k];
     }
-    unpack_t(d, pd);
-    for (int c = 0; c < kComps; ++c) g_b[c * stride] = pd[c];
+    unpack_t(d, g_b);
   }
 }
 
-// out = p / (|p|^2 + 1), for one atom and channel
+// out = p / (|p|^2 + 1)
+template <typename T>
+TN_MATH void normalize_values(const T p[kComps], T out[kComps]) {
+  typedef typename ScalarOf<T>::type S;
+  T s = T(S(1));
+  for (int c = 0; c < kComps; ++c) s += norm_weight<S>(c) * p[c] * p[c];
+  const T inv = S(1) / s;
+  for (int c = 0; c < kComps; ++c) out[c] = p[c] * inv;
+}
+
+// g_p[k] = g[k] / s - 2 NORM[k] p[k] (sum_c g[c] p[c]) / s^2
+template <typename T>
+TN_MATH void normalize_grad_values(const T g[kComps], const T p[kComps], T g_p[kComps]) {
+  typedef typename ScalarOf<T>::type S;
+  T s = T(S(1)), dot = T(S(0));
+  for (int c = 0; c < kComps; ++c) {
+    s += norm_weight<S>(c) * p[c] * p[c];
+    dot += g[c] * p[c];
+  }
+  const T inv = S(1) / s, k = S(2) * dot * inv * inv;
+  for (int c = 0; c < kComps; ++c) g_p[c] = g[c] * inv - norm_weight<S>(c) * p[c] * k;
+}
+
+template <typename T>
+TN_MATH void load(const T* p, int64_t stride, T v[kComps]) {
+  for (int c = 0; c < kComps; ++c) v[c] = p[c * stride];
+}
+
+template <typename T>
+TN_MATH void store(const T v[kComps], T* p, int64_t stride) {
+  for (int c = 0; c < kComps; ++c) p[c * stride] = v[c];
+}
+
+// the same on memory, for one atom and channel
+template <typename T>
+TN_MATH void product(const T* a, const T* b, T* out, int64_t stride, bool symmetric) {
+  T pa[kComps], pb[kComps], pc[kComps];
+  load(a, stride, pa);
+  load(b, stride, pb);
+  product_values(pa, pb, pc, symmetric);
+  store(pc, out, stride);
+}
+
+template <typename T>
+TN_MATH void product_grad(const T* grad, const T* a, const T* b, T* g_a, T* g_b, int64_t stride,
+                          bool symmetric) {
+  T pg[kComps], pa[kComps], pb[kComps], da[kComps], db[kComps];
+  load(grad, stride, pg);
+  load(a, stride, pa);
+  load(b, stride, pb);
+  product_grad_values(pg, pa, pb, g_a == nullptr ? nullptr : da, g_b == nullptr ? nullptr : db,
+                      symmetric);
+  if (g_a != nullptr) store(da, g_a, stride);
+  if (g_b != nullptr) store(db, g_b, stride);
+}
+
 template <typename T>
 TN_MATH void normalize(const T* p, T* out, int64_t stride) {
-  T s = 1;
-  for (int c = 0; c < kComps; ++c) s += norm_weight<T>(c) * p[c * stride] * p[c * stride];
-  const T inv = T(1) / s;
-  for (int c = 0; c < kComps; ++c) out[c * stride] = p[c * stride] * inv;
+  T v[kComps], o[kComps];
+  load(p, stride, v);
+  normalize_values(v, o);
+  store(o, out, stride);
 }
 
-// g_p[k] = g[k] / s - 2 NORM[k] p[k] (sum_c g[c] p[c]) / s^2, for one atom and channel
 template <typename T>
 TN_MATH void normalize_grad(const T* grad, const T* p, T* g_p, int64_t stride) {
-  T s = 1, dot = 0;
-  for (int c = 0; c < kComps; ++c) {
-    const T v = p[c * stride];
-    s += norm_weight<T>(c) * v * v;
-    dot += grad[c * stride] * v;
-  }
-  const T inv = T(1) / s, k = T(2) * dot * inv * inv;
-  for (int c = 0; c < kComps; ++c) {
-    g_p[c * stride] = grad[c * stride] * inv - norm_weight<T>(c) * p[c * stride] * k;
-  }
+  T g[kComps], v[kComps], o[kComps];
+  load(grad, stride, g);
+  load(p, stride, v);
+  normalize_grad_values(g, v, o);
+  store(o, g_p, stride);
 }
 
 }  // namespace tn_math

@@ -27,6 +27,8 @@
 
 #include <dlfcn.h>
 
+#include <cstring>
+
 #include "packed_math.h"
 
 #ifdef TN_WITH_CUDA
@@ -129,6 +131,7 @@ std::pair<at::Tensor, at::Tensor> checked_pairs(const at::Tensor& src, const at:
 // (per-pair outputs).
 #define TN_INLINE static inline __attribute__((always_inline))
 #define TN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define TN_INLINE_MEMBER inline __attribute__((always_inline))
 
 // sum of term(f) over f in [0, n), in kLanes partial sums: one running sum is a chain of
 // dependent additions that the compiler may not reorder (so the whole loop stays scalar), where
@@ -145,6 +148,91 @@ TN_INLINE T lane_sum(int64_t n, const Term& term) {
   T total = T(0);
   for (int l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
+}
+
+// kLanes values of T side by side, with elementwise arithmetic: the per atom and channel cores
+// of packed_math.h (product_values, normalize_values, ...) run on kLanes channels at once with
+// T = Lanes<T>, each operator a loop the compiler turns into vector instructions. Each lane
+// computes what the scalar code computes, operation for operation.
+template <typename T>
+struct LaneVector;  // kLanes values of T as one GCC vector (of one or more registers)
+template <>
+struct LaneVector<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LaneVector<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+
+template <typename T>
+struct Lanes {
+  typename LaneVector<T>::type v;
+  Lanes() = default;
+  TN_INLINE_MEMBER Lanes(T s) {  // NOLINT: implicit, as the cores write T(1) and T s = 1
+    v = s - typename LaneVector<T>::type{};  // a broadcast (x - 0 is x, -0 too)
+  }
+  TN_INLINE_MEMBER Lanes& operator+=(const Lanes& o) {
+    v += o.v;
+    return *this;
+  }
+};
+
+#define TN_LANES_OP(OP)                                                     \
+  template <typename T>                                                     \
+  TN_INLINE Lanes<T> operator OP(const Lanes<T>& a, const Lanes<T>& b) {    \
+    Lanes<T> out;                                                           \
+    out.v = a.v OP b.v;                                                     \
+    return out;                                                             \
+  }
+TN_LANES_OP(+)
+TN_LANES_OP(-)
+TN_LANES_OP(*)
+TN_LANES_OP(/)
+#undef TN_LANES_OP
+
+// with a scalar constant (packed_math.h's cores write S(0.5) * x, x / S(3), S(1) / x)
+template <typename T>
+TN_INLINE Lanes<T> operator*(T s, const Lanes<T>& a) {
+  Lanes<T> out;
+  out.v = s * a.v;
+  return out;
+}
+template <typename T>
+TN_INLINE Lanes<T> operator/(const Lanes<T>& a, T s) {
+  Lanes<T> out;
+  out.v = a.v / s;
+  return out;
+}
+template <typename T>
+TN_INLINE Lanes<T> operator/(T s, const Lanes<T>& a) {
+  Lanes<T> out;
+  out.v = s / a.v;
+  return out;
+}
+
+}  // namespace
+
+template <typename T>
+struct tn_math::ScalarOf<Lanes<T>> {
+  typedef T type;
+};
+
+namespace {
+
+// the 10 components of kLanes channels f..f + kLanes of one atom (stride: the channel count)
+template <typename T>
+TN_INLINE void load_lanes(const T* p, int64_t stride, Lanes<T> v[kComps]) {
+  for (int c = 0; c < kComps; ++c) {
+    std::memcpy(&v[c].v, p + c * stride, sizeof(v[c].v));
+  }
+}
+
+template <typename T>
+TN_INLINE void store_lanes(const Lanes<T> v[kComps], T* p, int64_t stride) {
+  for (int c = 0; c < kComps; ++c) {
+    std::memcpy(p + c * stride, &v[c].v, sizeof(v[c].v));
+  }
 }
 
 // out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half), for the
@@ -624,7 +712,15 @@ TN_INLINE void packed_product(const T* a, const T* b, T* out, int64_t f_len, boo
                               int64_t a0, int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
     const int64_t base = n * kComps * f_len;
-    for (int64_t f = 0; f < f_len; ++f) {
+    int64_t f = 0;
+    for (; f + kLanes <= f_len; f += kLanes) {
+      Lanes<T> pa[kComps], pb[kComps], pc[kComps];
+      load_lanes(a + base + f, f_len, pa);
+      load_lanes(b + base + f, f_len, pb);
+      tn_math::product_values(pa, pb, pc, symmetric);
+      store_lanes(pc, out + base + f, f_len);
+    }
+    for (; f < f_len; ++f) {
       tn_math::product(a + base + f, b + base + f, out + base + f, f_len, symmetric);
     }
   }
@@ -637,7 +733,18 @@ TN_INLINE void packed_product_grad(const T* grad, const T* a, const T* b, T* g_a
                                    int64_t f_len, bool symmetric, int64_t a0, int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
     const int64_t base = n * kComps * f_len;
-    for (int64_t f = 0; f < f_len; ++f) {
+    int64_t f = 0;
+    for (; f + kLanes <= f_len; f += kLanes) {
+      Lanes<T> pg[kComps], pa[kComps], pb[kComps], da[kComps], db[kComps];
+      load_lanes(grad + base + f, f_len, pg);
+      load_lanes(a + base + f, f_len, pa);
+      load_lanes(b + base + f, f_len, pb);
+      tn_math::product_grad_values(pg, pa, pb, g_a == nullptr ? nullptr : da,
+                                   g_b == nullptr ? nullptr : db, symmetric);
+      if (g_a != nullptr) store_lanes(da, g_a + base + f, f_len);
+      if (g_b != nullptr) store_lanes(db, g_b + base + f, f_len);
+    }
+    for (; f < f_len; ++f) {
       tn_math::product_grad(grad + base + f, a + base + f, b + base + f,
                             g_a == nullptr ? nullptr : g_a + base + f,
                             g_b == nullptr ? nullptr : g_b + base + f, f_len, symmetric);
@@ -801,7 +908,14 @@ template <typename T>
 TN_INLINE void normalize(const T* p, T* out, int64_t f_len, int64_t a0, int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
     const int64_t base = n * kComps * f_len;
-    for (int64_t f = 0; f < f_len; ++f) tn_math::normalize(p + base + f, out + base + f, f_len);
+    int64_t f = 0;
+    for (; f + kLanes <= f_len; f += kLanes) {
+      Lanes<T> v[kComps], o[kComps];
+      load_lanes(p + base + f, f_len, v);
+      tn_math::normalize_values(v, o);
+      store_lanes(o, out + base + f, f_len);
+    }
+    for (; f < f_len; ++f) tn_math::normalize(p + base + f, out + base + f, f_len);
   }
 }
 
@@ -810,7 +924,15 @@ TN_INLINE void normalize_grad(const T* grad, const T* p, T* g_p, int64_t f_len, 
                               int64_t a1) {
   for (int64_t n = a0; n < a1; ++n) {
     const int64_t base = n * kComps * f_len;
-    for (int64_t f = 0; f < f_len; ++f) {
+    int64_t f = 0;
+    for (; f + kLanes <= f_len; f += kLanes) {
+      Lanes<T> g[kComps], v[kComps], o[kComps];
+      load_lanes(grad + base + f, f_len, g);
+      load_lanes(p + base + f, f_len, v);
+      tn_math::normalize_grad_values(g, v, o);
+      store_lanes(o, g_p + base + f, f_len);
+    }
+    for (; f < f_len; ++f) {
       tn_math::normalize_grad(grad + base + f, p + base + f, g_p + base + f, f_len);
     }
   }
