@@ -16,6 +16,7 @@ from tensornet_openmm import create_force
 from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
 from tensornet_openmm.forces import load_system, make_torch_force, save_system
 from tensornet_openmm.neighbors import neighbor_pairs
+from tensornet_openmm.nn import layers
 from tensornet_openmm.units import EV_TO_KJ_PER_MOL
 
 PLATFORMS = ["Reference", "CPU"]
@@ -202,6 +203,32 @@ def test_self_pair_terms_are_computed_once_at_export(fused):
         assert "aten::cos" not in {event.name for event in prof.events()}
     stored.model.layers[0].self_radial.mul_(1.5)
     assert not torch.equal(torch.jit.freeze(script(stored).eval())(x)[0], e_stored)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
+def test_a_small_molecule_pairs_run_as_one_block_without_splitting(fused, monkeypatch):
+    """The pair loops take a small molecule's pairs whole: no split operator and no gradient
+    gathered back from blocks (SplitBackward) in a force call; several blocks, where they are
+    made, give the same energy and forces."""
+    model = small_model()
+    z, pos = molecule()
+    x = torch.tensor(pos, dtype=torch.float64)
+    whole = TensorNetForce(model, z, outputs_forces=True, fused_kernels=fused)
+    whole = torch.jit.freeze(script(whole).eval())
+    energy, forces = whole(x)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
+        whole(x)
+    splits = [e.input_shapes[0] for e in prof.events() if e.name.startswith("aten::split")]
+    assert splits and all(shape[0] == len(z) for shape in splits)  # per-atom parts only
+    assert "SplitBackward0" not in {event.name for event in prof.events()}
+    for name in ("_block_elements", "_fused_block_elements"):  # 3 pairs per block
+        monkeypatch.setattr(layers, name, lambda: 10 * model.config.hidden_channels * 3)
+    blocks = TensorNetForce(model, z, outputs_forces=True, fused_kernels=fused)
+    e_blocks, f_blocks = torch.jit.freeze(script(blocks).eval())(x)
+    torch.testing.assert_close(e_blocks, energy, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f_blocks, forces, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(

@@ -166,11 +166,20 @@ def _message_dot(adj: list[Tensor], to: Tensor, filters: Tensor, rows: list[Tens
     return total
 
 
+def _chunks(t: Tensor, block: int) -> list[Tensor]:
+    """``t`` split into blocks of ``block`` rows; ``[t]`` itself when one block holds it all (a
+    small molecule's pairs): no split operator, and no gradient to gather back from the blocks
+    (four operators and two autograd nodes per layer at 22 atoms)."""
+    if t.shape[0] <= block:
+        return [t]
+    return t.split(block)
+
+
 def _blocks(vec: Optional[Tensor], pairs: int, block: int) -> list[Optional[Tensor]]:
     """The pair vectors split into blocks of ``block`` (None for each block without them)."""
     out: list[Optional[Tensor]] = []
     if vec is not None:
-        for v in vec.split(block):
+        for v in _chunks(vec, block):
             out.append(v)
         return out
     for _ in range((pairs + block - 1) // block if pairs > 0 else 1):
@@ -399,8 +408,8 @@ class TensorEmbedding(_RadialLayer):
                 geom = algebra.packed_geometry(rhat)
             packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
             for i, j, cut_b, basis_b, geom_b, vec_b in zip(  # noqa: B905 (TorchScript's zip...)
-                src.split(block), dst.split(block), cut.split(block), basis.split(block),
-                geom.split(block), _blocks(vec, src.shape[0], block),
+                _chunks(src, block), _chunks(dst, block), _chunks(cut, block),
+                _chunks(basis, block), _chunks(geom, block), _blocks(vec, src.shape[0], block),
             ):  # fmt: skip
                 packed = packed + self.pair_kernels.embedding_sums(
                     self._pair_radial(cut_b, basis_b, vec_b, True), z_recv, z_send, geom_b, i, j,
@@ -411,8 +420,8 @@ class TensorEmbedding(_RadialLayer):
         # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
         sums = self.new_sums(z_recv)
         for i, j, cut_b, basis_b, u, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
-            src.split(block), dst.split(block), cut.split(block), basis.split(block),
-            rhat.split(block), _blocks(vec, src.shape[0], block),
+            _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
+            _chunks(rhat, block), _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
             self.add_block(sums, i, j, cut_b, u, basis_b, z_recv, z_send, half, vec_b)
         return self.finish(z_recv, z_send, sums, self_basis)
@@ -537,7 +546,7 @@ class Interaction(_RadialLayer):
         x, parts = self.prepare(x)
         msg = self.self_messages(parts, self_basis)  # the self pair, then sum_j f(ij) y_j
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
-            src.split(block), dst.split(block), cut.split(block), basis.split(block),
+            _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
             _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
             self.add_block(msg, i, j, cut_b, basis_b, parts, half, vec_b)
@@ -570,7 +579,7 @@ class Interaction(_RadialLayer):
         msg = y * self.self_radial_functions(self_basis).index_select(1, kernels.group)
         block = pair_block(src.shape[0], self.hidden_channels, x.device, True)
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
-            src.split(block), dst.split(block), cut.split(block), basis.split(block),
+            _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
             _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
             filters = self._pair_radial(cut_b, basis_b, vec_b, True)
