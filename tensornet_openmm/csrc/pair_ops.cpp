@@ -1112,6 +1112,17 @@ class Mlp : public torch::autograd::Function<Mlp> {
       at::AutoDispatchBelowADInplaceOrView guard;
       out = mlp_forward(basis, cut, weights, biases, activation, &z, &a);
     }
+    // the backward pass reads the activations a of a layer only for tanh's derivative, the
+    // parameters' gradients (every layer) and the scale's (the last layer): for SiLU with
+    // constant weights (a force call) the others are freed here, a quarter of what the network
+    // keeps per pair until the forces are done
+    bool params = false;
+    for (const at::Tensor& t : weights) params = params || t.requires_grad();
+    for (const at::Tensor& t : biases) params = params || t.requires_grad();
+    const size_t last = a.size() - 1;
+    for (size_t l = 0; l < last; ++l) {
+      if (!params && activation != kTanh) a[l] = at::Tensor();
+    }
     std::vector<at::Tensor> saved = {basis, cut};
     saved.insert(saved.end(), weights.begin(), weights.end());
     saved.insert(saved.end(), z.begin(), z.end());
@@ -1157,7 +1168,8 @@ class Mlp : public torch::autograd::Function<Mlp> {
       }
       at::Tensor d = g * cut.narrow(0, lo, n);
       for (int64_t l = layers - 1; l >= 0; --l) {
-        d = activation_backward(activation, d, z(l).narrow(0, lo, n), a(l).narrow(0, lo, n));
+        const at::Tensor a_rows = a(l).defined() ? a(l).narrow(0, lo, n) : at::Tensor();
+        d = activation_backward(activation, d, z(l).narrow(0, lo, n), a_rows);
         if (want_params) delta[l].narrow(0, lo, n).copy_(d);
         if (l == 0 && !want_basis) break;
         at::Tensor next =
