@@ -168,6 +168,24 @@ def _brute(pos: Tensor, cutoff: float, box: Optional[Tensor], half: bool, out: _
         out.add(i, j, _close(pos, i, j, torch.ones_like(i, dtype=torch.bool), cutoff, box, half))
 
 
+def _brute_half_at_once(positions: Tensor, cutoff: float, box: Optional[Tensor]) -> PairList:
+    """The dynamic brute-force half list when every candidate fits in one block (a small
+    molecule's): the same pairs, vectors and order as the general search (candidates (i, j > i)
+    in row-major order), with the candidates' vectors computed once and kept for the pairs found,
+    in a dozen operators instead of some thirty (alanine dipeptide: 231 candidates)."""
+    n = positions.shape[0]
+    candidates = torch.triu_indices(n, n, 1, device=positions.device)
+    d = positions[candidates[0]] - positions[candidates[1]]
+    if box is not None:
+        d = minimum_image(d, box)
+    square = d.detach() * d.detach()
+    keep = (square.sum(-1) < cutoff * cutoff).nonzero().squeeze(1)
+    vectors = d.index_select(0, keep)
+    count = torch.full((), keep.shape[0], dtype=torch.int64, device=positions.device)
+    pairs = candidates.index_select(1, keep)
+    return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)
+
+
 def _cells(pos: Tensor, cutoff: float, box: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Cell id of every atom (N,), the ids of its 27 neighbour cells (N, 27), cells per axis (3,).
 
@@ -286,6 +304,24 @@ def neighbor_pairs(
         raise ValueError("a fixed-capacity search needs at least one atom (padding uses atom 0)")
     if strategy == "auto":
         strategy = "cell" if positions.shape[0] >= cell_list_min_atoms() else "brute"
+    n = positions.shape[0]
+    if strategy == "brute" and capacity < 0 and half and n * (n - 1) // 2 <= _block_elements():
+        found = _brute_half_at_once(positions, cutoff, box)
+    else:
+        found = _search(positions, cutoff, box, capacity, strategy, cell_capacity, half)
+    return found
+
+
+def _search(
+    positions: Tensor,
+    cutoff: float,
+    box: Optional[Tensor],
+    capacity: int,
+    strategy: str,
+    cell_capacity: int,
+    half: bool,
+) -> PairList:
+    """:func:`neighbor_pairs` by blocks of candidates (brute), cells or torch-cluster."""
     out = _Compactor(capacity, positions.device, positions.shape[0])
     with torch.no_grad():
         if strategy == "brute":

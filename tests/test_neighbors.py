@@ -238,3 +238,22 @@ def test_bad_boxes_are_clear_errors(box, message):
     with pytest.raises(ValueError, match=message):
         check_box(torch.tensor(box), 5.0)
     check_box(torch.tensor(TRICLINIC), 5.0)  # a good one passes
+
+
+@pytest.mark.parametrize("box_name", ["free", "triclinic"])
+def test_one_block_half_search_equals_the_blocked_search(box_name, monkeypatch):
+    """A small molecule's dynamic half list is searched in one go (the candidates' vectors kept
+    for the pairs found): the same pairs, order, vectors and gradients as the search by blocks."""
+    rng = np.random.default_rng(9)
+    box = None if BOXES[box_name] is None else torch.tensor(BOXES[box_name])
+    pos = torch.tensor(rng.uniform(-1, 11, size=(60, 3))).requires_grad_(True)
+    seed = torch.tensor(rng.normal(size=(60 * 59 // 2, 3)))
+    results = []
+    for block in (neighbors._block_elements(), 50):  # one block; then one row per block
+        monkeypatch.setattr(neighbors, "_block_elements", lambda b=block: b)
+        found = neighbor_pairs(pos, 5.0, box, strategy="brute", half=True)
+        (grad,) = torch.autograd.grad((found.vectors * seed[: found.vectors.shape[0]]).sum(), pos)
+        results.append((found.edge_index, found.vectors.detach(), found.num_pairs, grad))
+    assert results[0][0].shape[1] > 100
+    for once, blocked in zip(results[0], results[1], strict=True):
+        assert torch.equal(once, blocked)
