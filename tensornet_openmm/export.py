@@ -155,8 +155,9 @@ class TensorNetForce(nn.Module):
 
     def energy_and_overflow(
         self, positions: Tensor, box: Optional[Tensor]
-    ) -> tuple[Tensor, Tensor]:
-        """Energy (kJ/mol, model dtype) of the ML atoms, and whether the pair slots overflowed."""
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Energy (kJ/mol, model dtype) of the ML atoms, and whether the pair slots overflowed
+        (None where they cannot: the dynamic pair list, off CUDA)."""
         pos = positions.to(self.dtype)
         if self.use_subset:
             pos = pos[self.atoms]
@@ -184,7 +185,9 @@ class TensorNetForce(nn.Module):
             energy = self.model(
                 self.z, pos, pairs.edge_index, pairs.vectors, None, charge, 1, half=True
             )
-        overflow = pairs.num_pairs > capacity if capacity >= 0 else torch.zeros_like(pos[0, 0] > 0)
+        overflow: Optional[Tensor] = None
+        if capacity >= 0:
+            overflow = pairs.num_pairs > capacity
         return energy[0] * self.ev_to_kj_per_mol, overflow
 
     def forward(
@@ -200,13 +203,16 @@ class TensorNetForce(nn.Module):
             positions = positions.detach().requires_grad_(True)
         energy, failed = self.energy_and_overflow(positions, box)
         # failures make energy and forces NaN without a host synchronisation (CUDA graphs):
-        # a pair-list overflow, or a box (NPT) that shrank below twice the cutoff
+        # a pair-list overflow, or a box (NPT) that shrank below twice the cutoff (neither can
+        # happen to a dynamic pair list without a box: nothing to check then)
         if box is not None:
             widths = torch.stack((box[0, 0], box[1, 1], box[2, 2])) * self.nm_to_angstrom
-            failed = failed | (widths.min() < 2.0 * self.cutoff)
-        # the zero term ties every particle to the factor, so on failure all forces are NaN
-        tie = 0.0 * positions.sum().to(energy.dtype)
-        energy = (energy + tie) * torch.where(failed, math.nan, 1.0).to(energy.dtype)
+            small = widths.min() < 2.0 * self.cutoff
+            failed = small if failed is None else failed | small
+        if failed is not None:
+            # the zero term ties every particle to the factor, so on failure all forces are NaN
+            tie = 0.0 * positions.sum().to(energy.dtype)
+            energy = (energy + tie) * torch.where(failed, math.nan, 1.0).to(energy.dtype)
         if scale is not None:
             energy = energy * scale.to(energy.dtype)
         forces = torch.zeros_like(positions)
