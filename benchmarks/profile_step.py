@@ -4,7 +4,10 @@ For each system the ML force's work is timed piece by piece with the same script
 TorchForce runs (half pair list: dynamic on the CPU; on CUDA, or with ``--fixed``, padded to the
 fixed capacity that ``create_force`` gives it for CUDA graphs), then a whole LangevinMiddle step
 of the OpenMM System is timed; the remainder is OpenMM's share (integration, MM forces, the
-TorchForce's copies and calling overhead). On CUDA the forward and backward are also captured in
+TorchForce's copies and calling overhead). Then the System's forces are timed by force group in
+that context (our force, then the MM forces), each after itself and each right after the other,
+as a step runs them: on a small CPU each pays for the caches and idle threads the other leaves.
+On CUDA the forward and backward are also captured in
 a CUDA graph of PyTorch's own and replayed (column ``graph``): against ``forward + backward``, what
 replaying costs outside OpenMM. Medians over ``--repeats`` calls.
 
@@ -43,6 +46,19 @@ def _median_ms(fn, repeats: int, sync) -> float:
         start = time.perf_counter()
         fn()
         sync()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def _after_ms(first, then, repeats: int) -> float:
+    """Median ms of ``then`` run right after ``first``, each time (``first`` not timed)."""
+    first()
+    then()
+    times = []
+    for _ in range(repeats):
+        first()
+        start = time.perf_counter()
+        then()
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
 
@@ -144,6 +160,8 @@ def profile(
         system = tn.create_ml_system(topology, model, positions=positions)
     else:
         system = tn.create_mixed_system(topology, mm_system, ml_atoms, model, positions=positions)
+    for force in system.getForces():  # group 1: our force; 0: the MM forces (if any)
+        force.setForceGroup(1 if force.getName() == "TensorNet" else 0)
     integrator = openmm.LangevinMiddleIntegrator(300 * u.kelvin, 1 / u.picosecond, 0.001)
     properties = {"Threads": str(torch.get_num_threads())} if platform == "CPU" else {}
     context = openmm.Context(
@@ -158,11 +176,19 @@ def profile(
         context.getState(getPositions=True)
 
     step_ms = _median_ms(step, repeats, lambda: None)
+
+    def group(index: int):
+        return lambda: context.getState(getForces=True, groups={index})
+
+    ml_ms = _median_ms(group(1), repeats, lambda: None)
+    mm_ms = _median_ms(group(0), repeats, lambda: None)
     return {
         "system": system_name, "atoms": topology.getNumAtoms(), "ml_atoms": len(atoms),
         "pairs": int(pairs.num_pairs), "slots": int(pairs.edge_index.shape[1]), "search": nl_ms,
         "forward": fwd_ms, "backward": fwd_bwd_ms - fwd_ms, "graph": graph_ms,
         "openmm": step_ms - nl_ms - fwd_bwd_ms, "step": step_ms, "nodes": nodes,
+        "ml": ml_ms, "ml|mm": _after_ms(group(0), group(1), repeats),
+        "mm": mm_ms, "mm|ml": _after_ms(group(1), group(0), repeats),
     }  # fmt: skip
 
 
@@ -191,6 +217,7 @@ def main(argv=None):
           f"{args.layers} layers, {args.rbf} rbf, cutoff {args.cutoff} A, float32; "
           "ms per step (median), half pair list")  # fmt: skip
     keys = ["search", "forward", "backward", "graph", "openmm", "step"]
+    keys += ["ml", "ml|mm", "mm", "mm|ml"]
     print(f"{'system':12s} {'atoms':>6s} {'ML':>5s} {'pairs':>7s} {'slots':>7s} "
           + " ".join(f"{k:>9s}" for k in keys))  # fmt: skip
     for r in rows:
@@ -198,7 +225,10 @@ def main(argv=None):
         print(f"{r['system']:12s} {r['atoms']:6d} {r['ml_atoms']:5d} {r['pairs']:7d} "
               f"{r['slots']:7d} {cells}")  # fmt: skip
     print("search + forward + backward: the ML force (eager); graph: forward + backward replayed "
-          "from a CUDA graph (CUDA only); openmm: the rest of the step")  # fmt: skip
+          "from a CUDA graph (CUDA only); openmm: the rest of the step. In the OpenMM context, "
+          "forces by force group (getState): ml, our force after itself; ml|mm, right after the "
+          "MM forces; mm, the MM forces after themselves; mm|ml, right after ours: the step "
+          "runs them in turn, so ml|mm + mm|ml against ml + mm is what the turns cost")  # fmt: skip
     for r in rows:
         if r["nodes"]:
             print(f"{r['system']} graph: {r['nodes']}")

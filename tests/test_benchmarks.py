@@ -199,3 +199,22 @@ def test_graph_nodes_reads_a_cuda_graph_dump():
         "tn_cuda::(anonymous namespace)::messages_kernel x1, gemv2T_kernel_val x1"
     )
     assert profile_step.graph_nodes("digraph dot {}") == "0 nodes; kernels: names not found"
+
+
+def test_profile_step_times_a_force_group_right_after_the_other(monkeypatch):
+    """The in-context columns (ml|mm, mm|ml) time the second call alone, each one right after
+    the first: what a step's turns cost."""
+    profile_step = pytest.importorskip("profile_step")
+    calls, now = [], [0.0]
+    monkeypatch.setattr(profile_step.time, "perf_counter", lambda: now[0])
+
+    def first():
+        calls.append("first")
+        now[0] += 1.0  # first's own second, never counted
+
+    def then():
+        calls.append("then")
+        now[0] += 0.003
+
+    assert profile_step._after_ms(first, then, 4) == pytest.approx(3.0)
+    assert calls == ["first", "then"] * 5
