@@ -178,8 +178,8 @@ def _brute_half_at_once(positions: Tensor, cutoff: float, box: Optional[Tensor])
     d = positions[candidates[0]] - positions[candidates[1]]
     if box is not None:
         d = minimum_image(d, box)
-    square = d.detach() * d.detach()
-    keep = (square.sum(-1) < cutoff * cutoff).nonzero().squeeze(1)
+    fixed = d.detach()
+    keep = ((fixed * fixed).sum(-1) < cutoff * cutoff).nonzero().squeeze(1)
     vectors = d.index_select(0, keep)
     count = torch.full((), keep.shape[0], dtype=torch.int64, device=positions.device)
     pairs = candidates.index_select(1, keep)

