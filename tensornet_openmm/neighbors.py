@@ -101,13 +101,19 @@ def minimum_image(d: Tensor, box: Tensor) -> Tensor:
     return d - torch.round(d[..., 0:1] / box[0, 0]) * box[0]
 
 
+def _displacements(pos: Tensor, i: Tensor, j: Tensor, box: Optional[Tensor]) -> Tensor:
+    """r_ij = pos[i] - pos[j] of the pairs (i, j), under minimum image when there is a box."""
+    d = pos[i] - pos[j]
+    if box is not None:
+        d = minimum_image(d, box)
+    return d
+
+
 def _close(
     pos: Tensor, i: Tensor, j: Tensor, ok: Tensor, cutoff: float, box: Optional[Tensor], half: bool
 ):
     """Mask of the candidates (i, j) that are valid, distinct (i < j if half) and within cutoff."""
-    d = pos[i] - pos[j]
-    if box is not None:
-        d = minimum_image(d, box)
+    d = _displacements(pos, i, j, box)
     order = (i < j) if half else (i != j)
     return ok & order & ((d * d).sum(-1) < cutoff * cutoff)
 
@@ -175,9 +181,7 @@ def _brute_half_at_once(positions: Tensor, cutoff: float, box: Optional[Tensor])
     in a dozen operators instead of some thirty (alanine dipeptide: 231 candidates)."""
     n = positions.shape[0]
     candidates = torch.triu_indices(n, n, 1, device=positions.device)
-    d = positions[candidates[0]] - positions[candidates[1]]
-    if box is not None:
-        d = minimum_image(d, box)
+    d = _displacements(positions, candidates[0], candidates[1], box)
     fixed = d.detach()
     keep = ((fixed * fixed).sum(-1) < cutoff * cutoff).nonzero().squeeze(1)
     vectors = d.index_select(0, keep)
@@ -345,9 +349,7 @@ def _search(
                 )
             _radius_graph(positions, cutoff, half, out)
     pairs, used, count = out.pairs()
-    vectors = positions[pairs[0]] - positions[pairs[1]]
-    if box is not None:
-        vectors = minimum_image(vectors, box)
+    vectors = _displacements(positions, pairs[0], pairs[1], box)
     if capacity >= 0:
         # fill_, not item assignment: TorchScript would copy the number from the host, which a
         # CUDA graph capture refuses

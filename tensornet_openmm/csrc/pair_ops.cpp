@@ -1121,9 +1121,8 @@ class Mlp : public torch::autograd::Function<Mlp> {
     bool params = false;
     for (const at::Tensor& t : weights) params = params || t.requires_grad();
     for (const at::Tensor& t : biases) params = params || t.requires_grad();
-    const size_t last = a.size() - 1;
-    for (size_t l = 0; l < last; ++l) {
-      if (!params && activation != kTanh) a[l] = at::Tensor();
+    if (!params && activation != kTanh) {
+      for (size_t l = 0; l + 1 < a.size(); ++l) a[l] = at::Tensor();
     }
     std::vector<at::Tensor> saved = {basis, cut};
     saved.insert(saved.end(), weights.begin(), weights.end());
