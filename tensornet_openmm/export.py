@@ -120,7 +120,7 @@ class TensorNetForce(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         # the low-memory path has its own pair loops, in PyTorch
-        self.fused_kernels = use_fused_kernels(self.model, fused_kernels and not low_memory)
+        self.fused_kernels = use_fused_kernels(self.model, fused_kernels)
         self.radial_tables = ""  # what tabulate_radial made, for logs and metadata
         if radial_tables is not None:
             self.radial_tables = describe(tabulate_radial(self.model, radial_tables))

@@ -7,6 +7,7 @@ import torch
 from helpers import all_pairs, assert_close, energy_forces, random_molecule
 
 from tensornet_openmm import TensorNet
+from tensornet_openmm.nn import kernels
 
 
 def _model(group="O(3)", layers=2, **kw):
@@ -249,14 +250,21 @@ def test_lean_message_sums_keep_no_pair_message_alive(monkeypatch):
 
 
 @pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("variant", ["plain", "charged", "mean-atomref"])
-def test_low_memory_gradient_equals_autograd(half, variant):
+@pytest.mark.parametrize("variant", ["plain", "charged", "mean-atomref", "SO(3)"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_low_memory_gradient_equals_autograd(half, variant, fused):
     """energy_and_gradient (pair terms recomputed block by block) gives autograd's energy and
-    pair-vector gradient in float64, eager and scripted, whatever the block size."""
+    pair-vector gradient in float64, eager and scripted, whatever the block size; with the fused
+    kernels too, whose per-atom algebra is differentiated a chunk of ``block`` atoms at a time
+    (blocks of 1 and 37 pairs: 30 chunks and one)."""
     options = {"reduce_op": "mean", "atomref_size": 10} if variant == "mean-atomref" else {}
+    if variant == "SO(3)":
+        options = {"equivariance_invariance_group": "SO(3)"}
     torch.manual_seed(3)
     model = TensorNet(hidden_channels=16, num_layers=2, num_rbf=8, max_z=10, cutoff_upper=4.0,
                       dtype=torch.float64, **options)  # fmt: skip
+    if fused:
+        assert kernels.use_fused_kernels(model)
     with torch.no_grad():
         model.atomref.normal_()
         model.mean.fill_(0.3)
@@ -276,10 +284,14 @@ def test_low_memory_gradient_equals_autograd(half, variant):
             assert_close(grad, expected)
 
 
-def test_low_memory_gradient_keeps_nothing_pair_sized():
+@pytest.mark.parametrize("fused", [False, True])
+def test_low_memory_gradient_keeps_nothing_pair_sized(fused):
     """With blocks of 16 pairs, no tensor saved for a backward pass is larger than an atoms' or a
-    block's (n or 16, 10, F); the autograd path saves pair-sized ones."""
+    block's (n or 16, 10, F); the autograd path saves pair-sized ones. With the fused kernels the
+    per-atom algebra's gradients go 16 atoms at a time: nothing saved is atom-sized either."""
     model = _model()
+    if fused:
+        assert kernels.use_fused_kernels(model)
     n, f = 40, 16
     z, pos = random_molecule(n, spread=2.5, min_distance=0.7)
     edges = all_pairs(torch.zeros_like(z))
@@ -287,14 +299,20 @@ def test_low_memory_gradient_keeps_nothing_pair_sized():
     assert edges.shape[1] > 500
     vec = pos[edges[0]] - pos[edges[1]]
     sizes = []
+    atom_sized = set()  # storages of the atom-sized tensors saved
 
     def pack(t):
         sizes.append(t.numel())
+        if t.numel() > 16 * 10 * f:
+            atom_sized.add(t.untyped_storage().data_ptr())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.energy_and_gradient(z, edges, vec, None, True, 16)
     assert sizes and max(sizes) <= n * 10 * f
+    if fused:  # atom-sized: each layer's Y, which every block's message sums read, and the
+        # last X, which the head reads
+        assert len(atom_sized) <= len(model.layers) + 1
     sizes.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         x = vec.clone().requires_grad_(True)

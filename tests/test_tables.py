@@ -177,20 +177,21 @@ def test_force_with_tables_is_close_to_the_exact_model():
     assert _energy_forces(script(spoiled), pos_nm)[0] == e0
 
 
-@pytest.mark.parametrize("path", ["pytorch", "low_memory"])
+@pytest.mark.parametrize("path", ["pytorch", "low_memory", "low_memory_fused"])
 def test_every_path_reads_the_tables(path):
-    """Without the fused kernels, and with low_memory (its own pair loops and adjoint), a force
-    with tables gives the fused kernels' tabulated energy and forces (float64), not the exact
-    ones."""
+    """Without the fused kernels, and with low_memory (its own pair loops and adjoint, with
+    PyTorch or the fused kernels), a force with tables gives the fused kernels' tabulated energy
+    and forces (float64), not the exact ones."""
     model = small_model(cutoff=5.0, hidden_channels=16, num_rbf=16)
     z, pos = random_molecule(14, spread=3.0)
     pos_nm = pos / 10.0
-    options = {"fused_kernels": False, "low_memory": path == "low_memory"}
+    fused = path == "low_memory_fused"
+    options = {"fused_kernels": fused, "low_memory": path.startswith("low_memory")}
     e_fused, f_fused = _energy_forces(
         script(TensorNetForce(model, z.tolist(), fused_kernels=True, radial_tables=1e-5)), pos_nm
     )
     module = TensorNetForce(model, z.tolist(), radial_tables=1e-5, **options)
-    assert not module.fused_kernels and module.radial_tables
+    assert module.fused_kernels == fused and module.radial_tables
     e, f = _energy_forces(script(module), pos_nm)
     e_exact, _ = _energy_forces(script(TensorNetForce(model, z.tolist(), **options)), pos_nm)
     assert e == pytest.approx(e_fused, rel=1e-12) and e != pytest.approx(e_exact, rel=1e-12)

@@ -379,6 +379,30 @@ class TensorEmbedding(_RadialLayer):
         sym = self.linears_tensor[2](x.narrow(1, 4, 6).contiguous()) * g_s.unsqueeze(1)  # S of x
         return torch.cat((iso.unsqueeze(1), vec, sym), dim=1)  # packed (n, 10, F)
 
+    def fused_sums(
+        self,
+        i: Tensor,
+        j: Tensor,
+        cut: Tensor,
+        basis: Tensor,
+        geom: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        half: bool,
+        vec: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The pair sums of one block of pairs with the fused kernels, packed (n, 10, F)
+        (``geom``: the pairs' (1, rhat, packed rhat rhat^T))."""
+        radial = self._pair_radial(cut, basis, vec, True)
+        return self.pair_kernels.embedding_sums(radial, z_recv, z_send, geom, i, j, half)
+
+    def fused_finish(
+        self, z_recv: Tensor, z_send: Tensor, packed: Tensor, self_basis: Tensor
+    ) -> Tensor:
+        """:meth:`finish` from packed pair sums (n, 10, F)."""
+        sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
+        return self.finish(z_recv, z_send, sums, self_basis)
+
     def new_sums(self, like: Tensor) -> list[Tensor]:
         """Zeroed pair sums for ``like``'s atoms: (n, F), (n, 3, F), (n, 6, F)."""
         n, f = like.shape[0], self.hidden_channels
@@ -411,12 +435,10 @@ class TensorEmbedding(_RadialLayer):
                 _chunks(src, block), _chunks(dst, block), _chunks(cut, block),
                 _chunks(basis, block), _chunks(geom, block), _blocks(vec, src.shape[0], block),
             ):  # fmt: skip
-                packed = packed + self.pair_kernels.embedding_sums(
-                    self._pair_radial(cut_b, basis_b, vec_b, True), z_recv, z_send, geom_b, i, j,
-                    half,
-                )  # fmt: skip
-            sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
-            return self.finish(z_recv, z_send, sums, self_basis)
+                packed = packed + self.fused_sums(
+                    i, j, cut_b, basis_b, geom_b, z_recv, z_send, half, vec_b
+                )
+            return self.fused_finish(z_recv, z_send, packed, self_basis)
         # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
         sums = self.new_sums(z_recv)
         for i, j, cut_b, basis_b, u, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
@@ -573,17 +595,47 @@ class Interaction(_RadialLayer):
     ) -> Tensor:
         """:meth:`forward` with the fused kernels: packed tensors throughout, the messages,
         channel mixing and 3x3 products each one operator."""
-        kernels = self.pair_kernels
-        x = kernels.normalize(x)
-        y = kernels.mix(x, self._mix_weights(0))
-        msg = y * self.self_radial_functions(self_basis).index_select(1, kernels.group)
+        x, y = self.fused_prepare(x)
+        msg = self.fused_self_messages(y, self_basis)
         block = pair_block(src.shape[0], self.hidden_channels, x.device, True)
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
             _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
-            filters = self._pair_radial(cut_b, basis_b, vec_b, True)
-            msg = msg + kernels.messages(y, filters, i, j, half)
+            msg = msg + self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
+        return self.fused_finish(x, y, msg, charge_factor)
+
+    def fused_prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`prepare` with the fused kernels: normalised X and Y = W X, both packed."""
+        x = self.pair_kernels.normalize(x)
+        return x, self.pair_kernels.mix(x, self._mix_weights(0))
+
+    def fused_self_messages(self, y: Tensor, self_basis: Tensor) -> Tensor:
+        """The self pair's messages f(0) Y_i, packed."""
+        f0 = self.self_radial_functions(self_basis)
+        return y * f0.index_select(1, self.pair_kernels.group)
+
+    def fused_messages(
+        self,
+        y: Tensor,
+        i: Tensor,
+        j: Tensor,
+        cut: Tensor,
+        basis: Tensor,
+        half: bool,
+        vec: Optional[Tensor] = None,
+    ) -> Tensor:
+        """sum_j f(ij) Y_j over one block of pairs (i, j) (and f(ij) Y_i onto j if ``half``),
+        packed (n, 10, F)."""
+        filters = self._pair_radial(cut, basis, vec, True)
+        return self.pair_kernels.messages(y, filters, i, j, half)
+
+    def fused_finish(
+        self, x: Tensor, y: Tensor, msg: Tensor, charge_factor: Optional[Tensor]
+    ) -> Tensor:
+        """The new X from the normalised X, Y and every message (the self pair's included),
+        packed: the 3x3 products, normalisation and mixing of :meth:`finish`."""
+        kernels = self.pair_kernels
         if self.o3:
             c = _charged(kernels.product(msg, y, True), charge_factor)
         else:

@@ -165,13 +165,7 @@ class TensorNet(nn.Module):
         self_basis = self._self_basis()  # (1, K)
         kernels = self.tensor_embedding.pair_kernels
         if kernels.applies(edge_vec):  # fused kernels: cutoff, geometry and basis in one pass
-            kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
-            if self._tabulated():  # the layers read tables: no basis functions needed
-                centers, widths = centers[:0], widths[:0]
-            cut, geom, basis = kernels.geometry(
-                edge_vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
-                self.cutoff_upper,
-            )  # fmt: skip
+            cut, geom, basis = self._fused_geometry(edge_vec)
             x = self.tensor_embedding(
                 z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom, edge_vec
             )
@@ -193,6 +187,17 @@ class TensorNet(nn.Module):
             if layer.radial_table.numel() == 0:
                 return False
         return True
+
+    def _fused_geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Cosine cutoff (P,), packed geometry (P, 10) and radial basis (P, K) of pair vectors
+        in one operator (the fused kernels); no basis where every layer reads a table."""
+        kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
+        if self._tabulated():  # the layers read tables: no basis functions needed
+            centers, widths = centers[:0], widths[:0]
+        return self.tensor_embedding.pair_kernels.geometry(
+            edge_vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
+            self.cutoff_upper,
+        )  # fmt: skip
 
     def _geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Cosine cutoff (P,), unit vectors (P, 3) and radial basis (P, K) of pair vectors; the
@@ -240,6 +245,25 @@ class TensorNet(nn.Module):
             charge_factor = torch.ones(n, dtype=vec.dtype, device=vec.device) * (
                 1.0 + 0.1 * total_charge.to(vec.dtype)
             )
+        if self.tensor_embedding.pair_kernels.applies(vec):
+            result = self._fused_energy_and_gradient(z, src, dst, vec, charge_factor, half, block)
+        else:  # one return: TorchScript cannot script a return before the ``with`` blocks
+            result = self._plain_energy_and_gradient(z, src, dst, vec, charge_factor, half, block)
+        return result
+
+    def _plain_energy_and_gradient(
+        self,
+        z: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        vec: Tensor,
+        charge_factor: Optional[Tensor],
+        half: bool,
+        block: int,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`energy_and_gradient` with PyTorch's operators: the pair terms of a block as
+        (block, 10, F) tensors, the per-atom algebra on full 3x3 matrices."""
+        n = z.shape[0]
         if block <= 0:
             block = low_memory_block(self.tensor_embedding.hidden_channels, vec.device)
         emb = self.tensor_embedding
@@ -318,6 +342,121 @@ class TensorNet(nn.Module):
             start += v.shape[0]
         return no_history(energy), grad_vec
 
+    def _fused_energy_and_gradient(
+        self,
+        z: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        vec: Tensor,
+        charge_factor: Optional[Tensor],
+        half: bool,
+        block: int,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`energy_and_gradient` with the fused kernels: the pair sums of a block are one
+        operator each way (no (block, 10, F) tensors), so blocks are larger
+        (:func:`fused_low_memory_block`), and the per-atom algebra is packed throughout."""
+        n = z.shape[0]
+        # atoms per chunk of the per-atom algebra's gradients: ``block`` where it is given
+        chunk = block if block > 0 else low_memory_block(self.tensor_embedding.hidden_channels,
+                                                         vec.device)  # fmt: skip
+        if block <= 0:
+            block = fused_low_memory_block(self.tensor_embedding.hidden_channels, n, vec.device)
+        emb = self.tensor_embedding
+        i_blocks, j_blocks, v_blocks = src.split(block), dst.split(block), vec.split(block)
+        # 1. forward without a graph, keeping each layer's input X and its pair sums
+        inputs: list[Tensor] = []
+        sums: list[Tensor] = []
+        with torch.no_grad():
+            self_basis = self._self_basis()
+            z_recv, z_send = emb.species_terms(z)
+            first = z_recv.new_zeros((n, 10, emb.hidden_channels))
+            for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+                cut, geom, basis = self._fused_geometry(v)
+                first = first + emb.fused_sums(i, j, cut, basis, geom, z_recv, z_send, half, v)
+            x = emb.fused_finish(z_recv, z_send, first, self_basis)
+            for layer in self.layers:
+                inputs.append(x)
+                x_norm, y = layer.fused_prepare(x)
+                pair_sum = torch.zeros_like(y)
+                for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+                    cut, _, basis = self._fused_geometry(v)
+                    pair_sum = pair_sum + layer.fused_messages(y, i, j, cut, basis, half, v)
+                sums.append(pair_sum)
+                msg = layer.fused_self_messages(y, self_basis) + pair_sum
+                x = layer.fused_finish(x_norm, y, msg, charge_factor)
+        # 2. the head: the energy and its gradient with respect to the last X
+        x = x.requires_grad_()
+        energy = self._head(x, z).sum()
+        if self.reduce_mean:
+            energy = energy / n
+        energy = energy + self.mean
+        adj_x = _grads([energy], [x], [torch.ones_like(energy)], False)[0]
+        # 3. backwards, one layer at a time. The per-atom algebra acts on each atom alone, so it
+        # is differentiated a chunk of atoms at a time: the adjoints of the layer's pair sums and
+        # of Y; then the pairs' terms again, block by block, for the vector-Jacobian products
+        # of the message sums (their operator's backward: to Y and to the filters); then the
+        # adjoint of X through the normalisation and Y = W X (the new X is the normalised X
+        # plus terms of Y and the messages alone, so that path is the identity)
+        grad_vec = torch.zeros_like(vec)
+        for k in range(len(inputs) - 1, -1, -1):
+            for index, interaction in enumerate(self.layers):  # TorchScript: ModuleList by loop
+                if index == k:
+                    with torch.no_grad():
+                        y_all = torch.empty_like(inputs[k])
+                    adj_sum = torch.empty_like(inputs[k])
+                    adj_y = torch.empty_like(inputs[k])
+                    for a0 in range(0, n, chunk):
+                        m = min(chunk, n - a0)
+                        with torch.no_grad():
+                            x_norm, y = interaction.fused_prepare(inputs[k].narrow(0, a0, m))
+                            y_all.narrow(0, a0, m).copy_(y)
+                        y_leaf = y.requires_grad_()
+                        sum_leaf = no_history(sums[k].narrow(0, a0, m)).requires_grad_()
+                        msg = interaction.fused_self_messages(y_leaf, self_basis) + sum_leaf
+                        x_out = interaction.fused_finish(
+                            x_norm, y_leaf, msg, _rows(charge_factor, a0, m)
+                        )
+                        adj = _grads([x_out], [sum_leaf, y_leaf], [adj_x.narrow(0, a0, m)], False)
+                        adj_sum.narrow(0, a0, m).copy_(adj[0])
+                        adj_y.narrow(0, a0, m).copy_(adj[1])
+                    sums[k] = y_all.new_zeros(0)  # the layer's pair sums are done with
+                    y_fixed = y_all.requires_grad_()
+                    start = 0
+                    for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+                        v = no_history(v).requires_grad_()
+                        cut, _, basis = self._fused_geometry(v)
+                        out = interaction.fused_messages(y_fixed, i, j, cut, basis, half, v)
+                        g = _grads([out], [v, y_fixed], [adj_sum], False)
+                        grad_vec[start : start + v.shape[0]] += g[0]
+                        adj_y += g[1]
+                        start += v.shape[0]
+                    for a0 in range(0, n, chunk):
+                        m = min(chunk, n - a0)
+                        x_in = no_history(inputs[k].narrow(0, a0, m)).requires_grad_()
+                        x_norm, y = interaction.fused_prepare(x_in)
+                        seeds = [adj_x.narrow(0, a0, m), adj_y.narrow(0, a0, m)]
+                        # adj_x's rows are read before they are overwritten
+                        adj_x.narrow(0, a0, m).copy_(_grads([x_norm, y], [x_in], seeds, False)[0])
+        # 4. the embedding: the adjoint of its pair sums, a chunk of atoms at a time, then its
+        # pair terms block by block
+        adj_first = torch.empty_like(first)
+        for a0 in range(0, n, chunk):
+            m = min(chunk, n - a0)
+            leaf = no_history(first.narrow(0, a0, m)).requires_grad_()
+            x0 = emb.fused_finish(z_recv.narrow(0, a0, m), z_send.narrow(0, a0, m), leaf,
+                                  self_basis)  # fmt: skip
+            adj_first.narrow(0, a0, m).copy_(
+                _grads([x0], [leaf], [adj_x.narrow(0, a0, m)], False)[0]
+            )
+        start = 0
+        for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+            v = no_history(v).requires_grad_()
+            cut, geom, basis = self._fused_geometry(v)
+            out = emb.fused_sums(i, j, cut, basis, geom, z_recv, z_send, half, v)
+            grad_vec[start : start + v.shape[0]] += _grads([out], [v], [adj_first], False)[0]
+            start += v.shape[0]
+        return no_history(energy), grad_vec
+
     def forward(
         self,
         z: Tensor,
@@ -389,6 +528,21 @@ def low_memory_block(channels: int, device: torch.device) -> int:
     or 2^24 (GPU, few launches) elements per (block, 10, channels) tensor."""
     elements = 1 << 20 if device.type == "cpu" else 1 << 24
     return max(elements // (10 * channels), 1)
+
+
+def fused_low_memory_block(channels: int, atoms: int, device: torch.device) -> int:
+    """Pairs per block in :meth:`TensorNet.energy_and_gradient` with the fused kernels: about
+    2^23 (CPU) or 2^24 (GPU) elements per (block, 10, channels) tensor, and no fewer pairs than
+    atoms, since each block's message sums and their gradient are atom-sized."""
+    elements = 1 << 23 if device.type == "cpu" else 1 << 24
+    return max(elements // (10 * channels), atoms, 1)
+
+
+def _rows(t: Optional[Tensor], start: int, length: int) -> Optional[Tensor]:
+    """Rows ``start`` to ``start + length`` of ``t``; None stays None."""
+    if t is None:
+        return None
+    return t.narrow(0, start, length)
 
 
 def _grads(
