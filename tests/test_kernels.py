@@ -80,6 +80,24 @@ def test_message_kernel_values_and_gradients(half):
 
 
 @pytest.mark.parametrize("half", [True, False])
+@pytest.mark.parametrize("channels", [6, 37])
+def test_message_filter_gradient_is_the_messages_backward(half, channels):
+    """message_filter_grad, kernel and PyTorch, is the messages' gradient with respect to their
+    filters (what the low-memory forces take a block at a time)."""
+    src, dst = _pairs()
+    y = torch.randn(9, 10, channels, dtype=torch.float64)
+    filters = torch.randn(23, 3, channels, dtype=torch.float64, requires_grad=True)
+    seed = torch.randn(9, 10, channels, dtype=torch.float64)
+    reference = kernels.PairKernels(torch.float64)
+    (expected,) = torch.autograd.grad(reference.messages(y, filters, src, dst, half), filters, seed)
+    fused = torch.ops.tensornet_openmm.message_filter_grad(seed, y, src, dst, half)
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(reference.message_filter_grad(seed, y, src, dst, half), expected)
+    with pytest.raises(RuntimeError, match="grad must be shaped as y"):
+        torch.ops.tensornet_openmm.message_filter_grad(seed[:4], y, src, dst, half)
+
+
+@pytest.mark.parametrize("half", [True, False])
 def test_embedding_kernel_values_and_gradients(half):
     src, dst = _pairs(seed=1)
     f64 = {"dtype": torch.float64, "requires_grad": True}

@@ -310,9 +310,8 @@ def test_low_memory_gradient_keeps_nothing_pair_sized(fused):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.energy_and_gradient(z, edges, vec, None, True, 16)
     assert sizes and max(sizes) <= n * 10 * f
-    if fused:  # atom-sized: each layer's Y, which every block's message sums read, and the
-        # last X, which the head reads
-        assert len(atom_sized) <= len(model.layers) + 1
+    if fused:  # atom-sized: only the last X, which the head reads
+        assert len(atom_sized) == 1
     sizes.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         x = vec.clone().requires_grad_(True)

@@ -556,6 +556,22 @@ at::Tensor filter_grad_kernel(const at::Tensor& grad, const at::Tensor& y_in,
   return out;
 }
 
+// The gradient of the message sums with respect to the filters alone (the messages' backward
+// without the one to y): for the low-memory forces, which take it a block of pairs at a time.
+at::Tensor message_filter_grad_kernel(const at::Tensor& grad_in, const at::Tensor& y_in,
+                                      const at::Tensor& src, const at::Tensor& dst, bool half) {
+  TORCH_CHECK(y_in.dim() == 3 && y_in.size(1) == kComps,
+              "message_filter_grad: y must be (atoms, 10, channels), got ", y_in.sizes());
+  TORCH_CHECK(grad_in.sizes() == y_in.sizes(), "message_filter_grad: grad must be shaped as y ",
+              y_in.sizes(), ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == y_in.scalar_type(),
+              "message_filter_grad: grad and y differ in dtype");
+  on_cuda("message_filter_grad", {grad_in, y_in});
+  at::Tensor s, d;
+  std::tie(s, d) = checked_pairs(src, dst, src.numel(), y_in.size(0), y_in.device());
+  return filter_grad_kernel(grad_in.contiguous(), y_in, s, d, s.numel(), half);
+}
+
 at::Tensor embedding_kernel(const at::Tensor& radial_in, const at::Tensor& z_recv_in,
                             const at::Tensor& z_send_in, const at::Tensor& geom_in,
                             const at::Tensor& src, const at::Tensor& dst, bool half) {
@@ -1488,6 +1504,8 @@ at::Tensor radial_table_op(const at::Tensor& vec, const at::Tensor& table, doubl
 TORCH_LIBRARY(tensornet_openmm, m) {
   m.def("messages(Tensor y, Tensor filters, Tensor src, Tensor dst, bool half) -> Tensor");
   m.def(
+      "message_filter_grad(Tensor grad, Tensor y, Tensor src, Tensor dst, bool half) -> Tensor");
+  m.def(
       "embedding_sums(Tensor radial, Tensor z_recv, Tensor z_send, Tensor geom, Tensor src, "
       "Tensor dst, bool half) -> Tensor");
   m.def("packed_product(Tensor a, Tensor b, bool symmetric=False) -> Tensor");
@@ -1506,6 +1524,7 @@ TORCH_LIBRARY(tensornet_openmm, m) {
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("messages", messages_kernel);
+  m.impl("message_filter_grad", message_filter_grad_kernel);
   m.impl("embedding_sums", embedding_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_mix", mix_checked);
@@ -1519,6 +1538,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
 // The channel mixing is PyTorch's batched product (kernels.py); mlp's ATen calls run CUDA's.
 TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("messages", messages_kernel);
+  m.impl("message_filter_grad", message_filter_grad_kernel);
   m.impl("embedding_sums", embedding_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_normalize", normalize_kernel);

@@ -241,6 +241,18 @@ class PairKernels(nn.Module):
             out = out.index_add(0, dst, w * y.index_select(0, src))
         return out
 
+    def message_filter_grad(
+        self, grad: Tensor, y: Tensor, src: Tensor, dst: Tensor, half: bool
+    ) -> Tensor:
+        """The gradient of :meth:`messages` with respect to its filters, for the gradient
+        ``grad`` (n, 10, F) of its sums: (P, 3, F), part k summing the components of part k of
+        grad[src] * y[dst] (+ grad[dst] * y[src] when half)."""
+        terms = grad.index_select(0, src) * y.index_select(0, dst)
+        if half:
+            terms = terms + grad.index_select(0, dst) * y.index_select(0, src)
+        out = terms.new_zeros((terms.shape[0], 3, terms.shape[2]))
+        return out.index_add(1, self.group, terms)
+
     def embedding_sums(
         self,
         radial: Tensor,
@@ -375,6 +387,11 @@ class FusedPairKernels(PairKernels):
 
     def messages(self, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool) -> Tensor:
         return torch.ops.tensornet_openmm.messages(y, filters, src, dst, half)
+
+    def message_filter_grad(
+        self, grad: Tensor, y: Tensor, src: Tensor, dst: Tensor, half: bool
+    ) -> Tensor:
+        return torch.ops.tensornet_openmm.message_filter_grad(grad, y, src, dst, half)
 
     def embedding_sums(
         self,

@@ -630,6 +630,28 @@ class Interaction(_RadialLayer):
         filters = self._pair_radial(cut, basis, vec, True)
         return self.pair_kernels.messages(y, filters, i, j, half)
 
+    def fused_messages_backward(
+        self,
+        adj: Tensor,
+        y: Tensor,
+        i: Tensor,
+        j: Tensor,
+        cut: Tensor,
+        basis: Tensor,
+        half: bool,
+        vec: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The vector-Jacobian products of :meth:`fused_messages` for one block of pairs with
+        the gradient ``adj`` (n, 10, F) of its sums: with respect to Y (n, 10, F), and, as the
+        block's filters (B, 3, F) (a graph back to ``cut``, ``basis`` and ``vec``) with the
+        gradient to seed them with. The messages' own backward, without the sums themselves."""
+        filters = self._pair_radial(cut, basis, vec, True)
+        kernels = self.pair_kernels
+        with torch.no_grad():
+            adj_y = kernels.messages(adj, filters, j, i, half)  # the transposed sums
+            adj_filters = kernels.message_filter_grad(adj, y, i, j, half)
+        return adj_y, filters, adj_filters
+
     def fused_finish(
         self, x: Tensor, y: Tensor, msg: Tensor, charge_factor: Optional[Tensor]
     ) -> Tensor:

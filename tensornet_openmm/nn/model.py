@@ -420,15 +420,17 @@ class TensorNet(nn.Module):
                         adj_sum.narrow(0, a0, m).copy_(adj[0])
                         adj_y.narrow(0, a0, m).copy_(adj[1])
                     sums[k] = y_all.new_zeros(0)  # the layer's pair sums are done with
-                    y_fixed = y_all.requires_grad_()
                     start = 0
                     for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
                         v = no_history(v).requires_grad_()
                         cut, _, basis = self._fused_geometry(v)
-                        out = interaction.fused_messages(y_fixed, i, j, cut, basis, half, v)
-                        g = _grads([out], [v, y_fixed], [adj_sum], False)
-                        grad_vec[start : start + v.shape[0]] += g[0]
-                        adj_y += g[1]
+                        g_y, filters, g_filters = interaction.fused_messages_backward(
+                            adj_sum, y_all, i, j, cut, basis, half, v
+                        )
+                        adj_y += g_y
+                        grad_vec[start : start + v.shape[0]] += _grads(
+                            [filters], [v], [g_filters], False
+                        )[0]
                         start += v.shape[0]
                     for a0 in range(0, n, chunk):
                         m = min(chunk, n - a0)
