@@ -357,8 +357,8 @@ class TensorNet(nn.Module):
         (:func:`fused_low_memory_block`), and the per-atom algebra is packed throughout."""
         n = z.shape[0]
         # atoms per chunk of the per-atom algebra's gradients: ``block`` where it is given
-        chunk = block if block > 0 else low_memory_block(self.tensor_embedding.hidden_channels,
-                                                         vec.device)  # fmt: skip
+        chunk = block if block > 0 else atom_chunk(self.tensor_embedding.hidden_channels,
+                                                   vec.device)  # fmt: skip
         if block <= 0:
             block = fused_low_memory_block(self.tensor_embedding.hidden_channels, n, vec.device)
         emb = self.tensor_embedding
@@ -529,6 +529,14 @@ def low_memory_block(channels: int, device: torch.device) -> int:
     """Pairs per block in :meth:`TensorNet.energy_and_gradient`: about 2^20 (CPU, cache-sized)
     or 2^24 (GPU, few launches) elements per (block, 10, channels) tensor."""
     elements = 1 << 20 if device.type == "cpu" else 1 << 24
+    return max(elements // (10 * channels), 1)
+
+
+def atom_chunk(channels: int, device: torch.device) -> int:
+    """Atoms per chunk of the per-atom algebra's gradients in the low-memory forces with the
+    fused kernels: about 2^18 (CPU) or 2^24 (GPU) elements per (chunk, 10, channels) tensor, of
+    which a chunk's graph keeps about twenty."""
+    elements = 1 << 18 if device.type == "cpu" else 1 << 24
     return max(elements // (10 * channels), 1)
 
 
