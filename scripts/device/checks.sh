@@ -8,8 +8,10 @@
 #   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; GPU tests; ours with and    7 min
 #                                     without radial tables on CUDA; the step's pieces and a PyTorch
 #                                     graph replay (profile_step); kernels per force call
-#   scan     .dev/warp2               largest water box within 80 GB (ours, tables, low_memory)  5 min
-#   compare  .dev/warp3               ours (exact, tables) against the reference and PythonForce 5 min
+#   scan     .dev/warp2               largest water box within 80 GB: low_memory, 600,000 and   7 min
+#                                     1,000,000 atoms
+#   compare  .dev/warp3               ours (exact, tables) against the reference and PythonForce 8 min
+#                                     (5 min); the reference's largest box (30,000, 45,000)
 #
 # Call them back to back: a device machine is given back 30 s after a call ends, and the warp
 # parts collect in its /tmp (a 15-minute lease fits tests and compare with a bare call for
@@ -46,9 +48,14 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
     grep "per call" "$out/kernels.log"
     ;;
 scan)
-    timeout 290 "${bench[@]}" --systems water --water-sizes 30000 60000 100000 \
-        --routes ours ours-tables ours-lowmem ours-lowmem-tables --graphs off --seconds 1 \
-        --warmup 3 --timeout 50 --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
+    # the target: the largest box within 80 GB at least 20x the reference's (28,872 atoms ran
+    # for it on the last lease, in 71 GB). The fused low-memory forces keep about 50 KB per atom
+    # (CPU figure), so 600,000 and 1,000,000 atoms should fit; building a box takes about
+    # 9 s per 100,000 atoms here
+    # (the reference's side of it needs all of warp: the end of compare)
+    timeout 420 "${bench[@]}" --systems water --water-sizes 600000 1000000 \
+        --routes ours-lowmem --graphs off --seconds 1 --warmup 2 --timeout 200 \
+        --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
     ;;
 compare)
     grep -i "warp" "$out/stack.log"
@@ -58,6 +65,11 @@ compare)
     timeout 290 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
         --routes ours ours-tables reference pythonforce --graphs both --seconds 1.5 --timeout 80 \
         --csv "$out/compare.csv" >"$out/compare.log" 2>&1
+    tail -6 "$out/compare.log" | cut -c1-170
+    # the reference's largest water box within 80 GB (for the scan's target)
+    timeout 150 "${bench[@]}" --systems water --water-sizes 30000 45000 \
+        --routes reference --graphs off --seconds 1 --warmup 2 --timeout 70 \
+        --gpu-memory-gb 80 --csv "$out/scan_reference.csv" >"$out/scan_reference.log" 2>&1
     ;;
 *)
     echo "usage: bash scripts/device/checks.sh tests|scan|compare" >&2

@@ -236,6 +236,12 @@ class TensorNet(nn.Module):
         see :func:`low_memory_block`), to take their vector-Jacobian products. That costs one
         more pass over the pairs. Forces: minus the gradient, carried from the pair vectors to the
         positions (``r_ij = pos_i - pos_j``). Not for training: no parameter gradients.
+
+        With the fused kernels (:meth:`_fused_energy_and_gradient`) the pair sums and their
+        backward are one operator per block each way, and the per-atom algebra is
+        differentiated a chunk of atoms at a time (``block`` atoms where ``block`` is given):
+        what stays is about ten atom-sized (n, 10, F) tensors, 50 KB per atom at 128 channels in
+        float32.
         """
         src, dst = edge_index[0], edge_index[1]
         vec = no_history(edge_vec)
