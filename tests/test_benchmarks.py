@@ -218,3 +218,22 @@ def test_profile_step_times_a_force_group_right_after_the_other(monkeypatch):
 
     assert profile_step._after_ms(first, then, 4) == pytest.approx(3.0)
     assert calls == ["first", "then"] * 5
+
+
+def test_memory_table_gives_each_route_its_peak_per_atom(tmp_path, capsys):
+    """benchmarks/memory.py: a row per route and size with the peak of a force call, its rate
+    per added atom and the box it allows; low_memory keeps less than autograd."""
+    memory = pytest.importorskip("memory")
+    checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=32, layers=2, rbf=8, cutoff=5.0)
+    memory.main(["--checkpoint", str(checkpoint), "--sizes", "300", "650", "--platform", "CPU",
+                 "--routes", "ours", "ours-lowmem"])  # fmt: skip
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        fields = line.split()
+        if fields and fields[0] in ("ours", "ours-lowmem"):
+            rows[fields[0], int(fields[1].replace(",", ""))] = fields[2:]
+    assert len(rows) == 4
+    (small, large) = sorted({atoms for _, atoms in rows})
+    assert len(rows["ours", large]) == 4 and len(rows["ours", small]) == 2  # marginal, box
+    assert float(rows["ours-lowmem", large][0]) < float(rows["ours", large][0])
+    assert float(rows["ours-lowmem", large][2]) < float(rows["ours", large][2])
