@@ -52,8 +52,12 @@ scan)
     # for it on the last lease, in 71 GB). The fused low-memory forces keep about 50 KB per atom
     # (CPU figure), so 600,000 and 1,000,000 atoms should fit; building a box takes about
     # 9 s per 100,000 atoms here
-    # (the reference's side of it needs all of warp: the end of compare)
-    timeout 420 "${bench[@]}" --systems water --water-sizes 600000 1000000 \
+    # (the reference's side of it needs all of warp: the end of compare). First the exact
+    # peak per atom of a force call on the GPU, and the box it extrapolates to
+    timeout 100 python3 benchmarks/memory.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
+        --sizes 5000 20000 --routes ours ours-lowmem >"$out/memory.log" 2>&1
+    tail -5 "$out/memory.log"
+    timeout 400 "${bench[@]}" --systems water --water-sizes 600000 1000000 \
         --routes ours-lowmem --graphs off --seconds 1 --warmup 2 --timeout 200 \
         --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
     ;;
