@@ -286,6 +286,21 @@ def test_fused_cuda_kernels_equal_the_cpu_kernels(channels):
             torch.testing.assert_close(a.cpu(), e, rtol=1e-11, atol=1e-11, msg=f"{name} input {k}")
 
 
+@pytest.mark.parametrize("half", [True, False])
+def test_message_filter_grad_on_cuda_equals_cpu(half):
+    """The low-memory forces' message_filter_grad (no autograd of its own) on the GPU equals the
+    CPU kernel in float64."""
+    cuda_kernels()
+    g = torch.Generator().manual_seed(5)
+    n, p, f = 9, 41, 160
+    grad, y = (torch.randn(n, 10, f, generator=g, dtype=torch.float64) for _ in range(2))
+    src, dst = torch.randint(0, n, (p,), generator=g), torch.randint(0, n, (p,), generator=g)
+    op = torch.ops.tensornet_openmm.message_filter_grad
+    expected = op(grad, y, src, dst, half)
+    actual = op(grad.cuda(), y.cuda(), src.cuda(), dst.cuda(), half)
+    torch.testing.assert_close(actual.cpu(), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_cuda_kernels_pass_gradcheck():
     """Gradients against finite differences on the GPU (atomic sums: not bit-reproducible)."""
     cuda_kernels()
