@@ -218,8 +218,6 @@ def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atom
     if route in OURS:
         return system
     # reference: our System minus our force, plus TorchMD-Net's model in a TorchForce
-    from torchmdnet.models.model import load_model as load_reference
-
     from tensornet_openmm.forces import make_torch_force
 
     index = [i for i, f in enumerate(system.getForces()) if f.getName() == "TensorNet"]
@@ -231,20 +229,28 @@ def route_system(route: str, spec: dict, topology, positions, mm_system, ml_atom
     atoms = list(ml_atoms) if ml_atoms is not None else None
     z = [a.element.atomic_number for a in topology.atoms()]
     z = [z[i] for i in atoms] if atoms is not None else z
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference = load_reference(
-            checkpoint, derivative=False, static_shapes=True,
-            max_num_neighbors=min(NEIGHBOR_SLOTS, len(z)),
-        )  # fmt: skip
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    module = torch.jit.script(ReferenceForce(reference.eval(), z, atoms, periodic))
+    module = reference_module(checkpoint, z, atoms, periodic)
     force = make_torch_force(module, periodic, cuda_graphs=graphs)
     force.setName("TensorNet (TorchMD-Net)")
     system.addForce(force)
     assert isinstance(system, openmm.System)
     return system
+
+
+def reference_module(checkpoint, z: list[int], atoms: list[int] | None, periodic: bool):
+    """TorchMD-Net's model from ``checkpoint`` as a scripted TorchForce module (static shapes,
+    :data:`NEIGHBOR_SLOTS` slots per atom, no parameter gradients); ImportError without it."""
+    from torchmdnet.models.model import load_model as load_reference
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = load_reference(
+            str(checkpoint), derivative=False, static_shapes=True,
+            max_num_neighbors=min(NEIGHBOR_SLOTS, len(z)),
+        )  # fmt: skip
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return torch.jit.script(ReferenceForce(reference.eval(), z, atoms, periodic))
 
 
 # ---------------------------------------------------------------- one case (fresh process)

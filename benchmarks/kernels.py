@@ -20,16 +20,15 @@ On the CPU (for a check of the script) it counts operators instead of kernels.
 from __future__ import annotations
 
 import argparse
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 try:
-    from bench_md import NEIGHBOR_SLOTS, ReferenceForce, build_system
+    from bench_md import build_system, reference_module
 except ImportError:  # run as a module from the repository root
-    from benchmarks.bench_md import NEIGHBOR_SLOTS, ReferenceForce, build_system
+    from benchmarks.bench_md import build_system, reference_module
 
 
 def modules(system_name: str, checkpoint: Path, device: torch.device, routes: list[str]):
@@ -54,16 +53,9 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
     for route in routes:
         if route == "reference":
             try:
-                from torchmdnet.models.model import load_model as load_reference
+                module = reference_module(checkpoint, z, None, periodic)
             except ImportError:
                 continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ref = load_reference(str(checkpoint), derivative=False, static_shapes=True,
-                                     max_num_neighbors=min(NEIGHBOR_SLOTS, len(z)))  # fmt: skip
-            for p in ref.parameters():
-                p.requires_grad_(False)
-            module = torch.jit.script(ReferenceForce(ref.eval(), z, None, periodic))
         else:
             fixed = route != "ours-dynamic"
             module = script(

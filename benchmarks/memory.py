@@ -14,7 +14,7 @@ the given sizes and reports, per route:
 - ``atoms in N GB``: the marginal rate extrapolated to ``--memory-gb`` (default 80).
 
 Routes: ``ours`` (autograd), ``ours-lowmem`` (``low_memory=True``), ``reference`` (TorchMD-Net
-3.1.0's TensorNet with static shapes, if installed; its memory grows with ``NEIGHBOR_SLOTS``).
+3.1.0's TensorNet with static shapes, if installed; its memory grows with the slots per atom).
 
     python benchmarks/memory.py --checkpoint CKPT [--sizes 1500 3000] [--platform CUDA]
 """
@@ -25,15 +25,14 @@ import argparse
 import ctypes
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 try:
-    from bench_md import NEIGHBOR_SLOTS, ReferenceForce, build_system
+    from bench_md import build_system, reference_module
 except ImportError:  # run as a module from the repository root
-    from benchmarks.bench_md import NEIGHBOR_SLOTS, ReferenceForce, build_system
+    from benchmarks.bench_md import build_system, reference_module
 
 
 class _MallInfo2(ctypes.Structure):
@@ -96,15 +95,7 @@ def force_module(route: str, model, checkpoint: Path, z: list[int], periodic: bo
     from tensornet_openmm.nn.kernels import wanted
 
     if route == "reference":
-        from torchmdnet.models.model import load_model as load_reference
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ref = load_reference(str(checkpoint), derivative=False, static_shapes=True,
-                                 max_num_neighbors=min(NEIGHBOR_SLOTS, len(z)))  # fmt: skip
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return torch.jit.script(ReferenceForce(ref.eval(), z, None, periodic))
+        return reference_module(checkpoint, z, None, periodic)
     module = TensorNetForce(model, z, periodic=periodic, low_memory=route == "ours-lowmem",
                             fused_kernels=wanted())  # fmt: skip
     return script(module)

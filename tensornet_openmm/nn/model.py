@@ -188,6 +188,16 @@ class TensorNet(nn.Module):
                 return False
         return True
 
+    def _head_and_adjoint(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The molecule's energy from the last X (made without a graph) and its gradient with
+        respect to that X."""
+        x = x.requires_grad_()
+        energy = self._head(x, z).sum()
+        if self.reduce_mean:
+            energy = energy / z.shape[0]
+        energy = energy + self.mean
+        return energy, _grads([energy], [x], [torch.ones_like(energy)], False)[0]
+
     def _fused_geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Cosine cutoff (P,), packed geometry (P, 10) and radial basis (P, K) of pair vectors
         in one operator (the fused kernels); no basis where every layer reads a table."""
@@ -269,7 +279,6 @@ class TensorNet(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """:meth:`energy_and_gradient` with PyTorch's operators: the pair terms of a block as
         (block, 10, F) tensors, the per-atom algebra on full 3x3 matrices."""
-        n = z.shape[0]
         if block <= 0:
             block = low_memory_block(self.tensor_embedding.hidden_channels, vec.device)
         emb = self.tensor_embedding
@@ -295,12 +304,7 @@ class TensorNet(nn.Module):
                 msgs.append(msg)
                 x = layer.finish(x, parts, msg, self_basis, charge_factor)
         # 2. the head: the energy and its gradient with respect to the last X
-        x = x.requires_grad_()
-        energy = self._head(x, z).sum()
-        if self.reduce_mean:
-            energy = energy / n
-        energy = energy + self.mean
-        adj_x = _grads([energy], [x], [torch.ones_like(energy)], False)[0]
+        energy, adj_x = self._head_and_adjoint(x, z)
         # 3. backwards, one layer's per-atom graph at a time: the adjoint of its pair sums, then
         # its pair terms recomputed block by block for their products with that adjoint
         grad_vec = torch.zeros_like(vec)
@@ -391,12 +395,7 @@ class TensorNet(nn.Module):
                 msg = layer.fused_self_messages(y, self_basis) + pair_sum
                 x = layer.fused_finish(x_norm, y, msg, charge_factor)
         # 2. the head: the energy and its gradient with respect to the last X
-        x = x.requires_grad_()
-        energy = self._head(x, z).sum()
-        if self.reduce_mean:
-            energy = energy / n
-        energy = energy + self.mean
-        adj_x = _grads([energy], [x], [torch.ones_like(energy)], False)[0]
+        energy, adj_x = self._head_and_adjoint(x, z)
         # 3. backwards, one layer at a time. The per-atom algebra acts on each atom alone, so it
         # is differentiated a chunk of atoms at a time: the adjoints of the layer's pair sums and
         # of Y; then the pairs' terms again, block by block, for the vector-Jacobian products
