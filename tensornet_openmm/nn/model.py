@@ -373,29 +373,23 @@ class TensorNet(nn.Module):
             block = fused_low_memory_block(self.tensor_embedding.hidden_channels, n, vec.device)
         emb = self.tensor_embedding
         i_blocks, j_blocks, v_blocks = src.split(block), dst.split(block), vec.split(block)
-        # 1. forward without a graph, keeping each layer's input X and its pair sums
+        # 1. forward without a graph, keeping each layer's input X and its pair sums (but the
+        # first layer's input and the embedding's pair sums: made again when they are needed)
         inputs: list[Tensor] = []
         sums: list[Tensor] = []
         with torch.no_grad():
             self_basis = self._self_basis()
             z_recv, z_send = emb.species_terms(z)
-            first = z_recv.new_zeros((n, 10, emb.hidden_channels))
-            for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
-                cut, geom, basis = self._fused_geometry(v)
-                first = first + emb.fused_sums(i, j, cut, basis, geom, z_recv, z_send, half, v)
-            x = emb.fused_finish(z_recv, z_send, first, self_basis)
-            for layer in self.layers:
-                inputs.append(x)
-                x_norm, y = layer.fused_prepare(x)
-                pair_sum = torch.zeros_like(y)
-                for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
-                    cut, _, basis = self._fused_geometry(v)
-                    pair_sum = pair_sum + layer.fused_messages(y, i, j, cut, basis, half, v)
-                sums.append(pair_sum)
-                msg = layer.fused_self_messages(y, self_basis) + pair_sum
-                x = layer.fused_finish(x_norm, y, msg, charge_factor)
-        # 2. the head: the energy and its gradient with respect to the last X
-        energy, adj_x = self._head_and_adjoint(x, z)
+        first = z_recv.new_zeros(0)
+        # 2. the head: the energy and its gradient with respect to the last X (no name holds
+        # the forward's temporaries or that X, so they are freed as soon as they are used)
+        energy, adj_x = self._head_and_adjoint(
+            self._fused_forward_keeping(
+                i_blocks, j_blocks, v_blocks, z_recv, z_send, self_basis, charge_factor, half,
+                inputs, sums,
+            ),
+            z,
+        )  # fmt: skip
         # 3. backwards, one layer at a time. The per-atom algebra acts on each atom alone, so it
         # is differentiated a chunk of atoms at a time: the adjoints of the layer's pair sums and
         # of Y; then the pairs' terms again, block by block, for the vector-Jacobian products
@@ -407,6 +401,11 @@ class TensorNet(nn.Module):
             for index, interaction in enumerate(self.layers):  # TorchScript: ModuleList by loop
                 if index == k:
                     with torch.no_grad():
+                        if k == 0:  # the embedding's pair sums and X again
+                            first = self._first_sums(
+                                i_blocks, j_blocks, v_blocks, z_recv, z_send, half
+                            )
+                            inputs[0] = emb.fused_finish(z_recv, z_send, first, self_basis)
                         y_all = torch.empty_like(inputs[k])
                     adj_sum = torch.empty_like(inputs[k])
                     adj_y = torch.empty_like(inputs[k])
@@ -463,6 +462,56 @@ class TensorNet(nn.Module):
             grad_vec[start : start + v.shape[0]] += _grads([out], [v], [adj_first], False)[0]
             start += v.shape[0]
         return no_history(energy), grad_vec
+
+    def _fused_forward_keeping(
+        self,
+        i_blocks: list[Tensor],
+        j_blocks: list[Tensor],
+        v_blocks: list[Tensor],
+        z_recv: Tensor,
+        z_send: Tensor,
+        self_basis: Tensor,
+        charge_factor: Optional[Tensor],
+        half: bool,
+        inputs: list[Tensor],
+        sums: list[Tensor],
+    ) -> Tensor:
+        """The last X without a graph (fused kernels), appending each layer's input X (an
+        empty tensor for the first layer's) to ``inputs`` and its pair sums to ``sums``."""
+        with torch.no_grad():
+            emb = self.tensor_embedding
+            x = emb.fused_finish(
+                z_recv, z_send,
+                self._first_sums(i_blocks, j_blocks, v_blocks, z_recv, z_send, half), self_basis,
+            )  # fmt: skip
+            for layer in self.layers:
+                inputs.append(x if len(inputs) > 0 else x.new_zeros(0))
+                x_norm, y = layer.fused_prepare(x)
+                pair_sum = torch.zeros_like(y)
+                for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+                    cut, _, basis = self._fused_geometry(v)
+                    pair_sum = pair_sum + layer.fused_messages(y, i, j, cut, basis, half, v)
+                sums.append(pair_sum)
+                msg = layer.fused_self_messages(y, self_basis) + pair_sum
+                x = layer.fused_finish(x_norm, y, msg, charge_factor)
+        return x
+
+    def _first_sums(
+        self,
+        i_blocks: list[Tensor],
+        j_blocks: list[Tensor],
+        v_blocks: list[Tensor],
+        z_recv: Tensor,
+        z_send: Tensor,
+        half: bool,
+    ) -> Tensor:
+        """The embedding's pair sums (n, 10, F) with the fused kernels, block by block."""
+        emb = self.tensor_embedding
+        first = z_recv.new_zeros((z_recv.shape[0], 10, emb.hidden_channels))
+        for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
+            cut, geom, basis = self._fused_geometry(v)
+            first = first + emb.fused_sums(i, j, cut, basis, geom, z_recv, z_send, half, v)
+        return first
 
     def forward(
         self,
