@@ -268,7 +268,7 @@ def build(config: dict, log=print):
             )
         if options["low_memory"]:
             description += ", low-memory forces"
-        elif kernels.wanted() and kernels.available():
+        if kernels.wanted() and kernels.available():
             description += ", " + kernels.description()
         if tolerance is not None:
             description += f", radial tables (tolerance {tolerance:g})"
@@ -510,6 +510,9 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
             handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     model, topology, positions, system, description = build(config, log)
+    low_memory = bool(config["ml"]["low_memory"])  # for the advice on running out of memory
+    if isinstance(model, ExportedModel):
+        low_memory = bool(model.meta.get("low_memory", False))
     if not resume:  # the prepared structure: the topology for reading the trajectory
         import openmm.app as app
 
@@ -564,16 +567,23 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
         context.setPositions(positions)
         if topology.getPeriodicBoxVectors() is not None:
             context.setPeriodicBoxVectors(*topology.getPeriodicBoxVectors())
-        _check_finite(context, "the initial structure", out)
-        if config["minimize"]["enabled"]:
-            openmm.LocalEnergyMinimizer.minimize(
-                context, float(config["minimize"]["tolerance_kj_per_mol_nm"]),
-                int(config["minimize"]["max_iterations"]),
-            )  # fmt: skip
-            log(f"minimised: E = {_energy(context):.2f} kJ/mol")
+        try:
+            _check_finite(context, "the initial structure", out)
+            if config["minimize"]["enabled"]:
+                openmm.LocalEnergyMinimizer.minimize(
+                    context, float(config["minimize"]["tolerance_kj_per_mol_nm"]),
+                    int(config["minimize"]["max_iterations"]),
+                )  # fmt: skip
+                log(f"minimised: E = {_energy(context):.2f} kJ/mol")
+        except openmm.OpenMMException as err:
+            raise RunError(
+                f"the first energies (initial structure, minimisation) failed: {err}. "
+                f"{_likely_causes(err, low_memory)} {_kept(out)}"
+            ) from err
         context.setVelocitiesToTemperature(temperature * u.kelvin, int(config["seed"]))
         if config["equilibration_steps"]:
-            _steps(context, integrator, int(config["equilibration_steps"]), out, "equilibration")
+            _steps(context, integrator, int(config["equilibration_steps"]), out, "equilibration",
+                   low_memory=low_memory)  # fmt: skip
             log(f"equilibrated {config['equilibration_steps']} steps")
         context.setTime(0.0)
         context.setStepCount(0)
@@ -586,7 +596,7 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
     frames = traj.count() if resume else 0
     while done < total:
         n = min(interval - done % interval, total - done)
-        _steps(context, integrator, n, out, "production", start_step=done)
+        _steps(context, integrator, n, out, "production", start_step=done, low_memory=low_memory)
         done += n
         if done % interval == 0 or done == total:
             state = context.getState(getEnergy=True, getPositions=True)
@@ -659,16 +669,41 @@ def _check_finite(context, what: str, out: Path, step: int | None = None) -> Non
         )
 
 
-def _steps(context, integrator, n: int, out: Path, phase: str, start_step: int = 0) -> None:
+_OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory")
+
+
+def _likely_causes(err: Exception, low_memory: bool) -> str:
+    """Why a step or an energy evaluation failed with ``err``, and what to do about it."""
+    if not any(text in str(err).lower() for text in _OUT_OF_MEMORY):
+        return (
+            "Likely causes: a time step too large, no minimisation, or a pair list that outgrew "
+            "its capacity."
+        )
+    if low_memory:
+        return (
+            "The device ran out of memory even with low-memory forces: use a device with more "
+            "memory or fewer ML atoms."
+        )
+    return (
+        "The device ran out of memory: set ml.low_memory: true (forces without keeping every "
+        "pair's activations: about 50 KB per atom of water at 128 channels instead of 450 KB, "
+        "for about half as much time again; `--set ml.low_memory=true`, or `export "
+        "--low-memory` for an exported module)."
+    )
+
+
+def _steps(
+    context, integrator, n: int, out: Path, phase: str, start_step: int = 0,
+    low_memory: bool = False,
+) -> None:  # fmt: skip
     import openmm
 
     try:
         integrator.step(n)
     except openmm.OpenMMException as err:
         raise RunError(
-            f"{phase} failed within steps {start_step}..{start_step + n}: {err}. Likely causes: "
-            "a time step too large, no minimisation, or a pair list that outgrew its capacity. "
-            f"{_kept(out)}"
+            f"{phase} failed within steps {start_step}..{start_step + n}: {err}. "
+            f"{_likely_causes(err, low_memory)} {_kept(out)}"
         ) from err
     _check_finite(context, f"the {phase}", out, start_step + n)
 

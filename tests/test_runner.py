@@ -174,6 +174,36 @@ def test_run_errors_are_clear(model_file, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+class _FailingIntegrator:
+    def __init__(self, message):
+        self.message = message
+
+    def step(self, n):
+        import openmm
+
+        raise openmm.OpenMMException(self.message)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_running_out_of_memory_names_the_fix(tmp_path, low_memory):
+    """A step that runs out of memory (as torch reports it through OpenMM) says so and names
+    ml.low_memory, or, with low-memory forces already, a bigger device; other failures keep the
+    usual causes."""
+    from tensornet_openmm.runner import RunError, _steps
+
+    oom = _FailingIntegrator("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB)")
+    with pytest.raises(RunError) as failure:
+        _steps(None, oom, 10, tmp_path, "production", 40, low_memory=low_memory)
+    message = str(failure.value)
+    assert "steps 40..50" in message and "ran out of memory" in message
+    assert "Likely causes" not in message
+    assert ("set ml.low_memory: true" in message) != low_memory
+    assert ("even with low-memory forces" in message) == low_memory
+    other = _FailingIntegrator("Particle coordinate is NaN")
+    with pytest.raises(RunError, match="Likely causes: a time step too large"):
+        _steps(None, other, 10, tmp_path, "production", 40, low_memory=low_memory)
+
+
 def _water_run(model_file, out, setting):
     """Ten steps of the water box with one ``--set``: the run log and the potential energies."""
     argv = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", model_file, "--steps", "10",
@@ -190,7 +220,7 @@ def test_low_memory_run_follows_the_same_trajectory(model_file, tmp_path):
         log, energies[low] = _water_run(model_file, tmp_path / low, f"ml.low_memory={low}")
         assert f"low_memory: {low}" in (tmp_path / low / "config.resolved.yaml").read_text()
         assert ("low-memory forces" in log) == (low == "true")
-        expect_kernels = low == "false" and kernels.wanted() and kernels.load()
+        expect_kernels = kernels.wanted() and kernels.load()  # low_memory runs them too
         assert ("fused CPU" in log) == expect_kernels  # "fused CPU (and CUDA) kernels"
     np.testing.assert_allclose(energies["true"], energies["false"], rtol=2e-4)
 
