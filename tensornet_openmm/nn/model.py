@@ -490,7 +490,7 @@ class TensorNet(nn.Module):
                 pair_sum = torch.zeros_like(y)
                 for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
                     cut, _, basis = self._fused_geometry(v)
-                    pair_sum = pair_sum + layer.fused_messages(y, i, j, cut, basis, half, v)
+                    pair_sum.add_(layer.fused_messages(y, i, j, cut, basis, half, v))
                 sums.append(pair_sum)
                 msg = layer.fused_self_messages(y, self_basis) + pair_sum
                 x = layer.fused_finish(x_norm, y, msg, charge_factor)
@@ -510,7 +510,7 @@ class TensorNet(nn.Module):
         first = z_recv.new_zeros((z_recv.shape[0], 10, emb.hidden_channels))
         for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
             cut, geom, basis = self._fused_geometry(v)
-            first = first + emb.fused_sums(i, j, cut, basis, geom, z_recv, z_send, half, v)
+            first.add_(emb.fused_sums(i, j, cut, basis, geom, z_recv, z_send, half, v))
         return first
 
     def forward(
