@@ -159,7 +159,7 @@ def create_force(
         The force's name in the System.
     low_memory : bool
         Compute forces without keeping the pairs' activations for the backward pass: the same
-        forces with far less memory (with the fused kernels about 50 KB per atom of water at 128
+        forces with far less memory (with the fused kernels about 40 KB per atom of water at 128
         channels, against 450 KB) and one more pass over the pairs' networks. For the largest
         systems (see README, "Memory").
     fused_kernels : bool, optional

@@ -686,7 +686,7 @@ def _likely_causes(err: Exception, low_memory: bool) -> str:
         )
     return (
         "The device ran out of memory: set ml.low_memory: true (forces without keeping every "
-        "pair's activations: about 50 KB per atom of water at 128 channels instead of 450 KB, "
+        "pair's activations: about 40 KB per atom of water at 128 channels instead of 450 KB, "
         "for about half as much time again; `--set ml.low_memory=true`, or `export "
         "--low-memory` for an exported module)."
     )
