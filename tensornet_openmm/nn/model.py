@@ -373,16 +373,16 @@ class TensorNet(nn.Module):
             block = fused_low_memory_block(self.tensor_embedding.hidden_channels, n, vec.device)
         emb = self.tensor_embedding
         i_blocks, j_blocks, v_blocks = src.split(block), dst.split(block), vec.split(block)
-        # 1. forward without a graph, keeping each layer's input X and its pair sums (but the
-        # first layer's input and the embedding's pair sums: made again when they are needed)
         inputs: list[Tensor] = []
         sums: list[Tensor] = []
         with torch.no_grad():
             self_basis = self._self_basis()
             z_recv, z_send = emb.species_terms(z)
-        first = z_recv.new_zeros(0)
-        # 2. the head: the energy and its gradient with respect to the last X (no name holds
-        # the forward's temporaries or that X, so they are freed as soon as they are used)
+        first = z_recv.new_zeros(0)  # the embedding's pair sums: made at the first layer's turn
+        # 1. forward without a graph (_fused_forward_keeping), keeping each layer's input X and
+        # its pair sums, but the first layer's input; 2. the head: the energy and its gradient
+        # with respect to the last X. No name here holds the forward's temporaries or that X,
+        # so they are freed as soon as they are used
         energy, adj_x = self._head_and_adjoint(
             self._fused_forward_keeping(
                 i_blocks, j_blocks, v_blocks, z_recv, z_send, self_basis, charge_factor, half,
