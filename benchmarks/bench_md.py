@@ -600,12 +600,25 @@ def _gigabytes(text: str) -> float:
     raise argparse.ArgumentTypeError(f"{text!r} GB: give a positive number, such as 80")
 
 
+def water_atoms(text: str) -> int:
+    """An argparse type: the atoms of a water box, a whole number of at least 3 (one molecule)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value >= 3:
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{text!r} atoms: give a water box's size, a whole number of at least 3, such as 1500"
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--systems", nargs="+", default=["ala2", "ala2-water", "water"])
-    parser.add_argument("--water-sizes", type=int, nargs="+", default=[648, 1500])
+    parser.add_argument("--water-sizes", type=water_atoms, nargs="+", default=[648, 1500])
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
     parser.add_argument("--platforms", nargs="+", help="default: CPU, and CUDA when present")
     parser.add_argument("--graphs", default="both", choices=["both", "on", "off"])

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 try:
-    from bench_md import build_system, reference_module
+    from bench_md import build_system, reference_module, water_atoms
 except ImportError:  # run as a module from the repository root
-    from benchmarks.bench_md import build_system, reference_module
+    from benchmarks.bench_md import build_system, reference_module, water_atoms
 
 
 class _MallInfo2(ctypes.Structure):
@@ -141,7 +141,7 @@ def measure(size: int, routes: list[str], checkpoint: Path, device: torch.device
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1500, 3000],
+    parser.add_argument("--sizes", type=water_atoms, nargs="+", default=[1500, 3000],
                         help="water boxes of about this many atoms, smallest first")  # fmt: skip
     parser.add_argument("--routes", nargs="+", default=["ours", "ours-lowmem", "reference"],
                         choices=["ours", "ours-lowmem", "reference"])  # fmt: skip

@@ -83,6 +83,7 @@ def test_block_by_block_ratios_pair_the_routes_blocks():
      (["--gpu-memory-gb", "0"], "'0' GB: give a positive number, such as 80"),
      (["--interleave", "4", "--rounds", "3"], "--interleave and --rounds: give one"),
      (["--gpu-memory-gb", "lots"], "'lots' GB: give a positive number, such as 80"),
+     (["--water-sizes", "0"], "'0' atoms: give a water box's size, a whole number of at least 3"),
      (["--checkpoint", "missing.ckpt", "--systems", "ala2", "--platforms", "CPU"],
       "--checkpoint missing.ckpt: no such file; give a TorchMD-Net TensorNet checkpoint")],
 )  # fmt: skip
@@ -237,3 +238,6 @@ def test_memory_table_gives_each_route_its_peak_per_atom(tmp_path, capsys):
     assert len(rows["ours", large]) == 4 and len(rows["ours", small]) == 2  # marginal, box
     assert float(rows["ours-lowmem", large][0]) < float(rows["ours", large][0])
     assert float(rows["ours-lowmem", large][2]) < float(rows["ours", large][2])
+    with pytest.raises(SystemExit):
+        memory.main(["--checkpoint", str(checkpoint), "--sizes", "many"])
+    assert "'many' atoms: give a water box's size" in capsys.readouterr().err
