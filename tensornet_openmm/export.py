@@ -277,18 +277,50 @@ def pair_capacity(
             )
         per_atom = DENSITY_BOUND * 4.0 / 3.0 * math.pi * cutoff**3 / 2.0
         return min(all_pairs, math.ceil(n_atoms * per_atom)), -1, strategy
+    count, fullest = pair_counts(cutoff, positions_angstrom, box_angstrom, strategy == "cell")
+    capacity = min(all_pairs, math.ceil(margin * count) + 64)
+    cell_capacity = -1 if fullest < 0 else math.ceil(margin * fullest) + 4
+    return max(capacity, 1), cell_capacity, strategy
+
+
+def pair_counts(
+    cutoff: float,
+    positions_angstrom: np.ndarray,
+    box_angstrom: Optional[np.ndarray] = None,
+    cells: bool = False,
+) -> tuple[int, int]:
+    """The pairs within ``cutoff`` at these positions (each once), and with ``cells`` the atoms
+    of the cell list's fullest cell (else -1): what a fixed-capacity pair list must hold."""
     pos = torch.as_tensor(np.asarray(positions_angstrom, dtype=np.float64))
     box = None if box_angstrom is None else torch.as_tensor(np.asarray(box_angstrom, np.float64))
-    search = "cell" if n_atoms > 1 else "brute"
+    search = "cell" if len(pos) > 1 else "brute"
     count = int(neighbor_pairs(pos, cutoff, box, strategy=search, half=True).num_pairs)
-    capacity = min(all_pairs, math.ceil(margin * count) + 64)
-    cell_capacity = -1
-    if strategy == "cell":
+    fullest = -1
+    if cells:
         from .neighbors import _cells
 
         fullest = int(torch.bincount(_cells(pos, cutoff, box)[0]).max())
-        cell_capacity = math.ceil(margin * fullest) + 4
-    return max(capacity, 1), cell_capacity, strategy
+    return count, fullest
+
+
+def pair_list_fill(module, positions_nm: np.ndarray, box_nm: Optional[np.ndarray]) -> dict:
+    """How full a force module's fixed-capacity pair list is at these positions (all particles
+    of the System, nm): ``pairs`` and ``capacity``, ``fullest_cell`` and ``cell_capacity`` (-1
+    where the list has no cells). ``module`` is a :class:`TensorNetForce`, scripted or not, or
+    the TorchScript wrapper around one (``TorchForce.getModule()``)."""
+    inner = module.inner if hasattr(module, "inner") else module
+    pos = np.asarray(positions_nm, dtype=np.float64)
+    if bool(inner.use_subset):
+        pos = pos[np.asarray(inner.atoms, dtype=np.int64)]
+    box = None if box_nm is None or not bool(inner.periodic) else np.asarray(box_nm) * 10.0
+    cells = int(inner.cell_capacity) >= 0
+    pairs, fullest = pair_counts(float(inner.cutoff), pos * 10.0, box, cells)
+    return {
+        "pairs": pairs,
+        "capacity": int(inner.capacity),
+        "fullest_cell": fullest,
+        "cell_capacity": int(inner.cell_capacity),
+    }
 
 
 def script(module: TensorNetForce) -> torch.jit.ScriptModule:

@@ -81,6 +81,27 @@ def make_torch_force(
     return force
 
 
+def fixed_pair_lists(system, platform: str = "CUDA") -> list:
+    """The TensorNet modules in ``system``'s TorchForces that run a pair list of fixed capacity
+    on ``platform`` (a platform name): on CUDA those made with a capacity (``create_force`` gives
+    one with CUDA graphs), elsewhere only modules made with ``fixed_on_cpu``. Such a list can
+    overflow; each item is the TorchScript module, and
+    :func:`tensornet_openmm.export.pair_list_fill` says how full it is."""
+    openmmtorch = _openmmtorch()
+    found = []
+    for force in system.getForces():
+        if not openmmtorch.TorchForce.isinstance(force):
+            continue
+        force = openmmtorch.TorchForce.cast(force)
+        module = force.getModule()
+        inner = module.inner if hasattr(module, "inner") else module
+        if int(getattr(inner, "capacity", -1)) < 0:
+            continue  # not ours, or a dynamic pair list
+        if platform == "CUDA" or bool(getattr(inner, "fixed_on_cpu", False)):
+            found.append(module)
+    return found
+
+
 def _nm_array(values, name: str) -> np.ndarray:
     """An (n, 3) float64 array in nm from an OpenMM Quantity or a plain array (nm)."""
     import openmm.unit as u

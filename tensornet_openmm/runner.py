@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
         "total_charge": 0.0,
         "allow_cut_bonds": False,
         "cuda_graphs": True,
+        "capacity_margin": 1.5,  # CUDA graphs: pair slots = margin x the pairs at the start + 64
         "low_memory": False,  # forces without the pairs' activations: largest systems
         "radial_tables": False,  # true or a tolerance: tabulated radial networks (approximate)
     },
@@ -139,6 +140,12 @@ def load_config(path: str | Path | None, overrides: list[dict] = ()) -> dict:
     for key in ("production_steps", "report_interval", "checkpoint_interval"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"{key}={config[key]!r} must be a positive integer")
+    margin = config["ml"]["capacity_margin"]
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1.0:
+        raise ValueError(
+            f"ml.capacity_margin={margin!r} must be a number of at least 1 (the pair slots of a "
+            "CUDA-graph pair list over the pairs at the start; 1.5 by default)"
+        )
     if config["ensemble"] not in ("nvt", "npt"):
         raise ValueError(f"ensemble={config['ensemble']!r} must be 'nvt' or 'npt'")
     if config["constraints"] not in ("none", "hbonds", "allbonds", "hangles"):
@@ -233,6 +240,8 @@ def build(config: dict, log=print):
         model = exported
         system = _system_from_export(config, topology, exported, periodic)
         description = f"pure ML (exported module), {topology.getNumAtoms()} atoms"
+        if int(exported.meta.get("capacity", -1)) < 0:
+            description += ", dynamic pair list (no CUDA graphs)"
     else:
         from .nn import kernels, tables
 
@@ -240,6 +249,7 @@ def build(config: dict, log=print):
         model = load_any_model(config)
         options = {
             "cuda_graphs": bool(mlconf["cuda_graphs"]),
+            "capacity_margin": float(mlconf["capacity_margin"]),
             "low_memory": bool(mlconf["low_memory"]),
             "radial_tables": tolerance or False,
         }
@@ -352,8 +362,10 @@ def _system_from_export(config: dict, topology, exported: ExportedModel, periodi
     if periodic:
         system.setDefaultPeriodicBoxVectors(*topology.getPeriodicBoxVectors())
     module = jit_load(exported.path)
-    system.addForce(make_torch_force(module, periodic, bool(meta["outputs_forces"]),
-                                     bool(config["ml"]["cuda_graphs"])))  # fmt: skip
+    # a CUDA graph needs a pair list of fixed capacity; `tensornet-openmm export` writes the
+    # dynamic one (its search synchronises with the host, which a capture refuses)
+    graphs = bool(config["ml"]["cuda_graphs"]) and int(meta.get("capacity", -1)) >= 0
+    system.addForce(make_torch_force(module, periodic, bool(meta["outputs_forces"]), graphs))
     system.addForce(openmm.CMMotionRemover())
     return system
 
@@ -547,6 +559,12 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
         f"{config['model']} ({model.num_parameters():,} parameters, cutoff "
         f"{model.cutoff_upper} A, elements {elements})")  # fmt: skip
 
+    pair_lists = _PairLists(system, platform.getName(), config, isinstance(model, ExportedModel))
+    pair_lists.see(np.asarray(positions.value_in_unit(u.nanometer)),
+                   _box_nm(topology.getPeriodicBoxVectors()), "the start")  # fmt: skip
+    if pair_lists.modules:
+        log(pair_lists.summary())
+
     n_atoms = system.getNumParticles()
     dof = 3 * n_atoms - system.getNumConstraints()
     if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()):
@@ -568,7 +586,7 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
         if topology.getPeriodicBoxVectors() is not None:
             context.setPeriodicBoxVectors(*topology.getPeriodicBoxVectors())
         try:
-            _check_finite(context, "the initial structure", out)
+            _check_finite(context, "the initial structure", out, advice=pair_lists.advice)
             if config["minimize"]["enabled"]:
                 openmm.LocalEnergyMinimizer.minimize(
                     context, float(config["minimize"]["tolerance_kj_per_mol_nm"]),
@@ -578,12 +596,12 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
         except openmm.OpenMMException as err:
             raise RunError(
                 f"the first energies (initial structure, minimisation) failed: {err}. "
-                f"{_likely_causes(err, low_memory)} {_kept(out)}"
+                f"{_likely_causes(err, low_memory)}{pair_lists.advice()} {_kept(out)}"
             ) from err
         context.setVelocitiesToTemperature(temperature * u.kelvin, int(config["seed"]))
         if config["equilibration_steps"]:
             _steps(context, integrator, int(config["equilibration_steps"]), out, "equilibration",
-                   low_memory=low_memory)  # fmt: skip
+                   low_memory=low_memory, pair_lists=pair_lists)  # fmt: skip
             log(f"equilibrated {config['equilibration_steps']} steps")
         context.setTime(0.0)
         context.setStepCount(0)
@@ -596,17 +614,17 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
     frames = traj.count() if resume else 0
     while done < total:
         n = min(interval - done % interval, total - done)
-        _steps(context, integrator, n, out, "production", start_step=done, low_memory=low_memory)
+        _steps(context, integrator, n, out, "production", start_step=done, low_memory=low_memory,
+               pair_lists=pair_lists)  # fmt: skip
         done += n
         if done % interval == 0 or done == total:
             state = context.getState(getEnergy=True, getPositions=True)
             speed = _ns_per_day(done - start_done, dt_ps, time.time() - start_wall)
             box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(u.nanometer)
             periodic = system.usesPeriodicBoundaryConditions()
-            traj.write(
-                state.getPositions(asNumpy=True).value_in_unit(u.nanometer),
-                np.asarray(box) if periodic else None, done * dt_ps,
-            )  # fmt: skip
+            now = state.getPositions(asNumpy=True).value_in_unit(u.nanometer)
+            traj.write(now, np.asarray(box) if periodic else None, done * dt_ps)
+            pair_lists.see(now, np.asarray(box), f"step {done}")
             frames += 1
             kinetic = state.getKineticEnergy().value_in_unit(u.kilojoule_per_mole)
             temperature_now = 2 * kinetic / (dof * 0.00831446261815324)  # R in kJ/mol/K
@@ -658,14 +676,82 @@ def _progress(done: int, total: int, speed: float, left: float) -> None:
           f"{left / 60:6.1f} min left", end="", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def _check_finite(context, what: str, out: Path, step: int | None = None) -> None:
+def _box_nm(vectors) -> np.ndarray | None:
+    import openmm.unit as u
+
+    return None if vectors is None else np.asarray(vectors.value_in_unit(u.nanometer))
+
+
+class _PairLists:
+    """The ML forces' pair lists of fixed capacity (CUDA graphs on the CUDA platform), and the
+    positions they were last seen at (the start, then each report): an overflow makes the energy
+    NaN, and a failed run's message then says how full they were."""
+
+    def __init__(self, system, platform: str, config: dict, exported: bool) -> None:
+        from .forces import fixed_pair_lists
+
+        self.modules = fixed_pair_lists(system, platform)
+        self.margin = config["ml"]["capacity_margin"]
+        self.exported = exported
+        self.seen: tuple | None = None
+
+    def see(self, positions_nm, box_nm, when: str) -> None:
+        if self.modules:  # only kept: counted when a message needs it
+            self.seen = (np.array(positions_nm, dtype=np.float64), box_nm, when)
+
+    def _fills(self) -> list[dict]:
+        from .export import pair_list_fill
+
+        positions, box, _ = self.seen
+        return [pair_list_fill(module, positions, box) for module in self.modules]
+
+    def summary(self) -> str:
+        parts = [_fill_text(fill) for fill in self._fills()]
+        how = "as exported" if self.exported else f"CUDA graphs, ml.capacity_margin {self.margin:g}"
+        return f"pair list of fixed capacity ({how}): {'; '.join(parts)} at the start"
+
+    def advice(self) -> str:
+        """What to do if the failure was an overflow ('' without a fixed-capacity list)."""
+        if not self.modules:
+            return ""
+        fills = self._fills() if np.isfinite(self.seen[0]).all() else []
+        when = self.seen[2]
+        seen = f" At {when}: {'; '.join(_fill_text(fill) for fill in fills)}." if fills else ""
+        if self.exported:
+            fix = "export the module again with more pair slots"
+        else:
+            bigger = max(2.0, round(1.5 * float(self.margin), 2))
+            fix = (
+                f"raise ml.capacity_margin (now {self.margin:g}; for example --set "
+                f"ml.capacity_margin={bigger:g}) and --resume"
+            )
+        return (
+            " The ML force's pair list has a fixed capacity (as CUDA graphs need); when more pairs "
+            f"come within the cutoff the energy turns NaN.{seen} If it overflowed, {fix}, or set "
+            "ml.cuda_graphs: false (a pair list without a capacity)."
+        )
+
+
+def _fill_text(fill: dict) -> str:
+    text = (
+        f"{fill['pairs']:,} of {fill['capacity']:,} pair slots in use "
+        f"({100.0 * fill['pairs'] / max(fill['capacity'], 1):.0f}%)"
+    )
+    if fill["cell_capacity"] >= 0:
+        text += f", fullest cell {fill['fullest_cell']} of {fill['cell_capacity']} atoms"
+    return text
+
+
+def _check_finite(
+    context, what: str, out: Path, step: int | None = None, advice=lambda: ""
+) -> None:
     energy = _energy(context)
     if not math.isfinite(energy):
         where = f" at step {step}" if step is not None else ""
         raise RunError(
             f"the energy of {what}{where} is not finite ({energy}). Likely causes: a time step "
             "too large for the (unconstrained) ML atoms, minimisation switched off, overlapping "
-            f"atoms, or a pair list that outgrew its capacity. {_kept(out)}"
+            f"atoms, or a pair list that outgrew its capacity.{advice()} {_kept(out)}"
         )
 
 
@@ -694,18 +780,19 @@ def _likely_causes(err: Exception, low_memory: bool) -> str:
 
 def _steps(
     context, integrator, n: int, out: Path, phase: str, start_step: int = 0,
-    low_memory: bool = False,
+    low_memory: bool = False, pair_lists: _PairLists | None = None,
 ) -> None:  # fmt: skip
     import openmm
 
+    advice = pair_lists.advice if pair_lists is not None else (lambda: "")
     try:
         integrator.step(n)
     except openmm.OpenMMException as err:
         raise RunError(
             f"{phase} failed within steps {start_step}..{start_step + n}: {err}. "
-            f"{_likely_causes(err, low_memory)} {_kept(out)}"
+            f"{_likely_causes(err, low_memory)}{advice()} {_kept(out)}"
         ) from err
-    _check_finite(context, f"the {phase}", out, start_step + n)
+    _check_finite(context, f"the {phase}", out, start_step + n, advice)
 
 
 def _kept(out: Path) -> str:

@@ -83,6 +83,17 @@ def test_exported_module_runs_pure_ml(model_file, tmp_path, capsys):
             "10", "--output", str(out), *QUICK]  # fmt: skip
     assert main(argv) == 0
     assert "exported module" in (out / "run.log").read_text()
+    # its pair list is dynamic: a CUDA graph would refuse the search's host synchronisation
+    import openmmtorch
+
+    from tensornet_openmm.runner import build, load_config
+
+    config = load_config(SIMULATIONS / "ala2-vacuum.yaml", [{"model": str(exported)}])
+    *_, system, description = build(config, log=lambda _: None)
+    assert "dynamic pair list (no CUDA graphs)" in description
+    (force,) = [openmmtorch.TorchForce.cast(f) for f in system.getForces()
+                if openmmtorch.TorchForce.isinstance(f)]  # fmt: skip
+    assert force.getProperties()["useCUDAGraphs"] == "false"
     water = ["run", str(SIMULATIONS / "water-box.yaml"), "--model", str(exported), "--output",
              str(tmp_path / "w"), *QUICK]  # fmt: skip
     assert main(water) == 2
@@ -234,3 +245,69 @@ def test_radial_tables_run_follows_the_same_trajectory(model_file, tmp_path):
         )
         assert ("radial tables (tolerance 1e-06)" in log) == (tables != "false")
     np.testing.assert_allclose(energies["1e-6"], energies["false"], rtol=2e-4)
+
+
+def test_pair_list_overflow_names_its_fill_and_the_fix(model_file, tmp_path, capsys):
+    """A pair list of fixed capacity (CUDA graphs; here a module fixed on the CPU as well) is
+    logged with how full it is, and when it overflows the run stops saying how full it was and
+    what to make bigger (an exported module: export it again)."""
+    import openmm.app as app
+
+    from tensornet_openmm import load_model
+    from tensornet_openmm.export import TensorNetForce, export, pair_counts
+
+    pdb = app.PDBFile(str(SIMULATIONS / "alanine-dipeptide.pdb"))
+    numbers = [a.element.atomic_number for a in pdb.topology.atoms()]
+    model = load_model(model_file)
+    angstrom = np.asarray(pdb.positions.value_in_unit(pdb.positions.unit)) * 10.0
+    count, _ = pair_counts(model.cutoff_upper, angstrom)
+    slots = count - 50
+    path = tmp_path / "fixed.pt"
+    export(TensorNetForce(model, numbers, capacity=slots, fixed_on_cpu=True), path)
+    out = tmp_path / "run"
+    argv = ["run", str(SIMULATIONS / "ala2-vacuum.yaml"), "--model", str(path), "--output",
+            str(out), *QUICK]  # fmt: skip
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    fill = f"{count} of {slots} pair slots in use ({round(100 * count / slots)}%)"
+    assert (
+        f"pair list of fixed capacity (as exported): {fill} at the start"
+        in (out / "run.log").read_text()
+    )
+    assert "the energy of the initial structure is not finite" in err
+    assert f"At the start: {fill}." in err
+    assert "export the module again with more pair slots" in err
+    assert "ml.cuda_graphs: false" in err
+
+
+def test_capacity_margin_sizes_the_pair_list(model_file, tmp_path):
+    """ml.capacity_margin reaches the force: its pair slots are the margin times the pairs at
+    the start, plus 64; a run that outgrows them is told to raise it."""
+    from tensornet_openmm.export import pair_counts
+    from tensornet_openmm.forces import fixed_pair_lists
+    from tensornet_openmm.runner import _PairLists, build, load_config
+
+    slots = {}
+    for margin in (1.5, 2.0):
+        config = load_config(SIMULATIONS / "water-box.yaml", [
+            {"model": model_file, "ml": {"capacity_margin": margin}}])  # fmt: skip
+        model, topology, positions, system, _ = build(config, log=lambda _: None)
+        assert fixed_pair_lists(system, "CPU") == []  # the CPU runs the exact dynamic list
+        (module,) = fixed_pair_lists(system, "CUDA")
+        slots[margin] = int(module.inner.capacity)
+    pos = np.asarray(positions.value_in_unit(positions.unit)) * 10.0  # nm -> A
+    box = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(positions.unit)) * 10.0
+    count, _ = pair_counts(model.cutoff_upper, pos, box)
+    assert slots == {1.5: int(np.ceil(1.5 * count)) + 64, 2.0: 2 * count + 64}
+
+    lists = _PairLists(system, "CUDA", config, exported=False)
+    squeezed = pos / 10.0 * 0.7  # the same molecules in a box 0.7 as wide: more pairs
+    lists.see(squeezed, box / 10.0 * 0.7, "step 40")
+    advice = lists.advice()
+    found, _ = pair_counts(model.cutoff_upper, squeezed * 10.0, box * 0.7)
+    assert found > slots[2.0]
+    assert f"At step 40: {found:,} of {slots[2.0]:,} pair slots in use" in advice
+    assert "raise ml.capacity_margin (now 2; for example --set ml.capacity_margin=3)" in advice
+    for bad in (0.5, "wide", True):
+        with pytest.raises(ValueError, match=r"ml.capacity_margin=.* must be a number of at"):
+            load_config(SIMULATIONS / "water-box.yaml", [{"ml": {"capacity_margin": bad}}])
