@@ -301,6 +301,37 @@ def test_message_filter_grad_on_cuda_equals_cpu(half):
     torch.testing.assert_close(actual.cpu(), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("half", [True, False])
+def test_sums_added_in_place_on_cuda_equal_cpu(half):
+    """The low-memory forces' in-place sums (messages_add, embedding_sums_add) and the
+    embedding's pair gradients on the GPU equal the CPU kernels in float64."""
+    cuda_kernels()
+    g = torch.Generator().manual_seed(6)
+    n, p, f = 9, 41, 160
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    y, start, grad = rand(n, 10, f), rand(n, 10, f), rand(n, 10, f)
+    filters, radial, geom = rand(p, 3, f), rand(p, 3, f), rand(p, 10)
+    z_recv, z_send = rand(n, f), rand(n, f)
+    src, dst = torch.randint(0, n, (p,), generator=g), torch.randint(0, n, (p,), generator=g)
+    ops = torch.ops.tensornet_openmm
+    for add, inputs in (
+        (ops.messages_add, (y, filters, src, dst)),
+        (ops.embedding_sums_add, (radial, z_recv, z_send, geom, src, dst)),
+    ):
+        expected, actual = start.clone(), start.cuda()
+        add(expected, *inputs, half)
+        add(actual, *(x.cuda() for x in inputs), half)
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-12, atol=1e-12)
+    inputs = (grad, radial, z_recv, z_send, geom, src, dst)
+    expected = ops.embedding_pair_grads(*inputs, half)
+    actual = ops.embedding_pair_grads(*(x.cuda() for x in inputs), half)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_cuda_kernels_pass_gradcheck():
     """Gradients against finite differences on the GPU (atomic sums: not bit-reproducible)."""
     cuda_kernels()

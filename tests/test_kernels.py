@@ -98,6 +98,48 @@ def test_message_filter_gradient_is_the_messages_backward(half, channels):
 
 
 @pytest.mark.parametrize("half", [True, False])
+def test_sums_added_in_place_equal_the_sums(half):
+    """messages_add and embedding_sums_add (kernel and PyTorch) add the same sums onto what
+    ``out`` holds, and embedding_pair_grads is the embedding's gradient with respect to its
+    radial functions and geometry: what the low-memory forces take a block at a time."""
+    src, dst = _pairs(seed=2)
+    f64 = {"dtype": torch.float64}
+    y, filters = torch.randn(9, 10, 6, **f64), torch.randn(23, 3, 6, **f64)
+    radial, geom = torch.randn(23, 3, 6, **f64), torch.randn(23, 10, **f64)
+    z_recv, z_send = torch.randn(9, 6, **f64), torch.randn(9, 6, **f64)
+    start = torch.randn(9, 10, 6, **f64)
+    reference = kernels.PairKernels(torch.float64)
+    ops = torch.ops.tensornet_openmm
+    for add in (ops.messages_add, reference.messages_add):
+        out = start.clone()
+        add(out, y, filters, src, dst, half)
+        torch.testing.assert_close(out, start + reference.messages(y, filters, src, dst, half))
+    sums = reference.embedding_sums(radial, z_recv, z_send, geom, src, dst, half)
+    for add in (ops.embedding_sums_add, reference.embedding_sums_add):
+        out = start.clone()
+        add(out, radial, z_recv, z_send, geom, src, dst, half)
+        torch.testing.assert_close(out, start + sums)
+    leaves = (radial.clone().requires_grad_(), geom.clone().requires_grad_())
+    seed = torch.randn(9, 10, 6, **f64)
+    expected = torch.autograd.grad(
+        reference.embedding_sums(leaves[0], z_recv, z_send, leaves[1], src, dst, half),
+        leaves, seed,
+    )  # fmt: skip
+    for grads in (ops.embedding_pair_grads, reference.embedding_pair_grads):
+        actual = grads(seed, radial, z_recv, z_send, geom, src, dst, half)
+        for a, e in zip(actual, expected, strict=True):
+            torch.testing.assert_close(a, e)
+    with pytest.raises(RuntimeError, match=r"messages_add: out must be \[9, 10, 6\] Double"):
+        ops.messages_add(start[:4].clone(), y, filters, src, dst, half)
+    with pytest.raises(RuntimeError, match="messages_add: out must not be an input"):
+        ops.messages_add(y, y, filters, src, dst, half)
+    with pytest.raises(RuntimeError, match=r"embedding_sums_add: out must be contiguous"):
+        ops.embedding_sums_add(start.transpose(1, 2), radial, z_recv, z_send, geom, src, dst, half)
+    with pytest.raises(RuntimeError, match=r"embedding_pair_grads: grad must be \(9, 10, 6\)"):
+        ops.embedding_pair_grads(seed[:, :3], radial, z_recv, z_send, geom, src, dst, half)
+
+
+@pytest.mark.parametrize("half", [True, False])
 def test_embedding_kernel_values_and_gradients(half):
     src, dst = _pairs(seed=1)
     f64 = {"dtype": torch.float64, "requires_grad": True}

@@ -38,9 +38,14 @@ at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tenso
                     const at::Tensor& dst, bool half);
 at::Tensor filter_grad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& src,
                        const at::Tensor& dst, int64_t pairs, bool half);
+void messages_into(const at::Tensor& out, const at::Tensor& y, const at::Tensor& filt,
+                   const at::Tensor& src, const at::Tensor& dst, bool half);
 at::Tensor embedding(const at::Tensor& radial, const at::Tensor& z_recv,
                      const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src,
                      const at::Tensor& dst, bool half);
+void embedding_into(const at::Tensor& out, const at::Tensor& radial, const at::Tensor& z_recv,
+                    const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src,
+                    const at::Tensor& dst, bool half);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
     const at::Tensor& grad, const at::Tensor& radial, const at::Tensor& z_recv,
     const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src, const at::Tensor& dst,
@@ -238,12 +243,12 @@ TN_INLINE void store_lanes(const Lanes<T> v[kComps], T* p, int64_t stride) {
 }
 
 // out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half), for the
-// receivers in [a0, a1)
+// receivers in [a0, a1), whose rows are zeroed first unless ``add`` (onto what out holds)
 template <typename T>
 TN_INLINE void scatter_messages(const T* y, const T* filt, const int64_t* src, const int64_t* dst,
                                 T* out, int64_t pairs, int64_t f_len, bool half, int64_t a0,
-                                int64_t a1) {
-  std::fill(out + a0 * kComps * f_len, out + a1 * kComps * f_len, T(0));
+                                int64_t a1, bool add) {
+  if (!add) std::fill(out + a0 * kComps * f_len, out + a1 * kComps * f_len, T(0));
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t i = src[p], j = dst[p];
     const bool to_i = i >= a0 && i < a1, to_j = half && j >= a0 && j < a1;
@@ -290,12 +295,13 @@ TN_INLINE void message_filter_grad(const T* grad, const T* y, const int64_t* src
 
 // out[i, c] += radial[p, GROUP[c]] * (z_recv[i] + z_send[j]) * geom[p, c], and when half
 // out[j, c] += radial[p, GROUP[c]] * (z_recv[j] + z_send[i]) * SIGN[c] * geom[p, c], for the
-// receivers in [a0, a1); s: scratch of f_len
+// receivers in [a0, a1), zeroed first unless ``add``; s: scratch of f_len
 template <typename T>
 TN_INLINE void scatter_embedding(const T* radial, const T* z_recv, const T* z_send, const T* geom,
                                  const int64_t* src, const int64_t* dst, T* out, int64_t pairs,
-                                 int64_t f_len, bool half, int64_t a0, int64_t a1, T* s) {
-  std::fill(out + a0 * kComps * f_len, out + a1 * kComps * f_len, T(0));
+                                 int64_t f_len, bool half, int64_t a0, int64_t a1, T* s,
+                                 bool add) {
+  if (!add) std::fill(out + a0 * kComps * f_len, out + a1 * kComps * f_len, T(0));
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t i = src[p], j = dst[p];
     for (int side = 0; side < (half ? 2 : 1); ++side) {
@@ -397,8 +403,8 @@ TN_INLINE void embedding_species_grads(const T* grad, const T* radial, const T* 
 #define TN_INSTANCES(T)                                                                          \
   TN_CLONES void run_messages(const T* y, const T* filt, const int64_t* src, const int64_t* dst, \
                               T* out, int64_t pairs, int64_t f_len, bool half, int64_t a0,       \
-                              int64_t a1) {                                                      \
-    scatter_messages<T>(y, filt, src, dst, out, pairs, f_len, half, a0, a1);                     \
+                              int64_t a1, bool add) {                                            \
+    scatter_messages<T>(y, filt, src, dst, out, pairs, f_len, half, a0, a1, add);                \
   }                                                                                              \
   TN_CLONES void run_filter_grad(const T* grad, const T* y, const int64_t* src,                  \
                                  const int64_t* dst, T* out, int64_t f_len, bool half,           \
@@ -407,9 +413,10 @@ TN_INLINE void embedding_species_grads(const T* grad, const T* radial, const T* 
   }                                                                                              \
   TN_CLONES void run_embedding(const T* radial, const T* z_recv, const T* z_send, const T* geom, \
                                const int64_t* src, const int64_t* dst, T* out, int64_t pairs,    \
-                               int64_t f_len, bool half, int64_t a0, int64_t a1, T* s) {         \
+                               int64_t f_len, bool half, int64_t a0, int64_t a1, T* s,           \
+                               bool add) {                                                       \
     scatter_embedding<T>(radial, z_recv, z_send, geom, src, dst, out, pairs, f_len, half, a0,    \
-                         a1, s);                                                                 \
+                         a1, s, add);                                                            \
   }                                                                                              \
   TN_CLONES void run_embedding_pair_grads(const T* grad, const T* radial, const T* z_recv,       \
                                           const T* z_send, const T* geom, const int64_t* src,    \
@@ -509,13 +516,43 @@ T* data_or_null(at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+void check_messages(const char* name, const at::Tensor& y, const at::Tensor& filt) {
+  TORCH_CHECK(y.dim() == 3 && y.size(1) == kComps, name,
+              ": y must be (atoms, 10, channels), got ", y.sizes());
+  TORCH_CHECK(filt.dim() == 3 && filt.size(1) == kParts && filt.size(2) == y.size(2), name,
+              ": filters must be (pairs, 3, channels), got ", filt.sizes());
+  TORCH_CHECK(y.scalar_type() == filt.scalar_type(), name, ": y and filters differ in dtype");
+}
+
+// ``out`` for the sums of an operator that adds onto it: shaped, typed and placed as ``like``
+// and contiguous (written in place).
+void check_out(const char* name, const at::Tensor& out, const at::Tensor& like) {
+  TORCH_CHECK(out.sizes() == like.sizes() && out.scalar_type() == like.scalar_type() &&
+                  out.device() == like.device(),
+              name, ": out must be ", like.sizes(), " ", like.scalar_type(), " on ", like.device(),
+              ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  TORCH_CHECK(out.is_contiguous(), name, ": out must be contiguous");
+  TORCH_CHECK(out.data_ptr() != like.data_ptr(), name, ": out must not be an input");
+}
+
+// The message sums into ``out`` on the CPU (inputs checked and contiguous), onto what it holds
+// when ``add``.
+void messages_cpu(const at::Tensor& out, const at::Tensor& y, const at::Tensor& filt,
+                  const at::Tensor& s, const at::Tensor& d, bool half, bool add) {
+  const int64_t pairs = filt.size(0), f_len = y.size(2);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages", [&] {
+    const scalar_t *yp = y.data_ptr<scalar_t>(), *fp = filt.data_ptr<scalar_t>();
+    const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    split(y.size(0), kAtomGrain, pair_work(pairs, f_len, half), [&](int64_t a0, int64_t a1) {
+      run_messages(yp, fp, sp, dp, op, pairs, f_len, half, a0, a1, add);
+    });
+  });
+}
+
 at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
                            const at::Tensor& src, const at::Tensor& dst, bool half) {
-  TORCH_CHECK(y_in.dim() == 3 && y_in.size(1) == kComps,
-              "messages: y must be (atoms, 10, channels), got ", y_in.sizes());
-  TORCH_CHECK(filt_in.dim() == 3 && filt_in.size(1) == kParts && filt_in.size(2) == y_in.size(2),
-              "messages: filters must be (pairs, 3, channels), got ", filt_in.sizes());
-  TORCH_CHECK(y_in.scalar_type() == filt_in.scalar_type(), "messages: y and filters differ in dtype");
+  check_messages("messages", y_in, filt_in);
   [[maybe_unused]] const bool cuda = on_cuda("messages", {y_in, filt_in});
   const at::Tensor y = y_in.contiguous(), filt = filt_in.contiguous();
   at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
@@ -524,16 +561,24 @@ at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
   if (cuda) return tn_cuda::messages(y, filt, s, d, half);
 #endif
   at::Tensor out = at::empty_like(y, at::MemoryFormat::Contiguous);  // zeroed by the kernel
-  const int64_t pairs = filt.size(0), f_len = y.size(2);
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages", [&] {
-    const scalar_t *yp = y.data_ptr<scalar_t>(), *fp = filt.data_ptr<scalar_t>();
-    const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    split(y.size(0), kAtomGrain, pair_work(pairs, f_len, half), [&](int64_t a0, int64_t a1) {
-      run_messages(yp, fp, sp, dp, op, pairs, f_len, half, a0, a1);
-    });
-  });
+  messages_cpu(out, y, filt, s, d, half, false);
   return out;
+}
+
+// messages() added onto ``out`` (no autograd): the low-memory forces' sums over blocks of pairs,
+// without an atom-sized result per block (whose zeroing and adding would cost blocks x atoms).
+void messages_add_kernel(const at::Tensor& out, const at::Tensor& y_in, const at::Tensor& filt_in,
+                         const at::Tensor& src, const at::Tensor& dst, bool half) {
+  check_messages("messages_add", y_in, filt_in);
+  check_out("messages_add", out, y_in);
+  [[maybe_unused]] const bool cuda = on_cuda("messages_add", {out, y_in, filt_in});
+  const at::Tensor y = y_in.contiguous(), filt = filt_in.contiguous();
+  at::Tensor s, d;
+  std::tie(s, d) = checked_pairs(src, dst, filt.size(0), y.size(0), y.device());
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::messages_into(out, y, filt, s, d, half);
+#endif
+  messages_cpu(out, y, filt, s, d, half, true);
 }
 
 at::Tensor filter_grad_kernel(const at::Tensor& grad, const at::Tensor& y_in,
@@ -572,42 +617,125 @@ at::Tensor message_filter_grad_kernel(const at::Tensor& grad_in, const at::Tenso
   return filter_grad_kernel(grad_in.contiguous(), y_in, s, d, s.numel(), half);
 }
 
-at::Tensor embedding_kernel(const at::Tensor& radial_in, const at::Tensor& z_recv_in,
-                            const at::Tensor& z_send_in, const at::Tensor& geom_in,
-                            const at::Tensor& src, const at::Tensor& dst, bool half) {
-  TORCH_CHECK(radial_in.dim() == 3 && radial_in.size(1) == kParts,
-              "embedding_sums: radial must be (pairs, 3, channels), got ", radial_in.sizes());
-  const int64_t pairs = radial_in.size(0), channels = radial_in.size(2);
-  TORCH_CHECK(z_recv_in.dim() == 2 && z_recv_in.size(1) == channels &&
-                  z_send_in.sizes() == z_recv_in.sizes(),
-              "embedding_sums: species terms must be (atoms, channels), got ", z_recv_in.sizes(),
-              " and ", z_send_in.sizes());
-  TORCH_CHECK(geom_in.dim() == 2 && geom_in.size(0) == pairs && geom_in.size(1) == kComps,
-              "embedding_sums: geometry must be (pairs, 10), got ", geom_in.sizes());
-  const auto dtype = radial_in.scalar_type();
-  TORCH_CHECK(z_recv_in.scalar_type() == dtype && z_send_in.scalar_type() == dtype &&
-                  geom_in.scalar_type() == dtype,
-              "embedding_sums: inputs differ in dtype");
-  [[maybe_unused]] const bool cuda = on_cuda("embedding_sums", {radial_in, z_recv_in, z_send_in, geom_in});
-  const at::Tensor radial = radial_in.contiguous(), z_recv = z_recv_in.contiguous(),
-                   z_send = z_send_in.contiguous(), geom = geom_in.contiguous();
-  at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
-  std::tie(s, d) = checked_pairs(src, dst, pairs, z_recv.size(0), radial.device());
-#ifdef TN_WITH_CUDA
-  if (cuda) return tn_cuda::embedding(radial, z_recv, z_send, geom, s, d, half);
-#endif
-  at::Tensor out = at::empty({z_recv.size(0), kComps, channels}, radial.options());  // zeroed
-  AT_DISPATCH_FLOATING_TYPES(dtype, "tensornet_openmm_embedding_sums", [&] {
+void check_embedding(const char* name, const at::Tensor& radial, const at::Tensor& z_recv,
+                     const at::Tensor& z_send, const at::Tensor& geom) {
+  TORCH_CHECK(radial.dim() == 3 && radial.size(1) == kParts, name,
+              ": radial must be (pairs, 3, channels), got ", radial.sizes());
+  const int64_t pairs = radial.size(0), channels = radial.size(2);
+  TORCH_CHECK(z_recv.dim() == 2 && z_recv.size(1) == channels && z_send.sizes() == z_recv.sizes(),
+              name, ": species terms must be (atoms, channels), got ", z_recv.sizes(), " and ",
+              z_send.sizes());
+  TORCH_CHECK(geom.dim() == 2 && geom.size(0) == pairs && geom.size(1) == kComps, name,
+              ": geometry must be (pairs, 10), got ", geom.sizes());
+  const auto dtype = radial.scalar_type();
+  TORCH_CHECK(z_recv.scalar_type() == dtype && z_send.scalar_type() == dtype &&
+                  geom.scalar_type() == dtype,
+              name, ": inputs differ in dtype");
+}
+
+// The embedding's pair sums into ``out`` on the CPU (inputs checked and contiguous), onto what it
+// holds when ``add``.
+void embedding_cpu(const at::Tensor& out, const at::Tensor& radial, const at::Tensor& z_recv,
+                   const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& s,
+                   const at::Tensor& d, bool half, bool add) {
+  const int64_t pairs = radial.size(0), channels = radial.size(2);
+  AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_sums", [&] {
     const scalar_t *rp = radial.data_ptr<scalar_t>(), *zr = z_recv.data_ptr<scalar_t>(),
                    *zs = z_send.data_ptr<scalar_t>(), *gp = geom.data_ptr<scalar_t>();
     const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     split(z_recv.size(0), kAtomGrain, pair_work(pairs, channels, half), [&](int64_t a0, int64_t a1) {
       std::vector<scalar_t> scratch(channels);
-      run_embedding(rp, zr, zs, gp, sp, dp, op, pairs, channels, half, a0, a1, scratch.data());
+      run_embedding(rp, zr, zs, gp, sp, dp, op, pairs, channels, half, a0, a1, scratch.data(),
+                    add);
     });
   });
+}
+
+at::Tensor embedding_kernel(const at::Tensor& radial_in, const at::Tensor& z_recv_in,
+                            const at::Tensor& z_send_in, const at::Tensor& geom_in,
+                            const at::Tensor& src, const at::Tensor& dst, bool half) {
+  check_embedding("embedding_sums", radial_in, z_recv_in, z_send_in, geom_in);
+  [[maybe_unused]] const bool cuda = on_cuda("embedding_sums", {radial_in, z_recv_in, z_send_in, geom_in});
+  const at::Tensor radial = radial_in.contiguous(), z_recv = z_recv_in.contiguous(),
+                   z_send = z_send_in.contiguous(), geom = geom_in.contiguous();
+  at::Tensor s, d;  // not a structured binding: C++17 lambdas cannot capture those
+  std::tie(s, d) = checked_pairs(src, dst, radial.size(0), z_recv.size(0), radial.device());
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::embedding(radial, z_recv, z_send, geom, s, d, half);
+#endif
+  at::Tensor out = at::empty({z_recv.size(0), kComps, radial.size(2)}, radial.options());  // zeroed
+  embedding_cpu(out, radial, z_recv, z_send, geom, s, d, half, false);
   return out;
+}
+
+// embedding_sums() added onto ``out`` (no autograd), as messages_add.
+void embedding_add_kernel(const at::Tensor& out, const at::Tensor& radial_in,
+                          const at::Tensor& z_recv_in, const at::Tensor& z_send_in,
+                          const at::Tensor& geom_in, const at::Tensor& src, const at::Tensor& dst,
+                          bool half) {
+  check_embedding("embedding_sums_add", radial_in, z_recv_in, z_send_in, geom_in);
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == z_recv_in.size(0) && out.size(1) == kComps &&
+                  out.size(2) == radial_in.size(2) && out.scalar_type() == radial_in.scalar_type() &&
+                  out.device() == radial_in.device() && out.is_contiguous(),
+              "embedding_sums_add: out must be contiguous (", z_recv_in.size(0), ", 10, ",
+              radial_in.size(2), ") ", radial_in.scalar_type(), " on ", radial_in.device(), ", got ",
+              out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  [[maybe_unused]] const bool cuda =
+      on_cuda("embedding_sums_add", {out, radial_in, z_recv_in, z_send_in, geom_in});
+  const at::Tensor radial = radial_in.contiguous(), z_recv = z_recv_in.contiguous(),
+                   z_send = z_send_in.contiguous(), geom = geom_in.contiguous();
+  at::Tensor s, d;
+  std::tie(s, d) = checked_pairs(src, dst, radial.size(0), z_recv.size(0), radial.device());
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::embedding_into(out, radial, z_recv, z_send, geom, s, d, half);
+#endif
+  embedding_cpu(out, radial, z_recv, z_send, geom, s, d, half, true);
+}
+
+// The gradients of embedding_sums() with respect to radial and geom alone, for the gradient
+// ``grad`` (atoms, 10, F) of its sums (no autograd): the low-memory forces' vector-Jacobian
+// product for a block of pairs, without making the block's atom-sized sums.
+std::tuple<at::Tensor, at::Tensor> embedding_pair_grads_kernel(
+    const at::Tensor& grad_in, const at::Tensor& radial_in, const at::Tensor& z_recv_in,
+    const at::Tensor& z_send_in, const at::Tensor& geom_in, const at::Tensor& src,
+    const at::Tensor& dst, bool half) {
+  check_embedding("embedding_pair_grads", radial_in, z_recv_in, z_send_in, geom_in);
+  TORCH_CHECK(grad_in.dim() == 3 && grad_in.size(0) == z_recv_in.size(0) &&
+                  grad_in.size(1) == kComps && grad_in.size(2) == radial_in.size(2) &&
+                  grad_in.scalar_type() == radial_in.scalar_type(),
+              "embedding_pair_grads: grad must be (", z_recv_in.size(0), ", 10, ",
+              radial_in.size(2), ") ", radial_in.scalar_type(), ", got ", grad_in.sizes(), " ",
+              grad_in.scalar_type());
+  [[maybe_unused]] const bool cuda =
+      on_cuda("embedding_pair_grads", {grad_in, radial_in, z_recv_in, z_send_in, geom_in});
+  const at::Tensor grad = grad_in.contiguous(), radial = radial_in.contiguous(),
+                   z_recv = z_recv_in.contiguous(), z_send = z_send_in.contiguous(),
+                   geom = geom_in.contiguous();
+  at::Tensor s, d;
+  std::tie(s, d) = checked_pairs(src, dst, radial.size(0), z_recv.size(0), radial.device());
+#ifdef TN_WITH_CUDA
+  if (cuda) {
+    const auto grads =
+        tn_cuda::embedding_grads(grad, radial, z_recv, z_send, geom, s, d, half, true, false, true);
+    return {std::get<0>(grads), std::get<3>(grads)};
+  }
+#endif
+  at::Tensor g_radial = at::empty_like(radial), g_geom = at::empty_like(geom);  // zeroed there
+  const int64_t pairs = radial.size(0), f_len = radial.size(2);
+  AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_pair_grads", [&] {
+    const scalar_t *gp = grad.data_ptr<scalar_t>(), *rp = radial.data_ptr<scalar_t>(),
+                   *zr = z_recv.data_ptr<scalar_t>(), *zs = z_send.data_ptr<scalar_t>(),
+                   *geo = geom.data_ptr<scalar_t>();
+    const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
+    scalar_t *g_rad = g_radial.data_ptr<scalar_t>(), *g_geo = g_geom.data_ptr<scalar_t>();
+    split(pairs, kPairGrain, pair_work(pairs, f_len, half), [&](int64_t p0, int64_t p1) {
+      std::vector<scalar_t> s_ij(f_len), s_ji(f_len);
+      run_embedding_pair_grads(gp, rp, zr, zs, geo, sp, dp, g_rad, g_geo, f_len, half, p0, p1,
+                               s_ij.data(), s_ji.data());
+    });
+  });
+  return {g_radial, g_geom};
 }
 
 using torch::autograd::AutogradContext;
@@ -1508,6 +1636,16 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "embedding_sums(Tensor radial, Tensor z_recv, Tensor z_send, Tensor geom, Tensor src, "
       "Tensor dst, bool half) -> Tensor");
+  // the low-memory forces' block by block sums and products (no autograd)
+  m.def(
+      "messages_add(Tensor(a!) out, Tensor y, Tensor filters, Tensor src, Tensor dst, "
+      "bool half) -> ()");
+  m.def(
+      "embedding_sums_add(Tensor(a!) out, Tensor radial, Tensor z_recv, Tensor z_send, "
+      "Tensor geom, Tensor src, Tensor dst, bool half) -> ()");
+  m.def(
+      "embedding_pair_grads(Tensor grad, Tensor radial, Tensor z_recv, Tensor z_send, "
+      "Tensor geom, Tensor src, Tensor dst, bool half) -> (Tensor, Tensor)");
   m.def("packed_product(Tensor a, Tensor b, bool symmetric=False) -> Tensor");
   m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
   m.def("packed_normalize(Tensor p) -> Tensor");
@@ -1526,6 +1664,9 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("messages", messages_kernel);
   m.impl("message_filter_grad", message_filter_grad_kernel);
   m.impl("embedding_sums", embedding_kernel);
+  m.impl("messages_add", messages_add_kernel);
+  m.impl("embedding_sums_add", embedding_add_kernel);
+  m.impl("embedding_pair_grads", embedding_pair_grads_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_mix", mix_checked);
   m.impl("packed_normalize", normalize_kernel);
@@ -1540,6 +1681,9 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("messages", messages_kernel);
   m.impl("message_filter_grad", message_filter_grad_kernel);
   m.impl("embedding_sums", embedding_kernel);
+  m.impl("messages_add", messages_add_kernel);
+  m.impl("embedding_sums_add", embedding_add_kernel);
+  m.impl("embedding_pair_grads", embedding_pair_grads_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_normalize", normalize_kernel);
   m.impl("geometry", geometry_kernel);

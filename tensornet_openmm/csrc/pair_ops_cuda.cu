@@ -315,12 +315,12 @@ void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 
 // ---- Host entry points (inputs checked and made contiguous by pair_ops.cpp) -------------------
 
-at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
-                    const at::Tensor& dst, bool half) {
+// The message sums added onto out (contiguous, shaped as y).
+void messages_into(const at::Tensor& out, const at::Tensor& y, const at::Tensor& filt,
+                   const at::Tensor& src, const at::Tensor& dst, bool half) {
   const c10::cuda::CUDAGuard guard(y.device());
-  at::Tensor out = at::zeros_like(y, at::MemoryFormat::Contiguous);
   const int64_t pairs = filt.size(0), f_len = y.size(2);
-  if (pairs == 0 || f_len == 0) return out;
+  if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_cuda", [&] {
     messages_kernel<scalar_t><<<blocks_for(pairs * f_len), kThreads, 0, stream>>>(
@@ -328,6 +328,13 @@ at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tenso
         dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs, f_len, y.size(0), half);
   });
   check_launch();
+}
+
+at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
+                    const at::Tensor& dst, bool half) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = at::zeros_like(y, at::MemoryFormat::Contiguous);
+  messages_into(out, y, filt, src, dst, half);
   return out;
 }
 
@@ -347,13 +354,13 @@ at::Tensor filter_grad(const at::Tensor& grad, const at::Tensor& y, const at::Te
   return out;
 }
 
-at::Tensor embedding(const at::Tensor& radial, const at::Tensor& z_recv,
-                     const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src,
-                     const at::Tensor& dst, bool half) {
+// The embedding's pair sums added onto out (contiguous, (atoms, 10, F)).
+void embedding_into(const at::Tensor& out, const at::Tensor& radial, const at::Tensor& z_recv,
+                    const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src,
+                    const at::Tensor& dst, bool half) {
   const c10::cuda::CUDAGuard guard(radial.device());
   const int64_t pairs = radial.size(0), f_len = radial.size(2), atoms = z_recv.size(0);
-  at::Tensor out = at::zeros({atoms, kComps, f_len}, radial.options());
-  if (pairs == 0 || f_len == 0) return out;
+  if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_cuda", [&] {
     embedding_kernel<scalar_t><<<blocks_for(pairs * f_len), kThreads, 0, stream>>>(
@@ -362,6 +369,14 @@ at::Tensor embedding(const at::Tensor& radial, const at::Tensor& z_recv,
         out.data_ptr<scalar_t>(), pairs, f_len, atoms, half);
   });
   check_launch();
+}
+
+at::Tensor embedding(const at::Tensor& radial, const at::Tensor& z_recv,
+                     const at::Tensor& z_send, const at::Tensor& geom, const at::Tensor& src,
+                     const at::Tensor& dst, bool half) {
+  const c10::cuda::CUDAGuard guard(radial.device());
+  at::Tensor out = at::zeros({z_recv.size(0), kComps, radial.size(2)}, radial.options());
+  embedding_into(out, radial, z_recv, z_send, geom, src, dst, half);
   return out;
 }
 

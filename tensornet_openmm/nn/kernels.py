@@ -241,6 +241,13 @@ class PairKernels(nn.Module):
             out = out.index_add(0, dst, w * y.index_select(0, src))
         return out
 
+    def messages_add(
+        self, out: Tensor, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool
+    ) -> None:
+        """out += :meth:`messages` (no autograd): the low-memory forces' sums over blocks of
+        pairs, which the operator adds without an atom-sized result per block."""
+        out.add_(self.messages(y, filters, src, dst, half))
+
     def message_filter_grad(
         self, grad: Tensor, y: Tensor, src: Tensor, dst: Tensor, half: bool
     ) -> Tensor:
@@ -275,6 +282,47 @@ class PairKernels(nn.Module):
             reversed_geom = geom * self.sign.to(geom.dtype)
             out = out.index_add(0, dst, w * species.unsqueeze(1) * reversed_geom.unsqueeze(2))
         return out
+
+    def embedding_sums_add(
+        self,
+        out: Tensor,
+        radial: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        geom: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+    ) -> None:
+        """out += :meth:`embedding_sums` (no autograd), as :meth:`messages_add`."""
+        out.add_(self.embedding_sums(radial, z_recv, z_send, geom, src, dst, half))
+
+    def embedding_pair_grads(
+        self,
+        grad: Tensor,
+        radial: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        geom: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """The gradients of :meth:`embedding_sums` with respect to ``radial`` and ``geom`` for
+        the gradient ``grad`` (n, 10, F) of its sums: per pair, the products' components summed
+        over the channels (geom) or per part (radial), of both directions when ``half``."""
+        w = radial.index_select(1, self.group)  # (P, 10, F)
+        species = z_recv.index_select(0, src) + z_send.index_select(0, dst)
+        h = grad.index_select(0, src) * species.unsqueeze(1)  # d out[src] / d (w geom)
+        if half:
+            back = grad.index_select(0, dst) * (
+                z_recv.index_select(0, dst) + z_send.index_select(0, src)
+            ).unsqueeze(1)
+            h = h + back * self.sign.to(h.dtype).unsqueeze(1)
+        g_geom = (h * w).sum(2)
+        g_w = h * geom.unsqueeze(2)
+        g_radial = g_w.new_zeros((g_w.shape[0], 3, g_w.shape[2])).index_add(1, self.group, g_w)
+        return g_radial, g_geom
 
     def product(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:
         """packed(A B), or packed(A B + B A) if ``symmetric``: 3x3 products of packed
@@ -388,6 +436,11 @@ class FusedPairKernels(PairKernels):
     def messages(self, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool) -> Tensor:
         return torch.ops.tensornet_openmm.messages(y, filters, src, dst, half)
 
+    def messages_add(
+        self, out: Tensor, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool
+    ) -> None:
+        torch.ops.tensornet_openmm.messages_add(out, y, filters, src, dst, half)
+
     def message_filter_grad(
         self, grad: Tensor, y: Tensor, src: Tensor, dst: Tensor, half: bool
     ) -> Tensor:
@@ -405,6 +458,36 @@ class FusedPairKernels(PairKernels):
     ) -> Tensor:
         return torch.ops.tensornet_openmm.embedding_sums(
             radial, z_recv, z_send, geom, src, dst, half
+        )
+
+    def embedding_sums_add(
+        self,
+        out: Tensor,
+        radial: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        geom: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+    ) -> None:
+        torch.ops.tensornet_openmm.embedding_sums_add(
+            out, radial, z_recv, z_send, geom, src, dst, half
+        )
+
+    def embedding_pair_grads(
+        self,
+        grad: Tensor,
+        radial: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        geom: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+    ) -> tuple[Tensor, Tensor]:
+        return torch.ops.tensornet_openmm.embedding_pair_grads(
+            grad, radial, z_recv, z_send, geom, src, dst, half
         )
 
     def product(self, a: Tensor, b: Tensor, symmetric: bool = False) -> Tensor:

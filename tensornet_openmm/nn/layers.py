@@ -396,6 +396,48 @@ class TensorEmbedding(_RadialLayer):
         radial = self._pair_radial(cut, basis, vec, True)
         return self.pair_kernels.embedding_sums(radial, z_recv, z_send, geom, i, j, half)
 
+    def fused_sums_add(
+        self,
+        out: Tensor,
+        i: Tensor,
+        j: Tensor,
+        cut: Tensor,
+        basis: Tensor,
+        geom: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        half: bool,
+        vec: Optional[Tensor] = None,
+    ) -> None:
+        """out += :meth:`fused_sums` (no graph): the low-memory forces' pair sums, block by
+        block, without an atom-sized result per block."""
+        radial = self._pair_radial(cut, basis, vec, True)
+        self.pair_kernels.embedding_sums_add(out, radial, z_recv, z_send, geom, i, j, half)
+
+    def fused_sums_backward(
+        self,
+        adj: Tensor,
+        i: Tensor,
+        j: Tensor,
+        cut: Tensor,
+        basis: Tensor,
+        geom: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        half: bool,
+        vec: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The vector-Jacobian product of :meth:`fused_sums` for one block of pairs with the
+        gradient ``adj`` (n, 10, F) of its sums, without the sums: the block's radial functions
+        (a graph back to ``cut``, ``basis`` and ``vec``) and the gradients to seed them and
+        ``geom`` with."""
+        radial = self._pair_radial(cut, basis, vec, True)
+        with torch.no_grad():
+            g_radial, g_geom = self.pair_kernels.embedding_pair_grads(
+                adj, radial, z_recv, z_send, geom, i, j, half
+            )
+        return radial, g_radial, g_geom
+
     def fused_finish(
         self, z_recv: Tensor, z_send: Tensor, packed: Tensor, self_basis: Tensor
     ) -> Tensor:
@@ -630,6 +672,22 @@ class Interaction(_RadialLayer):
         filters = self._pair_radial(cut, basis, vec, True)
         return self.pair_kernels.messages(y, filters, i, j, half)
 
+    def fused_messages_add(
+        self,
+        out: Tensor,
+        y: Tensor,
+        i: Tensor,
+        j: Tensor,
+        cut: Tensor,
+        basis: Tensor,
+        half: bool,
+        vec: Optional[Tensor] = None,
+    ) -> None:
+        """out += :meth:`fused_messages` (no graph): the low-memory forces' pair sums, block
+        by block, without an atom-sized result per block."""
+        filters = self._pair_radial(cut, basis, vec, True)
+        self.pair_kernels.messages_add(out, y, filters, i, j, half)
+
     def fused_messages_backward(
         self,
         adj: Tensor,
@@ -639,18 +697,20 @@ class Interaction(_RadialLayer):
         cut: Tensor,
         basis: Tensor,
         half: bool,
+        adj_y: Tensor,
         vec: Optional[Tensor] = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """The vector-Jacobian products of :meth:`fused_messages` for one block of pairs with
-        the gradient ``adj`` (n, 10, F) of its sums: with respect to Y (n, 10, F), and, as the
-        block's filters (B, 3, F) (a graph back to ``cut``, ``basis`` and ``vec``) with the
-        gradient to seed them with. The messages' own backward, without the sums themselves."""
+        the gradient ``adj`` (n, 10, F) of its sums: the one with respect to Y added onto
+        ``adj_y`` (n, 10, F); and the block's filters (B, 3, F) (a graph back to ``cut``,
+        ``basis`` and ``vec``) with the gradient to seed them with. The messages' own backward,
+        without the sums themselves."""
         filters = self._pair_radial(cut, basis, vec, True)
         kernels = self.pair_kernels
         with torch.no_grad():
-            adj_y = kernels.messages(adj, filters, j, i, half)  # the transposed sums
+            kernels.messages_add(adj_y, adj, filters, j, i, half)  # the transposed sums
             adj_filters = kernels.message_filter_grad(adj, y, i, j, half)
-        return adj_y, filters, adj_filters
+        return filters, adj_filters
 
     def fused_finish(
         self, x: Tensor, y: Tensor, msg: Tensor, charge_factor: Optional[Tensor]

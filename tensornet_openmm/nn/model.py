@@ -370,7 +370,7 @@ class TensorNet(nn.Module):
         chunk = block if block > 0 else atom_chunk(self.tensor_embedding.hidden_channels,
                                                    vec.device)  # fmt: skip
         if block <= 0:
-            block = fused_low_memory_block(self.tensor_embedding.hidden_channels, n, vec.device)
+            block = fused_low_memory_block(self.tensor_embedding.hidden_channels, vec.device)
         emb = self.tensor_embedding
         i_blocks, j_blocks, v_blocks = src.split(block), dst.split(block), vec.split(block)
         inputs: list[Tensor] = []
@@ -386,7 +386,7 @@ class TensorNet(nn.Module):
         energy, adj_x = self._head_and_adjoint(
             self._fused_forward_keeping(
                 i_blocks, j_blocks, v_blocks, z_recv, z_send, self_basis, charge_factor, half,
-                inputs, sums,
+                chunk, inputs, sums,
             ),
             z,
         )  # fmt: skip
@@ -405,7 +405,7 @@ class TensorNet(nn.Module):
                             first = self._first_sums(
                                 i_blocks, j_blocks, v_blocks, z_recv, z_send, half
                             )
-                            inputs[0] = emb.fused_finish(z_recv, z_send, first, self_basis)
+                            inputs[0] = self._embedding_x(z_recv, z_send, first, self_basis, chunk)
                         y_all = torch.empty_like(inputs[k])
                     adj_sum = torch.empty_like(inputs[k])
                     adj_y = torch.empty_like(inputs[k])
@@ -428,10 +428,9 @@ class TensorNet(nn.Module):
                     for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
                         v = no_history(v).requires_grad_()
                         cut, _, basis = self._fused_geometry(v)
-                        g_y, filters, g_filters = interaction.fused_messages_backward(
-                            adj_sum, y_all, i, j, cut, basis, half, v
+                        filters, g_filters = interaction.fused_messages_backward(
+                            adj_sum, y_all, i, j, cut, basis, half, adj_y, v
                         )
-                        adj_y += g_y
                         grad_vec[start : start + v.shape[0]] += _grads(
                             [filters], [v], [g_filters], False
                         )[0]
@@ -443,6 +442,7 @@ class TensorNet(nn.Module):
                         seeds = [adj_x.narrow(0, a0, m), adj_y.narrow(0, a0, m)]
                         # adj_x's rows are read before they are overwritten
                         adj_x.narrow(0, a0, m).copy_(_grads([x_norm, y], [x_in], seeds, False)[0])
+                    inputs[k] = adj_x.new_zeros(0)  # done with
         # 4. the embedding: the adjoint of its pair sums, a chunk of atoms at a time, then its
         # pair terms block by block
         adj_first = torch.empty_like(first)
@@ -458,8 +458,12 @@ class TensorNet(nn.Module):
         for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
             v = no_history(v).requires_grad_()
             cut, geom, basis = self._fused_geometry(v)
-            out = emb.fused_sums(i, j, cut, basis, geom, z_recv, z_send, half, v)
-            grad_vec[start : start + v.shape[0]] += _grads([out], [v], [adj_first], False)[0]
+            radial, g_radial, g_geom = emb.fused_sums_backward(
+                adj_first, i, j, cut, basis, geom, z_recv, z_send, half, v
+            )
+            grad_vec[start : start + v.shape[0]] += _grads(
+                [radial, geom], [v], [g_radial, g_geom], False
+            )[0]
             start += v.shape[0]
         return no_history(energy), grad_vec
 
@@ -473,27 +477,58 @@ class TensorNet(nn.Module):
         self_basis: Tensor,
         charge_factor: Optional[Tensor],
         half: bool,
+        chunk: int,
         inputs: list[Tensor],
         sums: list[Tensor],
     ) -> Tensor:
         """The last X without a graph (fused kernels), appending each layer's input X (an
-        empty tensor for the first layer's) to ``inputs`` and its pair sums to ``sums``."""
+        empty tensor for the first layer's) to ``inputs`` and its pair sums to ``sums``. The
+        per-atom algebra runs ``chunk`` atoms at a time, so that its temporaries stay small:
+        what is whole is X, Y, the pair sums and the next X."""
         with torch.no_grad():
-            emb = self.tensor_embedding
-            x = emb.fused_finish(
-                z_recv, z_send,
-                self._first_sums(i_blocks, j_blocks, v_blocks, z_recv, z_send, half), self_basis,
+            n = z_recv.shape[0]
+            x = self._embedding_x(
+                z_recv, z_send, self._first_sums(i_blocks, j_blocks, v_blocks, z_recv, z_send,
+                                                 half), self_basis, chunk,
             )  # fmt: skip
             for layer in self.layers:
                 inputs.append(x if len(inputs) > 0 else x.new_zeros(0))
-                x_norm, y = layer.fused_prepare(x)
+                y = torch.empty_like(x)
+                for a0 in range(0, n, chunk):
+                    m = min(chunk, n - a0)
+                    y.narrow(0, a0, m).copy_(layer.fused_prepare(x.narrow(0, a0, m))[1])
                 pair_sum = torch.zeros_like(y)
                 for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
                     cut, _, basis = self._fused_geometry(v)
-                    pair_sum.add_(layer.fused_messages(y, i, j, cut, basis, half, v))
+                    layer.fused_messages_add(pair_sum, y, i, j, cut, basis, half, v)
                 sums.append(pair_sum)
-                msg = layer.fused_self_messages(y, self_basis) + pair_sum
-                x = layer.fused_finish(x_norm, y, msg, charge_factor)
+                x_next = torch.empty_like(x)
+                for a0 in range(0, n, chunk):
+                    m = min(chunk, n - a0)
+                    x_norm = layer.pair_kernels.normalize(x.narrow(0, a0, m))
+                    y_rows = y.narrow(0, a0, m)
+                    msg = layer.fused_self_messages(y_rows, self_basis) + pair_sum.narrow(0, a0, m)
+                    x_next.narrow(0, a0, m).copy_(
+                        layer.fused_finish(x_norm, y_rows, msg, _rows(charge_factor, a0, m))
+                    )
+                x = x_next
+        return x
+
+    def _embedding_x(
+        self, z_recv: Tensor, z_send: Tensor, first: Tensor, self_basis: Tensor, chunk: int
+    ) -> Tensor:
+        """The embedding's X from its pair sums ``first`` (n, 10, F), ``chunk`` atoms at a
+        time (no graph)."""
+        emb = self.tensor_embedding
+        n = first.shape[0]
+        x = torch.empty_like(first)
+        with torch.no_grad():
+            for a0 in range(0, n, chunk):
+                m = min(chunk, n - a0)
+                x.narrow(0, a0, m).copy_(emb.fused_finish(
+                    z_recv.narrow(0, a0, m), z_send.narrow(0, a0, m), first.narrow(0, a0, m),
+                    self_basis,
+                ))  # fmt: skip
         return x
 
     def _first_sums(
@@ -510,7 +545,7 @@ class TensorNet(nn.Module):
         first = z_recv.new_zeros((z_recv.shape[0], 10, emb.hidden_channels))
         for i, j, v in zip(i_blocks, j_blocks, v_blocks):  # noqa: B905
             cut, geom, basis = self._fused_geometry(v)
-            first.add_(emb.fused_sums(i, j, cut, basis, geom, z_recv, z_send, half, v))
+            emb.fused_sums_add(first, i, j, cut, basis, geom, z_recv, z_send, half, v)
         return first
 
     def forward(
@@ -594,12 +629,13 @@ def atom_chunk(channels: int, device: torch.device) -> int:
     return max(elements // (10 * channels), 1)
 
 
-def fused_low_memory_block(channels: int, atoms: int, device: torch.device) -> int:
+def fused_low_memory_block(channels: int, device: torch.device) -> int:
     """Pairs per block in :meth:`TensorNet.energy_and_gradient` with the fused kernels: about
-    2^23 (CPU) or 2^24 (GPU) elements per (block, 10, channels) tensor, and no fewer pairs than
-    atoms, since each block's message sums and their gradient are atom-sized."""
-    elements = 1 << 23 if device.type == "cpu" else 1 << 24
-    return max(elements // (10 * channels), atoms, 1)
+    2^23 (CPU, cache-sized) or 2^26 (GPU, few launches) elements per (block, 10, channels), the
+    size of a block's radial networks with their activations. The sums add onto atom-sized
+    tensors in place (``messages_add``), so a block costs nothing per atom, whatever the box."""
+    elements = 1 << 23 if device.type == "cpu" else 1 << 26
+    return max(elements // (10 * channels), 1)
 
 
 def _rows(t: Optional[Tensor], start: int, length: int) -> Optional[Tensor]:
