@@ -274,6 +274,7 @@ def _prepared(spec: dict) -> dict:
     import openmm
     import openmm.unit as u
 
+    cap_process_memory(spec.get("cpu_memory_gb"))
     if spec["allocator"] == "tuned":  # every route alike, as the runner does for ours
         from tensornet_openmm.allocator import keep_freed_memory
 
@@ -440,6 +441,18 @@ def device_name(platform: str) -> str:
     return "CPU"
 
 
+def cap_process_memory(gigabytes: float | None) -> None:
+    """Limit this process's heap and anonymous mappings (``RLIMIT_DATA``) to ``gigabytes``: a
+    case that needs more fails as out of memory (torch's "not enough memory") instead of waking
+    the kernel's out-of-memory killer, which may take another process. Linux; None: no limit."""
+    if gigabytes is None:
+        return
+    import resource
+
+    limit = int(gigabytes * 1e9)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 def _worker_env(spec: dict) -> dict:
     from tensornet_openmm import openmp
 
@@ -494,12 +507,18 @@ def _answer(proc, timeout: float) -> dict:
             return json.loads(line)
 
 
+OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory", "bad_alloc",
+                 "memoryerror")  # fmt: skip
+"""What torch, OpenMM (C++) and Python say when an allocation fails, lower case."""
+
+
 def _failure(stderr: str, returncode: int) -> dict:
     """A worker that ended without its row: the last line it wrote to stderr, out of memory
     named as such."""
     lines = [x for x in stderr.splitlines() if x.strip()]
     reason = lines[-1] if lines else f"exit {returncode}"
-    if "out of memory" in stderr.lower() or returncode in (-9, 137):
+    said = stderr.lower()
+    if any(text in said for text in OUT_OF_MEMORY) or returncode in (-9, 137):
         reason = "out of memory: " + reason
     return {"error": reason[:160]}
 
@@ -652,6 +671,10 @@ def main(argv=None):
     parser.add_argument("--gpu-memory-gb", type=_gigabytes,
                         help="cap torch's CUDA memory at this many GB (a larger card standing in "
                         "for a smaller one); OpenMM's own buffers come on top")  # fmt: skip
+    parser.add_argument("--cpu-memory-gb", type=_gigabytes,
+                        help="cap each case's process at this many GB of heap (RLIMIT_DATA): "
+                        "a box too large for it fails as out of memory, larger ones are "
+                        "skipped (the largest box that fits, on a shared machine)")  # fmt: skip
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args(argv)
     if args.checkpoint is not None and not args.checkpoint.is_file():
@@ -688,6 +711,7 @@ def main(argv=None):
                     "torch_threads": args.torch_threads,
                     "precision": args.precision, "seconds": args.seconds,
                     "gpu_memory_gb": args.gpu_memory_gb,
+                    "cpu_memory_gb": args.cpu_memory_gb,
                     "warmup": args.warmup}  # fmt: skip
 
         if args.interleave is not None:

@@ -241,3 +241,33 @@ def test_memory_table_gives_each_route_its_peak_per_atom(tmp_path, capsys):
     with pytest.raises(SystemExit):
         memory.main(["--checkpoint", str(checkpoint), "--sizes", "many"])
     assert "'many' atoms: give a water box's size" in capsys.readouterr().err
+
+
+def test_cpu_memory_cap_fails_a_case_as_out_of_memory(tmp_path, monkeypatch):
+    """--cpu-memory-gb reaches every case, and a case past it fails as out of memory (torch's
+    allocation refused) instead of waking the kernel's out-of-memory killer."""
+    import subprocess
+
+    specs = []
+
+    def fake(specs_, blocks, timeout):
+        specs.extend(specs_)
+        return [{"error": "out of memory: fake"} for _ in specs_]
+
+    monkeypatch.setattr(bench_md, "run_interleaved", fake)
+    checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
+    bench_md.main(["--checkpoint", str(checkpoint), "--systems", "water", "--water-sizes", "300",
+                   "--platforms", "CPU", "--routes", "ours", "--interleave", "2",
+                   "--cpu-memory-gb", "2.5"])  # fmt: skip
+    assert [spec["cpu_memory_gb"] for spec in specs] == [2.5]
+
+    code = (  # a cap 0.3 GB above what the process holds, then a 1 GB tensor
+        f"import sys; sys.path.insert(0, {str(Path(bench_md.__file__).parent)!r}); "
+        "import re, torch, bench_md; "
+        "held = int(re.search(r'VmData:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024; "
+        "bench_md.cap_process_memory((held + 3e8) / 1e9); "
+        "torch.ones(250_000_000)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert bench_md._failure(done.stderr, done.returncode)["error"].startswith("out of memory: ")

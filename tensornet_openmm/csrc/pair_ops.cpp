@@ -14,7 +14,9 @@
 // Scatters are parallel over receiving atoms (each thread adds only into its own atoms' rows, so
 // they never clash), per-pair outputs over pairs. The channel mixing and the small networks, which
 // are matrix products, split their rows between the threads in one parallel region (split_rows).
-// Small inputs run on the calling thread (kParallelWork).
+// Small inputs run on the calling thread (kParallelWork). messages_add, embedding_sums_add and
+// embedding_pair_grads (no autograd) serve the low-memory forces, which take the pairs a block at
+// a time: they add onto atom-sized tensors in place, or give a block's gradients without its sums.
 //
 // Built with -DTN_WITH_CUDA (tensornet_openmm/nn/kernels.py does so where a CUDA device and nvcc
 // exist), geometry, messages, embedding_sums, packed_product, packed_normalize and radial_table
