@@ -517,9 +517,10 @@ def _failure(stderr: str, returncode: int) -> dict:
     named as such."""
     lines = [x for x in stderr.splitlines() if x.strip()]
     reason = lines[-1] if lines else f"exit {returncode}"
-    said = stderr.lower()
-    if any(text in said for text in OUT_OF_MEMORY) or returncode in (-9, 137):
-        reason = "out of memory: " + reason
+    said = [x for x in lines if any(text in x.lower() for text in OUT_OF_MEMORY)]
+    if said or returncode in (-9, 137):
+        # the line that says so: C++ exceptions end with their stack's frames
+        reason = "out of memory: " + (said[-1].strip() if said else reason)
     return {"error": reason[:160]}
 
 

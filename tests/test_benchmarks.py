@@ -271,3 +271,8 @@ def test_cpu_memory_cap_fails_a_case_as_out_of_memory(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode != 0
     assert bench_md._failure(done.stderr, done.returncode)["error"].startswith("out of memory: ")
+    # a C++ exception's message comes before its stack's frames: the row names the message
+    cpp = "RuntimeError: DefaultCPUAllocator: not enough memory\nframe #0: f\nframe #1: _start\n"
+    assert bench_md._failure(cpp, 1) == {
+        "error": "out of memory: RuntimeError: DefaultCPUAllocator: not enough memory"
+    }
