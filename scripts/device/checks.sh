@@ -49,9 +49,9 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
     ;;
 scan)
     # the target: the largest box within 80 GB at least 20x the reference's (28,872 atoms ran
-    # for it on the last lease, in 71 GB). The fused low-memory forces keep about 40 KB per atom
-    # (CPU figure), so 600,000 and 1,000,000 atoms should fit; building a box takes about
-    # 9 s per 100,000 atoms here
+    # for it on the last lease, in 71 GB). The fused low-memory forces keep about 44 KB per atom
+    # (CPU figure at 96,066 atoms; on the CPU 145,071 atoms ran MD in 7.8 GB), so 600,000 and
+    # 1,000,000 atoms should fit; building a box takes about 9 s per 100,000 atoms here
     # (the reference's side of it needs all of warp: the end of compare). First the exact
     # peak per atom of a force call on the GPU, and the box it extrapolates to
     timeout 100 python3 benchmarks/memory.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \

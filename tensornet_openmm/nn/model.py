@@ -249,9 +249,10 @@ class TensorNet(nn.Module):
 
         With the fused kernels (:meth:`_fused_energy_and_gradient`) the pair sums and their
         backward are one operator per block each way, and the per-atom algebra is
-        differentiated a chunk of atoms at a time (``block`` atoms where ``block`` is given):
-        what stays is about seven atom-sized (n, 10, F) tensors, 40 KB per atom at 128 channels in
-        float32.
+        differentiated a chunk of atoms at a time (``block`` atoms where ``block`` is given);
+        each block's sums add in place onto atom-sized tensors: what stays is about six
+        atom-sized (n, 10, F) tensors and the pairs, about 40 KB per atom of water at 128
+        channels in float32.
         """
         src, dst = edge_index[0], edge_index[1]
         vec = no_history(edge_vec)
