@@ -506,6 +506,7 @@ class TensorNet(nn.Module):
                 x_next = torch.empty_like(x)
                 for a0 in range(0, n, chunk):
                     m = min(chunk, n - a0)
+                    # normalised again (one cheap operator) rather than kept whole
                     x_norm = layer.pair_kernels.normalize(x.narrow(0, a0, m))
                     y_rows = y.narrow(0, a0, m)
                     msg = layer.fused_self_messages(y_rows, self_basis) + pair_sum.narrow(0, a0, m)
