@@ -134,7 +134,8 @@ def test_sums_added_in_place_equal_the_sums(half):
     with pytest.raises(RuntimeError, match="messages_add: out must not be an input"):
         ops.messages_add(y, y, filters, src, dst, half)
     with pytest.raises(RuntimeError, match=r"embedding_sums_add: out must be contiguous"):
-        ops.embedding_sums_add(start.transpose(1, 2), radial, z_recv, z_send, geom, src, dst, half)
+        strided = start.transpose(0, 1).contiguous().transpose(0, 1)  # (9, 10, 6), not contiguous
+        ops.embedding_sums_add(strided, radial, z_recv, z_send, geom, src, dst, half)
     with pytest.raises(RuntimeError, match=r"embedding_pair_grads: grad must be \(9, 10, 6\)"):
         ops.embedding_pair_grads(seed[:, :3], radial, z_recv, z_send, geom, src, dst, half)
 

@@ -526,12 +526,13 @@ void check_messages(const char* name, const at::Tensor& y, const at::Tensor& fil
   TORCH_CHECK(y.scalar_type() == filt.scalar_type(), name, ": y and filters differ in dtype");
 }
 
-// ``out`` for the sums of an operator that adds onto it: shaped, typed and placed as ``like``
-// and contiguous (written in place).
-void check_out(const char* name, const at::Tensor& out, const at::Tensor& like) {
-  TORCH_CHECK(out.sizes() == like.sizes() && out.scalar_type() == like.scalar_type() &&
+// ``out`` for the sums of an operator that adds onto it: ``sizes``, typed and placed as the input
+// ``like``, contiguous (written in place) and not ``like`` itself.
+void check_out(const char* name, const at::Tensor& out, at::IntArrayRef sizes,
+               const at::Tensor& like) {
+  TORCH_CHECK(out.sizes() == sizes && out.scalar_type() == like.scalar_type() &&
                   out.device() == like.device(),
-              name, ": out must be ", like.sizes(), " ", like.scalar_type(), " on ", like.device(),
+              name, ": out must be ", sizes, " ", like.scalar_type(), " on ", like.device(),
               ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
   TORCH_CHECK(out.is_contiguous(), name, ": out must be contiguous");
   TORCH_CHECK(out.data_ptr() != like.data_ptr(), name, ": out must not be an input");
@@ -572,7 +573,7 @@ at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
 void messages_add_kernel(const at::Tensor& out, const at::Tensor& y_in, const at::Tensor& filt_in,
                          const at::Tensor& src, const at::Tensor& dst, bool half) {
   check_messages("messages_add", y_in, filt_in);
-  check_out("messages_add", out, y_in);
+  check_out("messages_add", out, y_in.sizes(), y_in);
   [[maybe_unused]] const bool cuda = on_cuda("messages_add", {out, y_in, filt_in});
   const at::Tensor y = y_in.contiguous(), filt = filt_in.contiguous();
   at::Tensor s, d;
@@ -677,12 +678,8 @@ void embedding_add_kernel(const at::Tensor& out, const at::Tensor& radial_in,
                           const at::Tensor& geom_in, const at::Tensor& src, const at::Tensor& dst,
                           bool half) {
   check_embedding("embedding_sums_add", radial_in, z_recv_in, z_send_in, geom_in);
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == z_recv_in.size(0) && out.size(1) == kComps &&
-                  out.size(2) == radial_in.size(2) && out.scalar_type() == radial_in.scalar_type() &&
-                  out.device() == radial_in.device() && out.is_contiguous(),
-              "embedding_sums_add: out must be contiguous (", z_recv_in.size(0), ", 10, ",
-              radial_in.size(2), ") ", radial_in.scalar_type(), " on ", radial_in.device(), ", got ",
-              out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  check_out("embedding_sums_add", out, {z_recv_in.size(0), kComps, radial_in.size(2)},
+            radial_in);
   [[maybe_unused]] const bool cuda =
       on_cuda("embedding_sums_add", {out, radial_in, z_recv_in, z_send_in, geom_in});
   const at::Tensor radial = radial_in.contiguous(), z_recv = z_recv_in.contiguous(),
