@@ -619,7 +619,13 @@ def no_history(t: Tensor) -> Tensor:
 def low_memory_block(channels: int, device: torch.device) -> int:
     """Pairs per block in :meth:`TensorNet.energy_and_gradient`: about 2^20 (CPU, cache-sized)
     or 2^24 (GPU, few launches) elements per (block, 10, channels) tensor."""
-    elements = 1 << 20 if device.type == "cpu" else 1 << 24
+    return _rows_of(1 << 20, 1 << 24, channels, device)
+
+
+def _rows_of(cpu_elements: int, gpu_elements: int, channels: int, device: torch.device) -> int:
+    """Rows of (rows, 10, channels) tensors that hold about ``cpu_elements`` (on the CPU) or
+    ``gpu_elements`` (elsewhere) elements, at least one."""
+    elements = cpu_elements if device.type == "cpu" else gpu_elements
     return max(elements // (10 * channels), 1)
 
 
@@ -627,8 +633,7 @@ def atom_chunk(channels: int, device: torch.device) -> int:
     """Atoms per chunk of the per-atom algebra's gradients in the low-memory forces with the
     fused kernels: about 2^18 (CPU) or 2^24 (GPU) elements per (chunk, 10, channels) tensor, of
     which a chunk's graph keeps about twenty."""
-    elements = 1 << 18 if device.type == "cpu" else 1 << 24
-    return max(elements // (10 * channels), 1)
+    return _rows_of(1 << 18, 1 << 24, channels, device)
 
 
 def fused_low_memory_block(channels: int, device: torch.device) -> int:
@@ -636,8 +641,7 @@ def fused_low_memory_block(channels: int, device: torch.device) -> int:
     2^23 (CPU, cache-sized) or 2^26 (GPU, few launches) elements per (block, 10, channels), the
     size of a block's radial networks with their activations. The sums add onto atom-sized
     tensors in place (``messages_add``), so a block costs nothing per atom, whatever the box."""
-    elements = 1 << 23 if device.type == "cpu" else 1 << 26
-    return max(elements // (10 * channels), 1)
+    return _rows_of(1 << 23, 1 << 26, channels, device)
 
 
 def _rows(t: Optional[Tensor], start: int, length: int) -> Optional[Tensor]:
