@@ -82,6 +82,7 @@ from typing import Optional
 import numpy as np
 import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
+from tensornet_openmm.runner import _OUT_OF_MEMORY
 from tensornet_openmm.units import EV_TO_KJ_PER_MOL, NM_TO_ANGSTROM
 
 OURS = ("ours", "ours-tables", "ours-lowmem", "ours-lowmem-tables", "ours-pytorch")
@@ -507,9 +508,9 @@ def _answer(proc, timeout: float) -> dict:
             return json.loads(line)
 
 
-OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory", "bad_alloc",
-                 "memoryerror")  # fmt: skip
-"""What torch, OpenMM (C++) and Python say when an allocation fails, lower case."""
+OUT_OF_MEMORY = (*_OUT_OF_MEMORY, "bad_alloc", "memoryerror")
+"""What torch (the runner's list), OpenMM (C++) and Python say when an allocation fails, lower
+case."""
 
 
 def _failure(stderr: str, returncode: int) -> dict:

@@ -559,9 +559,11 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
         f"{config['model']} ({model.num_parameters():,} parameters, cutoff "
         f"{model.cutoff_upper} A, elements {elements})")  # fmt: skip
 
+    from .systems import _box_nm
+
     pair_lists = _PairLists(system, platform.getName(), config, isinstance(model, ExportedModel))
-    pair_lists.see(np.asarray(positions.value_in_unit(u.nanometer)),
-                   _box_nm(topology.getPeriodicBoxVectors()), "the start")  # fmt: skip
+    pair_lists.see(np.asarray(positions.value_in_unit(u.nanometer)), _box_nm(topology),
+                   "the start")  # fmt: skip
     if pair_lists.modules:
         log(pair_lists.summary())
 
@@ -674,12 +676,6 @@ def _progress(done: int, total: int, speed: float, left: float) -> None:
     filled = int(width * done / total)
     print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} steps  {speed:7.2f} ns/day  "
           f"{left / 60:6.1f} min left", end="", file=sys.stderr, flush=True)  # fmt: skip
-
-
-def _box_nm(vectors) -> np.ndarray | None:
-    import openmm.unit as u
-
-    return None if vectors is None else np.asarray(vectors.value_in_unit(u.nanometer))
 
 
 class _PairLists:
