@@ -93,6 +93,12 @@ def merge(base: dict, update: dict, where: str = "") -> dict:
             if not isinstance(value, dict):
                 raise ValueError(f"{where + key!r} must be a mapping of {sorted(base[key])}")
             out[key] = merge(base[key], value, f"{where}{key}.")
+        elif isinstance(value, dict):  # `--set output.folder=x` where output is one value
+            name = where + key
+            raise ValueError(
+                f"{name!r} is one value, not a mapping: set {name} itself (YAML `{name}: ...`, "
+                f"`--set {name}=...`), not {name}.{next(iter(value), '')}"
+            )
         elif isinstance(base[key], bool) and not isinstance(value, bool):
             # bool() would take any non-empty string, a typo included, for true
             if key not in _BOOL_OR_NUMBER:
@@ -124,6 +130,64 @@ def parse_override(text: str) -> dict:
     return out
 
 
+# numbers of the configuration: (lowest value, whether that value itself is allowed, integer)
+_NUMBERS: dict[str, tuple[float | None, bool, bool]] = {
+    "integrator.timestep_fs": (0.0, False, False),
+    "integrator.temperature_k": (0.0, False, False),
+    "integrator.friction_per_ps": (0.0, True, False),
+    "pressure_bar": (0.0, False, False),
+    "nonbonded_cutoff_nm": (0.0, False, False),
+    "minimize.max_iterations": (0, True, True),  # 0: until converged (OpenMM's meaning)
+    "minimize.tolerance_kj_per_mol_nm": (0.0, False, False),
+    "equilibration_steps": (0, True, True),
+    "seed": (0, True, True),  # 0: OpenMM picks a random seed
+    "ml.total_charge": (None, True, False),
+    "prepare.ph": (None, True, False),
+    "prepare.padding_nm": (0.0, False, False),
+    "prepare.ionic_strength_molar": (0.0, True, False),
+}
+
+
+def _check_number(config: dict, key: str, low, low_allowed: bool, integer: bool) -> None:
+    """Checks ``config``'s dotted ``key`` against its range, in place: a string that reads as a
+    number (YAML reads 1e-6, without a dot, as a string) becomes that number."""
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+        node = node[part]
+    value = node[last]
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{key}={node[last]!r} must be {kind}") from None
+    if isinstance(value, float) and integer and value.is_integer():
+        value = int(value)
+    wrong_type = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    if wrong_type or not math.isfinite(value):
+        raise ValueError(f"{key}={node[last]!r} must be {kind}")
+    if low is not None and (value < low or (value == low and not low_allowed)):
+        bound = f"at least {low:g}" if low_allowed else f"more than {low:g}"
+        raise ValueError(f"{key}={node[last]!r} must be {bound}")
+    node[last] = value
+
+
+def _check_text(config: dict, defaults: dict, where: str = "") -> None:
+    """Keys whose default is text (or a file, None by default) must be text (``ml.atoms`` may
+    also be a list, checked apart)."""
+    for key, default in defaults.items():
+        value = config[key]
+        if where + key == "ml.atoms":
+            continue
+        if isinstance(default, dict):
+            _check_text(value, default, f"{where}{key}.")
+        elif (isinstance(default, str) or (default is None)) and not (
+            isinstance(value, str) or (value is None and default is None)
+        ):
+            raise ValueError(f"{where + key}={value!r} must be text (a name or a file)")
+
+
 def load_config(path: str | Path | None, overrides: list[dict] = ()) -> dict:
     from .config import read_yaml_mapping
 
@@ -140,6 +204,31 @@ def load_config(path: str | Path | None, overrides: list[dict] = ()) -> dict:
     for key in ("production_steps", "report_interval", "checkpoint_interval"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"{key}={config[key]!r} must be a positive integer")
+    for key, (low, low_allowed, integer) in _NUMBERS.items():
+        _check_number(config, key, low, low_allowed, integer)
+    _check_text(config, DEFAULTS)
+    atoms = config["ml"]["atoms"]
+    if not isinstance(atoms, str) and not (
+        isinstance(atoms, list)
+        and all(isinstance(a, int) and not isinstance(a, bool) for a in atoms)
+    ):
+        raise ValueError(
+            f"ml.atoms={atoms!r} must be 'all', an mdtraj selection (resname ALA) or a list of "
+            "atom indices"
+        )
+    forcefield = config["prepare"]["forcefield"]
+    if isinstance(forcefield, str):
+        config["prepare"]["forcefield"] = forcefield = [forcefield]
+    if not isinstance(forcefield, list) or not all(isinstance(f, str) for f in forcefield):
+        raise ValueError(
+            f"prepare.forcefield={forcefield!r} must be a list of OpenMM force field files "
+            "(amber14-all.xml, amber14/tip3p.xml)"
+        )
+    if config["precision"] not in ("single", "mixed", "double"):
+        raise ValueError(
+            f"precision={config['precision']!r} must be single, mixed or double (OpenMM's "
+            "CUDA and OpenCL precision; the CPU and Reference platforms have no such setting)"
+        )
     margin = config["ml"]["capacity_margin"]
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1.0:
         raise ValueError(

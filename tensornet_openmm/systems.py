@@ -264,7 +264,11 @@ def create_mixed_system(
             + ("; ..." if len(cut) > 10 else "")
         )
         if not allow_cut_bonds:
-            raise ValueError(message + ". Pass allow_cut_bonds=True if this is intended.")
+            raise ValueError(
+                message
+                + ". Pass allow_cut_bonds=True (the runner: ml.allow_cut_bonds: true) if this "
+                "is intended."
+            )
         warnings.warn(message, stacklevel=2)
 
     periodic = system.usesPeriodicBoundaryConditions()

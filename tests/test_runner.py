@@ -185,6 +185,45 @@ def test_run_errors_are_clear(model_file, tmp_path, capsys):
     assert "pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("integrator.timestep_fs=-1", "integrator.timestep_fs=-1 must be more than 0"),
+        ("integrator.temperature_k=abc", "integrator.temperature_k='abc' must be a number"),
+        ("seed=1.5", "seed=1.5 must be an integer"),
+        ("seed=true", "seed=True must be an integer"),
+        ("equilibration_steps=-3", "equilibration_steps=-3 must be at least 0"),
+        ("minimize.max_iterations=-5", "minimize.max_iterations=-5 must be at least 0"),
+        ("ml.total_charge=abc", "ml.total_charge='abc' must be a number"),
+        ("prepare.padding_nm=.nan", "prepare.padding_nm=nan must be a number"),
+        ("precision=half", "precision='half' must be single, mixed or double"),
+        ("trajectory=5", "trajectory=5 must be text"),
+        ("system.pdb=5", "system.pdb=5 must be text"),
+        ("ml.atoms=5", "ml.atoms=5 must be 'all', an mdtraj selection"),
+        ("prepare.forcefield=5", "prepare.forcefield=5 must be a list of OpenMM force field"),
+        ("output.folder=x", "'output' is one value, not a mapping: set output itself"),
+    ],
+)
+def test_configuration_values_are_checked_before_the_run(override, message):
+    from tensornet_openmm.runner import load_config, parse_override
+
+    with pytest.raises(ValueError) as err:
+        load_config(SIMULATIONS / "ala2-vacuum.yaml", [parse_override(override)])
+    assert message in str(err.value)
+
+
+def test_configuration_numbers_given_as_text_become_numbers():
+    from tensornet_openmm.runner import load_config, parse_override
+
+    overrides = ["integrator.timestep_fs=2e0", "equilibration_steps=1e3", "ml.atoms=[0, 1]",
+                 "prepare.forcefield=amber14-all.xml"]  # fmt: skip
+    config = load_config(SIMULATIONS / "ala2-vacuum.yaml", [parse_override(o) for o in overrides])
+    assert config["integrator"]["timestep_fs"] == 2.0  # YAML reads 2e0 as text
+    assert config["equilibration_steps"] == 1000 and isinstance(config["equilibration_steps"], int)
+    assert config["ml"]["atoms"] == [0, 1]
+    assert config["prepare"]["forcefield"] == ["amber14-all.xml"]
+
+
 class _FailingIntegrator:
     def __init__(self, message):
         self.message = message
