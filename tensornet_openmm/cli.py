@@ -32,7 +32,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .nn.tables import requested_tolerance
 
     model = load_model(args.model, trust_pickle=args.trust_pickle)
-    numbers = [int(v) for v in args.atomic_numbers.split(",")]
+    try:
+        numbers = [int(v) for v in args.atomic_numbers.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--atomic-numbers {args.atomic_numbers!r}: give the ML atoms' atomic numbers as "
+            "integers separated by commas, in the order of their positions (water: 8,1,1)"
+        ) from None
     validate_elements(model, numbers)
     module = TensorNetForce(model, numbers, periodic=args.periodic,
                             total_charge=args.total_charge,

@@ -51,6 +51,10 @@ def test_export_writes_a_standalone_module(tmp_path, capsys):
     torch.testing.assert_close(energy, expected)
     assert main([*argv[:-1], "8,1,7"]) == 2  # nitrogen is not among the model's elements
     assert "contains [7]" in capsys.readouterr().err
+    assert main([*argv[:-1], "O,H,H"]) == 2
+    assert "--atomic-numbers 'O,H,H': give the ML atoms' atomic numbers as integers" in (
+        capsys.readouterr().err
+    )
     tabulated = tmp_path / "tables.pt"
     argv = [*argv[:3], str(tabulated), *argv[4:], "--radial-tables", "1e-5"]
     fused = kernels.wanted() and kernels.load()
