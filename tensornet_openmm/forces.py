@@ -117,13 +117,35 @@ def _nm_array(values, name: str) -> np.ndarray:
     return array
 
 
+GRAPHS_BELOW_ATOMS = 1000
+"""``cuda_graphs=None`` (the default) captures CUDA graphs for ML regions of fewer atoms than
+this and runs larger ones eagerly. Measured on an H200 (``benchmarks/results/``): with graphs
+alanine dipeptide took 1.22 ms/step against 8.80 without, but the step grew by about 9 us per ML
+atom, so a 1,443-atom water box took 13.88 against 9.45 ms and a 4,866-atom one 45.2 against
+16.5; the lines cross near 900 atoms. Without graphs the pair list is also exact and dynamic,
+with no capacity to outgrow."""
+
+
+def uses_cuda_graphs(cuda_graphs: bool | None, n_ml: int) -> bool:
+    """What ``cuda_graphs`` means for an ML region of ``n_ml`` atoms: True or False as given,
+    None by size (:data:`GRAPHS_BELOW_ATOMS`)."""
+    if cuda_graphs is None:
+        return n_ml < GRAPHS_BELOW_ATOMS
+    if not isinstance(cuda_graphs, (bool, np.bool_)):
+        raise ValueError(
+            f"cuda_graphs={cuda_graphs!r} must be True, False or None (by the ML region's size: "
+            f"graphs below {GRAPHS_BELOW_ATOMS} atoms)"
+        )
+    return bool(cuda_graphs)
+
+
 def create_force(
     model,
     atomic_numbers: Sequence[int],
     atoms: Sequence[int] | None = None,
     periodic: bool = False,
     total_charge: float = 0.0,
-    cuda_graphs: bool = True,
+    cuda_graphs: bool | None = None,
     force_group: int = 0,
     *,
     positions=None,
@@ -153,9 +175,11 @@ def create_force(
         Use the System's periodic box (minimum image within the ML region).
     total_charge : float
         Total charge of the ML region, in e.
-    cuda_graphs : bool
+    cuda_graphs : bool, optional
         Capture in a CUDA graph on the CUDA platform. The pair list then has a fixed capacity;
-        without graphs it is dynamic (exact, no capacity to exceed).
+        without graphs it is dynamic (exact, no capacity to exceed). Default (None): graphs for
+        ML regions of fewer than :data:`GRAPHS_BELOW_ATOMS` (1,000) atoms, where they are
+        faster; larger ones run eagerly.
     force_group : int
         OpenMM force group, 0 to 31.
     positions : Quantity or (n_particles, 3) array in nm, optional
@@ -243,6 +267,7 @@ def create_force(
             )
         ml_positions = all_positions[index] * 10.0  # Angstrom
     cell_capacity = -1
+    cuda_graphs = uses_cuda_graphs(cuda_graphs, n_ml)
     if not cuda_graphs:
         capacity = -1
     else:

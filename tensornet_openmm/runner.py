@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
         "atoms": "all",
         "total_charge": 0.0,
         "allow_cut_bonds": False,
-        "cuda_graphs": True,
+        "cuda_graphs": "auto",  # true, false, or auto: for ML regions below 1,000 atoms
         "capacity_margin": 1.5,  # CUDA graphs: pair slots = margin x the pairs at the start + 64
         "low_memory": False,  # forces without the pairs' activations: largest systems
         "radial_tables": False,  # true or a tolerance: tabulated radial networks (approximate)
@@ -178,7 +178,7 @@ def _check_text(config: dict, defaults: dict, where: str = "") -> None:
     also be a list, checked apart)."""
     for key, default in defaults.items():
         value = config[key]
-        if where + key == "ml.atoms":
+        if where + key in ("ml.atoms", "ml.cuda_graphs"):
             continue
         if isinstance(default, dict):
             _check_text(value, default, f"{where}{key}.")
@@ -215,6 +215,11 @@ def load_config(path: str | Path | None, overrides: list[dict] = ()) -> dict:
         raise ValueError(
             f"ml.atoms={atoms!r} must be 'all', an mdtraj selection (resname ALA) or a list of "
             "atom indices"
+        )
+    if config["ml"]["cuda_graphs"] not in (True, False, "auto"):
+        raise ValueError(
+            f"ml.cuda_graphs={config['ml']['cuda_graphs']!r} must be true, false or auto (CUDA "
+            "graphs for ML regions of fewer than 1,000 atoms)"
         )
     forcefield = config["prepare"]["forcefield"]
     if isinstance(forcefield, str):
@@ -337,7 +342,7 @@ def build(config: dict, log=print):
         tolerance = tables.requested_tolerance(mlconf["radial_tables"])  # checked before the work
         model = load_any_model(config)
         options = {
-            "cuda_graphs": bool(mlconf["cuda_graphs"]),
+            "cuda_graphs": _graphs_option(config),
             "capacity_margin": float(mlconf["capacity_margin"]),
             "low_memory": bool(mlconf["low_memory"]),
             "radial_tables": tolerance or False,
@@ -423,7 +428,7 @@ def _exported_metadata(config: dict) -> ExportedModel | None:
 def _system_from_export(config: dict, topology, exported: ExportedModel, periodic: bool):
     import openmm
 
-    from .forces import make_torch_force
+    from .forces import make_torch_force, uses_cuda_graphs
     from .nn.kernels import jit_load
     from .systems import _atomic_numbers
 
@@ -453,10 +458,33 @@ def _system_from_export(config: dict, topology, exported: ExportedModel, periodi
     module = jit_load(exported.path)
     # a CUDA graph needs a pair list of fixed capacity; `tensornet-openmm export` writes the
     # dynamic one (its search synchronises with the host, which a capture refuses)
-    graphs = bool(config["ml"]["cuda_graphs"]) and int(meta.get("capacity", -1)) >= 0
+    graphs = int(meta.get("capacity", -1)) >= 0 and uses_cuda_graphs(
+        _graphs_option(config), len(meta["atomic_numbers"])
+    )
     system.addForce(make_torch_force(module, periodic, bool(meta["outputs_forces"]), graphs))
     system.addForce(openmm.CMMotionRemover())
     return system
+
+
+def _graphs_option(config: dict) -> bool | None:
+    """``ml.cuda_graphs`` as ``create_force`` takes it: None for auto (by the ML region's size)."""
+    value = config["ml"]["cuda_graphs"]
+    return None if value == "auto" else bool(value)
+
+
+def _graphs_note(config: dict, system, platform: str) -> str:
+    """Why a CUDA run has no CUDA graphs ('' where it has them or is not on CUDA)."""
+    from .forces import GRAPHS_BELOW_ATOMS, fixed_pair_lists
+
+    if platform != "CUDA" or fixed_pair_lists(system, platform):
+        return ""
+    if config["ml"]["cuda_graphs"] is False:
+        return "CUDA graphs off (ml.cuda_graphs: false): the pair list is dynamic"
+    return (
+        f"CUDA graphs off: ml.cuda_graphs: auto captures them for ML regions of fewer than "
+        f"{GRAPHS_BELOW_ATOMS:,} atoms (on a GPU larger ones ran faster without); "
+        "ml.cuda_graphs: true forces them"
+    )
 
 
 def _nm():
@@ -655,6 +683,9 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
                    "the start")  # fmt: skip
     if pair_lists.modules:
         log(pair_lists.summary())
+    note = _graphs_note(config, system, platform.getName())
+    if note and not isinstance(model, ExportedModel):
+        log(note)
 
     n_atoms = system.getNumParticles()
     dof = 3 * n_atoms - system.getNumConstraints()

@@ -81,7 +81,7 @@ def create_ml_system(
     total_charge: float = 0.0,
     positions=None,
     remove_cmm_motion: bool = True,
-    cuda_graphs: bool = True,
+    cuda_graphs: bool | None = None,
     **force_options,
 ):
     """A System in which TensorNet describes every atom of ``topology``.
@@ -203,7 +203,7 @@ def create_mixed_system(
     remove_constraints: bool = True,
     allow_cut_bonds: bool = False,
     positions=None,
-    cuda_graphs: bool = True,
+    cuda_graphs: bool | None = None,
     lambda_name: str = LAMBDA,
     **force_options,
 ):

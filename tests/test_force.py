@@ -58,6 +58,31 @@ def test_context_equals_eager_model(platform, graphs, outputs_forces):
     np.testing.assert_allclose(forces, ref_forces, rtol=1e-8, atol=1e-8 * np.abs(ref_forces).max())
 
 
+def test_cuda_graphs_by_default_only_below_a_thousand_ml_atoms():
+    """cuda_graphs=None (the default): graphs and a fixed pair list for a small molecule, neither
+    for a 1,000-atom box (graphs were slower there on a GPU); True or False as given."""
+    from tensornet_openmm.forces import GRAPHS_BELOW_ATOMS, fixed_pair_lists
+
+    def graphs_and_fixed(force):
+        system = openmm.System()
+        for _ in range(force.getModule().inner.z.shape[0]):
+            system.addParticle(12.0)
+        system.addForce(force)
+        return force.getProperties()["useCUDAGraphs"], len(fixed_pair_lists(system, "CUDA"))
+
+    model = small_model(dtype=torch.float32)
+    z, pos = molecule()
+    assert graphs_and_fixed(create_force(model, z, positions=pos)) == ("true", 1)
+    assert graphs_and_fixed(create_force(model, z, cuda_graphs=False)) == ("false", 0)
+    z, pos, box = water_box_nm(2.2)
+    assert GRAPHS_BELOW_ATOMS == 1000 <= len(z) < 1100
+    options = dict(periodic=True, positions=pos, box_vectors=box)
+    assert graphs_and_fixed(create_force(model, z, **options)) == ("false", 0)
+    assert graphs_and_fixed(create_force(model, z, cuda_graphs=True, **options)) == ("true", 1)
+    with pytest.raises(ValueError, match="cuda_graphs='yes' must be True, False or None"):
+        create_force(model, z, cuda_graphs="yes", **options)
+
+
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_ml_subset_of_the_particles(platform):
     """ML atoms picked by index out of a larger System; other particles get no ML force."""

@@ -202,6 +202,7 @@ def test_run_errors_are_clear(model_file, tmp_path, capsys):
         ("ml.atoms=5", "ml.atoms=5 must be 'all', an mdtraj selection"),
         ("prepare.forcefield=5", "prepare.forcefield=5 must be a list of OpenMM force field"),
         ("output.folder=x", "'output' is one value, not a mapping: set output itself"),
+        ("ml.cuda_graphs=maybe", "ml.cuda_graphs='maybe' must be true, false or auto"),
     ],
 )
 def test_configuration_values_are_checked_before_the_run(override, message):
@@ -222,6 +223,33 @@ def test_configuration_numbers_given_as_text_become_numbers():
     assert config["equilibration_steps"] == 1000 and isinstance(config["equilibration_steps"], int)
     assert config["ml"]["atoms"] == [0, 1]
     assert config["prepare"]["forcefield"] == ["amber14-all.xml"]
+
+
+def test_cuda_graphs_auto_follows_the_ml_region_size(model_file, monkeypatch):
+    """ml.cuda_graphs: auto (the default) gives a small region graphs and a fixed pair list and a
+    large one neither, and a CUDA run's log says why it has no graphs."""
+    from tensornet_openmm import forces
+    from tensornet_openmm.runner import _graphs_note, build, load_config
+
+    def built(*overrides):
+        config = load_config(SIMULATIONS / "water-box.yaml", [{"model": model_file}, *overrides])
+        system = build(config, log=lambda _: None)[3]
+        return config, system
+
+    config, system = built()
+    assert config["ml"]["cuda_graphs"] == "auto" and system.getNumParticles() < 1000
+    assert len(forces.fixed_pair_lists(system, "CUDA")) == 1
+    assert _graphs_note(config, system, "CUDA") == ""
+    config, system = built({"ml": {"cuda_graphs": False}})
+    assert "CUDA graphs off (ml.cuda_graphs: false)" in _graphs_note(config, system, "CUDA")
+    monkeypatch.setattr(forces, "GRAPHS_BELOW_ATOMS", 100)  # the box counts as large
+    config, system = built()
+    assert forces.fixed_pair_lists(system, "CUDA") == []
+    note = _graphs_note(config, system, "CUDA")
+    assert "auto captures them for ML regions of fewer than 100 atoms" in note
+    assert _graphs_note(config, system, "CPU") == ""
+    config, system = built({"ml": {"cuda_graphs": True}})
+    assert len(forces.fixed_pair_lists(system, "CUDA")) == 1
 
 
 class _FailingIntegrator:
