@@ -5,8 +5,9 @@
 #   . scripts/device/stack.sh > $OUT/stack.log 2>&1 || exit 3; bash scripts/device/checks.sh STAGE
 #
 #   STAGE    carry                    what it runs                                            about
-#   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; the GPU tests; ours on   4.5 min
-#                                     alanine dipeptide and a 5,000-atom box, graphs on/off
+#   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; the GPU tests; the 22-   5 min
+#                                     atom step's graph alone (profile_step); ours on alanine
+#                                     dipeptide and a 5,000-atom box, graphs on/off
 #   (none)   .dev/warp2               a bare call (`true`): warp's second part arrives        0.5 min
 #   compare  .dev/warp3               the targets: ours (exact, tables) against the reference 5 min
 #                                     and PythonForce, same run, graphs on and off
@@ -14,12 +15,12 @@
 #   scan     (none)                   largest water box within 80 GB: ours low_memory at      6 min
 #                                     600,000 and 1,000,000 atoms, the reference at 30,000
 #                                     and 45,000
-#   profile  (none)                   the step's pieces and a PyTorch graph replay            3 min
+#   profile  (none)                   a 4,866-atom step's pieces and a PyTorch graph replay   3 min
 #                                     (profile_step); kernels per force call, ours and the
 #                                     reference (kernels.py)
 #
 # A session has 15 minutes of device time, the machine's start (1-3 minutes) included, so the
-# order is what matters most first: tests, warp2, compare is about 12.5 minutes with the start.
+# order is what matters most first: tests, warp2, compare is about 13 minutes with the start.
 # Call them back to back: a machine is given back 30 s after a call ends, and the warp parts
 # collect in its /tmp. Logs and CSVs go to $OUT (the device tool's output folder, at most 8
 # files come back: the stages write few).
@@ -43,6 +44,11 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
     grep -E "^(FAILED|ERROR)|passed|failed" "$out/gpu_tests.log" | tail -15
     # ours alone, so that a lease cut short still has our figures (compare repeats them beside
     # the other routes)
+    # alanine dipeptide's graph replayed by PyTorch alone against OpenMM's whole step: whether
+    # the 22-atom step is our kernels (about 336) or a floor of OpenMM and openmm-torch
+    timeout 60 python3 benchmarks/profile_step.py --systems ala2 --platform CUDA --repeats 20 \
+        >"$out/profile.log" 2>&1
+    grep -A3 "^system" "$out/profile.log" | cut -c1-170
     timeout 100 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
         --routes ours --graphs both --seconds 1.5 --timeout 40 \
         --csv "$out/tests.csv" >"$out/tests.log" 2>&1
@@ -72,7 +78,7 @@ scan)
     ;;
 profile)
     # eager pieces on the padded pair list, PyTorch's own graph replay, and the OpenMM step
-    timeout 100 python3 benchmarks/profile_step.py --systems water-5000 ala2 --platform CUDA \
+    timeout 100 python3 benchmarks/profile_step.py --systems water-5000 --platform CUDA \
         --repeats 10 >"$out/profile.log" 2>&1
     tail -4 "$out/profile.log" | cut -c1-170
     timeout 70 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
