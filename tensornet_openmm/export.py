@@ -137,9 +137,21 @@ class TensorNetForce(nn.Module):
                 f"{index.numel()} ML atom indices but {z.numel()} atomic numbers; give one "
                 "atomic number per ML atom"
             )
+        if atoms is not None:
+            unique, counts = torch.unique(index, return_counts=True)
+            if (counts > 1).any() or (index < 0).any():
+                twice = unique[counts > 1].tolist()[:10]
+                raise ValueError(
+                    f"ML atom indices must be distinct particle indices (0 or more); "
+                    f"{f'listed more than once: {twice}' if twice else 'negative ones given'}"
+                )
         self.register_buffer("atoms", index.to(torch.int64))
-        self.register_buffer("total_charge", torch.tensor([float(total_charge)], dtype=dtype))
-        self.neutral = float(total_charge) == 0.0  # the model then skips its charge factors
+        try:
+            charge = float(total_charge)
+        except (TypeError, ValueError):
+            raise ValueError(f"total_charge={total_charge!r} must be a number (e)") from None
+        self.register_buffer("total_charge", torch.tensor([charge], dtype=dtype))
+        self.neutral = charge == 0.0  # the model then skips its charge factors
         self.periodic = bool(periodic)
         self.capacity = int(capacity)
         self.strategy = str(strategy)

@@ -114,6 +114,9 @@ def _nm_array(values, name: str) -> np.ndarray:
     array = np.asarray([[float(c) for c in row] for row in rows], dtype=np.float64)
     if array.ndim != 2 or array.shape[1] != 3:
         raise ValueError(f"{name} must have shape (n, 3) in nm; got {array.shape}")
+    if not np.isfinite(array).all():
+        rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        raise ValueError(f"{name} are not all finite numbers: rows {rows[:10].tolist()}")
     return array
 
 

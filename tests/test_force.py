@@ -311,6 +311,21 @@ def test_elements_not_covered_are_a_build_time_error():
         create_force(model, [1, 6], atoms=[0, 1, 2])
 
 
+def test_bad_ml_atoms_charges_and_positions_are_build_time_errors():
+    model = small_model()
+    z, pos = molecule(4)
+    with pytest.raises(ValueError, match=r"distinct particle indices.*more than once: \[1\]"):
+        create_force(model, z, atoms=[0, 1, 1, 2], positions=pos)  # an atom twice: r = 0
+    with pytest.raises(ValueError, match="distinct particle indices.*negative ones given"):
+        create_force(model, z, atoms=[0, 1, 2, -1])
+    with pytest.raises(ValueError, match="total_charge='one' must be a number"):
+        create_force(model, z, total_charge="one")
+    bad = pos.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"positions are not all finite numbers: rows \[2\]"):
+        create_force(model, z, positions=bad, cuda_graphs=True)
+
+
 def test_lambda_parameter_scales_energy_with_derivative():
     model = small_model()
     z, pos = molecule()
