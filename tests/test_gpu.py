@@ -231,6 +231,8 @@ def _fused_cases(channels):
         network = functools.partial(_mlp, act)
         cases.append((f"mlp-{act}", network,
                       [rand(p, f), rand(p), rand(7, f), rand(7), rand(f, 7), rand(f)]))  # fmt: skip
+        cases.append((f"mlp-{act}-no-scale", network,  # the per-atom networks: empty scale
+                      [rand(n, f), rand(0), rand(7, f), rand(7), rand(f, 7), rand(f)]))  # fmt: skip
     for kind, lower in ((0, 0.0), (1, 0.6)):  # exp-normal; Gaussian with a lower cutoff
         vectors = rand(p, 3) * 2.5  # lengths about 0.5 to 8 A: some beyond the 5 A cutoff
         geometry = functools.partial(_geometry, kind, lower)

@@ -520,6 +520,42 @@ def test_mlp_kernel_values_and_gradients(act, two_threads):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("act", [0, 1, 2], ids=["silu", "tanh", "none"])
+def test_mlp_kernel_without_scale(act, two_threads):
+    """An empty scale (the per-atom networks: embedding gates, output head) scales nothing:
+    values and gradients against PyTorch's act(L_n(... act(L_1(x)))), with and without weight
+    gradients (forces only: the operator then keeps no activations but the last tanh's)."""
+    reference = kernels.PairKernels(torch.float64)
+    fused = torch.ops.tensornet_openmm.mlp
+    basis, _, weights, biases = _radial_inputs(6, [5, 8, 9])
+    none = torch.zeros(0, dtype=torch.float64)
+
+    def call(b, *params):
+        return fused(b, none, list(params[:2]), list(params[2:]), act)
+
+    assert torch.autograd.gradcheck(call, (basis, *weights, *biases))
+    empty = none.clone().requires_grad_(True)  # an empty scale's gradient is empty
+    (g_empty,) = torch.autograd.grad(fused(basis, empty, weights, biases, act).sum(), [empty])
+    assert g_empty.shape == (0,)
+    for frozen in (False, True):
+        basis, _, weights, biases = _radial_inputs(3000, [32, 64, 96], seed=3)
+        if frozen:
+            weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+        out = fused(basis, none, weights, biases, act)
+        plain = basis
+        for w, b in zip(weights, biases, strict=True):
+            plain = torch.nn.functional.linear(plain, w, b)
+            plain = [torch.nn.functional.silu, torch.tanh, lambda t: t][act](plain)
+        torch.testing.assert_close(out, plain, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(reference.mlp(basis, none, weights, biases, act), plain)
+        inputs = [basis] + ([] if frozen else [*weights, *biases])
+        seed = torch.randn_like(out)
+        got = torch.autograd.grad(out, inputs, seed)
+        wanted = torch.autograd.grad(plain, inputs, seed)
+        for g, e in zip(got, wanted, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 def test_mlp_kernel_refuses_bad_input():
     basis, cut, weights, biases = _radial_inputs(4, [5, 8, 3])
     fused = torch.ops.tensornet_openmm.mlp
@@ -528,7 +564,7 @@ def test_mlp_kernel_refuses_bad_input():
     with pytest.raises(RuntimeError, match="layer 1 has weight \\[3, 6\\] and bias \\[3\\] for "
                        "inputs of width 8"):  # fmt: skip
         fused(basis, cut, [weights[0], weights[1][:, :6]], biases, 0)
-    with pytest.raises(RuntimeError, match="scale must be \\(4\\)"):
+    with pytest.raises(RuntimeError, match="scale must be \\(4\\) or empty \\(no scale\\)"):
         fused(basis, cut[:3], weights, biases, 0)
 
 

@@ -1196,8 +1196,8 @@ int64_t mlp_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorLi
               activation);
   TORCH_CHECK(basis.dim() == 2, "mlp: x must be (rows, features), got ",
               basis.sizes());
-  TORCH_CHECK(cut.dim() == 1 && cut.size(0) == basis.size(0), "mlp: scale must be (",
-              basis.size(0), "), got ", cut.sizes());
+  TORCH_CHECK(cut.dim() == 1 && (cut.size(0) == basis.size(0) || cut.numel() == 0),
+              "mlp: scale must be (", basis.size(0), ") or empty (no scale), got ", cut.sizes());
   on_cuda("mlp", {basis, cut});
   TORCH_CHECK(cut.scalar_type() == basis.scalar_type(), "mlp: scale differs in dtype");
   TORCH_CHECK(!weights.empty() && weights.size() == biases.size(),
@@ -1221,18 +1221,20 @@ int64_t mlp_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorLi
 }
 
 // Forward: returns the filters and fills z (pre-activations) and a (activations, before the cut)
-// of every layer.
+// of every layer. An empty scale (a per-atom network) scales nothing: the output is then the
+// last layer's activations themselves, a.back().
 at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
                           at::TensorList weights, at::TensorList biases, int64_t activation,
                           std::vector<at::Tensor>* z, std::vector<at::Tensor>* a) {
   const int64_t work = mlp_checked(basis_in, cut_in, weights, biases, activation);
   const at::Tensor basis = basis_in.contiguous(), cut = cut_in.contiguous().unsqueeze(1);
+  const bool scaled = cut_in.numel() > 0;
   const int64_t pairs = basis.size(0), layers = static_cast<int64_t>(weights.size());
   for (int64_t l = 0; l < layers; ++l) {
     z->push_back(at::empty({pairs, weights[l].size(0)}, basis.options()));
     a->push_back(activation == kIdentity ? z->back() : at::empty_like(z->back()));
   }
-  at::Tensor out = at::empty_like(a->back());
+  at::Tensor out = scaled ? at::empty_like(a->back()) : a->back();
   network_rows(basis.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
     at::Tensor h = basis.narrow(0, lo, hi - lo);
     for (int64_t l = 0; l < layers; ++l) {
@@ -1241,8 +1243,10 @@ at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
       if (activation != kIdentity) activate(activation, zl, al);
       h = al;
     }
-    at::Tensor dest = out.narrow(0, lo, hi - lo);
-    at::mul_out(dest, h, cut.narrow(0, lo, hi - lo));
+    if (scaled) {
+      at::Tensor dest = out.narrow(0, lo, hi - lo);
+      at::mul_out(dest, h, cut.narrow(0, lo, hi - lo));
+    }
   });
   return out;
 }
@@ -1266,6 +1270,8 @@ class Mlp : public torch::autograd::Function<Mlp> {
     for (const at::Tensor& t : biases) params = params || t.requires_grad();
     if (!params && activation != kTanh) {
       for (size_t l = 0; l + 1 < a.size(); ++l) a[l] = at::Tensor();
+      // the last layer's are the output without a scale: only tanh would read them
+      if (cut.numel() == 0) a.back() = at::Tensor();
     }
     std::vector<at::Tensor> saved = {basis, cut};
     saved.insert(saved.end(), weights.begin(), weights.end());
@@ -1289,7 +1295,8 @@ class Mlp : public torch::autograd::Function<Mlp> {
     if (!grads[0].defined()) return result;
     const at::Tensor grad = grads[0].contiguous();
     const int64_t pairs = basis.size(0);
-    const bool want_basis = ctx->needs_input_grad(0), want_cut = ctx->needs_input_grad(1);
+    const bool want_basis = ctx->needs_input_grad(0);
+    const bool want_cut = ctx->needs_input_grad(1) && cut.numel() > 0;
     bool want_params = false;
     for (int64_t k = 2; k < 2 + 2 * layers; ++k) {
       want_params = want_params || ctx->needs_input_grad(k);
@@ -1310,7 +1317,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
         at::Tensor dest = g_cut.narrow(0, lo, n);
         at::sum_out(dest, g * a(layers - 1).narrow(0, lo, n), {1}, true);
       }
-      at::Tensor d = g * cut.narrow(0, lo, n);
+      at::Tensor d = cut.numel() > 0 ? g * cut.narrow(0, lo, n) : g;
       for (int64_t l = layers - 1; l >= 0; --l) {
         const at::Tensor a_rows = a(l).defined() ? a(l).narrow(0, lo, n) : at::Tensor();
         d = activation_backward(activation, d, z(l).narrow(0, lo, n), a_rows);
@@ -1324,6 +1331,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
     });
     result[0] = g_basis;
     if (want_cut) result[1] = g_cut.squeeze(1);
+    if (ctx->needs_input_grad(1) && cut.numel() == 0) result[1] = at::zeros({0}, grad.options());
     for (int64_t l = 0; l < layers && want_params; ++l) {
       const at::Tensor input = l == 0 ? basis : a(l - 1);
       if (ctx->needs_input_grad(2 + l)) result[2 + l] = at::mm(delta[l].t(), input);

@@ -343,7 +343,8 @@ class PairKernels(nn.Module):
     ) -> Tensor:
         """act(L_n(... act(L_1(x)))) * scale: linears with bias (weights (out, in)) on rows x
         (N, K), each followed by the activation act (0 SiLU, 1 tanh, 2 none,
-        :data:`MLP_ACTIVATIONS`), then each row times scale (N,) (radial filters: the cutoff)."""
+        :data:`MLP_ACTIVATIONS`), then each row times scale (N,) (radial filters: the cutoff);
+        an empty scale scales nothing (the per-atom networks)."""
         return self._torch_mlp(x, scale, weights, biases, act)
 
     def geometry(
@@ -394,6 +395,8 @@ class PairKernels(nn.Module):
                 h = nn.functional.silu(h)
             elif act == 1:
                 h = torch.tanh(h)
+        if scale.numel() == 0:
+            return h
         return h * scale.unsqueeze(1)
 
     def _torch_product(self, a: Tensor, b: Tensor, symmetric: bool) -> Tensor:

@@ -268,6 +268,7 @@ class TensorEmbedding(_RadialLayer):
             [nn.Linear(f, 2 * f, dtype=dtype), nn.Linear(2 * f, 3 * f, dtype=dtype)]
         )
         self.init_norm = nn.LayerNorm(f, dtype=dtype)
+        self.mlp_activation = MLP_ACTIVATIONS.get(activation, -1)  # -1: not in the kernel
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
         self._no_table(dtype)
@@ -363,9 +364,7 @@ class TensorEmbedding(_RadialLayer):
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
 
         x = torch.cat((iso.unsqueeze(1), vec, diag, offdiag), dim=1)  # packed (n, 10, F)
-        gates = self.init_norm(self.algebra.squared_norm(x).squeeze(1))
-        for linear in self.linears_scalar:
-            gates = self.act(linear(gates))
+        gates = self._gates(self.init_norm(self.algebra.squared_norm(x).squeeze(1)))
         gates = gates.reshape(n, 3, f)
         if self.pair_kernels.applies(x):  # fused CPU kernels: the three linears as one operator
             lin = self.linears_tensor
@@ -378,6 +377,20 @@ class TensorEmbedding(_RadialLayer):
         vec = self.linears_tensor[1](vec) * g_a.unsqueeze(1)
         sym = self.linears_tensor[2](x.narrow(1, 4, 6).contiguous()) * g_s.unsqueeze(1)  # S of x
         return torch.cat((iso.unsqueeze(1), vec, sym), dim=1)  # packed (n, 10, F)
+
+    def _gates(self, h: Tensor) -> Tensor:
+        """act(L2(act(L1(h)))) per atom; with the fused kernels one ``mlp`` operator each way
+        (on a GPU, one kernel per layer and way instead of TorchScript's half dozen for SiLU's
+        gradient)."""
+        lin = self.linears_scalar
+        if self.mlp_activation >= 0 and self.pair_kernels.applies(h):
+            return self.pair_kernels.mlp(
+                h, h.new_empty(0), [lin[0].weight, lin[1].weight], [lin[0].bias, lin[1].bias],
+                self.mlp_activation,
+            )  # fmt: skip
+        for linear in lin:
+            h = self.act(linear(h))
+        return h
 
     def fused_sums(
         self,

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from . import algebra
+from .kernels import MLP_ACTIVATIONS
 from .layers import ACTIVATIONS, Interaction, TensorEmbedding
 from .radial import RADIAL_BASES, cosine_cutoff
 
@@ -96,6 +97,7 @@ class TensorNet(nn.Module):
         self.out_norm = nn.LayerNorm(3 * f, dtype=dtype)
         self.linear = nn.Linear(3 * f, f, dtype=dtype)
         self.act = ACTIVATIONS[cfg.activation]()
+        self.mlp_activation = MLP_ACTIVATIONS.get(cfg.activation, -1)  # -1: not in the kernel
         self.output_network = nn.Sequential(
             nn.Linear(f, f // 2, dtype=dtype),
             ACTIVATIONS[cfg.activation](),
@@ -219,8 +221,19 @@ class TensorNet(nn.Module):
     def _head(self, x: Tensor, z: Tensor) -> Tensor:
         """Per-atom energies from the final X."""
         feats = self.algebra.part_norms(x).reshape(x.shape[0], -1)  # (n, 3F)
-        h = self.act(self.linear(self.out_norm(feats)))
-        energy = self.output_network(h).squeeze(1) * self.std
+        h = self.out_norm(feats)
+        kernels = self.tensor_embedding.pair_kernels
+        if self.mlp_activation >= 0 and kernels.applies(h):  # one operator each way, see _gates
+            lin, first = self.linear, self.output_network[0]
+            h = kernels.mlp(
+                h, h.new_empty(0), [lin.weight, first.weight], [lin.bias, first.bias],
+                self.mlp_activation,
+            )  # fmt: skip
+            last = self.output_network[2]
+            energy = nn.functional.linear(h, last.weight, last.bias)
+        else:
+            energy = self.output_network(self.act(self.linear(h)))
+        energy = energy.squeeze(1) * self.std
         if self.use_atomref:
             energy = energy + self.atomref[z]
         return energy
