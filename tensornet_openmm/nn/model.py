@@ -605,15 +605,18 @@ class TensorNet(nn.Module):
         """
         if edge_vec is None:
             edge_vec = pos[edge_index[0]] - pos[edge_index[1]]
-        if batch is None:
-            batch = torch.zeros_like(z)
-            num_molecules = 1
-        elif num_molecules <= 0:
+        if batch is not None and num_molecules <= 0:
             num_molecules = int(batch.max()) + 1
         charge_factor: Optional[Tensor] = None  # neutral: a factor of exactly 1
         if total_charge is not None:
-            charge_factor = 1.0 + 0.1 * total_charge.to(edge_vec.dtype)[batch]
+            index = torch.zeros_like(z) if batch is None else batch
+            charge_factor = 1.0 + 0.1 * total_charge.to(edge_vec.dtype)[index]
         e_atom = self.atomic_energies(z, edge_index, edge_vec, charge_factor, half)
+        if batch is None:  # one molecule (a force call): a plain sum, no batch index to scatter by
+            energy = e_atom.sum(0, keepdim=True)
+            if self.reduce_mean:
+                energy = energy / z.shape[0]
+            return energy + self.mean
         energy = torch.zeros(num_molecules, dtype=e_atom.dtype, device=e_atom.device)
         energy = energy.index_add(0, batch, e_atom)
         if self.reduce_mean:
