@@ -174,20 +174,36 @@ def _brute(pos: Tensor, cutoff: float, box: Optional[Tensor], half: bool, out: _
         out.add(i, j, _close(pos, i, j, torch.ones_like(i, dtype=torch.bool), cutoff, box, half))
 
 
-def _brute_half_at_once(positions: Tensor, cutoff: float, box: Optional[Tensor]) -> PairList:
-    """The dynamic brute-force half list when every candidate fits in one block (a small
-    molecule's): the same pairs, vectors and order as the general search (candidates (i, j > i)
-    in row-major order), with the candidates' vectors computed once and kept for the pairs found,
-    in a dozen operators instead of some thirty (alanine dipeptide: 231 candidates)."""
+def _brute_half_at_once(
+    positions: Tensor, cutoff: float, box: Optional[Tensor], capacity: int = -1
+) -> PairList:
+    """The brute-force half list when every candidate fits in one block (a small molecule's):
+    the same pairs, vectors and order as the general search (candidates (i, j > i) in row-major
+    order; with a capacity, the first ``capacity`` found, unused slots padded as
+    :meth:`_Compactor.pairs` pads them), with the candidates' vectors computed once and kept for
+    the pairs found: a dozen operators instead of some thirty, or some forty with a capacity
+    (each a GPU kernel in a CUDA graph; alanine dipeptide: 231 candidates)."""
     n = positions.shape[0]
     candidates = torch.triu_indices(n, n, 1, device=positions.device)
     d = _displacements(positions, candidates[0], candidates[1], box)
     fixed = d.detach()
-    keep = ((fixed * fixed).sum(-1) < cutoff * cutoff).nonzero().squeeze(1)
-    vectors = d.index_select(0, keep)
-    count = torch.full((), keep.shape[0], dtype=torch.int64, device=positions.device)
-    pairs = candidates.index_select(1, keep)
-    return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)
+    within = (fixed * fixed).sum(-1) < cutoff * cutoff
+    if capacity < 0:
+        keep = within.nonzero().squeeze(1)
+        vectors = d.index_select(0, keep)
+        count = torch.full((), keep.shape[0], dtype=torch.int64, device=positions.device)
+        pairs = candidates.index_select(1, keep)
+        return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)
+    pick = torch.nonzero_static(within, size=capacity, fill_value=-1)[:, 0]
+    used = pick >= 0
+    pick = torch.clamp(pick, min=0)
+    # unused slot k: the self pair (k mod n, k mod n), its vector (2 cutoff, 0, 0): no terms
+    spread = torch.remainder(torch.arange(capacity, device=positions.device), n).expand(2, -1)
+    pairs = torch.where(used, candidates.index_select(1, pick), spread)
+    padding = torch.zeros((capacity, 3), dtype=d.dtype, device=d.device)
+    padding.select(1, 0).fill_(2.0 * cutoff)  # fill_: no number copied from the host (capture)
+    vectors = torch.where(used[:, None], d.index_select(0, pick), padding)
+    return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), within.sum())
 
 
 def _cells(pos: Tensor, cutoff: float, box: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -309,8 +325,8 @@ def neighbor_pairs(
     if strategy == "auto":
         strategy = "cell" if positions.shape[0] >= cell_list_min_atoms() else "brute"
     n = positions.shape[0]
-    if strategy == "brute" and capacity < 0 and half and n * (n - 1) // 2 <= _block_elements():
-        found = _brute_half_at_once(positions, cutoff, box)
+    if strategy == "brute" and half and n * (n - 1) // 2 <= _block_elements():
+        found = _brute_half_at_once(positions, cutoff, box, capacity)
     else:
         found = _search(positions, cutoff, box, capacity, strategy, cell_capacity, half)
     return found

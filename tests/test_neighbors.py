@@ -161,6 +161,37 @@ def test_half_list_is_the_full_list_once(box_name, strategy):
         assert int(small.num_pairs) == len(expected)
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("capacity", [10, 700])  # overflowing, and padded
+def test_small_fixed_half_list_at_once_equals_the_blocked_search(periodic, capacity, monkeypatch):
+    """A small molecule's fixed-capacity half list in one go (fewer GPU kernels in a CUDA graph)
+    gives the blocked search's pairs, slot order, padding, count and vectors to the last bit, and
+    the same gradients with respect to the positions."""
+    rng = np.random.default_rng(9)
+    box = torch.tensor(TRICLINIC) if periodic else None
+    pos = torch.tensor(rng.uniform(-2, 14, size=(90, 3)))
+    results = []
+    general = neighbors._search
+    for blocked in (False, True):
+        if blocked:  # 64 candidates per block: the general search, block by block
+            monkeypatch.setattr(neighbors, "_block_elements", lambda: 64)
+            monkeypatch.setattr(neighbors, "_search", general)
+        else:  # every candidate in one block: not the general search
+            monkeypatch.setattr(neighbors, "_search", None)
+        x = pos.clone().requires_grad_(True)
+        found = neighbor_pairs(x, 5.0, box, capacity, "brute", half=True)
+        (grad,) = torch.autograd.grad((found.vectors**3).sum() + found.distances.sum(), x)
+        results.append((found, grad))
+    (once, g_once), (blocks, g_blocks) = results
+    assert once.edge_index.shape == (2, capacity)
+    assert torch.equal(once.edge_index, blocks.edge_index)
+    assert torch.equal(once.vectors, blocks.vectors)
+    assert torch.equal(once.distances, blocks.distances)
+    expected = reference_pairs(pos.numpy(), 5.0, None if box is None else box.numpy())
+    assert int(once.num_pairs) == int(blocks.num_pairs) == len(expected) // 2
+    torch.testing.assert_close(g_once, g_blocks, rtol=1e-14, atol=1e-14)
+
+
 def test_full_cell_reads_as_overflow():
     pos = torch.tensor(np.random.default_rng(6).uniform(0, 24, size=(400, 3)))
     box = torch.tensor(TRICLINIC * 2)
