@@ -130,6 +130,7 @@ class TensorNetForce(nn.Module):
         if z.ndim != 1 or z.numel() == 0:
             raise ValueError(f"atomic_numbers must be a non-empty list; got shape {tuple(z.shape)}")
         self.register_buffer("z", z)
+        self.model.store_species_terms(z)  # constants of the weights and these atoms
         self.use_subset = atoms is not None
         index = torch.arange(z.numel()) if atoms is None else torch.as_tensor(list(atoms))
         if index.shape != z.shape:

@@ -334,3 +334,41 @@ def test_double_after_construction_in_float32_is_exact():
     e_cast, f_cast = energy_forces(cast, z, pos)
     e_exact, f_exact = energy_forces(exact, z, pos)
     assert torch.equal(e_cast, e_exact) and torch.equal(f_cast, f_exact)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_stored_constants_give_the_same_energy_and_forces(fused):
+    """An inference copy that stores its constants (the self pairs' terms, the distance
+    projections, one molecule's species terms: what an OpenMM force does) gives the same energy
+    and forces to the last bit, on the autograd and the low-memory path; another molecule is
+    refused; clearing computes them again."""
+    import copy
+
+    model = _model()
+    if fused:
+        kernels.use_fused_kernels(model)
+    z, pos = random_molecule(9)
+    e_ref, f_ref = energy_forces(model, z, pos)
+    lean_ref = model.energy_and_gradient(z, all_pairs(torch.zeros_like(z)), _vectors(z, pos))
+    stored = copy.deepcopy(model)
+    stored.store_self_pair_terms()
+    stored.store_species_terms(z)
+    emb = stored.tensor_embedding
+    assert emb.stored_species.shape == (2, 9, 16) and emb.stored_bias.shape == (48,)
+    e, f = energy_forces(stored, z, pos)
+    assert torch.equal(e, e_ref) and torch.equal(f, f_ref)
+    lean = stored.energy_and_gradient(z, all_pairs(torch.zeros_like(z)), _vectors(z, pos))
+    assert torch.equal(lean[0], lean_ref[0]) and torch.equal(lean[1], lean_ref[1])
+    z2, pos2 = random_molecule(7)
+    with pytest.raises(RuntimeError, match="another molecule's species terms"):
+        energy_forces(stored, z2, pos2)
+    with pytest.raises(ValueError, match=r"atomic numbers \[12\] are outside this model's range"):
+        stored.store_species_terms(torch.tensor([1, 12]))
+    stored.clear_self_pair_terms()
+    assert emb.stored_species.numel() == 0 and emb.stored_bias.numel() == 0
+    assert torch.equal(energy_forces(stored, z2, pos2)[0], energy_forces(model, z2, pos2)[0])
+
+
+def _vectors(z, pos):
+    edges = all_pairs(torch.zeros_like(z))
+    return pos[edges[0]] - pos[edges[1]]

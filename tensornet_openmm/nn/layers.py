@@ -272,10 +272,21 @@ class TensorEmbedding(_RadialLayer):
         self.algebra = algebra.PackedAlgebra(dtype)
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
         self._no_table(dtype)
+        # constants of an inference copy (TensorNet.store_self_pair_terms, store_species_terms)
+        self.register_buffer(
+            "stored_species", torch.zeros((2, 0, f), dtype=dtype), persistent=False
+        )
+        self.register_buffer(
+            "stored_weight", torch.zeros((0, num_rbf), dtype=dtype), persistent=False
+        )
+        self.register_buffer("stored_bias", torch.zeros(0, dtype=dtype), persistent=False)
 
     def _projection(self) -> tuple[Tensor, Tensor]:
-        """Weight (3F, K) and bias (3F,) of the three distance projections at once (constants
-        once frozen)."""
+        """Weight (3F, K) and bias (3F,) of the three distance projections at once: stored
+        (:meth:`TensorNet.store_self_pair_terms`), else concatenated (two operators a call,
+        which ``torch.jit.freeze`` does not fold)."""
+        if self.stored_bias.numel() > 0:
+            return self.stored_weight, self.stored_bias
         weight = torch.cat(
             (self.distance_proj1.weight, self.distance_proj2.weight, self.distance_proj3.weight)
         )
@@ -291,7 +302,12 @@ class TensorEmbedding(_RadialLayer):
         return projected.reshape(basis.shape[0], 3, self.hidden_channels)  # also for 0 pairs
 
     def species_terms(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Receiver and sender parts of emb2([e_i, e_j]), per atom: (n, F) each."""
+        """Receiver and sender parts of emb2([e_i, e_j]), per atom: (n, F) each; stored for a
+        copy that only ever sees one molecule's atoms (:meth:`TensorNet.store_species_terms`)."""
+        if self.stored_species.shape[1] > 0:
+            if self.stored_species.shape[1] != z.shape[0]:
+                raise RuntimeError("this model stored another molecule's species terms")
+            return self.stored_species[0], self.stored_species[1]
         f = self.hidden_channels
         species = self.emb(z)  # (n, F)
         # emb2([e_i, e_j]) is linear: split it into a receiver part and a sender part per atom
