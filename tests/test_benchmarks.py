@@ -94,7 +94,8 @@ def test_bad_options_are_named_with_the_fix(argv, message, capsys):
 
 
 def test_kernel_counts_cover_every_route(tmp_path, capsys):
-    """benchmarks/kernels.py (on the CPU: operators) reports every route it is asked for."""
+    """benchmarks/kernels.py (on the CPU: the launches a GPU would make) reports every route it
+    is asked for."""
     kernels = pytest.importorskip("kernels")
     checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
     kernels.main(["--checkpoint", str(checkpoint), "--systems", "ala2", "--platform", "CPU",
@@ -110,6 +111,17 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
         if line.startswith("ala2 ") and ": " in line
     }
     assert set(counts) == set(routes) and min(counts.values()) > 50
+    # the launches a GPU would make: no views or allocations; mlp as its ATen calls
+    import torch
+
+    module, pos, box = next(
+        (m, p, b)
+        for r, m, p, b in kernels.modules("ala2", checkpoint, torch.device("cpu"), ["ours"])
+    )
+    events = kernels.profile_calls(module, pos, box, torch.device("cpu"), 1)
+    assert not set(events) & kernels.NO_LAUNCH
+    if "tensornet_openmm::messages" in events:  # the fused kernels were built
+        assert "tensornet_openmm::mlp" not in events and events["aten::addmm"][0] >= 4
     assert counts["ours-tables"] < counts["ours"]  # no radial networks
 
 
