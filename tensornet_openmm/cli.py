@@ -20,9 +20,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"  parameters: {model.num_parameters():,}")
     print(f"  cutoff: {model.cutoff_upper} A")
     print(f"  elements: {model.metadata.get('elements', 'not recorded (any Z below max_z)')}")
-    for key in ("level_of_theory", "validation"):
-        if key in model.metadata:
-            print(f"  {key}: {model.metadata[key]}")
+    if "level_of_theory" in model.metadata:
+        print(f"  level_of_theory: {model.metadata['level_of_theory']}")
+    validation = model.metadata.get("validation")
+    if isinstance(validation, dict):  # errors on held-out data, one per line, 4 digits
+        print("  validation:")
+        for key, value in validation.items():
+            shown = f"{value:.4g}" if isinstance(value, float) else value
+            print(f"    {key}: {shown}")
+    elif validation is not None:
+        print(f"  validation: {validation}")
     return 0
 
 

@@ -30,6 +30,11 @@ def test_info_shows_elements_and_cutoff(tmp_path, capsys):
     assert main(["info", str(tmp_path / "m.pt")]) == 0
     out = capsys.readouterr().out
     assert "cutoff: 4.0 A" in out and "elements: [1, 8]" in out
+    model.metadata["validation"] = {"force_mae_mev_per_a": 23.766861901963523, "frames": 400}
+    save_model(model, tmp_path / "m.pt")
+    assert main(["info", str(tmp_path / "m.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "  validation:\n    force_mae_mev_per_a: 23.77\n    frames: 400\n" in out
 
 
 def test_export_writes_a_standalone_module(tmp_path, capsys):
