@@ -354,7 +354,7 @@ def test_stored_constants_give_the_same_energy_and_forces(fused):
     stored.store_self_pair_terms()
     stored.store_species_terms(z)
     emb = stored.tensor_embedding
-    assert emb.stored_species.shape == (2, 9, 16) and emb.stored_bias.shape == (48,)
+    assert emb.stored_species.shape == (3, 9, 16) and emb.stored_bias.shape == (48,)
     e, f = energy_forces(stored, z, pos)
     assert torch.equal(e, e_ref) and torch.equal(f, f_ref)
     lean = stored.energy_and_gradient(z, all_pairs(torch.zeros_like(z)), _vectors(z, pos))

@@ -301,6 +301,13 @@ class TensorEmbedding(_RadialLayer):
         projected = nn.functional.linear(basis, weight, bias)
         return projected.reshape(basis.shape[0], 3, self.hidden_channels)  # also for 0 pairs
 
+    def self_pair_terms(self, z_recv: Tensor, z_send: Tensor, self_basis: Tensor) -> Tensor:
+        """Each atom's self pair term of I, (z_i^recv + z_i^send) f_I(0), (n, F): stored with
+        the species terms (:meth:`TensorNet.store_species_terms`), else computed."""
+        if self.stored_species.shape[0] == 3 and self.stored_species.shape[1] == z_recv.shape[0]:
+            return self.stored_species[2]
+        return (z_recv + z_send) * self.self_radial_functions(self_basis)[0, 0]
+
     def species_terms(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Receiver and sender parts of emb2([e_i, e_j]), per atom: (n, F) each; stored for a
         copy that only ever sees one molecule's atoms (:meth:`TensorNet.store_species_terms`)."""
@@ -373,8 +380,7 @@ class TensorEmbedding(_RadialLayer):
     ) -> Tensor:
         """X_i from the pair sums: self pair, tracelessness, norms, gates, channel mixing."""
         n, f = z_recv.shape[0], self.hidden_channels
-        z_self = z_recv + z_send
-        iso = sums[0] + z_self * self.self_radial_functions(self_basis)[0, 0]  # + self pair
+        iso = sums[0] + self.self_pair_terms(z_recv, z_send, self_basis)
         vec = sums[1].contiguous()  # a strided view (fused path) would take a product per atom
         diag, offdiag = torch.split(sums[2], [3, 3], dim=1)
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
@@ -501,14 +507,15 @@ class TensorEmbedding(_RadialLayer):
         if fused:  # fused kernels
             if geom is None:
                 geom = algebra.packed_geometry(rhat)
-            packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
+            packed: Optional[Tensor] = None  # the first block's sums start it: no zeros to add
             for i, j, cut_b, basis_b, geom_b, vec_b in zip(  # noqa: B905 (TorchScript's zip...)
                 _chunks(src, block), _chunks(dst, block), _chunks(cut, block),
                 _chunks(basis, block), _chunks(geom, block), _blocks(vec, src.shape[0], block),
             ):  # fmt: skip
-                packed = packed + self.fused_sums(
-                    i, j, cut_b, basis_b, geom_b, z_recv, z_send, half, vec_b
-                )
+                sums = self.fused_sums(i, j, cut_b, basis_b, geom_b, z_recv, z_send, half, vec_b)
+                packed = sums if packed is None else packed + sums
+            if packed is None:
+                packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
             return self.fused_finish(z_recv, z_send, packed, self_basis)
         # sum_j f_I, sum_j f_A rhat, sum_j f_S rhat rhat^T (packed; S not yet traceless)
         sums = self.new_sums(z_recv)
@@ -667,13 +674,18 @@ class Interaction(_RadialLayer):
         """:meth:`forward` with the fused kernels: packed tensors throughout, the messages,
         channel mixing and 3x3 products each one operator."""
         x, y = self.fused_prepare(x)
-        msg = self.fused_self_messages(y, self_basis)
+        pairs: Optional[Tensor] = None
         block = pair_block(src.shape[0], self.hidden_channels, x.device, True)
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
             _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
-            msg = msg + self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
+            m = self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
+            pairs = m if pairs is None else pairs + m
+        if pairs is None:
+            msg = self.fused_self_messages(y, self_basis)
+        else:  # the self pair's f(0) Y_i added in the same operator: one kernel, not two
+            msg = torch.addcmul(pairs, y, self._self_filters(self_basis))
         return self.fused_finish(x, y, msg, charge_factor)
 
     def fused_prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -683,8 +695,11 @@ class Interaction(_RadialLayer):
 
     def fused_self_messages(self, y: Tensor, self_basis: Tensor) -> Tensor:
         """The self pair's messages f(0) Y_i, packed."""
-        f0 = self.self_radial_functions(self_basis)
-        return y * f0.index_select(1, self.pair_kernels.group)
+        return y * self._self_filters(self_basis)
+
+    def _self_filters(self, self_basis: Tensor) -> Tensor:
+        """The self pair's filters f(0) per packed component, (1, 10, F)."""
+        return self.self_radial_functions(self_basis).index_select(1, self.pair_kernels.group)
 
     def fused_messages(
         self,

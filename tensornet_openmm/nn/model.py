@@ -139,20 +139,23 @@ class TensorNet(nn.Module):
 
     @torch.jit.unused
     def store_species_terms(self, z: Tensor) -> None:
-        """Compute the embedding's species terms of the atoms ``z`` (they depend on the weights
-        and the atomic numbers alone) once, for a copy that only ever evaluates these atoms, as
-        an OpenMM force does: four operators fewer per call (on a GPU, kernels). Another number
-        of atoms is then an error; cleared by :meth:`clear_self_pair_terms`."""
+        """Compute the embedding's species terms of the atoms ``z`` and their self pairs' terms
+        (they depend on the weights and the atomic numbers alone) once, for a copy that only ever
+        evaluates these atoms, as an OpenMM force does: six operators fewer per call (on a GPU,
+        kernels). Another number of atoms is then an error; cleared by
+        :meth:`clear_self_pair_terms`."""
         emb = self.tensor_embedding
-        emb.stored_species = emb.stored_species[:, :0]
         size = emb.emb.num_embeddings
         outside = sorted({int(v) for v in z.tolist() if not 0 <= int(v) < size})
         if outside:
             raise ValueError(
                 f"atomic numbers {outside} are outside this model's range 0..{size - 1}"
             )
+        emb.stored_species = emb.stored_species[:, :0]  # computed below, not read
         with torch.no_grad():
-            emb.stored_species = torch.stack(emb.species_terms(z))
+            z_recv, z_send = emb.species_terms(z)
+            self_terms = emb.self_pair_terms(z_recv, z_send, self._self_basis())
+            emb.stored_species = torch.stack((z_recv, z_send, self_terms))
 
     @torch.jit.unused
     def clear_self_pair_terms(self) -> None:
