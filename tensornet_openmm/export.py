@@ -223,9 +223,10 @@ class TensorNetForce(nn.Module):
             small = widths.min() < 2.0 * self.cutoff
             failed = small if failed is None else failed | small
         if failed is not None:
-            # the zero term ties every particle to the factor, so on failure all forces are NaN
-            tie = 0.0 * positions.sum().to(energy.dtype)
-            energy = (energy + tie) * torch.where(failed, math.nan, 1.0).to(energy.dtype)
+            # NaN times every particle's coordinates on failure, zero otherwise: then the energy
+            # and all forces are NaN (one term, five kernels in a CUDA graph)
+            nan_or_zero = torch.where(failed, math.nan, 0.0).to(energy.dtype)
+            energy = energy + nan_or_zero * positions.sum().to(energy.dtype)
         if scale is not None:
             energy = energy * scale.to(energy.dtype)
         forces = torch.zeros_like(positions)

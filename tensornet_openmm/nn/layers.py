@@ -674,18 +674,13 @@ class Interaction(_RadialLayer):
         """:meth:`forward` with the fused kernels: packed tensors throughout, the messages,
         channel mixing and 3x3 products each one operator."""
         x, y = self.fused_prepare(x)
-        pairs: Optional[Tensor] = None
+        msg = self.fused_self_messages(y, self_basis)
         block = pair_block(src.shape[0], self.hidden_channels, x.device, True)
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
             _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
-            m = self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
-            pairs = m if pairs is None else pairs + m
-        if pairs is None:
-            msg = self.fused_self_messages(y, self_basis)
-        else:  # the self pair's f(0) Y_i added in the same operator: one kernel, not two
-            msg = torch.addcmul(pairs, y, self._self_filters(self_basis))
+            msg = msg + self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
         return self.fused_finish(x, y, msg, charge_factor)
 
     def fused_prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -695,11 +690,8 @@ class Interaction(_RadialLayer):
 
     def fused_self_messages(self, y: Tensor, self_basis: Tensor) -> Tensor:
         """The self pair's messages f(0) Y_i, packed."""
-        return y * self._self_filters(self_basis)
-
-    def _self_filters(self, self_basis: Tensor) -> Tensor:
-        """The self pair's filters f(0) per packed component, (1, 10, F)."""
-        return self.self_radial_functions(self_basis).index_select(1, self.pair_kernels.group)
+        f0 = self.self_radial_functions(self_basis)
+        return y * f0.index_select(1, self.pair_kernels.group)
 
     def fused_messages(
         self,
