@@ -21,9 +21,10 @@ which runs ATen's kernels on CUDA, counts its ATen calls. A proxy, not the CUDA 
 a reduction may take more than one kernel, and the CPU takes a few paths of its own. It runs
 on one thread (the CPU kernels split larger work between threads, the GPU's do not) with float32
 positions (OpenMM's mixed precision). Alanine dipeptide, bench model, per force call: ours 252
-launches at 9116dcb and 204 since the session that made this count (with the CUDA-graph pair
-list; 218 and 185 with the dynamic one, 216 and 170 with radial tables). The reference's count
-is of its pure-PyTorch path, not of the Warp kernels it runs on a GPU.
+launches at 9116dcb and 198 since the session that made this count (with the CUDA-graph pair
+list; 218 and 181 with the dynamic one, 216 and 164 with radial tables; in water, ML/MM, 303 and
+237). The reference's count is of its pure-PyTorch path, not of the Warp kernels it runs on a
+GPU.
 """
 
 from __future__ import annotations
