@@ -102,10 +102,16 @@ def minimum_image(d: Tensor, box: Tensor) -> Tensor:
 
 
 def _displacements(pos: Tensor, i: Tensor, j: Tensor, box: Optional[Tensor]) -> Tensor:
-    """r_ij = pos[i] - pos[j] of the pairs (i, j), under minimum image when there is a box."""
+    """r_ij = pos[i] - pos[j] of the pairs (i, j), under minimum image when there is a box.
+
+    The lattice vectors subtracted are found without a graph and added as a constant: their
+    gradient is zero, and autograd through the rounding would spend a dozen operators (GPU
+    kernels) a call computing it."""
     d = pos[i] - pos[j]
     if box is not None:
-        d = minimum_image(d, box)
+        with torch.no_grad():
+            shift = minimum_image(d, box) - d
+        d = d + shift
     return d
 
 
