@@ -23,7 +23,7 @@ on one thread (the CPU kernels split larger work between threads, the GPU's do n
 positions (OpenMM's mixed precision). Alanine dipeptide, bench model, per force call: ours 252
 launches at 9116dcb and 198 since the session that made this count (with the CUDA-graph pair
 list; 218 and 181 with the dynamic one, 216 and 164 with radial tables; in water, ML/MM, 303 and
-237). The reference's count is of its pure-PyTorch path, not of the Warp kernels it runs on a
+218). The reference's count is of its pure-PyTorch path, not of the Warp kernels it runs on a
 GPU.
 """
 
