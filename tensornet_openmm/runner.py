@@ -472,11 +472,12 @@ def _graphs_option(config: dict) -> bool | None:
     return None if value == "auto" else bool(value)
 
 
-def _graphs_note(config: dict, system, platform: str) -> str:
-    """Why a CUDA run has no CUDA graphs ('' where it has them or is not on CUDA)."""
-    from .forces import GRAPHS_BELOW_ATOMS, fixed_pair_lists
+def _graphs_note(config: dict, fixed_lists: list, platform: str) -> str:
+    """Why a CUDA run has no CUDA graphs ('' where it has them, that is fixed-capacity pair
+    lists ``fixed_lists``, or is not on CUDA)."""
+    from .forces import GRAPHS_BELOW_ATOMS
 
-    if platform != "CUDA" or fixed_pair_lists(system, platform):
+    if platform != "CUDA" or fixed_lists:
         return ""
     if config["ml"]["cuda_graphs"] is False:
         return "CUDA graphs off (ml.cuda_graphs: false): the pair list is dynamic"
@@ -683,7 +684,7 @@ def run(config: dict, resume: bool = False, log=print) -> dict:
                    "the start")  # fmt: skip
     if pair_lists.modules:
         log(pair_lists.summary())
-    note = _graphs_note(config, system, platform.getName())
+    note = _graphs_note(config, pair_lists.modules, platform.getName())
     if note and not isinstance(model, ExportedModel):
         log(note)
 

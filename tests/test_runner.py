@@ -239,15 +239,17 @@ def test_cuda_graphs_auto_follows_the_ml_region_size(model_file, monkeypatch):
     config, system = built()
     assert config["ml"]["cuda_graphs"] == "auto" and system.getNumParticles() < 1000
     assert len(forces.fixed_pair_lists(system, "CUDA")) == 1
-    assert _graphs_note(config, system, "CUDA") == ""
+    assert _graphs_note(config, forces.fixed_pair_lists(system, "CUDA"), "CUDA") == ""
     config, system = built({"ml": {"cuda_graphs": False}})
-    assert "CUDA graphs off (ml.cuda_graphs: false)" in _graphs_note(config, system, "CUDA")
+    assert "CUDA graphs off (ml.cuda_graphs: false)" in _graphs_note(
+        config, forces.fixed_pair_lists(system, "CUDA"), "CUDA"
+    )
     monkeypatch.setattr(forces, "GRAPHS_BELOW_ATOMS", 100)  # the box counts as large
     config, system = built()
     assert forces.fixed_pair_lists(system, "CUDA") == []
-    note = _graphs_note(config, system, "CUDA")
+    note = _graphs_note(config, forces.fixed_pair_lists(system, "CUDA"), "CUDA")
     assert "auto captures them for ML regions of fewer than 100 atoms" in note
-    assert _graphs_note(config, system, "CPU") == ""
+    assert _graphs_note(config, [], "CPU") == ""
     config, system = built({"ml": {"cuda_graphs": True}})
     assert len(forces.fixed_pair_lists(system, "CUDA")) == 1
 
