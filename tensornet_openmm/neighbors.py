@@ -162,11 +162,23 @@ class _Compactor:
             pairs = torch.cat(self.found, dim=1) if len(self.found) > 0 else self.kept[:, :0]
             used = torch.ones(pairs.shape[1], dtype=torch.bool, device=device)
             return pairs, used, torch.full((), pairs.shape[1], dtype=torch.int64, device=device)
-        # unused slot k: the self pair (k mod n, k mod n) (see the module's docstring)
-        spread = torch.remainder(
-            torch.arange(self.capacity, device=self.kept.device), self.atoms
-        ).expand(2, -1)
-        return torch.where(self.used, self.kept, spread), self.used, self.count
+        return _spread(self.kept, self.used, self.atoms), self.used, self.count
+
+
+def _spread(pairs: Tensor, used: Tensor, atoms: int) -> Tensor:
+    """``pairs`` (2, capacity) with unused slot k the self pair (k mod n, k mod n) (see the
+    module's docstring)."""
+    slots = torch.arange(used.shape[0], device=used.device)
+    return torch.where(used, pairs, torch.remainder(slots, atoms).expand(2, -1))
+
+
+def _padded(vectors: Tensor, used: Tensor, cutoff: float) -> Tensor:
+    """``vectors`` with unused slots' (2 cutoff, 0, 0): beyond the cutoff, no terms. (fill_, not
+    item assignment: TorchScript would copy the number from the host, which a CUDA graph capture
+    refuses.)"""
+    padding = torch.zeros_like(vectors)
+    padding.select(1, 0).fill_(2.0 * cutoff)
+    return torch.where(used[:, None], vectors, padding)
 
 
 def _brute(pos: Tensor, cutoff: float, box: Optional[Tensor], half: bool, out: _Compactor) -> None:
@@ -203,12 +215,8 @@ def _brute_half_at_once(
     pick = torch.nonzero_static(within, size=capacity, fill_value=-1)[:, 0]
     used = pick >= 0
     pick = torch.clamp(pick, min=0)
-    # unused slot k: the self pair (k mod n, k mod n), its vector (2 cutoff, 0, 0): no terms
-    spread = torch.remainder(torch.arange(capacity, device=positions.device), n).expand(2, -1)
-    pairs = torch.where(used, candidates.index_select(1, pick), spread)
-    padding = torch.zeros((capacity, 3), dtype=d.dtype, device=d.device)
-    padding.select(1, 0).fill_(2.0 * cutoff)  # fill_: no number copied from the host (capture)
-    vectors = torch.where(used[:, None], d.index_select(0, pick), padding)
+    pairs = _spread(candidates.index_select(1, pick), used, n)
+    vectors = _padded(d.index_select(0, pick), used, cutoff)
     return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), within.sum())
 
 
@@ -373,9 +381,5 @@ def _search(
     pairs, used, count = out.pairs()
     vectors = _displacements(positions, pairs[0], pairs[1], box)
     if capacity >= 0:
-        # fill_, not item assignment: TorchScript would copy the number from the host, which a
-        # CUDA graph capture refuses
-        padding = torch.zeros_like(vectors)
-        padding.select(1, 0).fill_(2.0 * cutoff)
-        vectors = torch.where(used[:, None], vectors, padding)
+        vectors = _padded(vectors, used, cutoff)
     return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)

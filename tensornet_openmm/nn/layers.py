@@ -273,8 +273,8 @@ class TensorEmbedding(_RadialLayer):
         self.pair_kernels = PairKernels(dtype)  # see kernels.use_fused_kernels
         self._no_table(dtype)
         # constants of an inference copy (TensorNet.store_self_pair_terms, store_species_terms)
-        self.register_buffer(
-            "stored_species", torch.zeros((2, 0, f), dtype=dtype), persistent=False
+        self.register_buffer(  # receiver, sender and self pair terms per atom, (3, n, F)
+            "stored_species", torch.zeros((3, 0, f), dtype=dtype), persistent=False
         )
         self.register_buffer(
             "stored_weight", torch.zeros((0, num_rbf), dtype=dtype), persistent=False
@@ -304,7 +304,7 @@ class TensorEmbedding(_RadialLayer):
     def self_pair_terms(self, z_recv: Tensor, z_send: Tensor, self_basis: Tensor) -> Tensor:
         """Each atom's self pair term of I, (z_i^recv + z_i^send) f_I(0), (n, F): stored with
         the species terms (:meth:`TensorNet.store_species_terms`), else computed."""
-        if self.stored_species.shape[0] == 3 and self.stored_species.shape[1] == z_recv.shape[0]:
+        if self.stored_species.shape[1] > 0:  # the atoms' count checked by species_terms
             return self.stored_species[2]
         return (z_recv + z_send) * self.self_radial_functions(self_basis)[0, 0]
 
