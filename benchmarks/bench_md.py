@@ -739,6 +739,8 @@ def main(argv=None):
                         failed.add(_route_key(todo[index]))
                 for index in indices:
                     print_row(rows_by_case[index], flush=True)
+                if args.csv:  # the rows so far: a run stopped midway keeps them
+                    write_csv([rows_by_case[i] for i in sorted(rows_by_case)], args.csv)
             rows = [rows_by_case[i] for i in range(len(todo))]
         else:
             rows = run_rounds(todo, results, args, spec_for)
@@ -771,6 +773,9 @@ def run_rounds(todo: list[dict], results: list[list[dict]], args, spec_for) -> l
                 failed.add(key)
             done.append(result)
             print_row({**case, **result}, flush=True)
+            if args.csv:  # the runs so far (each round's its own row): kept if stopped midway
+                write_csv([{**c, **r} for c, runs in zip(todo, results, strict=True)
+                           for r in runs], args.csv)  # fmt: skip
     return [combine_rounds(case, done) for case, done in zip(todo, results, strict=True)]
 
 
@@ -890,15 +895,20 @@ def print_table(rows):
 
 
 def write_csv(rows, path: Path):
+    """``rows`` as CSV, through a temporary file and a rename: a run killed while it writes (a
+    time limit) leaves the previous, complete file."""
     keys = ["platform", "system", "atoms", "ml_atoms", "route", "graphs", "allocator", "spin",
             "ms_per_step", "ns_per_day", "peak_mb", "e0_kj_per_mol", "vs_reference",
             "vs_pythonforce", "rounds", "spread_pct", "vs_reference_blocks",
             "vs_reference_quartiles", "vs_pythonforce_blocks", "vs_pythonforce_quartiles",
             "steps_timed", "warmup_s", "build_s", "finite", "error"]  # fmt: skip
-    with open(path, "w", newline="") as handle:
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":

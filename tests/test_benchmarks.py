@@ -197,6 +197,43 @@ def test_interleaved_water_boxes_skip_a_route_after_it_failed(tmp_path, monkeypa
                       "water-600": "skipped: a smaller box failed"}  # fmt: skip
 
 
+def test_csv_keeps_the_rows_of_a_run_stopped_midway(tmp_path, monkeypatch):
+    """--csv is written after every system (interleaved) or run (rounds), through a rename: a
+    run stopped by a time limit (the device checks' `timeout`) keeps the rows it had."""
+    import csv
+
+    def fake(specs, blocks, timeout):
+        if specs[0]["system"] == "ala2-water":
+            raise KeyboardInterrupt  # the time limit, in the second system
+        return [{"error": "fake"} for _ in specs]
+
+    monkeypatch.setattr(bench_md, "run_interleaved", fake)
+    checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
+    out = tmp_path / "md.csv"
+    with pytest.raises(KeyboardInterrupt):
+        bench_md.main(["--checkpoint", str(checkpoint), "--systems", "ala2", "ala2-water",
+                       "--platforms", "CPU", "--routes", "ours", "reference", "--interleave",
+                       "2", "--csv", str(out)])  # fmt: skip
+    with out.open() as handle:
+        rows = [(row["system"], row["route"], row["error"]) for row in csv.DictReader(handle)]
+    assert rows == [("ala2", "ours", "fake"), ("ala2", "reference", "fake")]
+    assert not (tmp_path / "md.csv.partial").exists()
+    runs = []
+
+    def run_case(spec, timeout):  # --rounds: the second round is stopped
+        runs.append(spec["route"])
+        if len(runs) > 1:
+            raise KeyboardInterrupt
+        return {"error": "first round"}
+
+    monkeypatch.setattr(bench_md, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        bench_md.main(["--checkpoint", str(checkpoint), "--systems", "ala2", "--platforms", "CPU",
+                       "--routes", "ours", "--rounds", "2", "--csv", str(out)])  # fmt: skip
+    with out.open() as handle:
+        assert [row["error"] for row in csv.DictReader(handle)] == ["first round"]
+
+
 def test_graph_nodes_reads_a_cuda_graph_dump():
     """profile_step's summary of a CUDA graph's DOT dump: node count and kernel names (cut at
     their template arguments; anonymous namespaces kept)."""
