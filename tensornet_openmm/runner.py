@@ -188,6 +188,14 @@ def _check_text(config: dict, defaults: dict, where: str = "") -> None:
             raise ValueError(f"{where + key}={value!r} must be text (a name or a file)")
 
 
+def _check_precision(precision) -> None:
+    if precision not in ("single", "mixed", "double"):
+        raise ValueError(
+            f"precision={precision!r} must be single, mixed or double (OpenMM's CUDA and "
+            "OpenCL precision; the CPU and Reference platforms have no such setting)"
+        )
+
+
 def load_config(path: str | Path | None, overrides: list[dict] = ()) -> dict:
     from .config import read_yaml_mapping
 
@@ -229,11 +237,7 @@ def load_config(path: str | Path | None, overrides: list[dict] = ()) -> dict:
             f"prepare.forcefield={forcefield!r} must be a list of OpenMM force field files "
             "(amber14-all.xml, amber14/tip3p.xml)"
         )
-    if config["precision"] not in ("single", "mixed", "double"):
-        raise ValueError(
-            f"precision={config['precision']!r} must be single, mixed or double (OpenMM's "
-            "CUDA and OpenCL precision; the CPU and Reference platforms have no such setting)"
-        )
+    _check_precision(config["precision"])
     margin = config["ml"]["capacity_margin"]
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 1.0:
         raise ValueError(
@@ -514,8 +518,7 @@ def choose_platform(name: str, precision: str):
         raise ValueError(f"platform {name!r} is not available here; available: {names}")
     properties = {}
     if name in ("CUDA", "OpenCL"):
-        if precision not in ("single", "mixed", "double"):
-            raise ValueError(f"precision={precision!r} must be single, mixed or double")
+        _check_precision(precision)
         properties["Precision"] = precision
     return openmm.Platform.getPlatformByName(name), properties
 
