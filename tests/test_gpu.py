@@ -227,6 +227,14 @@ def _fused_cases(channels):
         product = functools.partial(_last, ops.packed_product, half)  # half: symmetric here
         cases.append((f"product-symmetric={half}", product, [rand(n, 10, f), rand(n, 10, f)]))
     cases.append(("normalize", ops.packed_normalize, [rand(n, 10, f)]))
+    for factors in (rand(0), rand(n).abs() + 0.5):  # no charge factors, and some
+        label = "-charged" if factors.numel() else ""
+        for symmetric in (True, False):
+            step = functools.partial(_product_normalize, symmetric, factors)
+            cases.append((f"product-normalize-symmetric={symmetric}{label}", step,
+                          [rand(n, 10, f), rand(n, 10, f)]))  # fmt: skip
+        step = functools.partial(_square_add, factors)
+        cases.append((f"square-add{label}", step, [rand(n, 10, f), rand(n, 10, f)]))
     for act in (0, 1, 2):  # SiLU, tanh, none: two layers, f -> 7 -> f
         network = functools.partial(_mlp, act)
         cases.append((f"mlp-{act}", network,
@@ -250,6 +258,17 @@ def _table(a, c, lower, vectors, table):
     return torch.ops.tensornet_openmm.radial_table(
         vectors, table, a, 1.1, c, 12 / v_max, lower, 5.0
     )
+
+
+def _product_normalize(symmetric, factors, a, b):
+    """The operator with constant charge factors (no gradient for them), on a's device."""
+    return torch.ops.tensornet_openmm.packed_product_normalize(
+        a, b, symmetric, factors.to(a.device)
+    )
+
+
+def _square_add(factors, x, d):
+    return torch.ops.tensornet_openmm.packed_square_add(x, d, factors.to(x.device))
 
 
 def _mlp(act, x, scale, w1, b1, w2, b2):

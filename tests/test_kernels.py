@@ -474,6 +474,47 @@ def test_packed_normalize_kernel_values_and_gradients(channels):
     assert torch.autograd.gradcheck(fused, (p,))
 
 
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_layer_steps_in_one_operator_equal_the_separate_ones(channels):
+    """packed_product_normalize (normalize(packed(M Y) q)) and packed_square_add
+    (x + d + packed(D D) q) against the operators they replace, without charge factors (empty)
+    and with them: values, gradcheck, and the factors refused where they need a gradient."""
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    a, b = torch.randn(5, 10, channels, **f64), torch.randn(5, 10, channels, **f64)
+    q = torch.rand(5, dtype=torch.float64) + 0.5
+    reference = kernels.PairKernels(torch.float64)
+    ops = torch.ops.tensornet_openmm
+    for factor in (None, q):
+        factors = a.new_empty(0) if factor is None else factor
+        scale = 1.0 if factor is None else q.reshape(-1, 1, 1)
+        for symmetric in (False, True):
+            expected = reference.normalize(reference.product(a, b, symmetric) * scale)
+            actual = ops.packed_product_normalize(a, b, symmetric, factors)
+            torch.testing.assert_close(actual, expected, rtol=1e-14, atol=1e-15)
+            torch.testing.assert_close(reference.product_normalize(a, b, symmetric, factor),
+                                       expected, rtol=0, atol=0)  # fmt: skip
+
+            def step(x, y, s=symmetric, f=factors):
+                return ops.packed_product_normalize(x, y, s, f)
+
+            assert torch.autograd.gradcheck(step, (a, b))
+        expected = a + b + reference.product(b, b) * scale
+        torch.testing.assert_close(ops.packed_square_add(a, b, factors), expected)
+        torch.testing.assert_close(reference.square_add(a, b, factor), expected, rtol=0, atol=0)
+        assert torch.autograd.gradcheck(lambda x, d, f=factors: ops.packed_square_add(x, d, f),
+                                        (a, b))  # fmt: skip
+    fused = kernels.FusedPairKernels(torch.float64)  # differentiable factors: PyTorch's
+    q_grad = q.clone().requires_grad_(True)
+    out = fused.square_add(a, b, q_grad) + fused.product_normalize(a, b, True, q_grad)
+    assert torch.autograd.grad(out.sum(), q_grad)[0].shape == (5,)
+    with pytest.raises(RuntimeError, match="no gradient with respect to the charge factors"):
+        torch.autograd.grad(ops.packed_square_add(a, b, q_grad).sum(), q_grad)
+    with pytest.raises(RuntimeError, match="charge factors must be \\(atoms,\\) = \\(5,\\)"):
+        ops.packed_product_normalize(a, b, True, q[:3])
+    with pytest.raises(RuntimeError, match="must be \\(atoms, 10, channels\\) alike"):
+        ops.packed_square_add(a, b[:4], q)
+
+
 def _radial_inputs(pairs, widths, seed=0):
     g = torch.Generator().manual_seed(seed)
     f64 = {"dtype": torch.float64, "generator": g}

@@ -152,6 +152,59 @@ TN_MATH void normalize_grad_values(const T g[kComps], const T p[kComps], T g_p[k
   for (int c = 0; c < kComps; ++c) g_p[c] = g[c] * inv - norm_weight<S>(c) * p[c] * k;
 }
 
+// Two steps of an interaction layer in one pass (pair_ops.cpp, packed_product_normalize and
+// packed_square_add), each in the order of the separate operators it replaces; ``scaled``: times
+// the atom's charge factor q (else no multiplication at all, as in the model).
+
+// out = normalize(packed(A B) q), or of packed(A B + B A) q when symmetric
+template <typename T>
+TN_MATH void product_normalize_values(const T pa[kComps], const T pb[kComps], T out[kComps],
+                                      bool symmetric, bool scaled,
+                                      typename ScalarOf<T>::type q) {
+  T pc[kComps];
+  product_values(pa, pb, pc, symmetric);
+  if (scaled) {
+    for (int c = 0; c < kComps; ++c) pc[c] = q * pc[c];
+  }
+  normalize_values(pc, out);
+}
+
+// its gradients with respect to a and b (either may be null) for the gradient g of out
+template <typename T>
+TN_MATH void product_normalize_grad_values(const T g[kComps], const T pa[kComps],
+                                           const T pb[kComps], T* g_a, T* g_b, bool symmetric,
+                                           bool scaled, typename ScalarOf<T>::type q) {
+  T pc[kComps], gc[kComps];
+  product_values(pa, pb, pc, symmetric);
+  if (scaled) {
+    for (int c = 0; c < kComps; ++c) pc[c] = q * pc[c];
+  }
+  normalize_grad_values(g, pc, gc);
+  if (scaled) {
+    for (int c = 0; c < kComps; ++c) gc[c] = q * gc[c];
+  }
+  product_grad_values(gc, pa, pb, g_a, g_b, symmetric);
+}
+
+// out = x + d + packed(D D) q
+template <typename T>
+TN_MATH void square_add_values(const T px[kComps], const T pd[kComps], T out[kComps], bool scaled,
+                               typename ScalarOf<T>::type q) {
+  T sq[kComps];
+  product_values(pd, pd, sq, false);
+  for (int c = 0; c < kComps; ++c) out[c] = px[c] + pd[c] + (scaled ? q * sq[c] : sq[c]);
+}
+
+// its gradient with respect to d for the gradient g of out (that to x is g itself)
+template <typename T>
+TN_MATH void square_add_grad_values(const T g[kComps], const T pd[kComps], T g_d[kComps],
+                                    bool scaled, typename ScalarOf<T>::type q) {
+  T gs[kComps], da[kComps], db[kComps];
+  for (int c = 0; c < kComps; ++c) gs[c] = scaled ? q * g[c] : g[c];
+  product_grad_values(gs, pd, pd, da, db, false);
+  for (int c = 0; c < kComps; ++c) g_d[c] = g[c] + (da[c] + db[c]);
+}
+
 template <typename T>
 TN_MATH void load(const T* p, int64_t stride, T v[kComps]) {
   for (int c = 0; c < kComps; ++c) v[c] = p[c * stride];

@@ -58,6 +58,14 @@ std::tuple<at::Tensor, at::Tensor> product_grad(const at::Tensor& grad, const at
                                                 bool want_b);
 at::Tensor normalize(const at::Tensor& p);
 at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p);
+at::Tensor product_normalize(const at::Tensor& a, const at::Tensor& b, bool symmetric,
+                             const at::Tensor& q);
+std::tuple<at::Tensor, at::Tensor> product_normalize_grad(const at::Tensor& grad,
+                                                          const at::Tensor& a, const at::Tensor& b,
+                                                          bool symmetric, const at::Tensor& q,
+                                                          bool want_a, bool want_b);
+at::Tensor square_add(const at::Tensor& x, const at::Tensor& d, const at::Tensor& q);
+at::Tensor square_add_grad(const at::Tensor& grad, const at::Tensor& d, const at::Tensor& q);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
                                                         const at::Tensor& centers,
                                                         const at::Tensor& widths, int64_t kind,
@@ -139,6 +147,7 @@ std::pair<at::Tensor, at::Tensor> checked_pairs(const at::Tensor& src, const at:
 #define TN_INLINE static inline __attribute__((always_inline))
 #define TN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #define TN_INLINE_MEMBER inline __attribute__((always_inline))
+#define TN_LAMBDA_INLINE __attribute__((always_inline))  // into each target clone
 
 // sum of term(f) over f in [0, n), in kLanes partial sums: one running sum is a chain of
 // dependent additions that the compiler may not reorder (so the whole loop stays scalar), where
@@ -1147,6 +1156,262 @@ class PackedNormalize : public torch::autograd::Function<PackedNormalize> {
 
 at::Tensor packed_normalize_op(const at::Tensor& p) { return PackedNormalize::apply(p); }
 
+// ---- Two steps of an interaction layer in one pass ---------------------------------------------
+// packed_product_normalize(a, b, symmetric, q) = normalize(packed(A B) q) (A B + B A when
+// symmetric) and packed_square_add(x, d, q) = x + d + packed(D D) q, with q the atoms' charge
+// factors (atoms,), or empty for none (no multiplication, as in the model for neutral molecules).
+// Each replaces two or three of the operators above (and the factor's multiply) with one pass
+// each way: on a GPU one kernel where those take three to five. Same arithmetic, same order.
+
+// f(values of a, values of b, out values, q of the atom) per atom in [a0, a1) and kLanes
+// channels at a time (then the remaining channels one by one): the per-atom loops of both
+template <typename T, typename F>
+TN_INLINE void per_atom(const T* a, const T* b, const T* q, T* out, int64_t f_len, int64_t a0,
+                        int64_t a1, const F& f) {
+  for (int64_t n = a0; n < a1; ++n) {
+    const int64_t base = n * kComps * f_len;
+    const T qn = q == nullptr ? T(1) : q[n];
+    int64_t c = 0;
+    for (; c + kLanes <= f_len; c += kLanes) {
+      Lanes<T> pa[kComps], pb[kComps], po[kComps];
+      load_lanes(a + base + c, f_len, pa);
+      load_lanes(b + base + c, f_len, pb);
+      f(pa, pb, po, qn);
+      store_lanes(po, out + base + c, f_len);
+    }
+    for (; c < f_len; ++c) {
+      T pa[kComps], pb[kComps], po[kComps];
+      tn_math::load(a + base + c, f_len, pa);
+      tn_math::load(b + base + c, f_len, pb);
+      f(pa, pb, po, qn);
+      tn_math::store(po, out + base + c, f_len);
+    }
+  }
+}
+
+// the gradients of packed_product_normalize with respect to a and b (either may be null)
+template <typename T>
+TN_INLINE void product_normalize_grad_rows(const T* grad, const T* a, const T* b, const T* q,
+                                           T* g_a, T* g_b, int64_t f_len, bool symmetric,
+                                           int64_t a0, int64_t a1) {
+  const bool scaled = q != nullptr;
+  for (int64_t n = a0; n < a1; ++n) {
+    const int64_t base = n * kComps * f_len;
+    const T qn = scaled ? q[n] : T(1);
+    int64_t c = 0;
+    for (; c + kLanes <= f_len; c += kLanes) {
+      Lanes<T> pg[kComps], pa[kComps], pb[kComps], da[kComps], db[kComps];
+      load_lanes(grad + base + c, f_len, pg);
+      load_lanes(a + base + c, f_len, pa);
+      load_lanes(b + base + c, f_len, pb);
+      tn_math::product_normalize_grad_values(pg, pa, pb, g_a == nullptr ? nullptr : da,
+                                             g_b == nullptr ? nullptr : db, symmetric, scaled, qn);
+      if (g_a != nullptr) store_lanes(da, g_a + base + c, f_len);
+      if (g_b != nullptr) store_lanes(db, g_b + base + c, f_len);
+    }
+    for (; c < f_len; ++c) {
+      T pg[kComps], pa[kComps], pb[kComps], da[kComps], db[kComps];
+      tn_math::load(grad + base + c, f_len, pg);
+      tn_math::load(a + base + c, f_len, pa);
+      tn_math::load(b + base + c, f_len, pb);
+      tn_math::product_normalize_grad_values(pg, pa, pb, g_a == nullptr ? nullptr : da,
+                                             g_b == nullptr ? nullptr : db, symmetric, scaled, qn);
+      if (g_a != nullptr) tn_math::store(da, g_a + base + c, f_len);
+      if (g_b != nullptr) tn_math::store(db, g_b + base + c, f_len);
+    }
+  }
+}
+
+#define TN_LAYER_STEP_INSTANCES(T)                                                               \
+  TN_CLONES void run_product_normalize(const T* a, const T* b, const T* q, T* out, int64_t f_len, \
+                                       bool symmetric, int64_t a0, int64_t a1) {                 \
+    const bool scaled = q != nullptr;                                                            \
+    const auto step = [&](const auto* pa, const auto* pb, auto* po, T qn) TN_LAMBDA_INLINE {     \
+      tn_math::product_normalize_values(pa, pb, po, symmetric, scaled, qn);                      \
+    };                                                                                           \
+    per_atom(a, b, q, out, f_len, a0, a1, step);                                                 \
+  }                                                                                              \
+  TN_CLONES void run_product_normalize_grad(const T* grad, const T* a, const T* b, const T* q,   \
+                                            T* g_a, T* g_b, int64_t f_len, bool symmetric,       \
+                                            int64_t a0, int64_t a1) {                            \
+    product_normalize_grad_rows<T>(grad, a, b, q, g_a, g_b, f_len, symmetric, a0, a1);           \
+  }                                                                                              \
+  TN_CLONES void run_square_add(const T* x, const T* d, const T* q, T* out, int64_t f_len,       \
+                                int64_t a0, int64_t a1) {                                        \
+    const bool scaled = q != nullptr;                                                            \
+    const auto step = [&](const auto* px, const auto* pd, auto* po, T qn) TN_LAMBDA_INLINE {     \
+      tn_math::square_add_values(px, pd, po, scaled, qn);                                        \
+    };                                                                                           \
+    per_atom(x, d, q, out, f_len, a0, a1, step);                                                 \
+  }                                                                                              \
+  TN_CLONES void run_square_add_grad(const T* grad, const T* d, const T* q, T* g_d,              \
+                                     int64_t f_len, int64_t a0, int64_t a1) {                    \
+    const bool scaled = q != nullptr;                                                            \
+    const auto step = [&](const auto* pg, const auto* pd, auto* po, T qn) TN_LAMBDA_INLINE {     \
+      tn_math::square_add_grad_values(pg, pd, po, scaled, qn);                                   \
+    };                                                                                           \
+    per_atom(grad, d, q, g_d, f_len, a0, a1, step);                                              \
+  }
+
+TN_LAYER_STEP_INSTANCES(float)
+TN_LAYER_STEP_INSTANCES(double)
+
+// a and b (atoms, 10, channels) alike, q (atoms,) or empty, all of one dtype
+void check_layer_step(const char* name, const at::Tensor& a, const at::Tensor& b,
+                      const at::Tensor& q) {
+  TORCH_CHECK(a.dim() == 3 && a.size(1) == kComps && a.sizes() == b.sizes(), name,
+              ": the packed tensors must be (atoms, 10, channels) alike, got ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(q.numel() == 0 || (q.dim() == 1 && q.size(0) == a.size(0)), name,
+              ": the charge factors must be (atoms,) = (", a.size(0), ",) or empty, got ",
+              q.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.scalar_type() == q.scalar_type(), name,
+              ": the tensors differ in dtype");
+}
+
+template <typename T>
+const T* factors_or_null(const at::Tensor& q) {
+  return q.numel() == 0 ? nullptr : q.data_ptr<T>();
+}
+
+at::Tensor product_normalize_kernel(const at::Tensor& a_in, const at::Tensor& b_in,
+                                    bool symmetric, const at::Tensor& q_in) {
+  check_layer_step("packed_product_normalize", a_in, b_in, q_in);
+  [[maybe_unused]] const bool cuda = on_cuda("packed_product_normalize", {a_in, b_in, q_in});
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous(), q = q_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::product_normalize(a, b, symmetric, q);
+#endif
+  at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
+  const int64_t atoms = a.size(0), f_len = a.size(2);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_packed_product_normalize", [&] {
+    const scalar_t *ap = a.data_ptr<scalar_t>(), *bp = b.data_ptr<scalar_t>();
+    const scalar_t* qp = factors_or_null<scalar_t>(q);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    split(atoms, 1, atoms * f_len * (kProductWork + kNormalizeWork), [&](int64_t a0, int64_t a1) {
+      run_product_normalize(ap, bp, qp, op, f_len, symmetric, a0, a1);
+    });
+  });
+  return out;
+}
+
+at::Tensor square_add_kernel(const at::Tensor& x_in, const at::Tensor& d_in,
+                             const at::Tensor& q_in) {
+  check_layer_step("packed_square_add", x_in, d_in, q_in);
+  [[maybe_unused]] const bool cuda = on_cuda("packed_square_add", {x_in, d_in, q_in});
+  const at::Tensor x = x_in.contiguous(), d = d_in.contiguous(), q = q_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::square_add(x, d, q);
+#endif
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t atoms = x.size(0), f_len = x.size(2);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tensornet_openmm_packed_square_add", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *dp = d.data_ptr<scalar_t>();
+    const scalar_t* qp = factors_or_null<scalar_t>(q);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    split(atoms, 1, atoms * f_len * kProductWork, [&](int64_t a0, int64_t a1) {
+      run_square_add(xp, dp, qp, op, f_len, a0, a1);
+    });
+  });
+  return out;
+}
+
+// The charge factors are inputs, not parameters: no gradient is made for them.
+void check_no_factor_grad(AutogradContext* ctx, int64_t index, const char* name) {
+  TORCH_CHECK(!ctx->needs_input_grad(index), name,
+              ": no gradient with respect to the charge factors (detach them, or use the model "
+              "without fused kernels)");
+}
+
+class PackedProductNormalize : public torch::autograd::Function<PackedProductNormalize> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
+                            bool symmetric, const at::Tensor& q) {
+    ctx->save_for_backward({a, b, q});
+    ctx->saved_data["symmetric"] = symmetric;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return product_normalize_kernel(a, b, symmetric, q);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    check_no_factor_grad(ctx, 2, "packed_product_normalize");  // tensors a, b, q
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor a = saved[0].contiguous(), b = saved[1].contiguous(),
+                     q = saved[2].contiguous();
+    const bool symmetric = ctx->saved_data["symmetric"].toBool();
+    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor g_a, g_b;
+#ifdef TN_WITH_CUDA
+    if (a.is_cuda()) {
+      std::tie(g_a, g_b) = tn_cuda::product_normalize_grad(
+          grad, a, b, symmetric, q, ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+      return {g_a, g_b, at::Tensor(), at::Tensor()};
+    }
+#endif
+    if (ctx->needs_input_grad(0)) g_a = at::empty_like(a);
+    if (ctx->needs_input_grad(1)) g_b = at::empty_like(b);
+    if (!g_a.defined() && !g_b.defined()) {
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    const int64_t atoms = a.size(0), f_len = a.size(2);
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_product_normalize_backward", [&] {
+      const scalar_t *gp = grad.data_ptr<scalar_t>(), *ap = a.data_ptr<scalar_t>(),
+                     *bp = b.data_ptr<scalar_t>();
+      const scalar_t* qp = factors_or_null<scalar_t>(q);
+      scalar_t *ga = data_or_null<scalar_t>(g_a), *gb = data_or_null<scalar_t>(g_b);
+      split(atoms, 1, 2 * atoms * f_len * (kProductWork + kNormalizeWork),
+            [&](int64_t a0, int64_t a1) {
+              run_product_normalize_grad(gp, ap, bp, qp, ga, gb, f_len, symmetric, a0, a1);
+            });
+    });
+    return {g_a, g_b, at::Tensor(), at::Tensor()};
+  }
+};
+
+class PackedSquareAdd : public torch::autograd::Function<PackedSquareAdd> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& d,
+                            const at::Tensor& q) {
+    ctx->save_for_backward({d, q});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return square_add_kernel(x, d, q);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    check_no_factor_grad(ctx, 2, "packed_square_add");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor d = saved[0].contiguous(), q = saved[1].contiguous();
+    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor g_x = ctx->needs_input_grad(0) ? grad : at::Tensor(), g_d;
+    if (!ctx->needs_input_grad(1)) return {g_x, g_d, at::Tensor()};
+#ifdef TN_WITH_CUDA
+    if (d.is_cuda()) return {g_x, tn_cuda::square_add_grad(grad, d, q), at::Tensor()};
+#endif
+    g_d = at::empty_like(d);
+    const int64_t atoms = d.size(0), f_len = d.size(2);
+    AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "tensornet_openmm_square_add_backward", [&] {
+      const scalar_t *gp = grad.data_ptr<scalar_t>(), *dp = d.data_ptr<scalar_t>();
+      const scalar_t* qp = factors_or_null<scalar_t>(q);
+      scalar_t* out = g_d.data_ptr<scalar_t>();
+      split(atoms, 1, 2 * atoms * f_len * kProductWork, [&](int64_t a0, int64_t a1) {
+        run_square_add_grad(gp, dp, qp, out, f_len, a0, a1);
+      });
+    });
+    return {g_x, g_d, at::Tensor()};
+  }
+};
+
+at::Tensor packed_product_normalize_op(const at::Tensor& a, const at::Tensor& b, bool symmetric,
+                                       const at::Tensor& q) {
+  return PackedProductNormalize::apply(a, b, symmetric, q);
+}
+
+at::Tensor packed_square_add_op(const at::Tensor& x, const at::Tensor& d, const at::Tensor& q) {
+  return PackedSquareAdd::apply(x, d, q);
+}
+
 // ---- Small networks (MLPs) ----------------------------------------------------------------------
 // act(L_n(... act(L_1(x)))) * scale, each L_l a linear with bias, on rows x: the radial filters
 // of a block of pairs in an interaction layer (SiLU or tanh; scale the cosine cutoff) and the
@@ -1656,6 +1921,8 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def("packed_product(Tensor a, Tensor b, bool symmetric=False) -> Tensor");
   m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
   m.def("packed_normalize(Tensor p) -> Tensor");
+  m.def("packed_product_normalize(Tensor a, Tensor b, bool symmetric, Tensor q) -> Tensor");
+  m.def("packed_square_add(Tensor x, Tensor d, Tensor q) -> Tensor");
   m.def(
       "mlp(Tensor x, Tensor scale, Tensor[] weights, Tensor[] biases, int activation) -> "
       "Tensor");
@@ -1677,6 +1944,8 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_product", product_kernel);
   m.impl("packed_mix", mix_checked);
   m.impl("packed_normalize", normalize_kernel);
+  m.impl("packed_product_normalize", product_normalize_kernel);
+  m.impl("packed_square_add", square_add_kernel);
   m.impl("mlp", mlp_kernel);
   m.impl("geometry", geometry_kernel);
   m.impl("radial_table", radial_table_kernel);
@@ -1693,6 +1962,8 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("embedding_pair_grads", embedding_pair_grads_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_normalize", normalize_kernel);
+  m.impl("packed_product_normalize", product_normalize_kernel);
+  m.impl("packed_square_add", square_add_kernel);
   m.impl("geometry", geometry_kernel);
   m.impl("mlp", mlp_kernel);
   m.impl("radial_table", radial_table_kernel);
@@ -1705,6 +1976,8 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("packed_product", packed_product_op);
   m.impl("packed_mix", packed_mix_op);
   m.impl("packed_normalize", packed_normalize_op);
+  m.impl("packed_product_normalize", packed_product_normalize_op);
+  m.impl("packed_square_add", packed_square_add_op);
   m.impl("mlp", mlp_op);
   m.impl("geometry", geometry_op);
   m.impl("radial_table", radial_table_op);

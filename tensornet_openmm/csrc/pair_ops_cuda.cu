@@ -233,6 +233,72 @@ __global__ void normalize_grad_kernel(const T* __restrict__ grad, const T* __res
   tn_math::normalize_grad(grad + base, p + base, g_p + base, f_len);
 }
 
+// one thread per atom and channel: normalize(packed(A B) q) (A B + B A when symmetric), and its
+// gradients; q the atoms' charge factors, or null for none
+template <typename T>
+__global__ void product_normalize_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                                         const T* __restrict__ q, T* __restrict__ out,
+                                         int64_t atoms, int64_t f_len, bool symmetric) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  T pa[kComps], pb[kComps], po[kComps];
+  tn_math::load(a + base, f_len, pa);
+  tn_math::load(b + base, f_len, pb);
+  tn_math::product_normalize_values(pa, pb, po, symmetric, q != nullptr,
+                                    q == nullptr ? T(1) : q[n]);
+  tn_math::store(po, out + base, f_len);
+}
+
+template <typename T>
+__global__ void product_normalize_grad_kernel(const T* __restrict__ grad,
+                                              const T* __restrict__ a, const T* __restrict__ b,
+                                              const T* __restrict__ q, T* __restrict__ g_a,
+                                              T* __restrict__ g_b, int64_t atoms, int64_t f_len,
+                                              bool symmetric) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  T pg[kComps], pa[kComps], pb[kComps], da[kComps], db[kComps];
+  tn_math::load(grad + base, f_len, pg);
+  tn_math::load(a + base, f_len, pa);
+  tn_math::load(b + base, f_len, pb);
+  tn_math::product_normalize_grad_values(pg, pa, pb, g_a == nullptr ? nullptr : da,
+                                         g_b == nullptr ? nullptr : db, symmetric, q != nullptr,
+                                         q == nullptr ? T(1) : q[n]);
+  if (g_a != nullptr) tn_math::store(da, g_a + base, f_len);
+  if (g_b != nullptr) tn_math::store(db, g_b + base, f_len);
+}
+
+// x + d + packed(D D) q, and its gradient with respect to d
+template <typename T>
+__global__ void square_add_kernel(const T* __restrict__ x, const T* __restrict__ d,
+                                  const T* __restrict__ q, T* __restrict__ out, int64_t atoms,
+                                  int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  T px[kComps], pd[kComps], po[kComps];
+  tn_math::load(x + base, f_len, px);
+  tn_math::load(d + base, f_len, pd);
+  tn_math::square_add_values(px, pd, po, q != nullptr, q == nullptr ? T(1) : q[n]);
+  tn_math::store(po, out + base, f_len);
+}
+
+template <typename T>
+__global__ void square_add_grad_kernel(const T* __restrict__ grad, const T* __restrict__ d,
+                                       const T* __restrict__ q, T* __restrict__ g_d, int64_t atoms,
+                                       int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  T pg[kComps], pd[kComps], po[kComps];
+  tn_math::load(grad + base, f_len, pg);
+  tn_math::load(d + base, f_len, pd);
+  tn_math::square_add_grad_values(pg, pd, po, q != nullptr, q == nullptr ? T(1) : q[n]);
+  tn_math::store(po, g_d + base, f_len);
+}
+
 template <typename T>
 __global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
                                 T* __restrict__ cut, T* __restrict__ geom, T* __restrict__ basis,
@@ -478,6 +544,78 @@ at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p) {
   });
   check_launch();
   return g_p;
+}
+
+template <typename T>
+const T* factors_or_null(const at::Tensor& q) {
+  return q.numel() == 0 ? nullptr : q.data_ptr<T>();
+}
+
+at::Tensor product_normalize(const at::Tensor& a, const at::Tensor& b, bool symmetric,
+                             const at::Tensor& q) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
+  const int64_t atoms = a.size(0), f_len = a.size(2);
+  if (atoms * f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_product_normalize_cuda", [&] {
+    product_normalize_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), factors_or_null<scalar_t>(q),
+        out.data_ptr<scalar_t>(), atoms, f_len, symmetric);
+  });
+  check_launch();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> product_normalize_grad(const at::Tensor& grad,
+                                                          const at::Tensor& a, const at::Tensor& b,
+                                                          bool symmetric, const at::Tensor& q,
+                                                          bool want_a, bool want_b) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor g_a, g_b;
+  if (want_a) g_a = at::empty_like(a, at::MemoryFormat::Contiguous);
+  if (want_b) g_b = at::empty_like(b, at::MemoryFormat::Contiguous);
+  const int64_t atoms = a.size(0), f_len = a.size(2);
+  if (atoms * f_len == 0 || !(want_a || want_b)) return {g_a, g_b};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_product_normalize_grad_cuda", [&] {
+    product_normalize_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+        factors_or_null<scalar_t>(q), data_or_null<scalar_t>(g_a), data_or_null<scalar_t>(g_b),
+        atoms, f_len, symmetric);
+  });
+  check_launch();
+  return {g_a, g_b};
+}
+
+at::Tensor square_add(const at::Tensor& x, const at::Tensor& d, const at::Tensor& q) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t atoms = x.size(0), f_len = x.size(2);
+  if (atoms * f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tensornet_openmm_square_add_cuda", [&] {
+    square_add_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), factors_or_null<scalar_t>(q),
+        out.data_ptr<scalar_t>(), atoms, f_len);
+  });
+  check_launch();
+  return out;
+}
+
+at::Tensor square_add_grad(const at::Tensor& grad, const at::Tensor& d, const at::Tensor& q) {
+  const c10::cuda::CUDAGuard guard(d.device());
+  at::Tensor g_d = at::empty_like(d, at::MemoryFormat::Contiguous);
+  const int64_t atoms = d.size(0), f_len = d.size(2);
+  if (atoms * f_len == 0) return g_d;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "tensornet_openmm_square_add_grad_cuda", [&] {
+    square_add_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), factors_or_null<scalar_t>(q),
+        g_d.data_ptr<scalar_t>(), atoms, f_len);
+  });
+  check_launch();
+  return g_d;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,

@@ -39,6 +39,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -215,6 +216,26 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([f for f in folders if f not in path] + path)
 
 
+def _scaled(t: Tensor, factor: Optional[Tensor]) -> Tensor:
+    """``t`` (n, 10, F) times each atom's factor (n,); ``t`` itself for None."""
+    if factor is None:
+        return t
+    return t * factor.reshape(-1, 1, 1)
+
+
+def _constant(factor: Optional[Tensor]) -> bool:
+    """Whether the fused per-atom steps take these charge factors: they give no gradient for
+    them (inputs of a force, never differentiated there)."""
+    return factor is None or not factor.requires_grad
+
+
+def _factors(like: Tensor, factor: Optional[Tensor]) -> Tensor:
+    """The operators' charge factors: (n,) contiguous in ``like``'s dtype, or empty for none."""
+    if factor is None:
+        return like.new_empty(0)
+    return factor.reshape(-1).to(like.dtype).contiguous()
+
+
 class PairKernels(nn.Module):
     """The pair sums in PyTorch (any device, any order of derivatives).
 
@@ -332,6 +353,19 @@ class PairKernels(nn.Module):
     def normalize(self, p: Tensor) -> Tensor:
         """X / (|X|^2 + 1) of packed (n, 10, F) tensors, |X| the Frobenius norm per channel."""
         return self._torch_normalize(p)
+
+    def product_normalize(
+        self, a: Tensor, b: Tensor, symmetric: bool, factor: Optional[Tensor]
+    ) -> Tensor:
+        """normalize(product(a, b, symmetric) q): q the atoms' charge factors (n,), None for
+        none (no multiplication). The interaction layer's step from the messages to what its
+        second channel mixing takes."""
+        return self._torch_normalize(_scaled(self._torch_product(a, b, symmetric), factor))
+
+    def square_add(self, x: Tensor, d: Tensor, factor: Optional[Tensor]) -> Tensor:
+        """x + d + product(d, d) q, q as in :meth:`product_normalize`: the interaction layer's
+        new X."""
+        return x + d + _scaled(self._torch_product(d, d, False), factor)
 
     def mix(self, p: Tensor, w: Tensor) -> Tensor:
         """Channel mixing of a packed (n, 10, F) tensor, weight w[k] (F, F) for part k (I, A, S):
@@ -502,6 +536,20 @@ class FusedPairKernels(PairKernels):
         if self.applies(p):
             return torch.ops.tensornet_openmm.packed_normalize(p)
         return self._torch_normalize(p)
+
+    def product_normalize(
+        self, a: Tensor, b: Tensor, symmetric: bool, factor: Optional[Tensor]
+    ) -> Tensor:
+        if self.applies(a) and _constant(factor):
+            return torch.ops.tensornet_openmm.packed_product_normalize(
+                a, b, symmetric, _factors(a, factor)
+            )
+        return self._torch_normalize(_scaled(self._torch_product(a, b, symmetric), factor))
+
+    def square_add(self, x: Tensor, d: Tensor, factor: Optional[Tensor]) -> Tensor:
+        if self.applies(x) and _constant(factor):
+            return torch.ops.tensornet_openmm.packed_square_add(x, d, _factors(x, factor))
+        return x + d + _scaled(self._torch_product(d, d, False), factor)
 
     def mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int

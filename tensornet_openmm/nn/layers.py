@@ -754,12 +754,12 @@ class Interaction(_RadialLayer):
         """The new X from the normalised X, Y and every message (the self pair's included),
         packed: the 3x3 products, normalisation and mixing of :meth:`finish`."""
         kernels = self.pair_kernels
-        if self.o3:
-            c = _charged(kernels.product(msg, y, True), charge_factor)
+        if self.o3:  # the product, factor and normalisation in one operator
+            c = kernels.product_normalize(msg, y, True, charge_factor)
         else:
-            c = 2.0 * kernels.product(y, msg, False)
-        dx = kernels.mix(kernels.normalize(c), self._mix_weights(3))
-        return x + dx + _charged(kernels.product(dx, dx, False), charge_factor)
+            c = kernels.normalize(2.0 * kernels.product(y, msg, False))
+        dx = kernels.mix(c, self._mix_weights(3))
+        return kernels.square_add(x, dx, charge_factor)  # x + dx + dx^2 q in one operator
 
     def _fused_network(self, cut: Tensor, basis: Tensor) -> Tensor:
         """:meth:`_network` as one operator (:meth:`PairKernels.mlp`) where it can be."""
