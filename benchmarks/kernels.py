@@ -77,6 +77,10 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
                     radial_tables=1e-6 if route == "ours-tables" else None,
                 )
             )  # fmt: skip
+        if device.type == "cpu":  # the channel mixing as a GPU runs it (FusedPairKernels.mix)
+            for sub in module.modules():
+                if hasattr(sub, "strided_mix"):
+                    sub.strided_mix = True
         # moved, then frozen, as openmm-torch does (freezing makes the weights constants, which
         # a later move would leave behind)
         frozen = torch.jit.freeze(module.to(device).eval())

@@ -227,6 +227,7 @@ def _fused_cases(channels):
         product = functools.partial(_last, ops.packed_product, half)  # half: symmetric here
         cases.append((f"product-symmetric={half}", product, [rand(n, 10, f), rand(n, 10, f)]))
     cases.append(("normalize", ops.packed_normalize, [rand(n, 10, f)]))
+    cases.append(("component-mix", ops.component_mix, [rand(n, 10, f), rand(10, f, 7)]))
     for factors in (rand(0), rand(n).abs() + 0.5):  # no charge factors, and some
         label = "-charged" if factors.numel() else ""
         for symmetric in (True, False):

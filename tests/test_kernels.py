@@ -170,12 +170,14 @@ def test_embedding_kernel_values_and_gradients(half):
         torch.testing.assert_close(a, e)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["bmm-copy", "component_mix"])
 @pytest.mark.parametrize("atoms", [7, 300])
-def test_batched_mix_equals_the_three_linears(atoms, two_threads):
-    """The fused path's channel mixing (one batched product, FusedPairKernels.mix on the CPU as
-    on a GPU) against PyTorch's three linears, values and gradients (float64; 300 atoms split
-    between two threads)."""
+def test_batched_mix_equals_the_three_linears(atoms, strided, two_threads):
+    """The fused path's channel mixing (one batched product: the CPU's bmm and copy, and the
+    GPU's component_mix operator, strided_mix) against PyTorch's three linears, values and
+    gradients (float64; 300 atoms split between two threads)."""
     fused = kernels.FusedPairKernels(torch.float64)
+    fused.strided_mix = strided
     torch.jit.script(fused)  # TorchScript compiles it
     g = torch.Generator().manual_seed(4)
     p = torch.randn(atoms, 10, 16, dtype=torch.float64, generator=g, requires_grad=True)
@@ -189,6 +191,29 @@ def test_batched_mix_equals_the_three_linears(atoms, two_threads):
         strict=True,
     ):  # fmt: skip
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_component_mix_operator_values_gradients_and_errors():
+    """component_mix(p, w): out[:, c] = p[:, c] @ w[c], written atom-major; gradcheck of both
+    inputs (a strided seed too), the same bits as bmm and a copy, and bad shapes named."""
+    g = torch.Generator().manual_seed(8)
+    f64 = {"dtype": torch.float64, "generator": g}
+    p = torch.randn(5, 10, 6, **f64).requires_grad_(True)
+    w = torch.randn(10, 6, 4, **f64).requires_grad_(True)
+    op = torch.ops.tensornet_openmm.component_mix
+    out = op(p, w)
+    assert out.shape == (5, 10, 4) and out.is_contiguous()
+    assert torch.equal(out, torch.bmm(p.transpose(0, 1), w).transpose(0, 1))
+    assert torch.autograd.gradcheck(op, (p, w))
+    seed = torch.randn(10, 5, 4, **f64).transpose(0, 1)  # a gradient that is not contiguous
+    got = torch.autograd.grad(op(p, w), (p, w), seed)
+    expected = torch.autograd.grad(torch.einsum("ncf,cfg->ncg", p, w), (p, w), seed)
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+    with pytest.raises(RuntimeError, match="weights must be \\(10, 6, channels out\\)"):
+        op(p, w[:, :5])
+    with pytest.raises(RuntimeError, match="p must be \\(atoms, 10, channels\\)"):
+        op(p[:, :9], w)
 
 
 GEOMETRIES = {

@@ -466,6 +466,7 @@ class FusedPairKernels(PairKernels):
     def __init__(self, dtype: torch.dtype = torch.float32) -> None:
         super().__init__(dtype)
         self.cuda_kernels = cuda_available()
+        self.strided_mix = False  # the GPU's channel mixing on the CPU too (see _batched_mix)
 
     def applies(self, like: Tensor) -> bool:
         return like.device.type == "cpu" or (self.cuda_kernels and like.device.type == "cuda")
@@ -566,14 +567,18 @@ class FusedPairKernels(PairKernels):
 
     def _batched_mix(self, p: Tensor, w: Tensor) -> Tensor:
         """:meth:`mix` as one batched matrix product over the 10 components, each with its
-        part's weight (the expanded weights are a constant once frozen): on a GPU two kernels
-        each way (the product and a copy back to atom-major order) instead of two copies, three
-        products and a concatenation forward and as many backward. On the CPU MKL's batched
-        product splits the components between the threads, which beats splitting the atoms
-        between them (the ``packed_mix`` operator, used before): forward and backward of one
-        mixing at 128 channels, 2 threads, 22 atoms 135 -> 115 us, 624 atoms 2.68 -> 2.45 ms,
-        1,443 atoms 6.47 -> 5.79 ms; the same values to the last bit."""
+        part's weight (the expanded weights are a constant once frozen). On a GPU the
+        ``component_mix`` operator reads and writes the atom-major tensors through strided
+        views, one cuBLAS call each way, where ``bmm`` and a copy back to atom-major order took
+        two kernels (and plain PyTorch two copies, three products and a concatenation). On the
+        CPU ATen's ``bmm`` into such a view is slower than the copy (forward, 128 channels,
+        2 threads: 22 atoms 134 against 84 us), so the CPU copies (``strided_mix``: as on a
+        GPU, for :mod:`benchmarks.kernels`' count). MKL's batched product splits the components
+        between the threads, which beats splitting the atoms between them (the ``packed_mix``
+        operator, used before); the same values to the last bit either way."""
         weights = w.index_select(0, self.group).transpose(1, 2)  # (10, F, F): W[GROUP[c]]^T
+        if p.is_cuda or self.strided_mix:
+            return torch.ops.tensornet_openmm.component_mix(p, weights)
         return torch.bmm(p.transpose(0, 1), weights).transpose(0, 1).contiguous()
 
     def geometry(
