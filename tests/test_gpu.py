@@ -222,6 +222,9 @@ def _fused_cases(channels):
         messages = functools.partial(_last, ops.messages, half)
         embedding = functools.partial(_last, ops.embedding_sums, half)
         cases.append((f"messages-half={half}", messages, [rand(n, 10, f), rand(p, 3, f), src, dst]))
+        with_self = functools.partial(_messages_self, half)
+        cases.append((f"messages-self-half={half}", with_self,
+                      [rand(n, 10, f), rand(p, 3, f), rand(3, f), src, dst]))  # fmt: skip
         cases.append((f"embedding-half={half}", embedding,
                       [rand(p, 3, f), rand(n, f), rand(n, f), rand(p, 10), src, dst]))  # fmt: skip
         product = functools.partial(_last, ops.packed_product, half)  # half: symmetric here
@@ -259,6 +262,10 @@ def _table(a, c, lower, vectors, table):
     return torch.ops.tensornet_openmm.radial_table(
         vectors, table, a, 1.1, c, 12 / v_max, lower, 5.0
     )
+
+
+def _messages_self(half, y, filters, self_filters, src, dst):
+    return torch.ops.tensornet_openmm.messages_self(y, filters, src, dst, half, self_filters)
 
 
 def _product_normalize(symmetric, factors, a, b):

@@ -81,6 +81,35 @@ def test_message_kernel_values_and_gradients(half):
 
 @pytest.mark.parametrize("half", [True, False])
 @pytest.mark.parametrize("channels", [6, 37])
+def test_messages_starting_from_the_self_pair(half, channels):
+    """messages_self: the pair sums plus the self pair's messages f(0)[GROUP] y (what an
+    interaction layer sums), kernel and PyTorch against the two apart; gradcheck of y, the
+    filters and the self pair's filters; with no pairs; and a bad self filter named."""
+    src, dst = _pairs()
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    y, filters = torch.randn(9, 10, channels, **f64), torch.randn(23, 3, channels, **f64)
+    f0 = torch.randn(3, channels, **f64)
+    reference = kernels.PairKernels(torch.float64)
+    expected = y * f0.index_select(0, reference.group) + reference.messages(
+        y, filters, src, dst, half
+    )
+    op = torch.ops.tensornet_openmm.messages_self
+
+    def fused(y, filters, f0, src=src, dst=dst):
+        return op(y, filters, src, dst, half, f0)
+
+    torch.testing.assert_close(fused(y, filters, f0), expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(reference.messages_self(y, filters, src, dst, half, f0), expected)
+    assert torch.autograd.gradcheck(fused, (y, filters, f0))
+    none = torch.zeros(0, dtype=torch.long)
+    torch.testing.assert_close(fused(y, filters[:0], f0, none, none),
+                               y * f0.index_select(0, reference.group))  # fmt: skip
+    with pytest.raises(RuntimeError, match=f"self pair's filters must be \\(3, {channels}\\)"):
+        fused(y, filters, f0[:2])
+
+
+@pytest.mark.parametrize("half", [True, False])
+@pytest.mark.parametrize("channels", [6, 37])
 def test_message_filter_gradient_is_the_messages_backward(half, channels):
     """message_filter_grad, kernel and PyTorch, is the messages' gradient with respect to their
     filters (what the low-memory forces take a block at a time)."""

@@ -38,6 +38,8 @@
 namespace tn_cuda {
 at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
                     const at::Tensor& dst, bool half);
+at::Tensor messages_self(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
+                         const at::Tensor& dst, bool half, const at::Tensor& self_filt);
 at::Tensor filter_grad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& src,
                        const at::Tensor& dst, int64_t pairs, bool half);
 void messages_into(const at::Tensor& out, const at::Tensor& y, const at::Tensor& filt,
@@ -254,12 +256,25 @@ TN_INLINE void store_lanes(const Lanes<T> v[kComps], T* p, int64_t stride) {
 }
 
 // out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half), for the
-// receivers in [a0, a1), whose rows are zeroed first unless ``add`` (onto what out holds)
+// receivers in [a0, a1), whose rows are first set to the self pair's messages
+// self_filt[GROUP[c]] * y[i, c] where self_filt (3, channels) is given, else zeroed, unless
+// ``add`` (onto what out holds)
 template <typename T>
 TN_INLINE void scatter_messages(const T* y, const T* filt, const int64_t* src, const int64_t* dst,
                                 T* out, int64_t pairs, int64_t f_len, bool half, int64_t a0,
-                                int64_t a1, bool add) {
-  if (!add) std::fill(out + a0 * kComps * f_len, out + a1 * kComps * f_len, T(0));
+                                int64_t a1, bool add, const T* self_filt) {
+  if (!add && self_filt == nullptr) {
+    std::fill(out + a0 * kComps * f_len, out + a1 * kComps * f_len, T(0));
+  } else if (!add) {
+    for (int64_t n = a0; n < a1; ++n) {
+      for (int64_t c = 0; c < kComps; ++c) {
+        const T* __restrict__ w = self_filt + kGroup[c] * f_len;
+        const T* __restrict__ y_n = y + (n * kComps + c) * f_len;
+        T* __restrict__ out_n = out + (n * kComps + c) * f_len;
+        for (int64_t f = 0; f < f_len; ++f) out_n[f] = w[f] * y_n[f];
+      }
+    }
+  }
   for (int64_t p = 0; p < pairs; ++p) {
     const int64_t i = src[p], j = dst[p];
     const bool to_i = i >= a0 && i < a1, to_j = half && j >= a0 && j < a1;
@@ -414,8 +429,8 @@ TN_INLINE void embedding_species_grads(const T* grad, const T* radial, const T* 
 #define TN_INSTANCES(T)                                                                          \
   TN_CLONES void run_messages(const T* y, const T* filt, const int64_t* src, const int64_t* dst, \
                               T* out, int64_t pairs, int64_t f_len, bool half, int64_t a0,       \
-                              int64_t a1, bool add) {                                            \
-    scatter_messages<T>(y, filt, src, dst, out, pairs, f_len, half, a0, a1, add);                \
+                              int64_t a1, bool add, const T* self_filt) {                        \
+    scatter_messages<T>(y, filt, src, dst, out, pairs, f_len, half, a0, a1, add, self_filt);     \
   }                                                                                              \
   TN_CLONES void run_filter_grad(const T* grad, const T* y, const int64_t* src,                  \
                                  const int64_t* dst, T* out, int64_t f_len, bool half,           \
@@ -550,14 +565,16 @@ void check_out(const char* name, const at::Tensor& out, at::IntArrayRef sizes,
 // The message sums into ``out`` on the CPU (inputs checked and contiguous), onto what it holds
 // when ``add``.
 void messages_cpu(const at::Tensor& out, const at::Tensor& y, const at::Tensor& filt,
-                  const at::Tensor& s, const at::Tensor& d, bool half, bool add) {
+                  const at::Tensor& s, const at::Tensor& d, bool half, bool add,
+                  const at::Tensor& self_filt = at::Tensor()) {
   const int64_t pairs = filt.size(0), f_len = y.size(2);
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages", [&] {
     const scalar_t *yp = y.data_ptr<scalar_t>(), *fp = filt.data_ptr<scalar_t>();
     const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
+    const scalar_t* self_p = self_filt.defined() ? self_filt.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     split(y.size(0), kAtomGrain, pair_work(pairs, f_len, half), [&](int64_t a0, int64_t a1) {
-      run_messages(yp, fp, sp, dp, op, pairs, f_len, half, a0, a1, add);
+      run_messages(yp, fp, sp, dp, op, pairs, f_len, half, a0, a1, add, self_p);
     });
   });
 }
@@ -574,6 +591,31 @@ at::Tensor messages_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
 #endif
   at::Tensor out = at::empty_like(y, at::MemoryFormat::Contiguous);  // zeroed by the kernel
   messages_cpu(out, y, filt, s, d, half, false);
+  return out;
+}
+
+// messages() with the self pair's messages self_filt[GROUP[c]] * y[n, c] (self_filt (3,
+// channels): the filters at distance 0) added to every atom's sums: the pair sums start from
+// them, where a separate product (and the index_select of its filters) and sum took three kernels
+// more on a GPU.
+at::Tensor messages_self_kernel(const at::Tensor& y_in, const at::Tensor& filt_in,
+                                const at::Tensor& src, const at::Tensor& dst, bool half,
+                                const at::Tensor& self_in) {
+  check_messages("messages_self", y_in, filt_in);
+  TORCH_CHECK(self_in.dim() == 2 && self_in.size(0) == kParts && self_in.size(1) == y_in.size(2),
+              "messages_self: the self pair's filters must be (3, ", y_in.size(2), "), got ",
+              self_in.sizes());
+  TORCH_CHECK(self_in.scalar_type() == y_in.scalar_type(),
+              "messages_self: y and the self pair's filters differ in dtype");
+  [[maybe_unused]] const bool cuda = on_cuda("messages_self", {y_in, filt_in, self_in});
+  const at::Tensor y = y_in.contiguous(), filt = filt_in.contiguous(), self = self_in.contiguous();
+  at::Tensor s, d;
+  std::tie(s, d) = checked_pairs(src, dst, filt.size(0), y.size(0), y.device());
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::messages_self(y, filt, s, d, half, self);
+#endif
+  at::Tensor out = at::empty_like(y, at::MemoryFormat::Contiguous);  // set by the kernel
+  messages_cpu(out, y, filt, s, d, half, false, self);
   return out;
 }
 
@@ -846,6 +888,45 @@ class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
 at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
                     const at::Tensor& dst, bool half) {
   return Messages::apply(y, filt, src, dst, half);
+}
+
+// The messages' backward with the self pair's term: that to y is the same operator on the
+// gradient with the pairs reversed (the self term is its own transpose); that to the self
+// pair's filters (never needed by a force, whose filters are constants) sums grad * y over the
+// atoms, per part.
+class MessagesSelf : public torch::autograd::Function<MessagesSelf> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& filt,
+                            const at::Tensor& src, const at::Tensor& dst, bool half,
+                            const at::Tensor& self_filt) {
+    ctx->save_for_backward({y, filt, src, dst, self_filt});
+    ctx->saved_data["half"] = half;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return messages_self_kernel(y, filt, src, dst, half, self_filt);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &y = saved[0], &filt = saved[1], &self_filt = saved[4];
+    const at::Tensor src = saved[2].contiguous(), dst = saved[3].contiguous();
+    const bool half = ctx->saved_data["half"].toBool();
+    variable_list out(6);
+    if (!grads[0].defined()) return out;
+    const at::Tensor grad = grads[0].contiguous();
+    if (ctx->needs_input_grad(0)) out[0] = messages_self_kernel(grad, filt, dst, src, half, self_filt);
+    if (ctx->needs_input_grad(1)) out[1] = filter_grad_kernel(grad, y, src, dst, filt.size(0), half);
+    if (ctx->needs_input_grad(4)) {  // tensors y, filt, src, dst, self_filt
+      const at::Tensor group = at::tensor(
+          std::vector<int64_t>(kGroup, kGroup + kComps), at::TensorOptions().dtype(at::kLong));
+      out[5] = at::zeros_like(self_filt).index_add_(0, group.to(y.device()), (grad * y).sum(0));
+    }
+    return out;
+  }
+};
+
+at::Tensor messages_self(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
+                         const at::Tensor& dst, bool half, const at::Tensor& self_filt) {
+  return MessagesSelf::apply(y, filt, src, dst, half, self_filt);
 }
 
 at::Tensor embedding_sums(const at::Tensor& radial, const at::Tensor& z_recv,
@@ -1961,6 +2042,9 @@ at::Tensor radial_table_op(const at::Tensor& vec, const at::Tensor& table, doubl
 TORCH_LIBRARY(tensornet_openmm, m) {
   m.def("messages(Tensor y, Tensor filters, Tensor src, Tensor dst, bool half) -> Tensor");
   m.def(
+      "messages_self(Tensor y, Tensor filters, Tensor src, Tensor dst, bool half, "
+      "Tensor self_filters) -> Tensor");
+  m.def(
       "message_filter_grad(Tensor grad, Tensor y, Tensor src, Tensor dst, bool half) -> Tensor");
   m.def(
       "embedding_sums(Tensor radial, Tensor z_recv, Tensor z_send, Tensor geom, Tensor src, "
@@ -1994,6 +2078,7 @@ TORCH_LIBRARY(tensornet_openmm, m) {
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("messages", messages_kernel);
+  m.impl("messages_self", messages_self_kernel);
   m.impl("message_filter_grad", message_filter_grad_kernel);
   m.impl("embedding_sums", embedding_kernel);
   m.impl("messages_add", messages_add_kernel);
@@ -2014,6 +2099,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
 // The channel mixing is PyTorch's batched product (kernels.py); mlp's ATen calls run CUDA's.
 TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("messages", messages_kernel);
+  m.impl("messages_self", messages_self_kernel);
   m.impl("message_filter_grad", message_filter_grad_kernel);
   m.impl("embedding_sums", embedding_kernel);
   m.impl("messages_add", messages_add_kernel);
@@ -2032,6 +2118,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("messages", messages);
+  m.impl("messages_self", messages_self);
   m.impl("embedding_sums", embedding_sums);
   m.impl("packed_product", packed_product_op);
   m.impl("packed_mix", packed_mix_op);

@@ -68,6 +68,18 @@ __global__ void messages_kernel(const T* __restrict__ y, const T* __restrict__ f
   }
 }
 
+// out[n, c] = self_filt[GROUP[c]] * y[n, c]: the self pair's messages, which the pair sums start
+// from (one thread per atom, component and channel)
+template <typename T>
+__global__ void self_messages_kernel(const T* __restrict__ y, const T* __restrict__ self_filt,
+                                     T* __restrict__ out, int64_t atoms, int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * kComps * f_len) return;
+  const int64_t row = t / f_len, f = t - row * f_len;
+  const int c = static_cast<int>(row % kComps);
+  out[t] = self_filt[group_of(c) * f_len + f] * y[t];
+}
+
 // grad_filt[p, g] = sum over c in part g of grad[i, c] * y[j, c] (+ grad[j, c] * y[i, c])
 template <typename T>
 __global__ void filter_grad_kernel(const T* __restrict__ grad, const T* __restrict__ y,
@@ -400,6 +412,24 @@ at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tenso
                     const at::Tensor& dst, bool half) {
   const c10::cuda::CUDAGuard guard(y.device());
   at::Tensor out = at::zeros_like(y, at::MemoryFormat::Contiguous);
+  messages_into(out, y, filt, src, dst, half);
+  return out;
+}
+
+// The message sums started from the self pair's messages (two kernels: no zeroing, no sum).
+at::Tensor messages_self(const at::Tensor& y, const at::Tensor& filt, const at::Tensor& src,
+                         const at::Tensor& dst, bool half, const at::Tensor& self_filt) {
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out = at::empty_like(y, at::MemoryFormat::Contiguous);
+  const int64_t atoms = y.size(0), f_len = y.size(2);
+  if (atoms * f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_self_messages_cuda", [&] {
+    self_messages_kernel<scalar_t><<<blocks_for(atoms * kComps * f_len), kThreads, 0, stream>>>(
+        y.data_ptr<scalar_t>(), self_filt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), atoms,
+        f_len);
+  });
+  check_launch();
   messages_into(out, y, filt, src, dst, half);
   return out;
 }

@@ -262,6 +262,22 @@ class PairKernels(nn.Module):
             out = out.index_add(0, dst, w * y.index_select(0, src))
         return out
 
+    def messages_self(
+        self,
+        y: Tensor,
+        filters: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+        self_filters: Tensor,
+    ) -> Tensor:
+        """:meth:`messages` plus the self pair's messages self_filters[GROUP] * y, self_filters
+        (3, F) the filters at distance 0: an interaction layer's whole message sum (the first
+        block's, when the pairs come in blocks)."""
+        return y * self_filters.index_select(0, self.group) + self.messages(
+            y, filters, src, dst, half
+        )
+
     def messages_add(
         self, out: Tensor, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool
     ) -> None:
@@ -473,6 +489,17 @@ class FusedPairKernels(PairKernels):
 
     def messages(self, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool) -> Tensor:
         return torch.ops.tensornet_openmm.messages(y, filters, src, dst, half)
+
+    def messages_self(
+        self,
+        y: Tensor,
+        filters: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+        self_filters: Tensor,
+    ) -> Tensor:
+        return torch.ops.tensornet_openmm.messages_self(y, filters, src, dst, half, self_filters)
 
     def messages_add(
         self, out: Tensor, y: Tensor, filters: Tensor, src: Tensor, dst: Tensor, half: bool

@@ -674,13 +674,20 @@ class Interaction(_RadialLayer):
         """:meth:`forward` with the fused kernels: packed tensors throughout, the messages,
         channel mixing and 3x3 products each one operator."""
         x, y = self.fused_prepare(x)
-        msg = self.fused_self_messages(y, self_basis)
+        f0 = self.self_radial_functions(self_basis)[0]  # the self pair's filters, (3, F)
+        msg: Optional[Tensor] = None
         block = pair_block(src.shape[0], self.hidden_channels, x.device, True)
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
             _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
-            msg = msg + self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
+            if msg is None:  # the first block's sums start from the self pair's messages
+                filters = self._pair_radial(cut_b, basis_b, vec_b, True)
+                msg = self.pair_kernels.messages_self(y, filters, i, j, half, f0)
+            else:
+                msg = msg + self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
+        if msg is None:
+            msg = self.fused_self_messages(y, self_basis)
         return self.fused_finish(x, y, msg, charge_factor)
 
     def fused_prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
