@@ -231,6 +231,7 @@ def _fused_cases(channels):
         cases.append((f"product-symmetric={half}", product, [rand(n, 10, f), rand(n, 10, f)]))
     cases.append(("normalize", ops.packed_normalize, [rand(n, 10, f)]))
     cases.append(("component-mix", ops.component_mix, [rand(n, 10, f), rand(10, f, 7)]))
+    cases.append(("embedding-prepare", _embedding_prepare, [rand(n, 10, f), rand(n, f)]))
     for factors in (rand(0), rand(n).abs() + 0.5):  # no charge factors, and some
         label = "-charged" if factors.numel() else ""
         for symmetric in (True, False):
@@ -266,6 +267,12 @@ def _table(a, c, lower, vectors, table):
 
 def _messages_self(half, y, filters, self_filters, src, dst):
     return torch.ops.tensornet_openmm.messages_self(y, filters, src, dst, half, self_filters)
+
+
+def _embedding_prepare(sums, self_terms):
+    """Both outputs in one tensor (the tests compare one output)."""
+    x, norm = torch.ops.tensornet_openmm.embedding_prepare(sums, self_terms)
+    return torch.cat((x.flatten(), norm.flatten()))
 
 
 def _product_normalize(symmetric, factors, a, b):

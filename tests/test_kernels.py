@@ -569,6 +569,31 @@ def test_layer_steps_in_one_operator_equal_the_separate_ones(channels):
         ops.packed_square_add(a, b[:4], q)
 
 
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_embedding_prepare_equals_the_separate_steps(channels):
+    """embedding_prepare(sums, self terms): X (the term added to I, S traceless) and |X|^2 in
+    one operator against the PyTorch steps of TensorEmbedding.finish; gradcheck with both
+    outputs used and with each alone (the other's gradient undefined)."""
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    sums, own = torch.randn(6, 10, channels, **f64), torch.randn(6, channels, **f64)
+    reference = kernels.PairKernels(torch.float64)
+    x, norm = torch.ops.tensornet_openmm.embedding_prepare(sums, own)
+    s = sums.detach()
+    diag = s[:, 4:7] - s[:, 4:7].mean(1, keepdim=True)
+    expected = torch.cat(((s[:, 0] + own.detach()).unsqueeze(1), s[:, 1:4], diag, s[:, 7:]), 1)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    torch.testing.assert_close(norm, reference.algebra.squared_norm(expected).squeeze(1))
+    for a, e in zip(reference.embedding_prepare(sums, own), (x, norm), strict=True):
+        torch.testing.assert_close(a, e)
+    op = torch.ops.tensornet_openmm.embedding_prepare
+    assert torch.autograd.gradcheck(lambda t, u: op(t, u), (sums, own))
+    assert torch.autograd.gradcheck(lambda t, u: op(t, u)[0], (sums, own))
+    assert torch.autograd.gradcheck(lambda t, u: op(t, u)[1], (sums, own))
+    with pytest.raises(RuntimeError, match=f"self pair terms must be \\(atoms, channels\\) = "
+                                           f"\\(6, {channels}\\)"):  # fmt: skip
+        op(sums, own[:5])
+
+
 def _radial_inputs(pairs, widths, seed=0):
     g = torch.Generator().manual_seed(seed)
     f64 = {"dtype": torch.float64, "generator": g}

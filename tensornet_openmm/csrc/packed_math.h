@@ -205,6 +205,30 @@ TN_MATH void square_add_grad_values(const T g[kComps], const T pd[kComps], T g_d
   for (int c = 0; c < kComps; ++c) g_d[c] = g[c] + (da[c] + db[c]);
 }
 
+// The embedding's packed X from its pair sums s and the self pair's term e (I only): I + e, A,
+// S made traceless; and |X|^2 (what its layer norm and gates take)
+template <typename T>
+TN_MATH void embedding_prepare_values(const T s[kComps], T e, T x[kComps], T& sq) {
+  typedef typename ScalarOf<T>::type S;
+  x[0] = s[0] + e;
+  for (int c = 1; c < kComps; ++c) x[c] = s[c];
+  const T mean = (s[4] + s[5] + s[6]) / S(3);
+  for (int c = 4; c < 7; ++c) x[c] = s[c] - mean;
+  sq = T(S(0));
+  for (int c = 0; c < kComps; ++c) sq += norm_weight<S>(c) * x[c] * x[c];
+}
+
+// its gradient with respect to s for the gradients g of X and g_sq of |X|^2 (that to e is
+// g_s[0])
+template <typename T>
+TN_MATH void embedding_prepare_grad_values(const T g[kComps], T g_sq, const T x[kComps],
+                                           T g_s[kComps]) {
+  typedef typename ScalarOf<T>::type S;
+  for (int c = 0; c < kComps; ++c) g_s[c] = g[c] + S(2) * norm_weight<S>(c) * x[c] * g_sq;
+  const T mean = (g_s[4] + g_s[5] + g_s[6]) / S(3);
+  for (int c = 4; c < 7; ++c) g_s[c] = g_s[c] - mean;
+}
+
 template <typename T>
 TN_MATH void load(const T* p, int64_t stride, T v[kComps]) {
   for (int c = 0; c < kComps; ++c) v[c] = p[c * stride];

@@ -60,6 +60,9 @@ std::tuple<at::Tensor, at::Tensor> product_grad(const at::Tensor& grad, const at
                                                 bool want_b);
 at::Tensor normalize(const at::Tensor& p);
 at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p);
+std::tuple<at::Tensor, at::Tensor> embedding_prepare(const at::Tensor& s, const at::Tensor& e);
+at::Tensor embedding_prepare_grad(const at::Tensor& x, const at::Tensor& g_x,
+                                  const at::Tensor& g_sq);
 at::Tensor product_normalize(const at::Tensor& a, const at::Tensor& b, bool symmetric,
                              const at::Tensor& q);
 std::tuple<at::Tensor, at::Tensor> product_normalize_grad(const at::Tensor& grad,
@@ -1138,6 +1141,154 @@ at::Tensor packed_mix_op(const at::Tensor& p, const at::Tensor& w) {
   return PackedMix::apply(p, w);
 }
 
+// ---- The embedding's X from its pair sums --------------------------------------------------------
+// embedding_prepare(s, e) = (X, |X|^2): X the packed pair sums s (atoms, 10, F) with the self
+// pair's term e (atoms, F) added to I and S made traceless. One pass each way where PyTorch
+// took eight operators forward (the sum, a copy, the trace's mean and difference, a
+// concatenation, the squared norm's products and sum) and fifteen backward.
+
+// x, sq from s, e for the atoms in [a0, a1), kLanes channels at a time
+template <typename T>
+TN_INLINE void embedding_prepare_rows(const T* s, const T* e, T* x, T* sq, int64_t f_len,
+                                      int64_t a0, int64_t a1) {
+  for (int64_t n = a0; n < a1; ++n) {
+    const int64_t base = n * kComps * f_len, row = n * f_len;
+    int64_t c = 0;
+    for (; c + kLanes <= f_len; c += kLanes) {
+      Lanes<T> in[kComps], out[kComps], self, norm;
+      load_lanes(s + base + c, f_len, in);
+      std::memcpy(&self.v, e + row + c, sizeof(self.v));
+      tn_math::embedding_prepare_values(in, self, out, norm);
+      store_lanes(out, x + base + c, f_len);
+      std::memcpy(sq + row + c, &norm.v, sizeof(norm.v));
+    }
+    for (; c < f_len; ++c) {
+      T in[kComps], out[kComps];
+      tn_math::load(s + base + c, f_len, in);
+      tn_math::embedding_prepare_values(in, e[row + c], out, sq[row + c]);
+      tn_math::store(out, x + base + c, f_len);
+    }
+  }
+}
+
+// g_s (and g_e = g_s[:, 0] where not null) from g_x and g_sq (either null: zero) and x
+template <typename T>
+TN_INLINE void embedding_prepare_grad_rows(const T* x, const T* g_x, const T* g_sq, T* g_s,
+                                           T* g_e, int64_t f_len, int64_t a0, int64_t a1) {
+  for (int64_t n = a0; n < a1; ++n) {
+    const int64_t base = n * kComps * f_len, row = n * f_len;
+    int64_t c = 0;
+    for (; c + kLanes <= f_len; c += kLanes) {
+      Lanes<T> xv[kComps], g[kComps], out[kComps], g_norm(T(0));
+      load_lanes(x + base + c, f_len, xv);
+      if (g_x != nullptr) {
+        load_lanes(g_x + base + c, f_len, g);
+      } else {
+        for (int k = 0; k < kComps; ++k) g[k] = Lanes<T>(T(0));
+      }
+      if (g_sq != nullptr) std::memcpy(&g_norm.v, g_sq + row + c, sizeof(g_norm.v));
+      tn_math::embedding_prepare_grad_values(g, g_norm, xv, out);
+      store_lanes(out, g_s + base + c, f_len);
+      if (g_e != nullptr) std::memcpy(g_e + row + c, &out[0].v, sizeof(out[0].v));
+    }
+    for (; c < f_len; ++c) {
+      T xv[kComps], g[kComps], out[kComps];
+      tn_math::load(x + base + c, f_len, xv);
+      for (int k = 0; k < kComps; ++k) g[k] = g_x != nullptr ? g_x[base + c + k * f_len] : T(0);
+      tn_math::embedding_prepare_grad_values(g, g_sq != nullptr ? g_sq[row + c] : T(0), xv, out);
+      tn_math::store(out, g_s + base + c, f_len);
+      if (g_e != nullptr) g_e[row + c] = out[0];
+    }
+  }
+}
+
+#define TN_EMBEDDING_PREPARE_INSTANCES(T)                                                        \
+  TN_CLONES void run_embedding_prepare(const T* s, const T* e, T* x, T* sq, int64_t f_len,       \
+                                       int64_t a0, int64_t a1) {                                 \
+    embedding_prepare_rows<T>(s, e, x, sq, f_len, a0, a1);                                       \
+  }                                                                                              \
+  TN_CLONES void run_embedding_prepare_grad(const T* x, const T* g_x, const T* g_sq, T* g_s,     \
+                                            T* g_e, int64_t f_len, int64_t a0, int64_t a1) {     \
+    embedding_prepare_grad_rows<T>(x, g_x, g_sq, g_s, g_e, f_len, a0, a1);                       \
+  }
+
+TN_EMBEDDING_PREPARE_INSTANCES(float)
+TN_EMBEDDING_PREPARE_INSTANCES(double)
+
+constexpr int64_t kPrepareWork = 40;  // operations per atom and channel
+
+std::tuple<at::Tensor, at::Tensor> embedding_prepare_kernel(const at::Tensor& s_in,
+                                                            const at::Tensor& e_in) {
+  TORCH_CHECK(s_in.dim() == 3 && s_in.size(1) == kComps,
+              "embedding_prepare: the sums must be (atoms, 10, channels), got ", s_in.sizes());
+  TORCH_CHECK(e_in.dim() == 2 && e_in.size(0) == s_in.size(0) && e_in.size(1) == s_in.size(2),
+              "embedding_prepare: the self pair terms must be (atoms, channels) = (", s_in.size(0),
+              ", ", s_in.size(2), "), got ", e_in.sizes());
+  TORCH_CHECK(s_in.scalar_type() == e_in.scalar_type(),
+              "embedding_prepare: the sums and self pair terms differ in dtype");
+  [[maybe_unused]] const bool cuda = on_cuda("embedding_prepare", {s_in, e_in});
+  const at::Tensor s = s_in.contiguous(), e = e_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::embedding_prepare(s, e);
+#endif
+  at::Tensor x = at::empty_like(s, at::MemoryFormat::Contiguous);
+  at::Tensor sq = at::empty_like(e, at::MemoryFormat::Contiguous);
+  const int64_t atoms = s.size(0), f_len = s.size(2);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tensornet_openmm_embedding_prepare", [&] {
+    const scalar_t *sp = s.data_ptr<scalar_t>(), *ep = e.data_ptr<scalar_t>();
+    scalar_t *xp = x.data_ptr<scalar_t>(), *qp = sq.data_ptr<scalar_t>();
+    split(atoms, 1, atoms * f_len * kPrepareWork, [&](int64_t a0, int64_t a1) {
+      run_embedding_prepare(sp, ep, xp, qp, f_len, a0, a1);
+    });
+  });
+  return {x, sq};
+}
+
+class EmbeddingPrepare : public torch::autograd::Function<EmbeddingPrepare> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& s, const at::Tensor& e) {
+    at::Tensor x, sq;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(x, sq) = embedding_prepare_kernel(s, e);
+    }
+    ctx->save_for_backward({x});
+    return {x, sq};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor x = ctx->get_saved_variables()[0].contiguous();
+    const at::Tensor g_x = grads[0].defined() ? grads[0].contiguous() : at::Tensor();
+    const at::Tensor g_sq = grads[1].defined() ? grads[1].contiguous() : at::Tensor();
+    if (!g_x.defined() && !g_sq.defined()) return {at::Tensor(), at::Tensor()};
+#ifdef TN_WITH_CUDA
+    if (x.is_cuda()) {
+      const at::Tensor g_s = tn_cuda::embedding_prepare_grad(x, g_x, g_sq);
+      return {g_s, ctx->needs_input_grad(1) ? g_s.select(1, 0).contiguous() : at::Tensor()};
+    }
+#endif
+    at::Tensor g_s = at::empty_like(x);
+    at::Tensor g_e;
+    if (ctx->needs_input_grad(1)) g_e = at::empty({x.size(0), x.size(2)}, x.options());
+    const int64_t atoms = x.size(0), f_len = x.size(2);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tensornet_openmm_embedding_prepare_backward", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* gx = g_x.defined() ? g_x.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* gq = g_sq.defined() ? g_sq.data_ptr<scalar_t>() : nullptr;
+      scalar_t *gs = g_s.data_ptr<scalar_t>(), *ge = data_or_null<scalar_t>(g_e);
+      split(atoms, 1, atoms * f_len * kPrepareWork, [&](int64_t a0, int64_t a1) {
+        run_embedding_prepare_grad(xp, gx, gq, gs, ge, f_len, a0, a1);
+      });
+    });
+    return {g_s, g_e};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> embedding_prepare_op(const at::Tensor& s, const at::Tensor& e) {
+  const auto out = EmbeddingPrepare::apply(s, e);
+  return {out[0], out[1]};
+}
+
 // ---- Channel mixing as one batched product written in atom-major order ------------------------
 // out[:, c] = p[:, c] @ w[c] for packed p (atoms, 10, F) and one weight per component,
 // w (10, F, F'): the components are the batch of one batched matrix product that reads p and
@@ -2063,6 +2214,7 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
   m.def("component_mix(Tensor p, Tensor w) -> Tensor");
   m.def("packed_normalize(Tensor p) -> Tensor");
+  m.def("embedding_prepare(Tensor sums, Tensor self_terms) -> (Tensor, Tensor)");
   m.def("packed_product_normalize(Tensor a, Tensor b, bool symmetric, Tensor q) -> Tensor");
   m.def("packed_square_add(Tensor x, Tensor d, Tensor q) -> Tensor");
   m.def(
@@ -2087,6 +2239,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_product", product_kernel);
   m.impl("packed_mix", mix_checked);
   m.impl("packed_normalize", normalize_kernel);
+  m.impl("embedding_prepare", embedding_prepare_kernel);
   m.impl("component_mix", component_mix_kernel);
   m.impl("packed_product_normalize", product_normalize_kernel);
   m.impl("packed_square_add", square_add_kernel);
@@ -2107,6 +2260,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("embedding_pair_grads", embedding_pair_grads_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_normalize", normalize_kernel);
+  m.impl("embedding_prepare", embedding_prepare_kernel);
   m.impl("component_mix", component_mix_kernel);
   m.impl("packed_product_normalize", product_normalize_kernel);
   m.impl("packed_square_add", square_add_kernel);
@@ -2123,6 +2277,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("packed_product", packed_product_op);
   m.impl("packed_mix", packed_mix_op);
   m.impl("packed_normalize", packed_normalize_op);
+  m.impl("embedding_prepare", embedding_prepare_op);
   m.impl("component_mix", component_mix_op);
   m.impl("packed_product_normalize", packed_product_normalize_op);
   m.impl("packed_square_add", packed_square_add_op);

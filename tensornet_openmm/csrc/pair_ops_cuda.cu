@@ -311,6 +311,36 @@ __global__ void square_add_grad_kernel(const T* __restrict__ grad, const T* __re
   tn_math::store(po, g_d + base, f_len);
 }
 
+// the embedding's X and |X|^2 from its pair sums and self pair terms (one thread per atom and
+// channel), and the gradient of its sums (g_x or g_sq null: zero)
+template <typename T>
+__global__ void embedding_prepare_kernel(const T* __restrict__ s, const T* __restrict__ e,
+                                         T* __restrict__ x, T* __restrict__ sq, int64_t atoms,
+                                         int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  T in[kComps], out[kComps], norm;
+  tn_math::load(s + base, f_len, in);
+  tn_math::embedding_prepare_values(in, e[t], out, norm);
+  tn_math::store(out, x + base, f_len);
+  sq[t] = norm;
+}
+
+template <typename T>
+__global__ void embedding_prepare_grad_kernel(const T* __restrict__ x, const T* __restrict__ g_x,
+                                              const T* __restrict__ g_sq, T* __restrict__ g_s,
+                                              int64_t atoms, int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
+  T xv[kComps], g[kComps], out[kComps];
+  tn_math::load(x + base, f_len, xv);
+  for (int c = 0; c < kComps; ++c) g[c] = g_x == nullptr ? T(0) : g_x[base + c * f_len];
+  tn_math::embedding_prepare_grad_values(g, g_sq == nullptr ? T(0) : g_sq[t], xv, out);
+  tn_math::store(out, g_s + base, f_len);
+}
+
 template <typename T>
 __global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
                                 T* __restrict__ cut, T* __restrict__ geom, T* __restrict__ basis,
@@ -646,6 +676,38 @@ at::Tensor square_add_grad(const at::Tensor& grad, const at::Tensor& d, const at
   });
   check_launch();
   return g_d;
+}
+
+std::tuple<at::Tensor, at::Tensor> embedding_prepare(const at::Tensor& s, const at::Tensor& e) {
+  const c10::cuda::CUDAGuard guard(s.device());
+  at::Tensor x = at::empty_like(s, at::MemoryFormat::Contiguous);
+  at::Tensor sq = at::empty_like(e, at::MemoryFormat::Contiguous);
+  const int64_t atoms = s.size(0), f_len = s.size(2);
+  if (atoms * f_len == 0) return {x, sq};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tensornet_openmm_embedding_prepare_cuda", [&] {
+    embedding_prepare_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        s.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+        sq.data_ptr<scalar_t>(), atoms, f_len);
+  });
+  check_launch();
+  return {x, sq};
+}
+
+at::Tensor embedding_prepare_grad(const at::Tensor& x, const at::Tensor& g_x,
+                                  const at::Tensor& g_sq) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor g_s = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t atoms = x.size(0), f_len = x.size(2);
+  if (atoms * f_len == 0) return g_s;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tensornet_openmm_embedding_prepare_grad_cuda", [&] {
+    embedding_prepare_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), const_data_or_null<scalar_t>(g_x),
+        const_data_or_null<scalar_t>(g_sq), g_s.data_ptr<scalar_t>(), atoms, f_len);
+  });
+  check_launch();
+  return g_s;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,

@@ -370,6 +370,16 @@ class PairKernels(nn.Module):
         """X / (|X|^2 + 1) of packed (n, 10, F) tensors, |X| the Frobenius norm per channel."""
         return self._torch_normalize(p)
 
+    def embedding_prepare(self, sums: Tensor, self_terms: Tensor) -> tuple[Tensor, Tensor]:
+        """The embedding's packed X and |X|^2, (n, 10, F) and (n, F), from its pair sums
+        (n, 10, F) and each atom's self pair term (n, F): the term added to I, S made
+        traceless."""
+        iso = sums.select(1, 0) + self_terms
+        diag = sums.narrow(1, 4, 3)
+        diag = diag - diag.mean(1, keepdim=True)  # make S traceless
+        x = torch.cat((iso.unsqueeze(1), sums.narrow(1, 1, 3), diag, sums.narrow(1, 7, 3)), 1)
+        return x, self.algebra.squared_norm(x).squeeze(1)
+
     def product_normalize(
         self, a: Tensor, b: Tensor, symmetric: bool, factor: Optional[Tensor]
     ) -> Tensor:
@@ -564,6 +574,9 @@ class FusedPairKernels(PairKernels):
         if self.applies(p):
             return torch.ops.tensornet_openmm.packed_normalize(p)
         return self._torch_normalize(p)
+
+    def embedding_prepare(self, sums: Tensor, self_terms: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.ops.tensornet_openmm.embedding_prepare(sums, self_terms)
 
     def product_normalize(
         self, a: Tensor, b: Tensor, symmetric: bool, factor: Optional[Tensor]

@@ -381,20 +381,13 @@ class TensorEmbedding(_RadialLayer):
         """X_i from the pair sums: self pair, tracelessness, norms, gates, channel mixing."""
         n, f = z_recv.shape[0], self.hidden_channels
         iso = sums[0] + self.self_pair_terms(z_recv, z_send, self_basis)
-        vec = sums[1].contiguous()  # a strided view (fused path) would take a product per atom
+        vec = sums[1].contiguous()  # a strided view would take a product per atom in the linear
         diag, offdiag = torch.split(sums[2], [3, 3], dim=1)
         diag = diag - diag.mean(1, keepdim=True)  # make S traceless
 
         x = torch.cat((iso.unsqueeze(1), vec, diag, offdiag), dim=1)  # packed (n, 10, F)
         gates = self._gates(self.init_norm(self.algebra.squared_norm(x).squeeze(1)))
-        gates = gates.reshape(n, 3, f)
-        if self.pair_kernels.applies(x):  # fused CPU kernels: the three linears as one operator
-            lin = self.linears_tensor
-            weights = torch.stack((lin[0].weight, lin[1].weight, lin[2].weight))
-            return self.pair_kernels.mix(x, weights) * gates.index_select(
-                1, self.pair_kernels.group
-            )
-        g_i, g_a, g_s = gates.unbind(1)
+        g_i, g_a, g_s = gates.reshape(n, 3, f).unbind(1)
         iso = self.linears_tensor[0](iso) * g_i
         vec = self.linears_tensor[1](vec) * g_a.unsqueeze(1)
         sym = self.linears_tensor[2](x.narrow(1, 4, 6).contiguous()) * g_s.unsqueeze(1)  # S of x
@@ -476,9 +469,17 @@ class TensorEmbedding(_RadialLayer):
     def fused_finish(
         self, z_recv: Tensor, z_send: Tensor, packed: Tensor, self_basis: Tensor
     ) -> Tensor:
-        """:meth:`finish` from packed pair sums (n, 10, F)."""
-        sums = [packed.select(1, 0), packed.narrow(1, 1, 3), packed.narrow(1, 4, 6)]
-        return self.finish(z_recv, z_send, sums, self_basis)
+        """:meth:`finish` from packed pair sums (n, 10, F): the self pair term, the trace and
+        the norm in one operator (:meth:`PairKernels.embedding_prepare`), the mixing in
+        another."""
+        n, f = z_recv.shape[0], self.hidden_channels
+        kernels = self.pair_kernels
+        own = self.self_pair_terms(z_recv, z_send, self_basis)
+        x, norm = kernels.embedding_prepare(packed, own)
+        gates = self._gates(self.init_norm(norm)).reshape(n, 3, f)
+        lin = self.linears_tensor
+        weights = torch.stack((lin[0].weight, lin[1].weight, lin[2].weight))
+        return kernels.mix(x, weights) * gates.index_select(1, kernels.group)
 
     def new_sums(self, like: Tensor) -> list[Tensor]:
         """Zeroed pair sums for ``like``'s atoms: (n, F), (n, 3, F), (n, 6, F)."""
