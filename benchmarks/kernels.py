@@ -20,11 +20,11 @@ views and allocations, which launch nothing; our fused operators count one each,
 which runs ATen's kernels on CUDA, counts its ATen calls. A proxy, not the CUDA count: cuBLAS or
 a reduction may take more than one kernel, and the CPU takes a few paths of its own. It runs
 on one thread (the CPU kernels split larger work between threads, the GPU's do not) with float32
-positions (OpenMM's mixed precision). Alanine dipeptide, bench model, per force call: ours 252
-launches at 9116dcb and 198 since the session that made this count (with the CUDA-graph pair
-list; 218 and 181 with the dynamic one, 216 and 164 with radial tables; in water, ML/MM, 303 and
-218). The reference's count is of its pure-PyTorch path, not of the Warp kernels it runs on a
-GPU.
+positions (OpenMM's mixed precision), and with the channel mixing a GPU runs (``strided_mix``).
+Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821
+and 147 at b06d9ef (with the CUDA-graph pair list; 130 with the dynamic one, 113 with radial
+tables; in water, ML/MM, 303, 218 and 167). The reference's count is of its pure-PyTorch path,
+not of the Warp kernels it runs on a GPU.
 """
 
 from __future__ import annotations

@@ -4,18 +4,22 @@ PyTorch they replace.
 On the CPU a small molecule's force call is mostly operator overhead: the pair sums (gather each
 pair's sender rows, multiply them by the pair's filters, add them onto the receivers), the radial
 networks and the per-atom tensor algebra, forwards and backwards, as thousands of small operators
-and hundreds of OpenMP parallel regions. ``csrc/pair_ops.cpp`` has seven operators that the
+and hundreds of OpenMP parallel regions. ``csrc/pair_ops.cpp`` has the operators that the
 model calls, each one pass (one parallel region at most) with its backward written out:
-``geometry`` (cutoff, packed (1, u, u u^T) and radial basis of the pair vectors), ``messages``,
-``embedding_sums``, ``mlp`` (small networks: the radial filters of a block of pairs),
-``radial_table`` (the same filters read from a table, :mod:`tensornet_openmm.nn.tables`),
-``packed_product`` and ``packed_normalize``. The channel mixing is one batched matrix product
-(:meth:`FusedPairKernels.mix`); ``packed_mix``, the operator that did it before, stays
-registered for modules exported by earlier versions. On a GPU the same holds for kernel launches
-and memory traffic: ``csrc/pair_ops_cuda.cu`` has CUDA kernels for ``geometry``, ``messages``,
-``embedding_sums``, ``radial_table``, ``packed_product`` and ``packed_normalize`` (one kernel
-each way instead of a gather, a product and a scatter of pair-sized tensors, or an unpacking, a
-batched product and a decomposition).
+``geometry`` (cutoff, packed (1, u, u u^T) and radial basis of the pair vectors),
+``embedding_sums`` and ``embedding_prepare`` (the embedding's pair sums, and its X and |X|^2 from
+them), ``messages_self`` and ``messages`` (an interaction layer's message sums, with the self
+pair's, and those of further blocks of pairs), ``mlp`` (small networks: the radial filters of a
+block of pairs, the per-atom networks), ``radial_table`` (the same filters read from a table,
+:mod:`tensornet_openmm.nn.tables`), ``packed_normalize``, ``packed_product_normalize`` and
+``packed_square_add`` (the per-atom steps of an interaction layer) and ``packed_product``. The
+channel mixing is one batched matrix product (:meth:`FusedPairKernels.mix`; ``component_mix``
+on a GPU); ``packed_mix``, the operator that did it before, stays registered for modules
+exported by earlier versions. On a GPU the same holds for kernel launches and memory
+traffic: ``csrc/pair_ops_cuda.cu`` has CUDA kernels for each of them but ``mlp`` and
+``component_mix``, which call ATen's (one kernel each way instead of a gather, a product and a
+scatter of pair-sized tensors, or an unpacking, a batched product and a decomposition, or the
+half dozen elementwise operators of a step of the per-atom algebra).
 They are compiled with the compilers PyTorch uses for extensions the first time they are asked
 for (:func:`load`: about 20 s for the CPU, a minute more with CUDA; the build is cached per
 torch and Python version and sources) and registered as ``torch.ops.tensornet_openmm``.
