@@ -206,139 +206,76 @@ __global__ void embedding_grads_kernel(const T* __restrict__ grad, const T* __re
   }
 }
 
-template <typename T>
-__global__ void product_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                               T* __restrict__ out, int64_t atoms, int64_t f_len, bool symmetric) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  tn_math::product(a + base, b + base, out + base, f_len, symmetric);
-}
+// ---- Per atom and channel steps (packed_math.h's cores), one thread per atom and channel ----
+enum class AtomStep {
+  kProduct,              // u = packed(A B) (+ B A when flag); a, b
+  kProductGrad,          // u, v = gradients to a, b (either null: not wanted); a = grad, b, c
+  kNormalize,            // u = a / (|a|^2 + 1)
+  kNormalizeGrad,        // u = gradient to p; a = grad, b = p
+  kProductNormalize,     // u = normalize(packed(A B) q); a, b, q
+  kProductNormalizeGrad, // u, v = gradients to a, b; a = grad, b, c = the product's a, b; q
+  kSquareAdd,            // u = a + b + packed(B B) q
+  kSquareAddGrad,        // u = gradient to d; a = grad, b = d; q
+  kEmbeddingPrepare,     // u = X, row_out = |X|^2; a = the pair sums, row_in = self terms
+  kEmbeddingPrepareGrad  // u = gradient to the sums; a = X, b = grad of X, row_in = of |X|^2
+};
 
+// A step's tensors: packed (atoms, 10, F) inputs a, b, c and outputs u, v, per-atom factors q,
+// and (atoms, F) rows in and out; null where a step has none (an input: zero; an output: not
+// written)
 template <typename T>
-__global__ void product_grad_kernel(const T* __restrict__ grad, const T* __restrict__ a,
-                                    const T* __restrict__ b, T* __restrict__ g_a,
-                                    T* __restrict__ g_b, int64_t atoms, int64_t f_len,
-                                    bool symmetric) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  tn_math::product_grad(grad + base, a + base, b + base, g_a == nullptr ? nullptr : g_a + base,
-                        g_b == nullptr ? nullptr : g_b + base, f_len, symmetric);
-}
+struct AtomArgs {
+  const T* a = nullptr;
+  const T* b = nullptr;
+  const T* c = nullptr;
+  const T* q = nullptr;
+  const T* row_in = nullptr;
+  T* u = nullptr;
+  T* v = nullptr;
+  T* row_out = nullptr;
+  int64_t atoms = 0, f_len = 0;
+  bool flag = false;  // the products' ``symmetric``
+};
 
-template <typename T>
-__global__ void normalize_kernel(const T* __restrict__ p, T* __restrict__ out, int64_t atoms,
-                                 int64_t f_len) {
+template <typename T, AtomStep S>
+__global__ void atom_step_kernel(AtomArgs<T> g) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  tn_math::normalize(p + base, out + base, f_len);
-}
-
-template <typename T>
-__global__ void normalize_grad_kernel(const T* __restrict__ grad, const T* __restrict__ p,
-                                      T* __restrict__ g_p, int64_t atoms, int64_t f_len) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  tn_math::normalize_grad(grad + base, p + base, g_p + base, f_len);
-}
-
-// one thread per atom and channel: normalize(packed(A B) q) (A B + B A when symmetric), and its
-// gradients; q the atoms' charge factors, or null for none
-template <typename T>
-__global__ void product_normalize_kernel(const T* __restrict__ a, const T* __restrict__ b,
-                                         const T* __restrict__ q, T* __restrict__ out,
-                                         int64_t atoms, int64_t f_len, bool symmetric) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  T pa[kComps], pb[kComps], po[kComps];
-  tn_math::load(a + base, f_len, pa);
-  tn_math::load(b + base, f_len, pb);
-  tn_math::product_normalize_values(pa, pb, po, symmetric, q != nullptr,
-                                    q == nullptr ? T(1) : q[n]);
-  tn_math::store(po, out + base, f_len);
-}
-
-template <typename T>
-__global__ void product_normalize_grad_kernel(const T* __restrict__ grad,
-                                              const T* __restrict__ a, const T* __restrict__ b,
-                                              const T* __restrict__ q, T* __restrict__ g_a,
-                                              T* __restrict__ g_b, int64_t atoms, int64_t f_len,
-                                              bool symmetric) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  T pg[kComps], pa[kComps], pb[kComps], da[kComps], db[kComps];
-  tn_math::load(grad + base, f_len, pg);
-  tn_math::load(a + base, f_len, pa);
-  tn_math::load(b + base, f_len, pb);
-  tn_math::product_normalize_grad_values(pg, pa, pb, g_a == nullptr ? nullptr : da,
-                                         g_b == nullptr ? nullptr : db, symmetric, q != nullptr,
-                                         q == nullptr ? T(1) : q[n]);
-  if (g_a != nullptr) tn_math::store(da, g_a + base, f_len);
-  if (g_b != nullptr) tn_math::store(db, g_b + base, f_len);
-}
-
-// x + d + packed(D D) q, and its gradient with respect to d
-template <typename T>
-__global__ void square_add_kernel(const T* __restrict__ x, const T* __restrict__ d,
-                                  const T* __restrict__ q, T* __restrict__ out, int64_t atoms,
-                                  int64_t f_len) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  T px[kComps], pd[kComps], po[kComps];
-  tn_math::load(x + base, f_len, px);
-  tn_math::load(d + base, f_len, pd);
-  tn_math::square_add_values(px, pd, po, q != nullptr, q == nullptr ? T(1) : q[n]);
-  tn_math::store(po, out + base, f_len);
-}
-
-template <typename T>
-__global__ void square_add_grad_kernel(const T* __restrict__ grad, const T* __restrict__ d,
-                                       const T* __restrict__ q, T* __restrict__ g_d, int64_t atoms,
-                                       int64_t f_len) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  T pg[kComps], pd[kComps], po[kComps];
-  tn_math::load(grad + base, f_len, pg);
-  tn_math::load(d + base, f_len, pd);
-  tn_math::square_add_grad_values(pg, pd, po, q != nullptr, q == nullptr ? T(1) : q[n]);
-  tn_math::store(po, g_d + base, f_len);
-}
-
-// the embedding's X and |X|^2 from its pair sums and self pair terms (one thread per atom and
-// channel), and the gradient of its sums (g_x or g_sq null: zero)
-template <typename T>
-__global__ void embedding_prepare_kernel(const T* __restrict__ s, const T* __restrict__ e,
-                                         T* __restrict__ x, T* __restrict__ sq, int64_t atoms,
-                                         int64_t f_len) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  T in[kComps], out[kComps], norm;
-  tn_math::load(s + base, f_len, in);
-  tn_math::embedding_prepare_values(in, e[t], out, norm);
-  tn_math::store(out, x + base, f_len);
-  sq[t] = norm;
-}
-
-template <typename T>
-__global__ void embedding_prepare_grad_kernel(const T* __restrict__ x, const T* __restrict__ g_x,
-                                              const T* __restrict__ g_sq, T* __restrict__ g_s,
-                                              int64_t atoms, int64_t f_len) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len, base = n * kComps * f_len + f;
-  T xv[kComps], g[kComps], out[kComps];
-  tn_math::load(x + base, f_len, xv);
-  for (int c = 0; c < kComps; ++c) g[c] = g_x == nullptr ? T(0) : g_x[base + c * f_len];
-  tn_math::embedding_prepare_grad_values(g, g_sq == nullptr ? T(0) : g_sq[t], xv, out);
-  tn_math::store(out, g_s + base, f_len);
+  if (t >= g.atoms * g.f_len) return;
+  const int64_t n = t / g.f_len, base = n * kComps * g.f_len + (t - n * g.f_len);
+  T pa[kComps] = {}, pb[kComps] = {}, pc[kComps] = {}, pu[kComps], pv[kComps];
+  if (g.a != nullptr) tn_math::load(g.a + base, g.f_len, pa);
+  if (g.b != nullptr) tn_math::load(g.b + base, g.f_len, pb);
+  if (g.c != nullptr) tn_math::load(g.c + base, g.f_len, pc);
+  const bool scaled = g.q != nullptr;
+  const T q = scaled ? g.q[n] : T(1);
+  const T row = g.row_in != nullptr ? g.row_in[t] : T(0);
+  T* want_u = g.u != nullptr ? pu : nullptr;
+  T* want_v = g.v != nullptr ? pv : nullptr;
+  if constexpr (S == AtomStep::kProduct) {
+    tn_math::product_values(pa, pb, pu, g.flag);
+  } else if constexpr (S == AtomStep::kProductGrad) {
+    tn_math::product_grad_values(pa, pb, pc, want_u, want_v, g.flag);
+  } else if constexpr (S == AtomStep::kNormalize) {
+    tn_math::normalize_values(pa, pu);
+  } else if constexpr (S == AtomStep::kNormalizeGrad) {
+    tn_math::normalize_grad_values(pa, pb, pu);
+  } else if constexpr (S == AtomStep::kProductNormalize) {
+    tn_math::product_normalize_values(pa, pb, pu, g.flag, scaled, q);
+  } else if constexpr (S == AtomStep::kProductNormalizeGrad) {
+    tn_math::product_normalize_grad_values(pa, pb, pc, want_u, want_v, g.flag, scaled, q);
+  } else if constexpr (S == AtomStep::kSquareAdd) {
+    tn_math::square_add_values(pa, pb, pu, scaled, q);
+  } else if constexpr (S == AtomStep::kSquareAddGrad) {
+    tn_math::square_add_grad_values(pa, pb, pu, scaled, q);
+  } else if constexpr (S == AtomStep::kEmbeddingPrepare) {
+    T norm;
+    tn_math::embedding_prepare_values(pa, row, pu, norm);
+    g.row_out[t] = norm;
+  } else {
+    tn_math::embedding_prepare_grad_values(pb, row, pa, pu);
+  }
+  if (g.u != nullptr) tn_math::store(pu, g.u + base, g.f_len);
+  if (g.v != nullptr) tn_math::store(pv, g.v + base, g.f_len);
 }
 
 template <typename T>
@@ -418,6 +355,24 @@ T* data_or_null(at::Tensor& t) {
 }
 
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
+
+// A per atom and channel step on the current stream, for the atoms and channels of ``like``
+// (atoms, 10, F) (nothing to do for none)
+template <AtomStep S, typename T>
+void launch_atom_step(AtomArgs<T> g, const at::Tensor& like) {
+  g.atoms = like.size(0);
+  g.f_len = like.size(2);
+  if (g.atoms * g.f_len == 0) return;
+  atom_step_kernel<T, S><<<blocks_for(g.atoms * g.f_len), kThreads, 0,
+                           c10::cuda::getCurrentCUDAStream()>>>(g);
+  check_launch();
+}
+
+// the charge factors' data, null for none (empty)
+template <typename T>
+const T* factors_or_null(const at::Tensor& q) {
+  return q.numel() == 0 ? nullptr : q.data_ptr<T>();
+}
 
 }  // namespace
 
@@ -543,18 +498,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
   return {g_radial, g_recv, g_send, g_geom};
 }
 
+// The per atom and channel steps (inputs contiguous, outputs made here)
 at::Tensor product(const at::Tensor& a, const at::Tensor& b, bool symmetric) {
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
-  const int64_t atoms = a.size(0), f_len = a.size(2);
-  if (atoms * f_len == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_packed_product_cuda", [&] {
-    product_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), atoms, f_len,
-        symmetric);
+    AtomArgs<scalar_t> g;
+    g.a = a.data_ptr<scalar_t>();
+    g.b = b.data_ptr<scalar_t>();
+    g.u = out.data_ptr<scalar_t>();
+    g.flag = symmetric;
+    launch_atom_step<AtomStep::kProduct>(g, a);
   });
-  check_launch();
   return out;
 }
 
@@ -565,65 +520,58 @@ std::tuple<at::Tensor, at::Tensor> product_grad(const at::Tensor& grad, const at
   at::Tensor g_a, g_b;
   if (want_a) g_a = at::empty_like(a, at::MemoryFormat::Contiguous);
   if (want_b) g_b = at::empty_like(b, at::MemoryFormat::Contiguous);
-  const int64_t atoms = a.size(0), f_len = a.size(2);
-  if (atoms * f_len == 0 || !(want_a || want_b)) return {g_a, g_b};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (!(want_a || want_b)) return {g_a, g_b};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_packed_product_grad_cuda", [&] {
-    product_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
-        data_or_null<scalar_t>(g_a), data_or_null<scalar_t>(g_b), atoms, f_len, symmetric);
+    AtomArgs<scalar_t> g;
+    g.a = grad.data_ptr<scalar_t>();
+    g.b = a.data_ptr<scalar_t>();
+    g.c = b.data_ptr<scalar_t>();
+    g.u = data_or_null<scalar_t>(g_a);
+    g.v = data_or_null<scalar_t>(g_b);
+    g.flag = symmetric;
+    launch_atom_step<AtomStep::kProductGrad>(g, a);
   });
-  check_launch();
   return {g_a, g_b};
 }
 
 at::Tensor normalize(const at::Tensor& p) {
   const c10::cuda::CUDAGuard guard(p.device());
   at::Tensor out = at::empty_like(p, at::MemoryFormat::Contiguous);
-  const int64_t atoms = p.size(0), f_len = p.size(2);
-  if (atoms * f_len == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_normalize_cuda", [&] {
-    normalize_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        p.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), atoms, f_len);
+    AtomArgs<scalar_t> g;
+    g.a = p.data_ptr<scalar_t>();
+    g.u = out.data_ptr<scalar_t>();
+    launch_atom_step<AtomStep::kNormalize>(g, p);
   });
-  check_launch();
   return out;
 }
 
 at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p) {
   const c10::cuda::CUDAGuard guard(p.device());
   at::Tensor g_p = at::empty_like(p, at::MemoryFormat::Contiguous);
-  const int64_t atoms = p.size(0), f_len = p.size(2);
-  if (atoms * f_len == 0) return g_p;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_normalize_grad_cuda", [&] {
-    normalize_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), g_p.data_ptr<scalar_t>(), atoms,
-        f_len);
+    AtomArgs<scalar_t> g;
+    g.a = grad.data_ptr<scalar_t>();
+    g.b = p.data_ptr<scalar_t>();
+    g.u = g_p.data_ptr<scalar_t>();
+    launch_atom_step<AtomStep::kNormalizeGrad>(g, p);
   });
-  check_launch();
   return g_p;
-}
-
-template <typename T>
-const T* factors_or_null(const at::Tensor& q) {
-  return q.numel() == 0 ? nullptr : q.data_ptr<T>();
 }
 
 at::Tensor product_normalize(const at::Tensor& a, const at::Tensor& b, bool symmetric,
                              const at::Tensor& q) {
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::empty_like(a, at::MemoryFormat::Contiguous);
-  const int64_t atoms = a.size(0), f_len = a.size(2);
-  if (atoms * f_len == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_product_normalize_cuda", [&] {
-    product_normalize_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), factors_or_null<scalar_t>(q),
-        out.data_ptr<scalar_t>(), atoms, f_len, symmetric);
+    AtomArgs<scalar_t> g;
+    g.a = a.data_ptr<scalar_t>();
+    g.b = b.data_ptr<scalar_t>();
+    g.q = factors_or_null<scalar_t>(q);
+    g.u = out.data_ptr<scalar_t>();
+    g.flag = symmetric;
+    launch_atom_step<AtomStep::kProductNormalize>(g, a);
   });
-  check_launch();
   return out;
 }
 
@@ -635,46 +583,46 @@ std::tuple<at::Tensor, at::Tensor> product_normalize_grad(const at::Tensor& grad
   at::Tensor g_a, g_b;
   if (want_a) g_a = at::empty_like(a, at::MemoryFormat::Contiguous);
   if (want_b) g_b = at::empty_like(b, at::MemoryFormat::Contiguous);
-  const int64_t atoms = a.size(0), f_len = a.size(2);
-  if (atoms * f_len == 0 || !(want_a || want_b)) return {g_a, g_b};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (!(want_a || want_b)) return {g_a, g_b};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tensornet_openmm_product_normalize_grad_cuda", [&] {
-    product_normalize_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
-        factors_or_null<scalar_t>(q), data_or_null<scalar_t>(g_a), data_or_null<scalar_t>(g_b),
-        atoms, f_len, symmetric);
+    AtomArgs<scalar_t> g;
+    g.a = grad.data_ptr<scalar_t>();
+    g.b = a.data_ptr<scalar_t>();
+    g.c = b.data_ptr<scalar_t>();
+    g.q = factors_or_null<scalar_t>(q);
+    g.u = data_or_null<scalar_t>(g_a);
+    g.v = data_or_null<scalar_t>(g_b);
+    g.flag = symmetric;
+    launch_atom_step<AtomStep::kProductNormalizeGrad>(g, a);
   });
-  check_launch();
   return {g_a, g_b};
 }
 
 at::Tensor square_add(const at::Tensor& x, const at::Tensor& d, const at::Tensor& q) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t atoms = x.size(0), f_len = x.size(2);
-  if (atoms * f_len == 0) return out;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tensornet_openmm_square_add_cuda", [&] {
-    square_add_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), factors_or_null<scalar_t>(q),
-        out.data_ptr<scalar_t>(), atoms, f_len);
+    AtomArgs<scalar_t> g;
+    g.a = x.data_ptr<scalar_t>();
+    g.b = d.data_ptr<scalar_t>();
+    g.q = factors_or_null<scalar_t>(q);
+    g.u = out.data_ptr<scalar_t>();
+    launch_atom_step<AtomStep::kSquareAdd>(g, x);
   });
-  check_launch();
   return out;
 }
 
 at::Tensor square_add_grad(const at::Tensor& grad, const at::Tensor& d, const at::Tensor& q) {
   const c10::cuda::CUDAGuard guard(d.device());
   at::Tensor g_d = at::empty_like(d, at::MemoryFormat::Contiguous);
-  const int64_t atoms = d.size(0), f_len = d.size(2);
-  if (atoms * f_len == 0) return g_d;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "tensornet_openmm_square_add_grad_cuda", [&] {
-    square_add_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), factors_or_null<scalar_t>(q),
-        g_d.data_ptr<scalar_t>(), atoms, f_len);
+    AtomArgs<scalar_t> g;
+    g.a = grad.data_ptr<scalar_t>();
+    g.b = d.data_ptr<scalar_t>();
+    g.q = factors_or_null<scalar_t>(q);
+    g.u = g_d.data_ptr<scalar_t>();
+    launch_atom_step<AtomStep::kSquareAddGrad>(g, d);
   });
-  check_launch();
   return g_d;
 }
 
@@ -682,15 +630,14 @@ std::tuple<at::Tensor, at::Tensor> embedding_prepare(const at::Tensor& s, const 
   const c10::cuda::CUDAGuard guard(s.device());
   at::Tensor x = at::empty_like(s, at::MemoryFormat::Contiguous);
   at::Tensor sq = at::empty_like(e, at::MemoryFormat::Contiguous);
-  const int64_t atoms = s.size(0), f_len = s.size(2);
-  if (atoms * f_len == 0) return {x, sq};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "tensornet_openmm_embedding_prepare_cuda", [&] {
-    embedding_prepare_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        s.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-        sq.data_ptr<scalar_t>(), atoms, f_len);
+    AtomArgs<scalar_t> g;
+    g.a = s.data_ptr<scalar_t>();
+    g.row_in = e.data_ptr<scalar_t>();
+    g.u = x.data_ptr<scalar_t>();
+    g.row_out = sq.data_ptr<scalar_t>();
+    launch_atom_step<AtomStep::kEmbeddingPrepare>(g, s);
   });
-  check_launch();
   return {x, sq};
 }
 
@@ -698,15 +645,14 @@ at::Tensor embedding_prepare_grad(const at::Tensor& x, const at::Tensor& g_x,
                                   const at::Tensor& g_sq) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor g_s = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const int64_t atoms = x.size(0), f_len = x.size(2);
-  if (atoms * f_len == 0) return g_s;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tensornet_openmm_embedding_prepare_grad_cuda", [&] {
-    embedding_prepare_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), const_data_or_null<scalar_t>(g_x),
-        const_data_or_null<scalar_t>(g_sq), g_s.data_ptr<scalar_t>(), atoms, f_len);
+    AtomArgs<scalar_t> g;
+    g.a = x.data_ptr<scalar_t>();
+    g.b = const_data_or_null<scalar_t>(g_x);
+    g.row_in = const_data_or_null<scalar_t>(g_sq);
+    g.u = g_s.data_ptr<scalar_t>();
+    launch_atom_step<AtomStep::kEmbeddingPrepareGrad>(g, x);
   });
-  check_launch();
   return g_s;
 }
 
