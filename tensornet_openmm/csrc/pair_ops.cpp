@@ -61,6 +61,11 @@ std::tuple<at::Tensor, at::Tensor> product_grad(const at::Tensor& grad, const at
 at::Tensor normalize(const at::Tensor& p);
 at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p);
 std::tuple<at::Tensor, at::Tensor> embedding_prepare(const at::Tensor& s, const at::Tensor& e);
+void activate_scaled(int64_t activation, const at::Tensor& z, const at::Tensor& scale,
+                     const at::Tensor& out);
+std::tuple<at::Tensor, at::Tensor> activate_scaled_grad(int64_t activation, const at::Tensor& g,
+                                                        const at::Tensor& z,
+                                                        const at::Tensor& scale, bool want_scale);
 at::Tensor embedding_prepare_grad(const at::Tensor& x, const at::Tensor& g_x,
                                   const at::Tensor& g_sq);
 at::Tensor product_normalize(const at::Tensor& a, const at::Tensor& b, bool symmetric,
@@ -1731,6 +1736,48 @@ at::Tensor activation_backward(int64_t activation, const at::Tensor& grad, const
   return grad;
 }
 
+// A scaled network's last layer, act(z) * scale, and its backward are one step: on a GPU one
+// kernel each way (pair_ops_cuda.cu), where the activation, the product and (backward) the
+// scale's gradient took four; on the CPU ATen's vectorised operators, under one profiler scope
+// that benchmarks/kernels.py counts as the GPU's one launch. (The CPU keeps act(z); the GPU
+// recomputes it in the backward.)
+bool scaled_on_gpu(const at::Tensor& basis, const at::Tensor& scale) {
+  return basis.is_cuda() && scale.numel() > 0;
+}
+
+void last_layer_forward(int64_t activation, const at::Tensor& z, at::Tensor& a,
+                        const at::Tensor& scale, at::Tensor out, bool fused) {
+  RECORD_FUNCTION("tensornet_openmm::activate_scaled", std::vector<c10::IValue>());
+#ifdef TN_WITH_CUDA
+  if (fused) {
+    tn_cuda::activate_scaled(activation, z, scale, out);
+    return;
+  }
+#endif
+  TORCH_CHECK(!fused, "mlp: no CUDA kernels built");
+  if (activation != kIdentity) activate(activation, z, a);
+  at::mul_out(out, a, scale);
+}
+
+// d (the gradient at the last pre-activation) and, where g_scale is defined, the scale's
+// gradient into it, from the output's gradient g
+at::Tensor last_layer_backward(int64_t activation, const at::Tensor& g, const at::Tensor& z,
+                               const at::Tensor& a, const at::Tensor& scale, at::Tensor g_scale,
+                               bool fused) {
+  RECORD_FUNCTION("tensornet_openmm::activate_scaled_backward", std::vector<c10::IValue>());
+#ifdef TN_WITH_CUDA
+  if (fused) {
+    at::Tensor d, gs;
+    std::tie(d, gs) = tn_cuda::activate_scaled_grad(activation, g, z, scale, g_scale.defined());
+    if (g_scale.defined()) g_scale.copy_(gs);
+    return d;
+  }
+#endif
+  TORCH_CHECK(!fused, "mlp: no CUDA kernels built");
+  if (g_scale.defined()) at::sum_out(g_scale, g * a, {1}, true);
+  return activation_backward(activation, g * scale, z, a);
+}
+
 // The network's rows: split between the CPU threads (split_rows), or all at once for CUDA
 // tensors, whose operators run on the GPU (a chain of ATen calls: a kernel each, no threads).
 template <typename F>
@@ -1789,19 +1836,22 @@ at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
     a->push_back(activation == kIdentity ? z->back() : at::empty_like(z->back()));
   }
   at::Tensor out = scaled ? at::empty_like(a->back()) : a->back();
+  const bool fused_last = scaled_on_gpu(basis, cut_in);
   network_rows(basis.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
     at::Tensor h = basis.narrow(0, lo, hi - lo);
     for (int64_t l = 0; l < layers; ++l) {
       at::Tensor zl = (*z)[l].narrow(0, lo, hi - lo), al = (*a)[l].narrow(0, lo, hi - lo);
       at::addmm_out(zl, biases[l], h, weights[l].t());
+      if (scaled && l == layers - 1) {  // the last activation and the scale: one step
+        last_layer_forward(activation, zl, al, cut.narrow(0, lo, hi - lo),
+                           out.narrow(0, lo, hi - lo), fused_last);
+        break;
+      }
       if (activation != kIdentity) activate(activation, zl, al);
       h = al;
     }
-    if (scaled) {
-      at::Tensor dest = out.narrow(0, lo, hi - lo);
-      at::mul_out(dest, h, cut.narrow(0, lo, hi - lo));
-    }
   });
+  if (fused_last) (*a).back() = at::Tensor();  // never made: the backward recomputes it
   return out;
 }
 
@@ -1864,17 +1914,20 @@ class Mlp : public torch::autograd::Function<Mlp> {
     }
     at::Tensor g_basis = want_basis ? at::empty_like(basis) : at::Tensor();
     at::Tensor g_cut = want_cut ? at::empty({pairs, 1}, basis.options()) : at::Tensor();
+    const bool scaled = cut.numel() > 0, fused_last = scaled_on_gpu(basis, cut);
     network_rows(basis.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
       const int64_t n = hi - lo;
       const at::Tensor g = grad.narrow(0, lo, n);
-      if (want_cut) {
-        at::Tensor dest = g_cut.narrow(0, lo, n);
-        at::sum_out(dest, g * a(layers - 1).narrow(0, lo, n), {1}, true);
-      }
-      at::Tensor d = cut.numel() > 0 ? g * cut.narrow(0, lo, n) : g;
+      at::Tensor d = g;
       for (int64_t l = layers - 1; l >= 0; --l) {
         const at::Tensor a_rows = a(l).defined() ? a(l).narrow(0, lo, n) : at::Tensor();
-        d = activation_backward(activation, d, z(l).narrow(0, lo, n), a_rows);
+        if (scaled && l == layers - 1) {
+          d = last_layer_backward(activation, g, z(l).narrow(0, lo, n), a_rows,
+                                  cut.narrow(0, lo, n),
+                                  want_cut ? g_cut.narrow(0, lo, n) : at::Tensor(), fused_last);
+        } else {
+          d = activation_backward(activation, d, z(l).narrow(0, lo, n), a_rows);
+        }
         if (want_params) delta[l].narrow(0, lo, n).copy_(d);
         if (l == 0 && !want_basis) break;
         at::Tensor next =

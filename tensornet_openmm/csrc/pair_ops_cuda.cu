@@ -278,6 +278,60 @@ __global__ void atom_step_kernel(AtomArgs<T> g) {
   if (g.v != nullptr) tn_math::store(pv, g.v + base, g.f_len);
 }
 
+// ---- A scaled network's last layer, act(z) * scale (pair_ops.cpp's mlp) -------------------------
+constexpr int kSiLU = 0, kTanh = 1;  // pair_ops.cpp's activation codes (2: none)
+
+template <typename T>
+__device__ __forceinline__ T activated(int activation, T z) {
+  if (activation == kSiLU) return z / (T(1) + exp(-z));
+  if (activation == kTanh) return tanh(z);
+  return z;
+}
+
+template <typename T>
+__device__ __forceinline__ T activation_slope(int activation, T z) {
+  if (activation == kSiLU) {
+    const T s = T(1) / (T(1) + exp(-z));
+    return s * (T(1) + z * (T(1) - s));
+  }
+  if (activation == kTanh) {
+    const T t = tanh(z);
+    return T(1) - t * t;
+  }
+  return T(1);
+}
+
+// out[r, f] = act(z[r, f]) scale[r], one thread per value
+template <typename T>
+__global__ void activate_scaled_kernel(int activation, const T* __restrict__ z,
+                                       const T* __restrict__ scale, T* __restrict__ out,
+                                       int64_t rows, int64_t width) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= rows * width) return;
+  out[t] = activated(activation, z[t]) * scale[t / width];
+}
+
+// d[r, f] = act'(z[r, f]) g[r, f] scale[r] and g_scale[r] = sum_f g[r, f] act(z[r, f]) (if
+// wanted): one warp per row
+template <typename T>
+__global__ void activate_scaled_grad_kernel(int activation, const T* __restrict__ g,
+                                            const T* __restrict__ z, const T* __restrict__ scale,
+                                            T* __restrict__ d, T* __restrict__ g_scale,
+                                            int64_t rows, int64_t width) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // the whole warp: the shuffles below see all its lanes
+  const T s = scale[row];
+  T sum = T(0);
+  for (int64_t f = lane; f < width; f += 32) {
+    const int64_t k = row * width + f;
+    d[k] = activation_slope(activation, z[k]) * g[k] * s;
+    sum += g[k] * activated(activation, z[k]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+  if (lane == 0 && g_scale != nullptr) g_scale[row] = sum;
+}
+
 template <typename T>
 __global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
                                 T* __restrict__ cut, T* __restrict__ geom, T* __restrict__ basis,
@@ -654,6 +708,45 @@ at::Tensor embedding_prepare_grad(const at::Tensor& x, const at::Tensor& g_x,
     launch_atom_step<AtomStep::kEmbeddingPrepareGrad>(g, x);
   });
   return g_s;
+}
+
+void activate_scaled(int64_t activation, const at::Tensor& z_in, const at::Tensor& scale_in,
+                     const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.contiguous(), scale = scale_in.contiguous();
+  TORCH_CHECK(out.is_contiguous(), "activate_scaled: the output must be contiguous");
+  const int64_t rows = z.size(0), width = z.size(1);
+  if (rows * width == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tensornet_openmm_activate_scaled_cuda", [&] {
+    activate_scaled_kernel<scalar_t><<<blocks_for(rows * width), kThreads, 0, stream>>>(
+        static_cast<int>(activation), z.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+        out.data_ptr<scalar_t>(), rows, width);
+  });
+  check_launch();
+}
+
+std::tuple<at::Tensor, at::Tensor> activate_scaled_grad(int64_t activation, const at::Tensor& g_in,
+                                                        const at::Tensor& z_in,
+                                                        const at::Tensor& scale_in,
+                                                        bool want_scale) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor g = g_in.contiguous(), z = z_in.contiguous(), scale = scale_in.contiguous();
+  const int64_t rows = z.size(0), width = z.size(1);
+  at::Tensor d = at::empty_like(z, at::MemoryFormat::Contiguous);
+  at::Tensor g_scale = want_scale ? at::empty({rows, 1}, z.options()) : at::Tensor();
+  if (rows == 0) return {d, g_scale};
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t rows_per_block = kThreads / 32;
+  const int blocks = static_cast<int>((rows + rows_per_block - 1) / rows_per_block);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tensornet_openmm_activate_scaled_grad_cuda", [&] {
+    activate_scaled_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        static_cast<int>(activation), g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
+        scale.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), data_or_null<scalar_t>(g_scale),
+        rows, width);
+  });
+  check_launch();
+  return {d, g_scale};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
