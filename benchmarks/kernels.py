@@ -23,8 +23,8 @@ on one thread (the CPU kernels split larger work between threads, the GPU's do n
 positions (OpenMM's mixed precision), and with the channel mixing a GPU runs (``strided_mix``).
 Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821
 and 137 since the session after (with the CUDA-graph pair list; 120 with the dynamic one, 113
-with radial tables; in water, ML/MM, 303, 218 and 157). The reference's count is of its pure-PyTorch path,
-not of the Warp kernels it runs on a GPU.
+with radial tables; in water, ML/MM, 303, 218 and 157). The reference's count is of its
+pure-PyTorch path, not of the Warp kernels it runs on a GPU.
 """
 
 from __future__ import annotations

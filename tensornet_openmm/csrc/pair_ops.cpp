@@ -1298,9 +1298,9 @@ std::tuple<at::Tensor, at::Tensor> embedding_prepare_op(const at::Tensor& s, con
 // out[:, c] = p[:, c] @ w[c] for packed p (atoms, 10, F) and one weight per component,
 // w (10, F, F'): the components are the batch of one batched matrix product that reads p and
 // writes the (atoms, 10, F') result through strided views (batch stride F, row stride 10 F),
-// which cuBLAS and MKL take as they are. bmm on the transposed p and then a copy back to
-// atom-major order took two kernels each way on a GPU; on the CPU the copy also cost more than
-// the product from a few hundred atoms up.
+// which ATen's CUDA bmm hands to cuBLAS as they are: one kernel each way on a GPU, where bmm on
+// the transposed p and then a copy back to atom-major order took two. ATen's CPU bmm into such a
+// view is slower than that product and copy (FusedPairKernels.mix keeps them on the CPU).
 
 void check_component_mix(const at::Tensor& p, const at::Tensor& w) {
   TORCH_CHECK(p.dim() == 3 && p.size(1) == kComps,

@@ -390,12 +390,12 @@ class PairKernels(nn.Module):
         """normalize(product(a, b, symmetric) q): q the atoms' charge factors (n,), None for
         none (no multiplication). The interaction layer's step from the messages to what its
         second channel mixing takes."""
-        return self._torch_normalize(_scaled(self._torch_product(a, b, symmetric), factor))
+        return self._torch_product_normalize(a, b, symmetric, factor)
 
     def square_add(self, x: Tensor, d: Tensor, factor: Optional[Tensor]) -> Tensor:
         """x + d + product(d, d) q, q as in :meth:`product_normalize`: the interaction layer's
         new X."""
-        return x + d + _scaled(self._torch_product(d, d, False), factor)
+        return self._torch_square_add(x, d, factor)
 
     def mix(self, p: Tensor, w: Tensor) -> Tensor:
         """Channel mixing of a packed (n, 10, F) tensor, weight w[k] (F, F) for part k (I, A, S):
@@ -471,6 +471,14 @@ class PairKernels(nn.Module):
 
     def _torch_normalize(self, p: Tensor) -> Tensor:
         return p / (self.algebra.squared_norm(p) + 1.0)
+
+    def _torch_product_normalize(
+        self, a: Tensor, b: Tensor, symmetric: bool, factor: Optional[Tensor]
+    ) -> Tensor:
+        return self._torch_normalize(_scaled(self._torch_product(a, b, symmetric), factor))
+
+    def _torch_square_add(self, x: Tensor, d: Tensor, factor: Optional[Tensor]) -> Tensor:
+        return x + d + _scaled(self._torch_product(d, d, False), factor)
 
     def _torch_mix(self, p: Tensor, w: Tensor) -> Tensor:
         iso, vec, sym = torch.split(p, [1, 3, 6], dim=1)
@@ -589,12 +597,12 @@ class FusedPairKernels(PairKernels):
             return torch.ops.tensornet_openmm.packed_product_normalize(
                 a, b, symmetric, _factors(a, factor)
             )
-        return self._torch_normalize(_scaled(self._torch_product(a, b, symmetric), factor))
+        return self._torch_product_normalize(a, b, symmetric, factor)
 
     def square_add(self, x: Tensor, d: Tensor, factor: Optional[Tensor]) -> Tensor:
         if self.applies(x) and _constant(factor):
             return torch.ops.tensornet_openmm.packed_square_add(x, d, _factors(x, factor))
-        return x + d + _scaled(self._torch_product(d, d, False), factor)
+        return self._torch_square_add(x, d, factor)
 
     def mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
