@@ -220,11 +220,12 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([f for f in folders if f not in path] + path)
 
 
-def _scaled(t: Tensor, factor: Optional[Tensor]) -> Tensor:
-    """``t`` (n, 10, F) times each atom's factor (n,); ``t`` itself for None."""
-    if factor is None:
+def charged(t: Tensor, charge_factor: Optional[Tensor]) -> Tensor:
+    """``t`` (n, 10, F) times each atom's charge factor 1 + 0.1 q (None: every molecule neutral,
+    a factor of exactly 1, so the product is skipped)."""
+    if charge_factor is None:
         return t
-    return t * factor.reshape(-1, 1, 1)
+    return t * charge_factor.reshape(-1, 1, 1)
 
 
 def _constant(factor: Optional[Tensor]) -> bool:
@@ -475,10 +476,10 @@ class PairKernels(nn.Module):
     def _torch_product_normalize(
         self, a: Tensor, b: Tensor, symmetric: bool, factor: Optional[Tensor]
     ) -> Tensor:
-        return self._torch_normalize(_scaled(self._torch_product(a, b, symmetric), factor))
+        return self._torch_normalize(charged(self._torch_product(a, b, symmetric), factor))
 
     def _torch_square_add(self, x: Tensor, d: Tensor, factor: Optional[Tensor]) -> Tensor:
-        return x + d + _scaled(self._torch_product(d, d, False), factor)
+        return x + d + charged(self._torch_product(d, d, False), factor)
 
     def _torch_mix(self, p: Tensor, w: Tensor) -> Tensor:
         iso, vec, sym = torch.split(p, [1, 3, 6], dim=1)

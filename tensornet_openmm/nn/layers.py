@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algebra
-from .kernels import MLP_ACTIVATIONS, PairKernels
+from .kernels import MLP_ACTIVATIONS, PairKernels, charged
 from .radial import cosine_cutoff
 
 
@@ -185,14 +185,6 @@ def _blocks(vec: Optional[Tensor], pairs: int, block: int) -> list[Optional[Tens
     for _ in range((pairs + block - 1) // block if pairs > 0 else 1):
         out.append(None)
     return out
-
-
-def _charged(t: Tensor, charge_factor: Optional[Tensor]) -> Tensor:
-    """``t`` (n, 10, F) times each atom's charge factor 1 + 0.1 q (None: every molecule neutral,
-    a factor of exactly 1, so the product is skipped)."""
-    if charge_factor is None:
-        return t
-    return t * charge_factor.reshape(-1, 1, 1)
 
 
 class _RadialLayer(nn.Module):
@@ -687,7 +679,7 @@ class Interaction(_RadialLayer):
                 msg = self.pair_kernels.messages_self(y, filters, i, j, half, f0)
             else:
                 msg = msg + self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
-        if msg is None:
+        if msg is None:  # not reached (_chunks gives one block even of no pairs): for TorchScript
             msg = self.fused_self_messages(y, self_basis)
         return self.fused_finish(x, y, msg, charge_factor)
 
@@ -802,12 +794,12 @@ class Interaction(_RadialLayer):
         y = self.algebra.full(torch.cat(parts, dim=1))
         m = self.algebra.full(torch.cat(msg, dim=1))
         if self.o3:
-            c = _charged(self.algebra.packed(algebra.matmul(m, y) + algebra.matmul(y, m)),
+            c = charged(self.algebra.packed(algebra.matmul(m, y) + algebra.matmul(y, m)),
                          charge_factor)  # fmt: skip
         else:
             c = 2.0 * self.algebra.packed(algebra.matmul(y, m))
         c = c / (self.algebra.squared_norm(c) + 1.0)
         dx = torch.cat(self._mix(3, c), dim=1)
         dx_full = self.algebra.full(dx)
-        return x + dx + _charged(self.algebra.packed(algebra.matmul(dx_full, dx_full)),
+        return x + dx + charged(self.algebra.packed(algebra.matmul(dx_full, dx_full)),
                                  charge_factor)  # fmt: skip
