@@ -101,18 +101,58 @@ def minimum_image(d: Tensor, box: Tensor) -> Tensor:
     return d - torch.round(d[..., 0:1] / box[0, 0]) * box[0]
 
 
-def _displacements(pos: Tensor, i: Tensor, j: Tensor, box: Optional[Tensor]) -> Tensor:
-    """r_ij = pos[i] - pos[j] of the pairs (i, j), under minimum image when there is a box.
+def _difference(pos: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """pos[i] - pos[j], gathered by ``index_select``: its gradient is an ``index_add`` (on a GPU a
+    zero fill and one kernel of atomic adds), where advanced indexing's is an ``index_put`` with
+    accumulation, which sorts the indices first (on a GPU some five kernels and a radix sort of
+    every pair's index, twice a call)."""
+    return pos.index_select(0, i) - pos.index_select(0, j)
 
-    The lattice vectors subtracted are found without a graph and added as a constant: their
-    gradient is zero, and autograd through the rounding would spend a dozen operators (GPU
-    kernels) a call computing it."""
-    d = pos[i] - pos[j]
-    if box is not None:
+
+def _lattice_shift(d: Tensor, box: Optional[Tensor]) -> Optional[Tensor]:
+    """The lattice vectors that bring the differences ``d`` to their minimum image (None without
+    a box), as a constant: their gradient is zero, and autograd through the rounding would spend a
+    dozen operators (GPU kernels) a call computing it."""
+    shift: Optional[Tensor] = None
+    if box is not None:  # (one return: TorchScript fails on an early one before a with block)
         with torch.no_grad():
             shift = minimum_image(d, box) - d
-        d = d + shift
-    return d
+    return shift
+
+
+def _displacements(pos: Tensor, i: Tensor, j: Tensor, box: Optional[Tensor]) -> Tensor:
+    """r_ij = pos[i] - pos[j] of the pairs (i, j), under minimum image when there is a box."""
+    d = _difference(pos, i, j)
+    shift = _lattice_shift(d, box)
+    return d if shift is None else d + shift
+
+
+def _slot_vectors(
+    pos: Tensor,
+    pairs: Tensor,
+    used: Tensor,
+    shift: Optional[Tensor],
+    box: Optional[Tensor],
+    cutoff: float,
+) -> Tensor:
+    """The vectors of fixed pair slots: pos[i] - pos[j] + shift in the used slots and (2 cutoff,
+    0, 0) in the others, beyond the cutoff, so that they add no terms. ``shift`` is the slots'
+    lattice shift if known, else found from ``box``. An unused slot holds a self pair (see
+    :func:`_spread`), whose difference is zero: the padding is added as part of the constant
+    shift (the same numbers as selecting it, with no selection to differentiate)."""
+    d = _difference(pos, pairs[0], pairs[1])
+    if shift is None:
+        shift = _lattice_shift(d, box)
+    with torch.no_grad():
+        padding = torch.zeros_like(d)
+        # fill_, not item assignment: TorchScript would copy the number from the host, which a
+        # CUDA graph capture refuses
+        padding.select(1, 0).fill_(2.0 * cutoff)
+        if shift is None:
+            shift = torch.where(used[:, None], 0.0, padding)
+        else:
+            shift = torch.where(used[:, None], shift, padding)
+    return d + shift
 
 
 def _close(
@@ -172,15 +212,6 @@ def _spread(pairs: Tensor, used: Tensor, atoms: int) -> Tensor:
     return torch.where(used, pairs, torch.remainder(slots, atoms).expand(2, -1))
 
 
-def _padded(vectors: Tensor, used: Tensor, cutoff: float) -> Tensor:
-    """``vectors`` with unused slots' (2 cutoff, 0, 0): beyond the cutoff, no terms. (fill_, not
-    item assignment: TorchScript would copy the number from the host, which a CUDA graph capture
-    refuses.)"""
-    padding = torch.zeros_like(vectors)
-    padding.select(1, 0).fill_(2.0 * cutoff)
-    return torch.where(used[:, None], vectors, padding)
-
-
 def _brute(pos: Tensor, cutoff: float, box: Optional[Tensor], half: bool, out: _Compactor) -> None:
     n = pos.shape[0]
     block = max(1, _block_elements() // max(n, 1))
@@ -200,23 +231,31 @@ def _brute_half_at_once(
     order; with a capacity, the first ``capacity`` found, unused slots padded as
     :meth:`_Compactor.pairs` pads them), with the candidates' vectors computed once and kept for
     the pairs found: a dozen operators instead of some thirty, or some forty with a capacity
-    (each a GPU kernel in a CUDA graph; alanine dipeptide: 231 candidates)."""
+    (each a GPU kernel in a CUDA graph; alanine dipeptide: 231 candidates). The candidates are
+    measured without a graph; the vectors of the pairs found are then taken from the positions
+    again, so that the gradient flows through the pairs alone."""
     n = positions.shape[0]
     candidates = torch.triu_indices(n, n, 1, device=positions.device)
-    d = _displacements(positions, candidates[0], candidates[1], box)
-    fixed = d.detach()
-    within = (fixed * fixed).sum(-1) < cutoff * cutoff
+    with torch.no_grad():
+        d = _difference(positions, candidates[0], candidates[1])
+        shift = _lattice_shift(d, box)
+        if shift is not None:
+            d = d + shift
+        within = (d * d).sum(-1) < cutoff * cutoff
     if capacity < 0:
         keep = within.nonzero().squeeze(1)
-        vectors = d.index_select(0, keep)
         count = torch.full((), keep.shape[0], dtype=torch.int64, device=positions.device)
         pairs = candidates.index_select(1, keep)
+        vectors = _difference(positions, pairs[0], pairs[1])
+        if shift is not None:
+            vectors = vectors + shift.index_select(0, keep)
         return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)
     pick = torch.nonzero_static(within, size=capacity, fill_value=-1)[:, 0]
     used = pick >= 0
     pick = torch.clamp(pick, min=0)
     pairs = _spread(candidates.index_select(1, pick), used, n)
-    vectors = _padded(d.index_select(0, pick), used, cutoff)
+    kept_shift = None if shift is None else shift.index_select(0, pick)
+    vectors = _slot_vectors(positions, pairs, used, kept_shift, box, cutoff)
     return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), within.sum())
 
 
@@ -379,7 +418,8 @@ def _search(
                 )
             _radius_graph(positions, cutoff, half, out)
     pairs, used, count = out.pairs()
-    vectors = _displacements(positions, pairs[0], pairs[1], box)
     if capacity >= 0:
-        vectors = _padded(vectors, used, cutoff)
+        vectors = _slot_vectors(positions, pairs, used, None, box, cutoff)
+    else:
+        vectors = _displacements(positions, pairs[0], pairs[1], box)
     return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)
