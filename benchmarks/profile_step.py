@@ -31,7 +31,7 @@ from pathlib import Path
 import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 try:
-    from bench_md import MODEL_DEFAULTS, build_system, make_checkpoint
+    from bench_md import MODEL_DEFAULTS, build_system, given_checkpoint, make_checkpoint
 except ImportError:  # run as a module from the repository root
     from benchmarks.bench_md import MODEL_DEFAULTS, build_system, make_checkpoint
 
@@ -200,15 +200,24 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--fixed", action="store_true",
                         help="pad the pairs to the CUDA-graph capacity on the CPU too")  # fmt: skip
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a TorchMD-Net TensorNet checkpoint (its size overrides the model "
+                             "options); without it the bench model is made, which needs "
+                             "torchmd-net")  # fmt: skip
     for key, value in MODEL_DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value)
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the runner and bench_md do
     torch.set_num_threads(args.threads)
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint, n_params = make_checkpoint(
-            Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
-        )
+        if args.checkpoint is not None:
+            checkpoint, n_params = given_checkpoint(args.checkpoint, args)
+        else:
+            checkpoint, n_params = make_checkpoint(
+                Path(tmp), args.channels, args.layers, args.rbf, args.cutoff
+            )
         rows = [
             profile(name, checkpoint, args.platform, args.repeats, args.fixed)
             for name in args.systems

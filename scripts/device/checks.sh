@@ -9,7 +9,7 @@
 #                                     atom step's graph alone (profile_step); ours on alanine
 #                                     dipeptide and a 5,000-atom box, graphs on/off
 #   (none)   .dev/warp2               a bare call (`true`): warp's second part arrives        0.5 min
-#   compare  .dev/warp3               the targets: ours (exact, tables) against the reference 5 min
+#   compare  .dev/warp3               the targets: ours (exact, tables) against the reference 6 min
 #                                     and PythonForce, same run, graphs on and off
 #   -- only with device time left after compare --
 #   scan     (none)                   largest water box within 80 GB: ours low_memory at      6 min
@@ -47,7 +47,7 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
     # alanine dipeptide's graph replayed by PyTorch alone against OpenMM's whole step: whether
     # the 22-atom step is our kernels (about 336) or a floor of OpenMM and openmm-torch
     timeout 60 python3 benchmarks/profile_step.py --systems ala2 --platform CUDA --repeats 20 \
-        >"$out/profile.log" 2>&1
+        --checkpoint /tmp/tensornet-dev/tensornet.ckpt >"$out/profile.log" 2>&1
     grep -A3 "^system" "$out/profile.log" | cut -c1-170
     timeout 100 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
         --routes ours --graphs both --seconds 1.5 --timeout 40 \
@@ -55,7 +55,8 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
     ;;
 compare)
     grep -i "warp" "$out/stack.log"
-    timeout 300 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
+    # 2026-11-26 (H100): 300 s ended it before PythonForce's box, the last case
+    timeout 380 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
         --routes ours ours-tables reference pythonforce --graphs both --seconds 1.5 --timeout 80 \
         --csv "$out/compare.csv" >"$out/compare.log" 2>&1
     ;;
@@ -79,7 +80,7 @@ scan)
 profile)
     # eager pieces on the padded pair list, PyTorch's own graph replay, and the OpenMM step
     timeout 100 python3 benchmarks/profile_step.py --systems water-5000 --platform CUDA \
-        --repeats 10 >"$out/profile.log" 2>&1
+        --repeats 10 --checkpoint /tmp/tensornet-dev/tensornet.ckpt >"$out/profile.log" 2>&1
     tail -4 "$out/profile.log" | cut -c1-170
     timeout 70 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
         --systems ala2 water-5000 --routes ours ours-tables reference >"$out/kernels.log" 2>&1
