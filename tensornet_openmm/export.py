@@ -15,7 +15,10 @@ sums forces in fixed point, where a NaN becomes -2^31 kJ/mol/nm). The step fails
 energy, NaN or flung coordinates) instead of using a truncated energy. To recover, rebuild
 the force with a capacity sized from the current positions (``create_force(...,
 positions=state_positions)``), make a new Context and restart from the last good state (the
-runner does this from its last checkpoint).
+runner does this from its last checkpoint). A capacity that holds every pair of the ML atoms (a
+small molecule's: :func:`pair_capacity` never gives more) makes every pair a slot, in a fixed
+order: no search, no padding and no overflow to check; the pairs beyond the cutoff add nothing,
+as the model's cosine cutoff is zero there, so the energy and forces are those of the pairs within.
 
 This module imports neither OpenMM nor openmm-torch.
 """
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .neighbors import cell_list_min_atoms, check_box, neighbor_pairs
+from .neighbors import cell_list_min_atoms, check_box, neighbor_pairs, pair_vectors
 from .nn import TensorNet
 from .nn.kernels import use_fused_kernels
 from .nn.model import no_history
@@ -130,6 +133,11 @@ class TensorNetForce(nn.Module):
         if z.ndim != 1 or z.numel() == 0:
             raise ValueError(f"atomic_numbers must be a non-empty list; got shape {tuple(z.shape)}")
         self.register_buffer("z", z)
+        n = z.numel()
+        # a fixed capacity for every pair: all of them are the slots (see the module docstring)
+        self.every_pair = n > 1 and int(capacity) >= n * (n - 1) // 2
+        slots = torch.triu_indices(n, n, 1) if self.every_pair else torch.zeros((2, 0))
+        self.register_buffer("pair_slots", slots.to(torch.int64))
         self.model.store_species_terms(z)  # constants of the weights and these atoms
         self.use_subset = atoms is not None
         index = torch.arange(z.numel()) if atoms is None else torch.as_tensor(list(atoms))
@@ -170,10 +178,10 @@ class TensorNetForce(nn.Module):
         self, positions: Tensor, box: Optional[Tensor]
     ) -> tuple[Tensor, Optional[Tensor]]:
         """Energy (kJ/mol, model dtype) of the ML atoms, and whether the pair slots overflowed
-        (None where they cannot: the dynamic pair list, off CUDA)."""
+        (None where they cannot: the dynamic pair list, off CUDA, or every pair a slot)."""
         pos = positions.to(self.dtype)
-        if self.use_subset:
-            pos = pos[self.atoms]
+        if self.use_subset:  # (index_select: advanced indexing's gradient sorts the indices)
+            pos = pos.index_select(0, self.atoms)
         pos = pos * self.nm_to_angstrom
         box_a: Optional[Tensor] = None
         if box is not None:
@@ -181,26 +189,26 @@ class TensorNetForce(nn.Module):
         capacity, cell_capacity = self.capacity, self.cell_capacity
         if not (pos.is_cuda or self.fixed_on_cpu):
             capacity, cell_capacity = -1, -1  # nothing to capture: no padding work
-        pairs = neighbor_pairs(
-            pos, self.cutoff, box_a, capacity, self.strategy, cell_capacity, half=True
-        )
+        overflow: Optional[Tensor] = None
+        if capacity >= 0 and self.every_pair:
+            edge_index = self.pair_slots
+            vectors = pair_vectors(pos, edge_index, box_a)
+        else:
+            pairs = neighbor_pairs(
+                pos, self.cutoff, box_a, capacity, self.strategy, cell_capacity, half=True
+            )
+            edge_index, vectors = pairs.edge_index, pairs.vectors
+            if capacity >= 0:
+                overflow = pairs.num_pairs > capacity
         charge: Optional[Tensor] = None if self.neutral else self.total_charge
         if self.low_memory:
-            vectors = pairs.vectors
             fixed = no_history(vectors)
-            e, grad = self.model.energy_and_gradient(
-                self.z, pairs.edge_index, fixed, charge, True, 0
-            )
+            e, grad = self.model.energy_and_gradient(self.z, edge_index, fixed, charge, True, 0)
             # the energy's value, with the gradient it has through the pair vectors: autograd
             # (OpenMM's or ours) carries it on to the positions through that small graph alone
             energy = (e + (grad * (vectors - fixed)).sum())[None]
         else:
-            energy = self.model(
-                self.z, pos, pairs.edge_index, pairs.vectors, None, charge, 1, half=True
-            )
-        overflow: Optional[Tensor] = None
-        if capacity >= 0:
-            overflow = pairs.num_pairs > capacity
+            energy = self.model(self.z, pos, edge_index, vectors, None, charge, 1, half=True)
         return energy[0] * self.ev_to_kj_per_mol, overflow
 
     def forward(

@@ -276,6 +276,44 @@ def test_exported_module_makes_no_tensor_on_the_host(strategy, low_memory):
     assert found == []
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_a_capacity_for_every_pair_makes_them_the_slots(water, periodic, low_memory):
+    """A fixed capacity that holds every pair of the ML atoms (a small molecule's, as
+    pair_capacity sizes it) makes all the pairs the slots: a force call runs no pair search and
+    no overflow check, and gives the dynamic list's energy and forces, with pairs beyond the
+    cutoff among its slots. One slot fewer and the search runs again."""
+    model = small_model()
+    if periodic:
+        z, pos, box = water
+        args = (torch.tensor(pos), torch.tensor(box))
+    else:
+        (z, pos), box = molecule(), None
+        args = (torch.tensor(pos),)
+        assert pair_capacity(model, len(z), pos * 10, None)[0] == len(z) * (len(z) - 1) // 2
+    every = len(z) * (len(z) - 1) // 2
+    beyond = neighbor_pairs(torch.tensor(pos) * 10, 1e6, None if box is None else torch.tensor(box)
+                            * 10, half=True).distances > model.cutoff_upper  # fmt: skip
+    assert beyond.shape == (every,) and beyond.any()
+    results = {}
+    for name, capacity in (("dynamic", -1), ("every", every), ("search", every - 1)):
+        module = TensorNetForce(model, z, periodic=periodic, capacity=capacity, fixed_on_cpu=True,
+                                cell_capacity=200, outputs_forces=True,
+                                low_memory=low_memory)  # fmt: skip
+        assert module.every_pair == (name == "every")
+        call = torch.jit.freeze(script(module).eval())
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            energy, forces = call(*args)
+        names = {event.name for event in prof.events()}
+        searched = bool(names & {"aten::nonzero_static", "aten::nonzero", "aten::triu_indices"})
+        assert searched == (name != "every"), name
+        results[name] = (energy.item(), forces.numpy())
+    (e0, f0), (e1, f1) = results["dynamic"], results["every"]
+    assert e1 == pytest.approx(e0, rel=1e-12)
+    np.testing.assert_allclose(f1, f0, rtol=0, atol=1e-11 * np.abs(f0).max())
+    assert results["search"][0] == pytest.approx(e0, rel=1e-12)
+
+
 def test_overflow_and_small_box_fail_loudly():
     model = small_model()
     z, pos = molecule()
