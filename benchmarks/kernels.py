@@ -22,8 +22,8 @@ a reduction may take more than one kernel, and the CPU takes a few paths of its 
 on one thread (the CPU kernels split larger work between threads, the GPU's do not) with float32
 positions (OpenMM's mixed precision), and with the channel mixing a GPU runs (``strided_mix``).
 Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821
-137 the session after and 108 since session 16 (with the CUDA-graph pair list; 119 with the
-dynamic one, 84 with radial tables; in water, ML/MM, 303, 218, 157 and 133). On an H100 the code
+137 the session after and 107 since session 16 (with the CUDA-graph pair list; 118 with the
+dynamic one, 83 with radial tables; in water, ML/MM, 303, 218, 157 and 132). On an H100 the code
 of 137 launched 203 kernels: cuBLAS's helpers, zero fills and multi-kernel ATen operators are
 what the CPU count misses. The reference's count is of its pure-PyTorch path, not of the Warp
 kernels it runs on a GPU.

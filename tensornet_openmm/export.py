@@ -209,7 +209,8 @@ class TensorNetForce(nn.Module):
             energy = (e + (grad * (vectors - fixed)).sum())[None]
         else:
             energy = self.model(self.z, pos, edge_index, vectors, None, charge, 1, half=True)
-        return energy[0] * self.ev_to_kj_per_mol, overflow
+        # reshape, not [0]: a view's gradient is a view, where select's fills zeros and copies
+        return energy.reshape(()) * self.ev_to_kj_per_mol, overflow
 
     def forward(
         self, positions: Tensor, arg1: Optional[Tensor] = None, arg2: Optional[Tensor] = None

@@ -6,8 +6,9 @@
 #
 #   STAGE    carry                    what it runs                                            about
 #   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; the GPU tests; the 22-   5 min
-#                                     atom step's graph alone (profile_step); ours on alanine
-#                                     dipeptide and a 5,000-atom box, graphs on/off
+#                                     atom step's graph alone (profile_step); kernels per
+#                                     force call; ours on alanine dipeptide and a 5,000-atom
+#                                     box, graphs on/off
 #   (none)   .dev/warp2               a bare call (`true`): warp's second part arrives        0.5 min
 #   compare  .dev/warp3               the targets: ours (exact, tables) against the reference 6 min
 #                                     and PythonForce, same run, graphs on and off
@@ -49,6 +50,11 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
     timeout 60 python3 benchmarks/profile_step.py --systems ala2 --platform CUDA --repeats 20 \
         --checkpoint /tmp/tensornet-dev/tensornet.ckpt >"$out/profile.log" 2>&1
     grep -A3 "^system" "$out/profile.log" | cut -c1-170
+    # kernels per force call on the GPU (203 for alanine dipeptide at b7b30d5 on an H100; the CPU
+    # count since session 16 is 107, 84 with tables)
+    timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
+        --systems ala2 --routes ours ours-tables --top 60 >"$out/kernels.log" 2>&1
+    grep "per call" "$out/kernels.log"
     timeout 100 "${bench[@]}" --systems ala2 water --water-sizes 5000 \
         --routes ours --graphs both --seconds 1.5 --timeout 40 \
         --csv "$out/tests.csv" >"$out/tests.log" 2>&1
