@@ -235,11 +235,12 @@ def _brute_half_at_once(
     """The brute-force half list when every candidate fits in one block (a small molecule's):
     the same pairs, vectors and order as the general search (candidates (i, j > i) in row-major
     order; with a capacity, the first ``capacity`` found, unused slots padded as
-    :meth:`_Compactor.pairs` pads them), with the candidates' vectors computed once and kept for
-    the pairs found: a dozen operators instead of some thirty, or some forty with a capacity
-    (each a GPU kernel in a CUDA graph; alanine dipeptide: 231 candidates). The candidates are
-    measured without a graph; the vectors of the pairs found are then taken from the positions
-    again, so that the gradient flows through the pairs alone."""
+    :meth:`_Compactor.pairs` pads them), in one pass over the candidates instead of blocks:
+    some twenty operators instead of some forty with a capacity (each a GPU kernel in a CUDA
+    graph; alanine dipeptide: 231 candidates). The candidates are measured without a graph, with
+    their lattice shifts kept; the vectors of the pairs found are then taken from the positions
+    again, so that the gradient flows through the pairs alone. (A force whose capacity holds
+    every candidate skips the search: ``TensorNetForce.every_pair``.)"""
     n = positions.shape[0]
     candidates = torch.triu_indices(n, n, 1, device=positions.device)
     with torch.no_grad():
