@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .neighbors import cell_list_min_atoms, check_box, neighbor_pairs, pair_vectors
+from .neighbors import cell_list_min_atoms, check_box, minimum_image_of, neighbor_pairs
 from .nn import TensorNet
 from .nn.kernels import use_fused_kernels
 from .nn.model import no_history
@@ -155,6 +155,9 @@ class TensorNetForce(nn.Module):
                     f"{f'listed more than once: {twice}' if twice else 'negative ones given'}"
                 )
         self.register_buffer("atoms", index.to(torch.int64))
+        # the slots' particles among the System's: their vectors come from OpenMM's positions
+        # directly, with no selection of the ML atoms to differentiate
+        self.register_buffer("pair_particles", self.atoms[self.pair_slots])
         try:
             charge = float(total_charge)
         except (TypeError, ValueError):
@@ -180,9 +183,6 @@ class TensorNetForce(nn.Module):
         """Energy (kJ/mol, model dtype) of the ML atoms, and whether the pair slots overflowed
         (None where they cannot: the dynamic pair list, off CUDA, or every pair a slot)."""
         pos = positions.to(self.dtype)
-        if self.use_subset:  # (index_select: advanced indexing's gradient sorts the indices)
-            pos = pos.index_select(0, self.atoms)
-        pos = pos * self.nm_to_angstrom
         box_a: Optional[Tensor] = None
         if box is not None:
             box_a = box.to(self.dtype) * self.nm_to_angstrom
@@ -191,9 +191,18 @@ class TensorNetForce(nn.Module):
             capacity, cell_capacity = -1, -1  # nothing to capture: no padding work
         overflow: Optional[Tensor] = None
         if capacity >= 0 and self.every_pair:
+            # every pair a slot: their vectors in A straight from the positions in nm, one
+            # operator each way with the fused kernels (no selection of the ML atoms, no scale)
             edge_index = self.pair_slots
-            vectors = pair_vectors(pos, edge_index, box_a)
+            particles = self.pair_particles
+            vectors = self.model.tensor_embedding.pair_kernels.pair_difference(
+                pos, particles[0], particles[1], self.nm_to_angstrom
+            )
+            vectors = minimum_image_of(vectors, box_a)
         else:
+            if self.use_subset:  # (index_select: advanced indexing's gradient sorts the indices)
+                pos = pos.index_select(0, self.atoms)
+            pos = pos * self.nm_to_angstrom
             pairs = neighbor_pairs(
                 pos, self.cutoff, box_a, capacity, self.strategy, cell_capacity, half=True
             )

@@ -120,11 +120,17 @@ def _lattice_shift(d: Tensor, box: Optional[Tensor]) -> Optional[Tensor]:
     return shift
 
 
-def _displacements(pos: Tensor, i: Tensor, j: Tensor, box: Optional[Tensor]) -> Tensor:
-    """r_ij = pos[i] - pos[j] of the pairs (i, j), under minimum image when there is a box."""
-    d = _difference(pos, i, j)
+def minimum_image_of(d: Tensor, box: Optional[Tensor]) -> Tensor:
+    """Differences ``d`` (P, 3) under minimum image when there is a box (reduced, see
+    :func:`check_box`), by a constant lattice shift (see :func:`_lattice_shift`); ``d`` itself
+    without a box."""
     shift = _lattice_shift(d, box)
     return d if shift is None else d + shift
+
+
+def _displacements(pos: Tensor, i: Tensor, j: Tensor, box: Optional[Tensor]) -> Tensor:
+    """r_ij = pos[i] - pos[j] of the pairs (i, j), under minimum image when there is a box."""
+    return minimum_image_of(_difference(pos, i, j), box)
 
 
 def pair_vectors(positions: Tensor, edge_index: Tensor, box: Optional[Tensor] = None) -> Tensor:

@@ -16,7 +16,7 @@ from tensornet_openmm import create_force
 from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
 from tensornet_openmm.forces import load_system, make_torch_force, save_system
 from tensornet_openmm.neighbors import neighbor_pairs
-from tensornet_openmm.nn import layers
+from tensornet_openmm.nn import kernels, layers
 from tensornet_openmm.units import EV_TO_KJ_PER_MOL
 
 PLATFORMS = ["Reference", "CPU"]
@@ -276,30 +276,52 @@ def test_exported_module_makes_no_tensor_on_the_host(strategy, low_memory):
     assert found == []
 
 
-@pytest.mark.parametrize("periodic", [False, True])
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_a_capacity_for_every_pair_makes_them_the_slots(water, periodic, low_memory):
+EVERY_PAIR_CASES = {  # periodic, low_memory, ML region among other particles, fused kernels
+    "vacuum": (False, False, False, False),
+    "box": (True, False, False, False),
+    "vacuum-lowmem": (False, True, False, False),
+    "box-lowmem": (True, True, False, False),
+    "vacuum-fused": (False, False, False, True),
+    "box-fused": (True, False, False, True),
+    "box-lowmem-fused": (True, True, False, True),
+    "region": (False, False, True, False),
+    "region-fused": (False, False, True, True),
+}
+
+
+@pytest.mark.parametrize(
+    "periodic, low_memory, region, fused", EVERY_PAIR_CASES.values(), ids=EVERY_PAIR_CASES.keys()
+)
+def test_a_capacity_for_every_pair_makes_them_the_slots(water, periodic, low_memory, region, fused):
     """A fixed capacity that holds every pair of the ML atoms (a small molecule's, as
     pair_capacity sizes it) makes all the pairs the slots: a force call runs no pair search and
     no overflow check, and gives the dynamic list's energy and forces, with pairs beyond the
-    cutoff among its slots. One slot fewer and the search runs again."""
+    cutoff among its slots. Their vectors come from the System's positions directly (with the
+    fused kernels one ``pair_difference`` operator), also for an ML region among other
+    particles, which get no force. One slot fewer and the search runs again."""
+    if fused and not kernels.load():
+        pytest.skip("no fused kernels here")
     model = small_model()
     if periodic:
         z, pos, box = water
-        args = (torch.tensor(pos), torch.tensor(box))
     else:
         (z, pos), box = molecule(), None
-        args = (torch.tensor(pos),)
         assert pair_capacity(model, len(z), pos * 10, None)[0] == len(z) * (len(z) - 1) // 2
     every = len(z) * (len(z) - 1) // 2
     beyond = neighbor_pairs(torch.tensor(pos) * 10, 1e6, None if box is None else torch.tensor(box)
                             * 10, half=True).distances > model.cutoff_upper  # fmt: skip
     assert beyond.shape == (every,) and beyond.any()
+    atoms, particles = None, pos
+    if region:  # two particles before the ML atoms, one after
+        atoms = list(range(2, 2 + len(z)))
+        particles = np.concatenate([[[0.9, 0.1, 0.2], [0.3, 1.1, 0.4]], pos, [[1.4, 0.2, 0.9]]])
+    args = (torch.tensor(particles),) if box is None else (torch.tensor(particles),
+                                                           torch.tensor(box))  # fmt: skip
     results = {}
     for name, capacity in (("dynamic", -1), ("every", every), ("search", every - 1)):
-        module = TensorNetForce(model, z, periodic=periodic, capacity=capacity, fixed_on_cpu=True,
-                                cell_capacity=200, outputs_forces=True,
-                                low_memory=low_memory)  # fmt: skip
+        module = TensorNetForce(model, z, atoms=atoms, periodic=periodic, capacity=capacity,
+                                fixed_on_cpu=True, cell_capacity=200, outputs_forces=True,
+                                low_memory=low_memory, fused_kernels=fused)  # fmt: skip
         assert module.every_pair == (name == "every")
         call = torch.jit.freeze(script(module).eval())
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -307,10 +329,14 @@ def test_a_capacity_for_every_pair_makes_them_the_slots(water, periodic, low_mem
         names = {event.name for event in prof.events()}
         searched = bool(names & {"aten::nonzero_static", "aten::nonzero", "aten::triu_indices"})
         assert searched == (name != "every"), name
+        if name == "every":
+            assert ("tensornet_openmm::pair_difference" in names) == fused
         results[name] = (energy.item(), forces.numpy())
     (e0, f0), (e1, f1) = results["dynamic"], results["every"]
     assert e1 == pytest.approx(e0, rel=1e-12)
     np.testing.assert_allclose(f1, f0, rtol=0, atol=1e-11 * np.abs(f0).max())
+    if region:
+        assert np.all(f1[[0, 1, -1]] == 0.0) and np.abs(f1[2:-1]).max() > 0
     assert results["search"][0] == pytest.approx(e0, rel=1e-12)
 
 

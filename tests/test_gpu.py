@@ -255,7 +255,16 @@ def _fused_cases(channels):
     for a, c, lower in ((1.0, 0.033, 0.0), (0.0, 1.0, 0.6)):  # exp-normal and Gaussian grids
         table = functools.partial(_table, a, c, lower)
         cases.append((f"table-a={a}", table, [rand(p, 3) * 2.5, rand(12, 4, f)]))
+    # pairs repeating atoms (their gradients add up atomically on the GPU)
+    difference = functools.partial(_pair_difference, src, dst)
+    cases.append(("pair-difference", difference, [rand(n, 3)]))
     return cases
+
+
+def _pair_difference(src, dst, pos):
+    return torch.ops.tensornet_openmm.pair_difference(
+        pos, src.to(pos.device), dst.to(pos.device), 10.0
+    )
 
 
 def _table(a, c, lower, vectors, table):

@@ -303,6 +303,35 @@ def test_geometry_kernel_refuses_bad_input_and_basis_gradients():
         torch.autograd.grad(out[2].sum(), trained)
 
 
+def test_pair_difference_values_gradients_and_errors():
+    """pair_difference(pos, src, dst, scale) = scale (pos[src] - pos[dst]) against PyTorch in
+    float64, atoms in many pairs and in none; gradcheck; float32 as the model runs it; bad
+    input refused with the value."""
+    g = torch.Generator().manual_seed(8)
+    pos = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    src, dst = _pairs()
+    op = torch.ops.tensornet_openmm.pair_difference
+    expected = (pos[src] - pos[dst]) * 10.0
+    got = op(pos, src, dst, 10.0)
+    torch.testing.assert_close(got, expected, rtol=1e-15, atol=0)
+    seed = torch.randn(23, 3, generator=g, dtype=torch.float64)
+    (wanted,) = torch.autograd.grad(expected, pos, seed)
+    (actual,) = torch.autograd.grad(got, pos, seed)
+    torch.testing.assert_close(actual, wanted, rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda x: op(x, src, dst, 0.5), (pos,))
+    single = pos.detach().float()
+    torch.testing.assert_close(op(single, src, dst, 10.0), (single[src] - single[dst]) * 10.0)
+    assert op(pos, src[:0], dst[:0], 10.0).shape == (0, 3)
+    with pytest.raises(RuntimeError, match=r"pair 4 is \(\d+, 40\): atom indices must lie"):
+        bad = dst.clone()
+        bad[4] = 40
+        op(pos, src, bad, 10.0)
+    with pytest.raises(RuntimeError, match=r"positions must be \(atoms, 3\), got \[9, 2\]"):
+        op(pos[:, :2], src, dst, 10.0)
+    with pytest.raises(RuntimeError, match="pair indices must be two vectors"):
+        op(pos, src[None], dst, 10.0)
+
+
 def test_bad_input_is_refused_with_the_value():
     src, dst = _pairs()
     y, filters = torch.randn(9, 10, 6), torch.randn(23, 3, 6)

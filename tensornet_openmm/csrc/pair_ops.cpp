@@ -76,6 +76,10 @@ std::tuple<at::Tensor, at::Tensor> product_normalize_grad(const at::Tensor& grad
                                                           bool want_a, bool want_b);
 at::Tensor square_add(const at::Tensor& x, const at::Tensor& d, const at::Tensor& q);
 at::Tensor square_add_grad(const at::Tensor& grad, const at::Tensor& d, const at::Tensor& q);
+at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
+                           double scale);
+at::Tensor pair_difference_grad(const at::Tensor& grad, const at::Tensor& src,
+                                const at::Tensor& dst, int64_t atoms, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
                                                         const at::Tensor& centers,
                                                         const at::Tensor& widths, int64_t kind,
@@ -1960,6 +1964,97 @@ at::Tensor mlp_op(const at::Tensor& basis, const at::Tensor& cut,
   return Mlp::apply(basis, cut, weights, biases, activation);
 }
 
+// ---- Pair differences -----------------------------------------------------------------------
+// r_p = scale (pos[src[p]] - pos[dst[p]]): one pass over the pairs forward, and backward one
+// scatter of +scale g_p onto src[p] and -scale g_p onto dst[p]. In PyTorch the same takes two
+// gathers, a difference and a scale forward, and backward a negation, the scale and two index_adds
+// (each a zero fill and a scatter on a GPU) and their sum: eight kernels against three.
+
+at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& src_in,
+                                  const at::Tensor& dst_in, double scale) {
+  TORCH_CHECK(pos_in.dim() == 2 && pos_in.size(1) == 3,
+              "pair_difference: positions must be (atoms, 3), got ", pos_in.sizes());
+  TORCH_CHECK(at::isFloatingType(pos_in.scalar_type()),
+              "pair_difference: positions must be floating point, got ", pos_in.scalar_type());
+  [[maybe_unused]] const bool cuda = on_cuda("pair_difference", {pos_in, src_in, dst_in});
+  TORCH_CHECK(src_in.dim() == 1, "pair_difference: pair indices must be two vectors, got ",
+              src_in.sizes(), " and ", dst_in.sizes());
+  const int64_t pairs = src_in.size(0), atoms = pos_in.size(0);
+  const auto [src, dst] = checked_pairs(src_in, dst_in, pairs, atoms, pos_in.device());
+  const at::Tensor pos = pos_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::pair_difference(pos, src, dst, scale);
+#endif
+  at::Tensor out = at::empty({pairs, 3}, pos.options());
+  AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "tensornet_openmm_pair_difference", [&] {
+    const scalar_t* x = pos.data_ptr<scalar_t>();
+    const int64_t *s = src.data_ptr<int64_t>(), *d = dst.data_ptr<int64_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t k = static_cast<scalar_t>(scale);
+    split(pairs, kPairGrain, pairs * 3, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t c = 0; c < 3; ++c) o[3 * p + c] = k * (x[3 * s[p] + c] - x[3 * d[p] + c]);
+      }
+    });
+  });
+  return out;
+}
+
+// The positions' gradient (atoms, 3): pairs in order, on one thread (the same sums every run).
+at::Tensor pair_difference_grad_kernel(const at::Tensor& grad_in, const at::Tensor& src,
+                                       const at::Tensor& dst, int64_t atoms, double scale) {
+  const at::Tensor grad = grad_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (grad.is_cuda()) return tn_cuda::pair_difference_grad(grad, src, dst, atoms, scale);
+#endif
+  at::Tensor out = at::zeros({atoms, 3}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tensornet_openmm_pair_difference_grad", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const int64_t *s = src.data_ptr<int64_t>(), *d = dst.data_ptr<int64_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t k = static_cast<scalar_t>(scale);
+    for (int64_t p = 0; p < src.size(0); ++p) {
+      for (int64_t c = 0; c < 3; ++c) {
+        const scalar_t v = k * g[3 * p + c];
+        o[3 * s[p] + c] += v;
+        o[3 * d[p] + c] -= v;
+      }
+    }
+  });
+  return out;
+}
+
+class PairDifference : public torch::autograd::Function<PairDifference> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pos, const at::Tensor& src,
+                            const at::Tensor& dst, double scale) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = pair_difference_kernel(pos, src, dst, scale);
+    }
+    ctx->save_for_backward({src.contiguous(), dst.contiguous()});
+    ctx->saved_data["atoms"] = pos.size(0);
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(4);
+    if (!ctx->needs_input_grad(0) || !grads[0].defined()) return result;
+    const auto saved = ctx->get_saved_variables();
+    result[0] = pair_difference_grad_kernel(grads[0], saved[0], saved[1],
+                                            ctx->saved_data["atoms"].toInt(),
+                                            ctx->saved_data["scale"].toDouble());
+    return result;
+  }
+};
+
+at::Tensor pair_difference_op(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
+                              double scale) {
+  return PairDifference::apply(pos, src, dst, scale);
+}
+
 // ---- Pair geometry --------------------------------------------------------------------------
 // The cosine cutoff, packed (1, u, u u^T) and radial basis of every pair vector, and the gradient
 // back to the vectors (tn_math::geometry): one pass over the pairs each way instead of a dozen
@@ -2273,6 +2368,7 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "mlp(Tensor x, Tensor scale, Tensor[] weights, Tensor[] biases, int activation) -> "
       "Tensor");
+  m.def("pair_difference(Tensor pos, Tensor src, Tensor dst, float scale) -> Tensor");
   m.def(
       "geometry(Tensor vec, Tensor centers, Tensor widths, int kind, float alpha, "
       "float basis_lower, float lower, float upper) -> (Tensor, Tensor, Tensor)");
@@ -2299,6 +2395,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("mlp", mlp_kernel);
   m.impl("geometry", geometry_kernel);
   m.impl("radial_table", radial_table_kernel);
+  m.impl("pair_difference", pair_difference_kernel);
 }
 
 #ifdef TN_WITH_CUDA
@@ -2320,6 +2417,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("geometry", geometry_kernel);
   m.impl("mlp", mlp_kernel);
   m.impl("radial_table", radial_table_kernel);
+  m.impl("pair_difference", pair_difference_kernel);
 }
 #endif
 
@@ -2337,4 +2435,5 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("mlp", mlp_op);
   m.impl("geometry", geometry_op);
   m.impl("radial_table", radial_table_op);
+  m.impl("pair_difference", pair_difference_op);
 }

@@ -332,6 +332,32 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
   if (lane == 0 && g_scale != nullptr) g_scale[row] = sum;
 }
 
+// r[p] = scale (pos[src[p]] - pos[dst[p]]), one thread per pair and coordinate
+template <typename T>
+__global__ void pair_difference_kernel(const T* __restrict__ pos, const int64_t* __restrict__ src,
+                                       const int64_t* __restrict__ dst, T scale,
+                                       T* __restrict__ out, int64_t pairs, int64_t atoms) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= 3 * pairs) return;
+  const int64_t p = k / 3, c = k - 3 * p, i = src[p], j = dst[p];
+  check_pair(i, j, atoms);
+  out[k] = scale * (pos[3 * i + c] - pos[3 * j + c]);
+}
+
+// g_pos[src[p]] += scale g[p] and g_pos[dst[p]] -= scale g[p] (g_pos zeroed), atomically
+template <typename T>
+__global__ void pair_difference_grad_kernel(const T* __restrict__ grad,
+                                            const int64_t* __restrict__ src,
+                                            const int64_t* __restrict__ dst, T scale,
+                                            T* __restrict__ g_pos, int64_t pairs) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= 3 * pairs) return;
+  const int64_t p = k / 3, c = k - 3 * p;
+  const T v = scale * grad[k];
+  atomicAdd(g_pos + 3 * src[p] + c, v);
+  atomicAdd(g_pos + 3 * dst[p] + c, -v);
+}
+
 template <typename T>
 __global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
                                 T* __restrict__ cut, T* __restrict__ geom, T* __restrict__ basis,
@@ -747,6 +773,38 @@ std::tuple<at::Tensor, at::Tensor> activate_scaled_grad(int64_t activation, cons
   });
   check_launch();
   return {d, g_scale};
+}
+
+at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
+                           double scale) {
+  const c10::cuda::CUDAGuard guard(pos.device());
+  const int64_t pairs = src.size(0);
+  at::Tensor out = at::empty({pairs, 3}, pos.options());
+  if (pairs == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "tensornet_openmm_pair_difference_cuda", [&] {
+    pair_difference_kernel<scalar_t><<<blocks_for(3 * pairs), kThreads, 0, stream>>>(
+        pos.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
+        static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), pairs, pos.size(0));
+  });
+  check_launch();
+  return out;
+}
+
+at::Tensor pair_difference_grad(const at::Tensor& grad, const at::Tensor& src,
+                                const at::Tensor& dst, int64_t atoms, double scale) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t pairs = src.size(0);
+  at::Tensor out = at::zeros({atoms, 3}, grad.options());
+  if (pairs == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tensornet_openmm_pair_difference_grad_cuda", [&] {
+    pair_difference_grad_kernel<scalar_t><<<blocks_for(3 * pairs), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
+        static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), pairs);
+  });
+  check_launch();
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,

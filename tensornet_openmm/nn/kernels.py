@@ -450,6 +450,14 @@ class PairKernels(nn.Module):
         (:mod:`tensornet_openmm.nn.tables`)."""
         return interpolate(vec, table, a, alpha, c, inv_h, lower, upper)
 
+    def pair_difference(self, pos: Tensor, src: Tensor, dst: Tensor, scale: float) -> Tensor:
+        """scale (pos[src] - pos[dst]), (P, 3): pair vectors straight from positions (OpenMM's,
+        in nm, with ``scale`` 10 for A), differentiable in ``pos``."""
+        return self._torch_pair_difference(pos, src, dst, scale)
+
+    def _torch_pair_difference(self, pos: Tensor, src: Tensor, dst: Tensor, scale: float) -> Tensor:
+        return (pos.index_select(0, src) - pos.index_select(0, dst)) * scale
+
     def _torch_mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
@@ -649,6 +657,14 @@ class FusedPairKernels(PairKernels):
         return torch.ops.tensornet_openmm.geometry(
             vec, centers, widths, kind, alpha, basis_lower, lower, upper
         )
+
+    def pair_difference(self, pos: Tensor, src: Tensor, dst: Tensor, scale: float) -> Tensor:
+        """One operator each way (the ``pair_difference`` kernel): forward one pass over the
+        pairs, backward a zero fill and one scatter, where PyTorch takes two gathers, a
+        difference and a scale, and backward their five or six kernels (GPU)."""
+        if self.applies(pos):
+            return torch.ops.tensornet_openmm.pair_difference(pos, src, dst, scale)
+        return self._torch_pair_difference(pos, src, dst, scale)
 
     def radial_table(
         self,
