@@ -2,8 +2,9 @@
 
 For a GPU step under CUDA graphs the time is the sum of the kernels the graph replays, so their
 number and their longest members say where fusion or less padding would pay. For each system this
-runs the force module as the TorchForce does (scripted and frozen, energy and backward to the
-positions), after warm-up, under torch.profiler:
+runs the force module as the TorchForce does (scripted and frozen; its forces output, or for a
+module that returns an energy alone openmm-torch's backward, copy and zeroing of the positions'
+gradient), after warm-up, under torch.profiler:
 
 - ``ours``: our module with the fixed pair capacity it gets under CUDA graphs (``create_force``'s
   sizing from the starting positions); ``ours-dynamic``: the exact dynamic pair list, as without
@@ -75,6 +76,7 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
                     model, z, periodic=periodic, capacity=capacity if fixed else -1,
                     strategy=strategy, cell_capacity=cell_capacity if fixed else -1,
                     fixed_on_cpu=fixed, low_memory=route == "ours-lowmem",
+                    outputs_forces=True,  # as create_force
                     fused_kernels=wanted() and route != "ours-pytorch",  # as create_force
                     radial_tables=1e-6 if route == "ours-tables" else None,
                 )
@@ -167,11 +169,18 @@ def profile_calls(module, pos, box, device, calls: int):
     the module docstring) as {name: (count, ms)}."""
     from torch.profiler import ProfilerActivity, profile
 
+    x = pos.to(torch.float32).requires_grad_(True)  # as OpenMM's mixed precision passes them
+
     def call():
-        x = pos.to(torch.float32).requires_grad_(True)  # as OpenMM's mixed precision passes them
         out = module(x) if box is None else module(x, box)
-        energy = out[0] if isinstance(out, tuple) else out
-        energy.backward()
+        if isinstance(out, tuple):  # the module returns the forces (ours, as create_force makes it)
+            return
+        # an energy alone: openmm-torch's backward into the positions' gradient, its copy and
+        # its zeroing for the next step
+        out.backward()
+        assert x.grad is not None
+        x.grad.clone()
+        x.grad.zero_()
 
     cuda = device.type == "cuda"
     threads = torch.get_num_threads()

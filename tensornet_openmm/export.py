@@ -128,6 +128,7 @@ class TensorNetForce(nn.Module):
         if radial_tables is not None:
             self.radial_tables = describe(tabulate_radial(self.model, radial_tables))
         self.model.store_self_pair_terms()  # constants of the weights: computed once, here
+        self.model.store_energy_scale(EV_TO_KJ_PER_MOL)  # energies in kJ/mol, no product a call
         dtype = next(self.model.parameters()).dtype
         z = torch.as_tensor(np.asarray(atomic_numbers, dtype=np.int64))
         if z.ndim != 1 or z.numel() == 0:
@@ -175,7 +176,6 @@ class TensorNetForce(nn.Module):
         self.cutoff = float(self.model.cutoff_upper)
         self.dtype = dtype
         self.nm_to_angstrom = NM_TO_ANGSTROM
-        self.ev_to_kj_per_mol = EV_TO_KJ_PER_MOL
 
     def energy_and_overflow(
         self, positions: Tensor, box: Optional[Tensor]
@@ -219,7 +219,7 @@ class TensorNetForce(nn.Module):
         else:
             energy = self.model(self.z, pos, edge_index, vectors, None, charge, 1, half=True)
         # reshape, not [0]: a view's gradient is a view, where select's fills zeros and copies
-        return energy.reshape(()) * self.ev_to_kj_per_mol, overflow
+        return energy.reshape(()), overflow  # kJ/mol: see store_energy_scale
 
     def forward(
         self, positions: Tensor, arg1: Optional[Tensor] = None, arg2: Optional[Tensor] = None
@@ -247,14 +247,16 @@ class TensorNetForce(nn.Module):
             energy = energy + nan_or_zero * positions.sum().to(energy.dtype)
         if scale is not None:
             energy = energy * scale.to(energy.dtype)
-        forces = torch.zeros_like(positions)
-        if self.outputs_forces:
-            # openmm-torch differentiates the energy again for the scale's derivative
-            grad = torch.autograd.grad(
-                [energy], [positions], retain_graph=scale is not None, allow_unused=True
-            )[0]
-            if grad is not None:
-                forces = -grad
+        if not self.outputs_forces:
+            return energy, torch.zeros_like(positions)  # dropped by _EnergyOnly (and freezing)
+        # seeded with -1, the gradient is the forces: no negation. openmm-torch differentiates
+        # the energy again for the scale's derivative
+        seed: list[Optional[Tensor]] = [torch.full_like(energy, -1.0)]
+        forces = torch.autograd.grad(
+            [energy], [positions], seed, retain_graph=scale is not None, allow_unused=True
+        )[0]
+        if forces is None:
+            forces = torch.zeros_like(positions)
         return energy, forces
 
 

@@ -156,7 +156,7 @@ def create_force(
     capacity: int | None = None,
     capacity_margin: float = 1.5,
     strategy: str = "auto",
-    outputs_forces: bool = False,
+    outputs_forces: bool = True,
     cuda_graph_warmup_steps: int = 10,
     lambda_parameter: str | None = None,
     name: str = "TensorNet",
@@ -197,7 +197,10 @@ def create_force(
     strategy : str
         Pair search: "auto", "brute" or "cell".
     outputs_forces : bool
-        Compute forces inside the module (``setOutputsForces``).
+        Compute forces inside the module (``setOutputsForces``; default). Under CUDA graphs the
+        module's graph then ends with the forces themselves, where openmm-torch's own backward
+        adds three kernels a step (accumulating into, copying and zeroing the positions'
+        gradient). False: openmm-torch differentiates the energy.
     cuda_graph_warmup_steps : int
         Eager steps before capture.
     lambda_parameter : str, optional

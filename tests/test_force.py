@@ -202,12 +202,39 @@ def _graph_nodes(block):
             yield from _graph_nodes(inner)
 
 
+@pytest.mark.parametrize("reduce_op", ["sum", "mean"])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_the_force_folds_the_energy_scale_and_unit_into_its_copy(reduce_op, low_memory):
+    """TensorNetForce gives kJ/mol with no products of its own: its copy of the model has the
+    output scale (std) and eV -> kJ/mol in the last linear's weights, and the unit in the atom
+    references and the mean. Energy and forces equal the eager model's times the unit, for a
+    model with all three set; the caller's model is left as it was."""
+    model = small_model(atomref_size=10, reduce_op=reduce_op)
+    with torch.no_grad():
+        model.std.fill_(1.7)
+        model.mean.fill_(-0.3)
+        model.atomref.copy_(torch.linspace(-2.0, 1.0, 10, dtype=torch.float64))
+    before = model.output_network[2].weight.clone()
+    z, pos = molecule()
+    module = TensorNetForce(model, z, outputs_forces=True, low_memory=low_memory)
+    assert module.model.std_folded and not model.std_folded
+    assert torch.equal(model.output_network[2].weight, before) and model.std.item() == 1.7
+    energy, forces = torch.jit.freeze(script(module).eval())(torch.tensor(pos))
+    ref_energy, ref_forces = eager(model, z, pos)
+    assert energy.item() == pytest.approx(ref_energy, rel=1e-12)
+    np.testing.assert_allclose(forces.numpy(), ref_forces, rtol=0,
+                               atol=1e-10 * np.abs(ref_forces).max())  # fmt: skip
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
 def test_self_pair_terms_are_computed_once_at_export(fused):
     """The self pairs' radial terms (r = 0) depend on the weights alone and torch.jit.freeze does
     not fold them: TensorNetForce computes them once, on its own copy of the model, and the
     force calls read them. Same energy and forces to the last bit; the stored values are what
-    runs (changing them changes the energy); no cosine is left in a fused force call."""
+    runs (changing them changes the energy); no cosine is left in a fused force call. With
+    them, the embedding's gates come per packed component from its stored weights (no
+    selection of the parts' gates: one index_select fewer forward and backward): the same
+    energy to the last bit, the forces to rounding (the gradient sums in another order)."""
     model = small_model()
     z, pos = molecule()
     x = torch.tensor(pos, dtype=torch.float64)
@@ -215,14 +242,25 @@ def test_self_pair_terms_are_computed_once_at_export(fused):
     assert stored.model.self_basis.shape == (1, model.config.num_rbf)
     for layer in [stored.model.tensor_embedding, *stored.model.layers]:
         assert layer.self_radial.shape == (1, 3, model.config.hidden_channels)
+    f = model.config.hidden_channels
+    assert stored.model.tensor_embedding.stored_gate_weight.shape == (10 * f, 2 * f)
     assert model.self_basis.numel() == 0  # the caller's model is left alone
     computed = TensorNetForce(model, z, outputs_forces=True, fused_kernels=fused)
     computed.model.clear_self_pair_terms()
     call = torch.jit.freeze(script(stored).eval())
     e_stored, f_stored = call(x)
-    e_computed, f_computed = torch.jit.freeze(script(computed).eval())(x)
-    assert torch.equal(e_stored, e_computed) and torch.equal(f_stored, f_computed)
+    computed_call = torch.jit.freeze(script(computed).eval())
+    e_computed, f_computed = computed_call(x)
+    assert torch.equal(e_stored, e_computed)
+    torch.testing.assert_close(f_stored, f_computed, rtol=1e-12, atol=1e-12)
     if fused:  # the pairs' cutoffs are the geometry operator's: any cosine is a self pair's
+        selections = []
+        for run in (call, computed_call):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                run(x)
+            names = [event.name for event in prof.events()]
+            selections.append(names.count("aten::index_select"))
+        assert selections[0] < selections[1]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             call(x)
         assert "aten::cos" not in {event.name for event in prof.events()}
