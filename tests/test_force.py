@@ -233,7 +233,8 @@ def test_self_pair_terms_are_computed_once_at_export(fused):
     force calls read them. Same energy and forces to the last bit; the stored values are what
     runs (changing them changes the energy); no cosine is left in a fused force call. With
     them, the embedding's gates come per packed component from its stored weights (no
-    selection of the parts' gates: one index_select fewer forward and backward): the same
+    selection of the parts' gates: one index_select fewer forward and backward), and the pair
+    networks' first linears stored as one run all the networks in one operator: the same
     energy to the last bit, the forces to rounding (the gradient sums in another order)."""
     model = small_model()
     z, pos = molecule()
@@ -260,6 +261,8 @@ def test_self_pair_terms_are_computed_once_at_export(fused):
                 run(x)
             names = [event.name for event in prof.events()]
             selections.append(names.count("aten::index_select"))
+            # every pair network in one operator where their first linears are stored
+            assert ("tensornet_openmm::radial_networks" in names) == (run is call)
         assert selections[0] < selections[1]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             call(x)

@@ -258,7 +258,25 @@ def _fused_cases(channels):
     # pairs repeating atoms (their gradients add up atomically on the GPU)
     difference = functools.partial(_pair_difference, src, dst)
     cases.append(("pair-difference", difference, [rand(n, 3)]))
+    # every radial network at once: a projection (3 f, scaled, through a strided view on the
+    # GPU) and two networks (f -> 7 -> 3 f)
+    weights = [w for _ in range(2) for w in (rand(7, f), rand(3 * f, 7))]
+    biases = [b for _ in range(2) for b in (rand(7), rand(3 * f))]
+    for act in (0, 1):
+        networks = functools.partial(_radial_networks, act, rand(5 * f, 8), rand(5 * f), weights,
+                                     biases)  # fmt: skip
+        cases.append((f"radial-networks-{act}", networks, [rand(p, 8), rand(p)]))
     return cases
+
+
+def _radial_networks(act, w0, b0, weights, biases, basis, cut):
+    """The operator's outputs in one tensor, its constant weights on the basis's device."""
+    dev = basis.device
+    out = torch.ops.tensornet_openmm.radial_networks(
+        basis, cut, w0.to(dev), b0.to(dev), w0.shape[0] * 3 // 5, 2,
+        [w.to(dev) for w in weights], [b.to(dev) for b in biases], act,
+    )  # fmt: skip
+    return torch.cat([o.flatten() for o in out])
 
 
 def _pair_difference(src, dst, pos):

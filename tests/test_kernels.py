@@ -303,6 +303,66 @@ def test_geometry_kernel_refuses_bad_input_and_basis_gradients():
         torch.autograd.grad(out[2].sum(), trained)
 
 
+def _network_inputs(seed=1, pairs=37, functions=8, f=6, networks=2):
+    """Basis, cutoff, first linears (a projection of 3 f rows, then f rows per network) and two
+    further layers per network (f -> 2 f -> 3 f), float64."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    rows = 3 * f + networks * f
+    weights = [w for _ in range(networks) for w in (r(2 * f, f), r(3 * f, 2 * f))]
+    biases = [b for _ in range(networks) for b in (r(2 * f), r(3 * f))]
+    return r(pairs, functions), r(pairs), r(rows, functions), r(rows), weights, biases
+
+
+@pytest.mark.parametrize("act", [0, 1], ids=["silu", "tanh"])
+def test_radial_networks_operator_equals_the_networks_one_by_one(act, two_threads):
+    """radial_networks: every pair network in one operator (the first linears one matrix product
+    each way) against the same networks in PyTorch: values, the gradients of the basis and the
+    cutoff (all outputs used, and some unused), gradcheck; weights that want gradients and
+    mismatched shapes are refused with the values."""
+    basis, cut, w0, b0, weights, biases = _network_inputs()
+    basis.requires_grad_()
+    cut.requires_grad_()
+    f = 6
+    op = torch.ops.tensornet_openmm.radial_networks
+    torch_kernels = kernels.PairKernels(torch.float64)
+
+    def both():
+        args = (basis, cut, w0, b0, 3 * f, 2, weights, biases, act)
+        return op(*args), torch_kernels.radial_networks(*args)
+
+    got, expected = both()
+    assert [t.shape for t in got] == [(37, 3 * f)] * 3
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+    g = torch.Generator().manual_seed(2)
+    seeds = [torch.randn(e.shape, generator=g, dtype=torch.float64) for e in expected]
+    actual = torch.autograd.grad(got, [basis, cut], seeds)
+    wanted = torch.autograd.grad(expected, [basis, cut], seeds)
+    for a, e in zip(actual, wanted, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    got, expected = both()  # the last network's output unused
+    actual = torch.autograd.grad(got[0].sum() + got[1].sum(), [basis, cut])
+    wanted = torch.autograd.grad(expected[0].sum() + expected[1].sum(), [basis, cut])
+    for a, e in zip(actual, wanted, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, c: op(x, c, w0, b0, 3 * f, 2, weights, biases, act), (basis, cut)
+    )
+    trained = [w.clone().requires_grad_() for w in weights]
+    with pytest.raises(RuntimeError, match="no gradients for the weights"):
+        op(basis, cut, w0, b0, 3 * f, 2, trained, biases, act)
+    with pytest.raises(RuntimeError, match="network 1 layer 2 has weight \\[18, 11\\]"):
+        op(basis, cut, w0, b0, 3 * f, 2, weights[:3] + [weights[3][:, :11]], biases, act)
+    with pytest.raises(RuntimeError, match="30 first-layer rows are not a projection of 17"):
+        op(basis, cut, w0, b0, 17, 2, weights, biases, act)
+    with pytest.raises(RuntimeError, match=r"activation must be 0 \(SiLU\) or 1 \(tanh\), got 2"):
+        op(basis, cut, w0, b0, 3 * f, 2, weights, biases, 2)
+
+
 def test_pair_difference_values_gradients_and_errors():
     """pair_difference(pos, src, dst, scale) = scale (pos[src] - pos[dst]) against PyTorch in
     float64, atoms in many pairs and in none; gradcheck; float32 as the model runs it; bad

@@ -63,9 +63,8 @@ at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p);
 std::tuple<at::Tensor, at::Tensor> embedding_prepare(const at::Tensor& s, const at::Tensor& e);
 void activate_scaled(int64_t activation, const at::Tensor& z, const at::Tensor& scale,
                      const at::Tensor& out);
-std::tuple<at::Tensor, at::Tensor> activate_scaled_grad(int64_t activation, const at::Tensor& g,
-                                                        const at::Tensor& z,
-                                                        const at::Tensor& scale, bool want_scale);
+at::Tensor activate_scaled_grad(int64_t activation, const at::Tensor& g, const at::Tensor& z,
+                                const at::Tensor& scale, at::Tensor g_scale, at::Tensor d_out);
 at::Tensor embedding_prepare_grad(const at::Tensor& x, const at::Tensor& g_x,
                                   const at::Tensor& g_sq);
 at::Tensor product_normalize(const at::Tensor& a, const at::Tensor& b, bool symmetric,
@@ -1765,21 +1764,28 @@ void last_layer_forward(int64_t activation, const at::Tensor& z, at::Tensor& a,
 
 // d (the gradient at the last pre-activation) and, where g_scale is defined, the scale's
 // gradient into it, from the output's gradient g
+// (into d_out, rows of unit stride, if it is defined; z's rows may be strided too)
 at::Tensor last_layer_backward(int64_t activation, const at::Tensor& g, const at::Tensor& z,
                                const at::Tensor& a, const at::Tensor& scale, at::Tensor g_scale,
-                               bool fused) {
+                               bool fused, at::Tensor d_out = at::Tensor()) {
   RECORD_FUNCTION("tensornet_openmm::activate_scaled_backward", std::vector<c10::IValue>());
 #ifdef TN_WITH_CUDA
-  if (fused) {
-    at::Tensor d, gs;
-    std::tie(d, gs) = tn_cuda::activate_scaled_grad(activation, g, z, scale, g_scale.defined());
-    if (g_scale.defined()) g_scale.copy_(gs);
+  if (fused) {  // the scale's gradient written in place (one kernel, no copy after it)
+    if (!g_scale.defined() || g_scale.is_contiguous()) {
+      return tn_cuda::activate_scaled_grad(activation, g, z, scale, g_scale, d_out);
+    }
+    at::Tensor gs = at::empty_like(g_scale, at::MemoryFormat::Contiguous);
+    at::Tensor d = tn_cuda::activate_scaled_grad(activation, g, z, scale, gs, d_out);
+    g_scale.copy_(gs);
     return d;
   }
 #endif
   TORCH_CHECK(!fused, "mlp: no CUDA kernels built");
   if (g_scale.defined()) at::sum_out(g_scale, g * a, {1}, true);
-  return activation_backward(activation, g * scale, z, a);
+  at::Tensor d = activation_backward(activation, g * scale, z, a);
+  if (!d_out.defined()) return d;
+  d_out.copy_(d);
+  return d_out;
 }
 
 // The network's rows: split between the CPU threads (split_rows), or all at once for CUDA
@@ -1962,6 +1968,234 @@ at::Tensor mlp_kernel(const at::Tensor& basis, const at::Tensor& cut,
 at::Tensor mlp_op(const at::Tensor& basis, const at::Tensor& cut,
                              at::TensorList weights, at::TensorList biases, int64_t activation) {
   return Mlp::apply(basis, cut, weights, biases, activation);
+}
+
+// ---- Every radial network of a model at once ------------------------------------------------
+// TensorNet's pair networks all start from the radial basis: the embedding projects it (one linear,
+// no activation) and each interaction layer's filter network starts with a linear of it. Here
+// those first linears are one matrix product each way (first_weight: the projection's
+// ``projection`` rows, then each network's first layer), the first layers' activation one
+// operator, and each network's further layers (``weights``: ``depth`` per network, in order) as
+// in mlp; every output times the cutoff. Outputs: the projection (P, projection), then each
+// network's filters. Backward: one product back to the basis and one sum for the cutoff's
+// gradient, where separate networks took one product each and autograd's sums of their
+// gradients. First derivatives with respect to the basis and the cutoff (constant weights: a
+// force); for training, the networks run one by one.
+
+struct RadialShape {
+  int64_t projection, networks, first, depth, work;
+};
+
+RadialShape radial_checked(const at::Tensor& basis, const at::Tensor& cut,
+                           const at::Tensor& first_weight, const at::Tensor& first_bias,
+                           int64_t projection, int64_t networks, at::TensorList weights,
+                           at::TensorList biases, int64_t activation) {
+  TORCH_CHECK(activation == kSiLU || activation == kTanh,
+              "radial_networks: activation must be 0 (SiLU) or 1 (tanh), got ", activation);
+  TORCH_CHECK(basis.dim() == 2, "radial_networks: the basis must be (pairs, functions), got ",
+              basis.sizes());
+  TORCH_CHECK(cut.dim() == 1 && cut.size(0) == basis.size(0), "radial_networks: the cutoff must be (",
+              basis.size(0), "), got ", cut.sizes());
+  on_cuda("radial_networks", {basis, cut, first_weight, first_bias});
+  TORCH_CHECK(networks >= 1 && projection >= 1 && !weights.empty() &&
+                  weights.size() == biases.size() &&
+                  static_cast<int64_t>(weights.size()) % networks == 0,
+              "radial_networks: ", networks, " networks with a projection of ", projection,
+              " need the same number of further layers each (one bias per weight), got ",
+              weights.size(), " weights and ", biases.size(), " biases");
+  TORCH_CHECK(first_weight.dim() == 2 && first_weight.size(1) == basis.size(1) &&
+                  first_bias.dim() == 1 && first_bias.size(0) == first_weight.size(0),
+              "radial_networks: first layers' weight ", first_weight.sizes(), " and bias ",
+              first_bias.sizes(), " for a basis of ", basis.size(1), " functions");
+  const int64_t rest = first_weight.size(0) - projection;
+  TORCH_CHECK(rest > 0 && rest % networks == 0, "radial_networks: ", first_weight.size(0),
+              " first-layer rows are not a projection of ", projection, " and ", networks,
+              " networks of one width");
+  RadialShape shape{projection, networks, rest / networks,
+                    static_cast<int64_t>(weights.size()) / networks,
+                    basis.size(1) * first_weight.size(0) + projection};
+  for (const at::Tensor& t : {cut, first_weight, first_bias}) {
+    TORCH_CHECK(t.scalar_type() == basis.scalar_type(), "radial_networks: inputs differ in dtype");
+  }
+  for (int64_t n = 0; n < networks; ++n) {
+    int64_t width = shape.first;
+    for (int64_t l = 0; l < shape.depth; ++l) {
+      const at::Tensor &w = weights[n * shape.depth + l], &b = biases[n * shape.depth + l];
+      TORCH_CHECK(w.dim() == 2 && w.size(1) == width && b.dim() == 1 && b.size(0) == w.size(0),
+                  "radial_networks: network ", n, " layer ", l + 1, " has weight ", w.sizes(),
+                  " and bias ", b.sizes(), " for inputs of width ", width);
+      TORCH_CHECK(w.scalar_type() == basis.scalar_type() && b.scalar_type() == basis.scalar_type(),
+                  "radial_networks: network ", n, " layer ", l + 1, " differs in dtype");
+      TORCH_CHECK(w.device() == basis.device() && b.device() == basis.device(),
+                  "radial_networks: network ", n, " layer ", l + 1, " is on ", w.device(),
+                  ", the basis on ", basis.device());
+      shape.work += width * w.size(0);
+      width = w.size(0);
+    }
+  }
+  return shape;
+}
+
+// act(z) into a: strided rows allowed
+void activate_into(int64_t activation, const at::Tensor& z, at::Tensor a) { activate(activation, z, a); }
+
+// the gradient through the activation into out (strided rows allowed)
+void activation_backward_into(int64_t activation, at::Tensor out, const at::Tensor& grad,
+                              const at::Tensor& z, const at::Tensor& a) {
+  if (activation == kSiLU) {
+    at::silu_backward_out(out, grad, z);
+  } else {
+    at::tanh_backward_out(out, grad, a);
+  }
+}
+
+class RadialNetworks : public torch::autograd::Function<RadialNetworks> {
+ public:
+  // saved: cut, first_weight, z0, a0, then per network and layer its weight, z and a
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& basis_in,
+                               const at::Tensor& cut_in, const at::Tensor& first_weight,
+                               const at::Tensor& first_bias, int64_t projection,
+                               int64_t networks, at::TensorList weights, at::TensorList biases,
+                               int64_t activation) {
+    const RadialShape sh = radial_checked(basis_in, cut_in, first_weight, first_bias, projection,
+                                          networks, weights, biases, activation);
+    bool params = first_weight.requires_grad() || first_bias.requires_grad();
+    for (const at::Tensor& t : weights) params = params || t.requires_grad();
+    for (const at::Tensor& t : biases) params = params || t.requires_grad();
+    TORCH_CHECK(!params, "radial_networks: no gradients for the weights here (the fused kernels "
+                "are for forces): train with the PyTorch code (fused_kernels=False)");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor basis = basis_in.contiguous(), cut = cut_in.contiguous().unsqueeze(1);
+    const int64_t pairs = basis.size(0), total = first_weight.size(0);
+    const int64_t layers = sh.networks * sh.depth;
+    const bool fused = basis.is_cuda();  // the scaled last layers: one kernel each way
+    at::Tensor z0 = at::empty({pairs, total}, basis.options());
+    at::Tensor a0 = at::empty({pairs, total - projection}, basis.options());
+    variable_list outs = {at::empty({pairs, projection}, basis.options())};
+    std::vector<at::Tensor> z, a;
+    for (int64_t k = 0; k < layers; ++k) {
+      z.push_back(at::empty({pairs, weights[k].size(0)}, basis.options()));
+      const bool last = k % sh.depth == sh.depth - 1;
+      a.push_back(last && fused ? at::Tensor() : at::empty_like(z.back()));
+      if (last) outs.push_back(at::empty_like(z.back()));
+    }
+    network_rows(basis.device(), pairs, pairs * sh.work, [&](int64_t lo, int64_t hi) {
+      auto rows = [&](const at::Tensor& t) { return t.narrow(0, lo, hi - lo); };
+      at::Tensor z0r = rows(z0), cr = rows(cut);
+      at::addmm_out(z0r, first_bias, rows(basis), first_weight.t());
+      at::Tensor zp = z0r.narrow(1, 0, projection);
+      last_layer_forward(kIdentity, zp, zp, cr, rows(outs[0]), fused);
+      at::Tensor a0r = rows(a0);
+      activate_into(activation, z0r.narrow(1, projection, total - projection), a0r);
+      for (int64_t n = 0; n < sh.networks; ++n) {
+        at::Tensor h = a0r.narrow(1, n * sh.first, sh.first);
+        for (int64_t l = 0; l < sh.depth; ++l) {
+          const int64_t k = n * sh.depth + l;
+          at::Tensor zl = rows(z[k]);
+          at::addmm_out(zl, biases[k], h, weights[k].t());
+          at::Tensor al = a[k].defined() ? rows(a[k]) : at::Tensor();
+          if (l == sh.depth - 1) {
+            last_layer_forward(activation, zl, al, cr, rows(outs[1 + n]), fused);
+          } else {
+            activate(activation, zl, al);
+            h = al;
+          }
+        }
+      }
+    });
+    // the backward reads the activations only for tanh's derivative and, on the CPU, the last
+    // layers' for the cutoff's gradient (the GPU's kernel recomputes them)
+    if (activation != kTanh) {
+      a0 = at::Tensor();
+      for (int64_t k = 0; k < layers; ++k) {
+        if (k % sh.depth != sh.depth - 1) a[k] = at::Tensor();
+      }
+    }
+    std::vector<at::Tensor> saved = {cut_in, first_weight, z0, a0};
+    for (int64_t k = 0; k < layers; ++k) {
+      saved.push_back(weights[k]);
+      saved.push_back(z[k]);
+      saved.push_back(a[k]);
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["shape"] = std::vector<int64_t>{projection, sh.networks, sh.first, sh.depth,
+                                                    sh.work, activation, basis.size(1)};
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const std::vector<int64_t> shape = ctx->saved_data["shape"].toIntVector();
+    const int64_t projection = shape[0], networks = shape[1], first = shape[2], depth = shape[3],
+                  work = shape[4], activation = shape[5], functions = shape[6];
+    const int64_t layers = networks * depth;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor cut = saved[0].contiguous().unsqueeze(1), &first_weight = saved[1];
+    const at::Tensor &z0 = saved[2], &a0 = saved[3];
+    auto weight = [&](int64_t k) -> const at::Tensor& { return saved[4 + 3 * k]; };
+    auto z = [&](int64_t k) -> const at::Tensor& { return saved[5 + 3 * k]; };
+    auto a = [&](int64_t k) -> const at::Tensor& { return saved[6 + 3 * k]; };
+    variable_list result(7 + 2 * layers);
+    const bool want_basis = ctx->needs_input_grad(0), want_cut = ctx->needs_input_grad(1);
+    if (!want_basis && !want_cut) return result;
+    const int64_t pairs = z0.size(0), total = z0.size(1);
+    const bool fused = z0.is_cuda();
+    auto grad_of = [&](int64_t o, int64_t width) {  // an output's gradient (zeros if unused)
+      return grads[o].defined() ? grads[o].contiguous() : at::zeros({pairs, width}, z0.options());
+    };
+    std::vector<at::Tensor> g;
+    g.push_back(grad_of(0, projection));
+    for (int64_t n = 0; n < networks; ++n) g.push_back(grad_of(1 + n, z(n * depth + depth - 1).size(1)));
+    at::Tensor g_z0 = at::empty({pairs, total}, z0.options());
+    at::Tensor g_a0 = at::empty({pairs, total - projection}, z0.options());
+    at::Tensor g_cuts = at::empty({networks + 1, pairs}, z0.options());  // each output's, summed
+    at::Tensor g_basis = want_basis ? at::empty({pairs, functions}, z0.options()) : at::Tensor();
+    network_rows(z0.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
+      const int64_t rows_n = hi - lo;
+      auto rows = [&](const at::Tensor& t) { return t.narrow(0, lo, rows_n); };
+      auto g_cut_of = [&](int64_t o) { return g_cuts.select(0, o).narrow(0, lo, rows_n).unsqueeze(1); };
+      const at::Tensor cr = rows(cut), z0r = rows(z0), zp = z0r.narrow(1, 0, projection);
+      at::Tensor g_z0r = rows(g_z0), g_a0r = rows(g_a0);
+      last_layer_backward(kIdentity, rows(g[0]), zp, zp, cr, g_cut_of(0), fused,
+                          g_z0r.narrow(1, 0, projection));
+      for (int64_t n = 0; n < networks; ++n) {
+        const int64_t top = n * depth + depth - 1;
+        const at::Tensor a_top = a(top).defined() ? rows(a(top)) : at::Tensor();
+        at::Tensor d = last_layer_backward(activation, rows(g[1 + n]), rows(z(top)), a_top, cr,
+                                           g_cut_of(1 + n), fused);
+        for (int64_t l = depth - 1; l >= 0; --l) {
+          const int64_t k = n * depth + l;
+          if (l == 0) {  // back to the first layer's activation, in its columns
+            at::Tensor into = g_a0r.narrow(1, n * first, first);
+            at::mm_out(into, d, weight(k));
+            break;
+          }
+          at::Tensor next = at::empty({rows_n, weight(k).size(1)}, d.options());
+          at::mm_out(next, d, weight(k));
+          const at::Tensor a_below = a(k - 1).defined() ? rows(a(k - 1)) : at::Tensor();
+          d = activation_backward(activation, next, rows(z(k - 1)), a_below);
+        }
+      }
+      const at::Tensor a0r = a0.defined() ? rows(a0) : at::Tensor();
+      activation_backward_into(activation, g_z0r.narrow(1, projection, total - projection), g_a0r,
+                               z0r.narrow(1, projection, total - projection), a0r);
+      if (want_basis) {
+        at::Tensor into = rows(g_basis);
+        at::mm_out(into, g_z0r, first_weight);
+      }
+    });
+    result[0] = g_basis;
+    if (want_cut) result[1] = g_cuts.sum(0);
+    return result;
+  }
+};
+
+std::vector<at::Tensor> radial_networks_op(const at::Tensor& basis, const at::Tensor& cut,
+                                           const at::Tensor& first_weight,
+                                           const at::Tensor& first_bias, int64_t projection,
+                                           int64_t networks, at::TensorList weights,
+                                           at::TensorList biases, int64_t activation) {
+  return RadialNetworks::apply(basis, cut, first_weight, first_bias, projection, networks, weights,
+                               biases, activation);
 }
 
 // ---- Pair differences -----------------------------------------------------------------------
@@ -2370,6 +2604,10 @@ TORCH_LIBRARY(tensornet_openmm, m) {
       "Tensor");
   m.def("pair_difference(Tensor pos, Tensor src, Tensor dst, float scale) -> Tensor");
   m.def(
+      "radial_networks(Tensor basis, Tensor cut, Tensor first_weight, Tensor first_bias, "
+      "int projection, int networks, Tensor[] weights, Tensor[] biases, int activation) -> "
+      "Tensor[]");
+  m.def(
       "geometry(Tensor vec, Tensor centers, Tensor widths, int kind, float alpha, "
       "float basis_lower, float lower, float upper) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -2396,6 +2634,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("geometry", geometry_kernel);
   m.impl("radial_table", radial_table_kernel);
   m.impl("pair_difference", pair_difference_kernel);
+  m.impl("radial_networks", radial_networks_op);
 }
 
 #ifdef TN_WITH_CUDA
@@ -2418,6 +2657,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("mlp", mlp_kernel);
   m.impl("radial_table", radial_table_kernel);
   m.impl("pair_difference", pair_difference_kernel);
+  m.impl("radial_networks", radial_networks_op);
 }
 #endif
 
@@ -2436,4 +2676,5 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("geometry", geometry_op);
   m.impl("radial_table", radial_table_op);
   m.impl("pair_difference", pair_difference_op);
+  m.impl("radial_networks", radial_networks_op);
 }

@@ -301,23 +301,26 @@ __device__ __forceinline__ T activation_slope(int activation, T z) {
   return T(1);
 }
 
-// out[r, f] = act(z[r, f]) scale[r], one thread per value
+// out[r, f] = act(z[r, f]) scale[r], one thread per value (z's rows ld_z apart)
 template <typename T>
-__global__ void activate_scaled_kernel(int activation, const T* __restrict__ z,
+__global__ void activate_scaled_kernel(int activation, const T* __restrict__ z, int64_t ld_z,
                                        const T* __restrict__ scale, T* __restrict__ out,
                                        int64_t rows, int64_t width) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t >= rows * width) return;
-  out[t] = activated(activation, z[t]) * scale[t / width];
+  const int64_t r = t / width;
+  out[t] = activated(activation, z[r * ld_z + (t - r * width)]) * scale[r];
 }
 
 // d[r, f] = act'(z[r, f]) g[r, f] scale[r] and g_scale[r] = sum_f g[r, f] act(z[r, f]) (if
 // wanted): one warp per row
+// (z's rows ld_z apart, d's ld_d apart)
 template <typename T>
 __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict__ g,
-                                            const T* __restrict__ z, const T* __restrict__ scale,
-                                            T* __restrict__ d, T* __restrict__ g_scale,
-                                            int64_t rows, int64_t width) {
+                                            const T* __restrict__ z, int64_t ld_z,
+                                            const T* __restrict__ scale, T* __restrict__ d,
+                                            int64_t ld_d, T* __restrict__ g_scale, int64_t rows,
+                                            int64_t width) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // the whole warp: the shuffles below see all its lanes
@@ -325,8 +328,9 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
   T sum = T(0);
   for (int64_t f = lane; f < width; f += 32) {
     const int64_t k = row * width + f;
-    d[k] = activation_slope(activation, z[k]) * g[k] * s;
-    sum += g[k] * activated(activation, z[k]);
+    const T zk = z[row * ld_z + f];
+    d[row * ld_d + f] = activation_slope(activation, zk) * g[k] * s;
+    sum += g[k] * activated(activation, zk);
   }
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
   if (lane == 0 && g_scale != nullptr) g_scale[row] = sum;
@@ -736,43 +740,53 @@ at::Tensor embedding_prepare_grad(const at::Tensor& x, const at::Tensor& g_x,
   return g_s;
 }
 
+// rows of unit stride, one row of z after another or further apart
+static at::Tensor unit_rows(const at::Tensor& t) {
+  return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) >= t.size(1) ? t : t.contiguous();
+}
+
 void activate_scaled(int64_t activation, const at::Tensor& z_in, const at::Tensor& scale_in,
                      const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const at::Tensor z = z_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor z = unit_rows(z_in), scale = scale_in.contiguous();
   TORCH_CHECK(out.is_contiguous(), "activate_scaled: the output must be contiguous");
   const int64_t rows = z.size(0), width = z.size(1);
   if (rows * width == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tensornet_openmm_activate_scaled_cuda", [&] {
     activate_scaled_kernel<scalar_t><<<blocks_for(rows * width), kThreads, 0, stream>>>(
-        static_cast<int>(activation), z.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), rows, width);
+        static_cast<int>(activation), z.data_ptr<scalar_t>(), z.stride(0),
+        scale.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, width);
   });
   check_launch();
 }
 
-std::tuple<at::Tensor, at::Tensor> activate_scaled_grad(int64_t activation, const at::Tensor& g_in,
-                                                        const at::Tensor& z_in,
-                                                        const at::Tensor& scale_in,
-                                                        bool want_scale) {
+// The gradient at the pre-activation; the scale's written into g_scale (rows, 1), contiguous, if
+// it is defined (no copy from a tensor of its own).
+// (into d_out, rows of unit stride, if it is defined)
+at::Tensor activate_scaled_grad(int64_t activation, const at::Tensor& g_in, const at::Tensor& z_in,
+                                const at::Tensor& scale_in, at::Tensor g_scale, at::Tensor d_out) {
   const c10::cuda::CUDAGuard guard(z_in.device());
-  const at::Tensor g = g_in.contiguous(), z = z_in.contiguous(), scale = scale_in.contiguous();
+  const at::Tensor g = g_in.contiguous(), z = unit_rows(z_in), scale = scale_in.contiguous();
   const int64_t rows = z.size(0), width = z.size(1);
-  at::Tensor d = at::empty_like(z, at::MemoryFormat::Contiguous);
-  at::Tensor g_scale = want_scale ? at::empty({rows, 1}, z.options()) : at::Tensor();
-  if (rows == 0) return {d, g_scale};
+  TORCH_CHECK(!d_out.defined() || (d_out.sizes() == z.sizes() && d_out.stride(1) == 1 &&
+                                   d_out.stride(0) >= width),
+              "activate_scaled_grad: the output must be ", z.sizes(), " in rows of unit stride");
+  at::Tensor d = d_out.defined() ? d_out : at::empty_like(z, at::MemoryFormat::Contiguous);
+  TORCH_CHECK(!g_scale.defined() || (g_scale.is_contiguous() && g_scale.numel() == rows),
+              "activate_scaled_grad: the scale's gradient must be contiguous, one per row");
+  if (rows == 0) return d;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows_per_block = kThreads / 32;
   const int blocks = static_cast<int>((rows + rows_per_block - 1) / rows_per_block);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tensornet_openmm_activate_scaled_grad_cuda", [&] {
     activate_scaled_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        static_cast<int>(activation), g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(),
-        scale.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), data_or_null<scalar_t>(g_scale),
-        rows, width);
+        static_cast<int>(activation), g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), z.stride(0),
+        scale.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d.stride(0),
+        data_or_null<scalar_t>(g_scale), rows, width);
   });
   check_launch();
-  return {d, g_scale};
+  return d;
 }
 
 at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,

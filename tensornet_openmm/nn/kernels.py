@@ -450,6 +450,54 @@ class PairKernels(nn.Module):
         (:mod:`tensornet_openmm.nn.tables`)."""
         return interpolate(vec, table, a, alpha, c, inv_h, lower, upper)
 
+    def radial_networks(
+        self,
+        basis: Tensor,
+        cut: Tensor,
+        first_weight: Tensor,
+        first_bias: Tensor,
+        projection: int,
+        networks: int,
+        weights: list[Tensor],
+        biases: list[Tensor],
+        act: int,
+    ) -> list[Tensor]:
+        """Every pair network at once, each output times the cutoff ``cut`` (P,): the first
+        ``projection`` rows of the first linear (first_weight, first_bias) on the basis
+        (P, K) without an activation (the embedding's projection), then ``networks`` networks
+        (activation ``act`` after every layer): each the next rows of the first linear, then
+        its share of ``weights`` and ``biases``, in order. Returns the projection's (P,
+        projection) and each network's output."""
+        return self._torch_radial_networks(
+            basis, cut, first_weight, first_bias, projection, networks, weights, biases, act
+        )
+
+    def _torch_radial_networks(
+        self,
+        basis: Tensor,
+        cut: Tensor,
+        first_weight: Tensor,
+        first_bias: Tensor,
+        projection: int,
+        networks: int,
+        weights: list[Tensor],
+        biases: list[Tensor],
+        act: int,
+    ) -> list[Tensor]:
+        z = nn.functional.linear(basis, first_weight, first_bias)
+        scale = cut.unsqueeze(1)
+        out = [z.narrow(1, 0, projection) * scale]
+        width = (first_weight.shape[0] - projection) // networks
+        depth = len(weights) // networks
+        for n in range(networks):
+            h = z.narrow(1, projection + n * width, width)
+            h = nn.functional.silu(h) if act == 0 else torch.tanh(h)
+            for k in range(n * depth, (n + 1) * depth):
+                h = nn.functional.linear(h, weights[k], biases[k])
+                h = nn.functional.silu(h) if act == 0 else torch.tanh(h)
+            out.append(h * scale)
+        return out
+
     def pair_difference(self, pos: Tensor, src: Tensor, dst: Tensor, scale: float) -> Tensor:
         """scale (pos[src] - pos[dst]), (P, 3): pair vectors straight from positions (OpenMM's,
         in nm, with ``scale`` 10 for A), differentiable in ``pos``."""
@@ -656,6 +704,29 @@ class FusedPairKernels(PairKernels):
         # only called where the kernels apply (TensorNet.atomic_energies), as messages
         return torch.ops.tensornet_openmm.geometry(
             vec, centers, widths, kind, alpha, basis_lower, lower, upper
+        )
+
+    def radial_networks(
+        self,
+        basis: Tensor,
+        cut: Tensor,
+        first_weight: Tensor,
+        first_bias: Tensor,
+        projection: int,
+        networks: int,
+        weights: list[Tensor],
+        biases: list[Tensor],
+        act: int,
+    ) -> list[Tensor]:
+        """One operator each way (the ``radial_networks`` kernel): the first linears one matrix
+        product forward and one back to the basis, where each network took its own (and
+        autograd added up their gradients of the basis and the cutoff)."""
+        if self.applies(basis):
+            return torch.ops.tensornet_openmm.radial_networks(
+                basis, cut, first_weight, first_bias, projection, networks, weights, biases, act
+            )
+        return self._torch_radial_networks(
+            basis, cut, first_weight, first_bias, projection, networks, weights, biases, act
         )
 
     def pair_difference(self, pos: Tensor, src: Tensor, dst: Tensor, scale: float) -> Tensor:

@@ -166,6 +166,15 @@ def _message_dot(adj: list[Tensor], to: Tensor, filters: Tensor, rows: list[Tens
     return total
 
 
+def _one_block(radial: Optional[Tensor], pairs: int, block: int) -> None:
+    """Radial functions made ahead (:meth:`TensorNet.radial_networks`) are for pairs that run as
+    one block."""
+    if radial is not None and pairs > block:
+        raise RuntimeError(
+            f"radial functions made ahead for {pairs} pairs, which run in blocks of {block}"
+        )
+
+
 def _chunks(t: Tensor, block: int) -> list[Tensor]:
     """``t`` split into blocks of ``block`` rows; ``[t]`` itself when one block holds it all (a
     small molecule's pairs): no split operator, and no gradient to gather back from the blocks
@@ -416,10 +425,13 @@ class TensorEmbedding(_RadialLayer):
         z_send: Tensor,
         half: bool,
         vec: Optional[Tensor] = None,
+        radial: Optional[Tensor] = None,
     ) -> Tensor:
         """The pair sums of one block of pairs with the fused kernels, packed (n, 10, F)
-        (``geom``: the pairs' (1, rhat, packed rhat rhat^T))."""
-        radial = self._pair_radial(cut, basis, vec, True)
+        (``geom``: the pairs' (1, rhat, packed rhat rhat^T); ``radial``: the block's radial
+        functions, if already made)."""
+        if radial is None:
+            radial = self._pair_radial(cut, basis, vec, True)
         return self.pair_kernels.embedding_sums(radial, z_recv, z_send, geom, i, j, half)
 
     def fused_sums_add(
@@ -521,14 +533,18 @@ class TensorEmbedding(_RadialLayer):
         half: bool = False,
         geom: Optional[Tensor] = None,
         vec: Optional[Tensor] = None,
+        radial: Optional[Tensor] = None,
     ) -> Tensor:
         """X_i of every atom. ``geom``: the pairs' (1, rhat, packed rhat rhat^T), (P, 10), if
         already made (the fused kernels' ``geometry``; only the fused path takes it); ``vec``:
-        the pair vectors (P, 3), for a radial table."""
+        the pair vectors (P, 3), for a radial table; ``radial``: every pair's radial functions
+        (P, 3, F), if already made (:meth:`TensorNet.radial_networks`: the pairs then are one
+        block; the fused path)."""
         z_recv, z_send = self.species_terms(z)
         fused = self.pair_kernels.applies(z_recv)
         block = pair_block(src.shape[0], self.hidden_channels, z_recv.device, fused)
         if fused:  # fused kernels
+            _one_block(radial, src.shape[0], block)
             if geom is None:
                 geom = algebra.packed_geometry(rhat)
             packed: Optional[Tensor] = None  # the first block's sums start it: no zeros to add
@@ -536,7 +552,9 @@ class TensorEmbedding(_RadialLayer):
                 _chunks(src, block), _chunks(dst, block), _chunks(cut, block),
                 _chunks(basis, block), _chunks(geom, block), _blocks(vec, src.shape[0], block),
             ):  # fmt: skip
-                sums = self.fused_sums(i, j, cut_b, basis_b, geom_b, z_recv, z_send, half, vec_b)
+                sums = self.fused_sums(
+                    i, j, cut_b, basis_b, geom_b, z_recv, z_send, half, vec_b, radial
+                )
                 packed = sums if packed is None else packed + sums
             if packed is None:
                 packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
@@ -660,11 +678,13 @@ class Interaction(_RadialLayer):
         charge_factor: Optional[Tensor],
         half: bool = False,
         vec: Optional[Tensor] = None,
+        radial: Optional[Tensor] = None,
     ) -> Tensor:
-        """The new X. ``vec``: the pair vectors (P, 3), for a radial table."""
+        """The new X. ``vec``: the pair vectors (P, 3), for a radial table; ``radial``: every
+        pair's filters (P, 3, F), if already made (see :meth:`TensorEmbedding.forward`)."""
         if self.pair_kernels.applies(x):
             return self._fused_forward(
-                x, src, dst, cut, basis, self_basis, charge_factor, half, vec
+                x, src, dst, cut, basis, self_basis, charge_factor, half, vec, radial
             )
         block = pair_block(src.shape[0], self.hidden_channels, x.device)
         x, parts = self.prepare(x)
@@ -694,6 +714,7 @@ class Interaction(_RadialLayer):
         charge_factor: Optional[Tensor],
         half: bool,
         vec: Optional[Tensor] = None,
+        radial: Optional[Tensor] = None,
     ) -> Tensor:
         """:meth:`forward` with the fused kernels: packed tensors throughout, the messages,
         channel mixing and 3x3 products each one operator."""
@@ -701,12 +722,15 @@ class Interaction(_RadialLayer):
         f0 = self.self_radial_functions(self_basis)[0]  # the self pair's filters, (3, F)
         msg: Optional[Tensor] = None
         block = pair_block(src.shape[0], self.hidden_channels, x.device, True)
+        _one_block(radial, src.shape[0], block)
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
             _blocks(vec, src.shape[0], block),
         ):  # fmt: skip
             if msg is None:  # the first block's sums start from the self pair's messages
-                filters = self._pair_radial(cut_b, basis_b, vec_b, True)
+                filters = radial
+                if filters is None:
+                    filters = self._pair_radial(cut_b, basis_b, vec_b, True)
                 msg = self.pair_kernels.messages_self(y, filters, i, j, half, f0)
             else:
                 msg = msg + self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from . import algebra
 from .kernels import MLP_ACTIVATIONS
-from .layers import ACTIVATIONS, Interaction, TensorEmbedding
+from .layers import ACTIVATIONS, Interaction, TensorEmbedding, pair_block
 from .radial import RADIAL_BASES, cosine_cutoff
 
 
@@ -110,6 +110,11 @@ class TensorNet(nn.Module):
         # r = 0 of the self pairs, and their radial basis once store_self_pair_terms made it
         self.register_buffer("zero_distance", torch.zeros(1, dtype=dtype), persistent=False)
         self.register_buffer("self_basis", torch.zeros((0, 0), dtype=dtype), persistent=False)
+        # the first linears of every pair network, one matrix (store_self_pair_terms)
+        self.register_buffer(
+            "stored_first_weight", torch.zeros((0, cfg.num_rbf), dtype=dtype), persistent=False
+        )
+        self.register_buffer("stored_first_bias", torch.zeros(0, dtype=dtype), persistent=False)
 
     @property
     def config(self) -> ModelConfig:
@@ -140,6 +145,9 @@ class TensorNet(nn.Module):
             self.self_basis = basis
             emb.stored_weight, emb.stored_bias = emb._projection()
             emb.stored_gate_weight, emb.stored_gate_bias = emb.component_gate_weights()
+            firsts = [layer.linears_scalar[0] for layer in self.layers]
+            self.stored_first_weight = torch.cat([emb.stored_weight] + [f.weight for f in firsts])
+            self.stored_first_bias = torch.cat([emb.stored_bias] + [f.bias for f in firsts])
 
     @torch.jit.unused
     def store_species_terms(self, z: Tensor) -> None:
@@ -189,6 +197,8 @@ class TensorNet(nn.Module):
         emb = self.tensor_embedding
         emb.stored_weight, emb.stored_bias = emb.stored_weight[:0], emb.stored_bias[:0]
         emb.stored_gate_weight = emb.stored_gate_weight[:0]
+        self.stored_first_weight = self.stored_first_weight[:0]
+        self.stored_first_bias = self.stored_first_bias[:0]
         emb.stored_gate_bias = emb.stored_gate_bias[:0]
         emb.stored_species = emb.stored_species[:, :0]
 
@@ -215,19 +225,60 @@ class TensorNet(nn.Module):
         src, dst = edge_index[0], edge_index[1]
         self_basis = self._self_basis()  # (1, K)
         kernels = self.tensor_embedding.pair_kernels
+        radial: list[Tensor] = []
         if kernels.applies(edge_vec):  # fused kernels: cutoff, geometry and basis in one pass
             cut, geom, basis = self._fused_geometry(edge_vec)
+            radial = self.radial_networks(cut, basis)
             x = self.tensor_embedding(
-                z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom, edge_vec
-            )
+                z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom, edge_vec,
+                radial[0] if len(radial) > 0 else None,
+            )  # fmt: skip
         else:
             cut, rhat, basis = self._geometry(edge_vec)
             x = self.tensor_embedding(
                 z, src, dst, cut, rhat, basis, self_basis, half, None, edge_vec
             )
-        for layer in self.layers:
-            x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec)
+        for k, layer in enumerate(self.layers):
+            filters = radial[k + 1] if len(radial) > 0 else None
+            x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec, filters)
         return self._head(x, z)
+
+    def radial_networks(self, cut: Tensor, basis: Tensor) -> list[Tensor]:
+        """Every pair's radial functions for the embedding and each layer, (P, 3, F) each, from
+        one operator (:meth:`PairKernels.radial_networks`: the networks' first linears, which
+        share the basis as input, one matrix product each way), where that applies: the fused
+        kernels with the weights stored (:meth:`store_self_pair_terms`, a force's copy), the
+        networks run (no radial tables) and the pairs one block (a small molecule, or any
+        system on a GPU). Else an empty list: each layer runs its own network."""
+        emb = self.tensor_embedding
+        kernels = emb.pair_kernels
+        f = emb.hidden_channels
+        out: list[Tensor] = []
+        if (
+            self.stored_first_bias.numel() == 0
+            or self.mlp_activation < 0
+            or emb.radial_table.numel() > 0
+            or pair_block(basis.shape[0], f, basis.device, True) < basis.shape[0]
+            or not kernels.applies(basis)
+        ):
+            return out
+        weights: list[Tensor] = []
+        biases: list[Tensor] = []
+        for layer in self.layers:
+            lin = layer.linears_scalar
+            if layer.radial_table.numel() > 0 or lin[1].weight.requires_grad:
+                return out  # (weights to train: the fused kernels have no gradients for them)
+            weights.append(lin[1].weight)
+            weights.append(lin[2].weight)
+            biases.append(lin[1].bias)
+            biases.append(lin[2].bias)
+        made = kernels.radial_networks(
+            basis, cut, self.stored_first_weight, self.stored_first_bias, 3 * f,
+            len(self.layers), weights, biases, self.mlp_activation,
+        )  # fmt: skip
+        for radial in made:
+            out.append(radial.reshape(basis.shape[0], 3, f))
+        return out
 
     def _tabulated(self) -> bool:
         """Whether the embedding and every layer have radial tables
