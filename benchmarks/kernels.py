@@ -17,9 +17,10 @@ gradient), after warm-up, under torch.profiler:
 
 On the CPU it counts the launches a GPU would make, for work on a machine without one: the
 operators called from the module or from autograd (not those inside another operator), less the
-views and allocations, which launch nothing; our fused operators count one each, but ``mlp``,
-which runs ATen's kernels on CUDA, counts its ATen calls. A proxy, not the CUDA count: cuBLAS or
-a reduction may take more than one kernel, and the CPU takes a few paths of its own. It runs
+views and allocations, which launch nothing; our fused operators count one each, but ``mlp``
+and ``radial_networks``, which run ATen's kernels on CUDA, count their ATen calls. A proxy, not
+the CUDA count: cuBLAS or a reduction may take more than one kernel, and the CPU takes a few
+paths of its own. It runs
 on one thread (the CPU kernels split larger work between threads, the GPU's do not) with float32
 positions (OpenMM's mixed precision), and with the channel mixing a GPU runs (``strided_mix``).
 Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821
@@ -137,7 +138,12 @@ NO_LAUNCH = {
     "aten::unflatten",
     "aten::view_as",
     "aten::type_as",
+    "aten::requires_grad_",
 }
+
+
+# our operators that run ATen's operators (one launch each) rather than kernels of their own
+COMPOSITE = {"tensornet_openmm::mlp", "tensornet_openmm::radial_networks"}
 
 
 def _launches(events) -> list:
@@ -146,7 +152,7 @@ def _launches(events) -> list:
 
     def walk(e, inside: bool) -> None:
         op = e.name.startswith(("aten::", "tensornet_openmm::"))
-        if e.name == "tensornet_openmm::mlp":  # composite on CUDA: ATen's kernels
+        if e.name in COMPOSITE:  # ATen's kernels on CUDA too
             for child in e.cpu_children:
                 walk(child, False)
             return
