@@ -548,6 +548,30 @@ def test_exported_file_with_kernels_loads_in_a_fresh_process(tmp_path):
     assert out.returncode != 0 and "fused_kernels=False" in out.stderr
 
 
+def test_a_lock_left_by_an_interrupted_build_is_removed(tmp_path, monkeypatch):
+    """torch waits for a build's lock file without end: one left by an interrupted build (older
+    than STALE_LOCK_SECONDS) is removed with a warning naming it; a fresh one, another
+    process's build, is waited for (with a warning) until it goes."""
+    import threading
+    import time
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match=r"removed .*lock, 16 min old, left by an interrupted"):
+        kernels.wait_for_other_build(tmp_path, poll=0.01)
+    assert not lock.exists()
+    lock.write_text("")
+    timer = threading.Timer(0.3, lock.unlink)
+    timer.start()
+    with pytest.warns(RuntimeWarning, match="waiting for another process building"):
+        kernels.wait_for_other_build(tmp_path, poll=0.01)
+    timer.join()
+    assert not lock.exists()
+    kernels.wait_for_other_build(tmp_path)  # no lock: returns at once
+
+
 def test_a_failed_build_warns_and_falls_back(tmp_path):
     """No compiler (here: a source that does not compile): a warning naming the fix, and the
     force still works in PyTorch."""

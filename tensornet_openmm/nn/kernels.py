@@ -41,6 +41,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -184,6 +185,7 @@ def _build(cuda: bool, verbose: bool) -> None:
 
         folder = build_directory(cuda)
         folder.mkdir(parents=True, exist_ok=True)
+        wait_for_other_build(folder)
         _put_ninja_on_path()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "No CUDA runtime is found" and the like
@@ -204,6 +206,44 @@ def _build(cuda: bool, verbose: bool) -> None:
             os.environ.pop("PATH", None)
         else:
             os.environ["PATH"] = path
+
+
+STALE_LOCK_SECONDS = 900.0
+"""A build's lock file older than this (15 min; a build takes one to three) was left by a build
+that was interrupted: :func:`wait_for_other_build` removes it."""
+
+
+def wait_for_other_build(folder: Path, poll: float = 1.0) -> None:
+    """Wait while another process builds the kernels in ``folder`` (its ``lock`` file exists),
+    saying so once. torch waits for that file without end, so a build that was interrupted
+    (Ctrl-C, a killed job) would hang every later start: a lock older than
+    :data:`STALE_LOCK_SECONDS` is removed, with a warning, and the build starts again."""
+    lock = folder / "lock"
+    told = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_SECONDS:
+            warnings.warn(
+                f"tensornet_openmm: removed {lock}, {age / 60:.0f} min old, left by an "
+                "interrupted build of the fused kernels; building them again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            lock.unlink(missing_ok=True)
+            return
+        if not told:
+            warnings.warn(
+                f"tensornet_openmm: waiting for another process building the fused kernels "
+                f"({lock} is {age:.0f} s old). If none is running, delete that file; it is "
+                f"removed by itself once {STALE_LOCK_SECONDS / 60:.0f} min old.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            told = True
+        time.sleep(poll)
 
 
 def _put_ninja_on_path() -> None:
