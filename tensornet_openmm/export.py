@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .neighbors import cell_list_min_atoms, check_box, minimum_image_of, neighbor_pairs
+from .neighbors import cell_list_min_atoms, check_box, neighbor_pairs
 from .nn import TensorNet
 from .nn.kernels import use_fused_kernels
 from .nn.model import no_history
@@ -183,23 +183,24 @@ class TensorNetForce(nn.Module):
         """Energy (kJ/mol, model dtype) of the ML atoms, and whether the pair slots overflowed
         (None where they cannot: the dynamic pair list, off CUDA, or every pair a slot)."""
         pos = positions.to(self.dtype)
-        box_a: Optional[Tensor] = None
-        if box is not None:
-            box_a = box.to(self.dtype) * self.nm_to_angstrom
+        box_nm: Optional[Tensor] = None if box is None else box.to(self.dtype)
         capacity, cell_capacity = self.capacity, self.cell_capacity
         if not (pos.is_cuda or self.fixed_on_cpu):
             capacity, cell_capacity = -1, -1  # nothing to capture: no padding work
         overflow: Optional[Tensor] = None
         if capacity >= 0 and self.every_pair:
             # every pair a slot: their vectors in A straight from the positions in nm, one
-            # operator each way with the fused kernels (no selection of the ML atoms, no scale)
+            # operator each way with the fused kernels (minimum image included; no selection of
+            # the ML atoms, no scale, no box in A to make)
             edge_index = self.pair_slots
             particles = self.pair_particles
             vectors = self.model.tensor_embedding.pair_kernels.pair_difference(
-                pos, particles[0], particles[1], self.nm_to_angstrom
+                pos, particles[0], particles[1], self.nm_to_angstrom, box_nm
             )
-            vectors = minimum_image_of(vectors, box_a)
         else:
+            box_a: Optional[Tensor] = None
+            if box_nm is not None:
+                box_a = box_nm * self.nm_to_angstrom
             if self.use_subset:  # (index_select: advanced indexing's gradient sorts the indices)
                 pos = pos.index_select(0, self.atoms)
             pos = pos * self.nm_to_angstrom
@@ -236,9 +237,8 @@ class TensorNetForce(nn.Module):
         # failures make energy and forces NaN without a host synchronisation (CUDA graphs):
         # a pair-list overflow, or a box (NPT) that shrank below twice the cutoff (neither can
         # happen to a dynamic pair list without a box: nothing to check then)
-        if box is not None:
-            widths = torch.stack((box[0, 0], box[1, 1], box[2, 2])) * self.nm_to_angstrom
-            small = widths.min() < 2.0 * self.cutoff
+        if box is not None:  # (the box's diagonal: a view)
+            small = box.diagonal().min() * self.nm_to_angstrom < 2.0 * self.cutoff
             failed = small if failed is None else failed | small
         if failed is not None:
             # NaN times every particle's coordinates on failure, zero otherwise: then the energy

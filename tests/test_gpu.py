@@ -256,8 +256,11 @@ def _fused_cases(channels):
         table = functools.partial(_table, a, c, lower)
         cases.append((f"table-a={a}", table, [rand(p, 3) * 2.5, rand(12, 4, f)]))
     # pairs repeating atoms (their gradients add up atomically on the GPU)
-    difference = functools.partial(_pair_difference, src, dst)
-    cases.append(("pair-difference", difference, [rand(n, 3)]))
+    box = torch.tensor([[2.0, 0.0, 0.0], [0.3, 2.2, 0.0], [-0.4, 0.5, 2.5]], dtype=torch.float64)
+    for periodic in (None, box):  # and the minimum image in a triclinic box
+        difference = functools.partial(_pair_difference, src, dst, periodic)
+        cases.append((f"pair-difference-box={periodic is not None}", difference,
+                      [rand(n, 3) * 3.0]))  # fmt: skip
     # every radial network at once: a projection (3 f, scaled, through a strided view on the
     # GPU) and two networks (f -> 7 -> 3 f)
     weights = [w for _ in range(2) for w in (rand(7, f), rand(3 * f, 7))]
@@ -279,9 +282,10 @@ def _radial_networks(act, w0, b0, weights, biases, basis, cut):
     return torch.cat([o.flatten() for o in out])
 
 
-def _pair_difference(src, dst, pos):
+def _pair_difference(src, dst, box, pos):
+    box = pos.new_empty(0) if box is None else box.to(pos.device)
     return torch.ops.tensornet_openmm.pair_difference(
-        pos, src.to(pos.device), dst.to(pos.device), 10.0
+        pos, src.to(pos.device), dst.to(pos.device), 10.0, box
     )
 
 

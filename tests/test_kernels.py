@@ -25,7 +25,7 @@ from helpers import (
 
 from tensornet_openmm import create_force
 from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
-from tensornet_openmm.neighbors import neighbor_pairs
+from tensornet_openmm.neighbors import minimum_image_of, neighbor_pairs
 from tensornet_openmm.nn import kernels, layers
 
 pytestmark = pytest.mark.skipif(
@@ -363,33 +363,48 @@ def test_radial_networks_operator_equals_the_networks_one_by_one(act, two_thread
         op(basis, cut, w0, b0, 3 * f, 2, weights, biases, 2)
 
 
-def test_pair_difference_values_gradients_and_errors():
-    """pair_difference(pos, src, dst, scale) = scale (pos[src] - pos[dst]) against PyTorch in
-    float64, atoms in many pairs and in none; gradcheck; float32 as the model runs it; bad
-    input refused with the value."""
+@pytest.mark.parametrize("periodic", [False, True], ids=["vacuum", "triclinic"])
+def test_pair_difference_values_gradients_and_errors(periodic):
+    """pair_difference(pos, src, dst, scale, box) = scale (pos[src] - pos[dst]), at its minimum
+    image in the box (times the scale) if one is given, against PyTorch (neighbors'
+    minimum_image_of): the same numbers to the last bit in float64 and float32, atoms in many
+    pairs and in none; its gradient; gradcheck; bad input refused with the value."""
     g = torch.Generator().manual_seed(8)
-    pos = torch.randn(9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    box = torch.tensor([[2.0, 0.0, 0.0], [0.3, 2.2, 0.0], [-0.4, 0.5, 2.5]], dtype=torch.float64)
+    pos = (torch.rand(9, 3, generator=g, dtype=torch.float64) * 5.0 - 1.0).requires_grad_()
     src, dst = _pairs()
     op = torch.ops.tensornet_openmm.pair_difference
-    expected = (pos[src] - pos[dst]) * 10.0
-    got = op(pos, src, dst, 10.0)
-    torch.testing.assert_close(got, expected, rtol=1e-15, atol=0)
+    empty = pos.new_empty(0)
+
+    def expected_of(x, scale):
+        d = (x[src] - x[dst]) * scale
+        return minimum_image_of(d, box.to(x.dtype) * scale if periodic else None)
+
+    def got_of(x, scale):
+        return op(x, src, dst, scale, box.to(x.dtype) if periodic else empty.to(x.dtype))
+
+    expected, got = expected_of(pos, 10.0), got_of(pos, 10.0)
+    assert torch.equal(got, expected)
+    if periodic:  # pairs brought back: none longer than half the box's widths allow
+        assert (got.norm(dim=1) < (pos[src] - pos[dst]).norm(dim=1) * 10.0).any()
+    single = pos.detach().float()
+    assert torch.equal(got_of(single, 10.0), expected_of(single, 10.0))
     seed = torch.randn(23, 3, generator=g, dtype=torch.float64)
     (wanted,) = torch.autograd.grad(expected, pos, seed)
     (actual,) = torch.autograd.grad(got, pos, seed)
     torch.testing.assert_close(actual, wanted, rtol=1e-14, atol=1e-14)
-    assert torch.autograd.gradcheck(lambda x: op(x, src, dst, 0.5), (pos,))
-    single = pos.detach().float()
-    torch.testing.assert_close(op(single, src, dst, 10.0), (single[src] - single[dst]) * 10.0)
-    assert op(pos, src[:0], dst[:0], 10.0).shape == (0, 3)
+    assert torch.autograd.gradcheck(lambda x: got_of(x, 0.5), (pos,))
+    assert op(pos, src[:0], dst[:0], 10.0, empty).shape == (0, 3)
     with pytest.raises(RuntimeError, match=r"pair 4 is \(\d+, 40\): atom indices must lie"):
         bad = dst.clone()
         bad[4] = 40
-        op(pos, src, bad, 10.0)
+        op(pos, src, bad, 10.0, empty)
     with pytest.raises(RuntimeError, match=r"positions must be \(atoms, 3\), got \[9, 2\]"):
-        op(pos[:, :2], src, dst, 10.0)
+        op(pos[:, :2], src, dst, 10.0, empty)
     with pytest.raises(RuntimeError, match="pair indices must be two vectors"):
-        op(pos, src[None], dst, 10.0)
+        op(pos, src[None], dst, 10.0, empty)
+    with pytest.raises(RuntimeError, match=r"the box must be \(3, 3\) in the positions' dtype"):
+        op(pos, src, dst, 10.0, box[:2])
 
 
 def test_bad_input_is_refused_with_the_value():

@@ -457,4 +457,32 @@ TN_MATH int64_t table_weights(const TableParams<T>& t, T r, T w[4], T dw[4]) {
   return static_cast<int64_t>(k);
 }
 
+// a * b rounded on its own, never fused into a multiply-add (nvcc fuses by default): PyTorch's
+// separate elementwise operators round each product, and the minimum image below is theirs
+template <typename T>
+TN_MATH T mul_rn(T a, T b) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(T) == sizeof(float)) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
+#else
+  return a * b;
+#endif
+}
+
+// d (3 values) at its minimum image in a reduced triclinic box b (rows a, b, c; 9 values, row
+// major): c, then b, then a, as tensornet_openmm.neighbors.minimum_image; the shift then added as
+// the PyTorch paths add it (d + (image - d), neighbors._lattice_shift), the same numbers
+template <typename T>
+TN_MATH void minimum_image(T d[3], const T b[9]) {
+  T m[3] = {d[0], d[1], d[2]};
+  for (int c = 2; c >= 0; --c) {
+    const T s = nearbyint(m[c] / b[4 * c]);
+    for (int e = 0; e < 3; ++e) m[e] = m[e] - mul_rn(s, b[3 * c + e]);
+  }
+  for (int e = 0; e < 3; ++e) d[e] = d[e] + (m[e] - d[e]);
+}
+
 }  // namespace tn_math

@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> product_normalize_grad(const at::Tensor& grad
 at::Tensor square_add(const at::Tensor& x, const at::Tensor& d, const at::Tensor& q);
 at::Tensor square_add_grad(const at::Tensor& grad, const at::Tensor& d, const at::Tensor& q);
 at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
-                           double scale);
+                           double scale, const at::Tensor& box);
 at::Tensor pair_difference_grad(const at::Tensor& grad, const at::Tensor& src,
                                 const at::Tensor& dst, int64_t atoms, double scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
@@ -2199,25 +2199,33 @@ std::vector<at::Tensor> radial_networks_op(const at::Tensor& basis, const at::Te
 }
 
 // ---- Pair differences -----------------------------------------------------------------------
-// r_p = scale (pos[src[p]] - pos[dst[p]]): one pass over the pairs forward, and backward one
-// scatter of +scale g_p onto src[p] and -scale g_p onto dst[p]. In PyTorch the same takes two
-// gathers, a difference and a scale forward, and backward a negation, the scale and two index_adds
-// (each a zero fill and a scatter on a GPU) and their sum: eight kernels against three.
+// r_p = scale (pos[src[p]] - pos[dst[p]]), at its minimum image when a box is given (in the units
+// of pos, reduced triclinic; scaled too): one pass over the pairs forward, and backward one
+// scatter of +scale g_p onto src[p] and -scale g_p onto dst[p] (the lattice shift is a constant).
+// In PyTorch the same takes two gathers, a difference and a scale forward (and a dozen
+// elementwise operators for the minimum image), and backward a negation, the scale and two
+// index_adds (each a zero fill and a scatter on a GPU) and their sum.
 
 at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& src_in,
-                                  const at::Tensor& dst_in, double scale) {
+                                  const at::Tensor& dst_in, double scale,
+                                  const at::Tensor& box_in) {
   TORCH_CHECK(pos_in.dim() == 2 && pos_in.size(1) == 3,
               "pair_difference: positions must be (atoms, 3), got ", pos_in.sizes());
   TORCH_CHECK(at::isFloatingType(pos_in.scalar_type()),
               "pair_difference: positions must be floating point, got ", pos_in.scalar_type());
-  [[maybe_unused]] const bool cuda = on_cuda("pair_difference", {pos_in, src_in, dst_in});
+  [[maybe_unused]] const bool cuda =
+      on_cuda("pair_difference", {pos_in, src_in, dst_in, box_in});
   TORCH_CHECK(src_in.dim() == 1, "pair_difference: pair indices must be two vectors, got ",
               src_in.sizes(), " and ", dst_in.sizes());
+  TORCH_CHECK(box_in.numel() == 0 || (box_in.sizes() == at::IntArrayRef({3, 3}) &&
+                                      box_in.scalar_type() == pos_in.scalar_type()),
+              "pair_difference: the box must be (3, 3) in the positions' dtype, or empty for "
+              "none; got ", box_in.sizes(), " ", box_in.scalar_type());
   const int64_t pairs = src_in.size(0), atoms = pos_in.size(0);
   const auto [src, dst] = checked_pairs(src_in, dst_in, pairs, atoms, pos_in.device());
-  const at::Tensor pos = pos_in.contiguous();
+  const at::Tensor pos = pos_in.contiguous(), box = box_in.contiguous();
 #ifdef TN_WITH_CUDA
-  if (cuda) return tn_cuda::pair_difference(pos, src, dst, scale);
+  if (cuda) return tn_cuda::pair_difference(pos, src, dst, scale, box);
 #endif
   at::Tensor out = at::empty({pairs, 3}, pos.options());
   AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "tensornet_openmm_pair_difference", [&] {
@@ -2225,9 +2233,15 @@ at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& sr
     const int64_t *s = src.data_ptr<int64_t>(), *d = dst.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t k = static_cast<scalar_t>(scale);
-    split(pairs, kPairGrain, pairs * 3, [&](int64_t p0, int64_t p1) {
+    const bool periodic = box.numel() > 0;
+    scalar_t b[9] = {};
+    for (int e = 0; e < 9 && periodic; ++e) b[e] = box.data_ptr<scalar_t>()[e] * k;
+    split(pairs, kPairGrain, pairs * (periodic ? 30 : 3), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t c = 0; c < 3; ++c) o[3 * p + c] = k * (x[3 * s[p] + c] - x[3 * d[p] + c]);
+        scalar_t r[3];
+        for (int64_t c = 0; c < 3; ++c) r[c] = k * (x[3 * s[p] + c] - x[3 * d[p] + c]);
+        if (periodic) tn_math::minimum_image(r, b);
+        for (int64_t c = 0; c < 3; ++c) o[3 * p + c] = r[c];
       }
     });
   });
@@ -2261,11 +2275,12 @@ at::Tensor pair_difference_grad_kernel(const at::Tensor& grad_in, const at::Tens
 class PairDifference : public torch::autograd::Function<PairDifference> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pos, const at::Tensor& src,
-                            const at::Tensor& dst, double scale) {
+                            const at::Tensor& dst, double scale, const at::Tensor& box) {
+    TORCH_CHECK(!box.requires_grad(), "pair_difference: no gradient for the box here");
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = pair_difference_kernel(pos, src, dst, scale);
+      out = pair_difference_kernel(pos, src, dst, scale, box);
     }
     ctx->save_for_backward({src.contiguous(), dst.contiguous()});
     ctx->saved_data["atoms"] = pos.size(0);
@@ -2274,7 +2289,7 @@ class PairDifference : public torch::autograd::Function<PairDifference> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(4);
+    variable_list result(5);
     if (!ctx->needs_input_grad(0) || !grads[0].defined()) return result;
     const auto saved = ctx->get_saved_variables();
     result[0] = pair_difference_grad_kernel(grads[0], saved[0], saved[1],
@@ -2285,8 +2300,8 @@ class PairDifference : public torch::autograd::Function<PairDifference> {
 };
 
 at::Tensor pair_difference_op(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
-                              double scale) {
-  return PairDifference::apply(pos, src, dst, scale);
+                              double scale, const at::Tensor& box) {
+  return PairDifference::apply(pos, src, dst, scale, box);
 }
 
 // ---- Pair geometry --------------------------------------------------------------------------
@@ -2602,7 +2617,7 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "mlp(Tensor x, Tensor scale, Tensor[] weights, Tensor[] biases, int activation) -> "
       "Tensor");
-  m.def("pair_difference(Tensor pos, Tensor src, Tensor dst, float scale) -> Tensor");
+  m.def("pair_difference(Tensor pos, Tensor src, Tensor dst, float scale, Tensor box) -> Tensor");
   m.def(
       "radial_networks(Tensor basis, Tensor cut, Tensor first_weight, Tensor first_bias, "
       "int projection, int networks, Tensor[] weights, Tensor[] biases, int activation) -> "

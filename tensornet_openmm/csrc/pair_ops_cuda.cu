@@ -336,16 +336,25 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
   if (lane == 0 && g_scale != nullptr) g_scale[row] = sum;
 }
 
-// r[p] = scale (pos[src[p]] - pos[dst[p]]), one thread per pair and coordinate
+// r[p] = scale (pos[src[p]] - pos[dst[p]]), at its minimum image in the box (times the scale)
+// if one is given, one thread per pair
 template <typename T>
 __global__ void pair_difference_kernel(const T* __restrict__ pos, const int64_t* __restrict__ src,
                                        const int64_t* __restrict__ dst, T scale,
-                                       T* __restrict__ out, int64_t pairs, int64_t atoms) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= 3 * pairs) return;
-  const int64_t p = k / 3, c = k - 3 * p, i = src[p], j = dst[p];
+                                       const T* __restrict__ box, T* __restrict__ out,
+                                       int64_t pairs, int64_t atoms) {
+  const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (p >= pairs) return;
+  const int64_t i = src[p], j = dst[p];
   check_pair(i, j, atoms);
-  out[k] = scale * (pos[3 * i + c] - pos[3 * j + c]);
+  T r[3];
+  for (int c = 0; c < 3; ++c) r[c] = tn_math::mul_rn(scale, pos[3 * i + c] - pos[3 * j + c]);
+  if (box != nullptr) {
+    T b[9];
+    for (int e = 0; e < 9; ++e) b[e] = tn_math::mul_rn(box[e], scale);
+    tn_math::minimum_image(r, b);
+  }
+  for (int c = 0; c < 3; ++c) out[3 * p + c] = r[c];
 }
 
 // g_pos[src[p]] += scale g[p] and g_pos[dst[p]] -= scale g[p] (g_pos zeroed), atomically
@@ -790,16 +799,17 @@ at::Tensor activate_scaled_grad(int64_t activation, const at::Tensor& g_in, cons
 }
 
 at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
-                           double scale) {
+                           double scale, const at::Tensor& box) {
   const c10::cuda::CUDAGuard guard(pos.device());
   const int64_t pairs = src.size(0);
   at::Tensor out = at::empty({pairs, 3}, pos.options());
   if (pairs == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "tensornet_openmm_pair_difference_cuda", [&] {
-    pair_difference_kernel<scalar_t><<<blocks_for(3 * pairs), kThreads, 0, stream>>>(
+    pair_difference_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
         pos.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
-        static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), pairs, pos.size(0));
+        static_cast<scalar_t>(scale), box.numel() > 0 ? box.data_ptr<scalar_t>() : nullptr,
+        out.data_ptr<scalar_t>(), pairs, pos.size(0));
   });
   check_launch();
   return out;

@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..neighbors import minimum_image_of
 from .algebra import PackedAlgebra, matmul, packed_geometry
 from .radial import cosine_cutoff, exp_normal, gaussian
 from .tables import interpolate
@@ -538,13 +539,20 @@ class PairKernels(nn.Module):
             out.append(h * scale)
         return out
 
-    def pair_difference(self, pos: Tensor, src: Tensor, dst: Tensor, scale: float) -> Tensor:
+    def pair_difference(
+        self, pos: Tensor, src: Tensor, dst: Tensor, scale: float, box: Optional[Tensor] = None
+    ) -> Tensor:
         """scale (pos[src] - pos[dst]), (P, 3): pair vectors straight from positions (OpenMM's,
-        in nm, with ``scale`` 10 for A), differentiable in ``pos``."""
-        return self._torch_pair_difference(pos, src, dst, scale)
+        in nm, with ``scale`` 10 for A), at their minimum image in ``box`` (3, 3), reduced
+        triclinic, in the units of ``pos`` (scaled as well), if given; differentiable in
+        ``pos``."""
+        return self._torch_pair_difference(pos, src, dst, scale, box)
 
-    def _torch_pair_difference(self, pos: Tensor, src: Tensor, dst: Tensor, scale: float) -> Tensor:
-        return (pos.index_select(0, src) - pos.index_select(0, dst)) * scale
+    def _torch_pair_difference(
+        self, pos: Tensor, src: Tensor, dst: Tensor, scale: float, box: Optional[Tensor]
+    ) -> Tensor:
+        d = (pos.index_select(0, src) - pos.index_select(0, dst)) * scale
+        return minimum_image_of(d, None if box is None else box * scale)
 
     def _torch_mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
@@ -769,13 +777,17 @@ class FusedPairKernels(PairKernels):
             basis, cut, first_weight, first_bias, projection, networks, weights, biases, act
         )
 
-    def pair_difference(self, pos: Tensor, src: Tensor, dst: Tensor, scale: float) -> Tensor:
+    def pair_difference(
+        self, pos: Tensor, src: Tensor, dst: Tensor, scale: float, box: Optional[Tensor] = None
+    ) -> Tensor:
         """One operator each way (the ``pair_difference`` kernel): forward one pass over the
-        pairs, backward a zero fill and one scatter, where PyTorch takes two gathers, a
-        difference and a scale, and backward their five or six kernels (GPU)."""
+        pairs, the minimum image included, backward a zero fill and one scatter, where PyTorch
+        takes two gathers, a difference and a scale (and a dozen elementwise operators for the
+        minimum image), and backward five or six kernels (GPU)."""
         if self.applies(pos):
-            return torch.ops.tensornet_openmm.pair_difference(pos, src, dst, scale)
-        return self._torch_pair_difference(pos, src, dst, scale)
+            periodic = pos.new_empty(0) if box is None else box
+            return torch.ops.tensornet_openmm.pair_difference(pos, src, dst, scale, periodic)
+        return self._torch_pair_difference(pos, src, dst, scale, box)
 
     def radial_table(
         self,
