@@ -23,12 +23,12 @@ the CUDA count: cuBLAS or a reduction may take more than one kernel, and the CPU
 paths of its own. It runs
 on one thread (the CPU kernels split larger work between threads, the GPU's do not) with float32
 positions (OpenMM's mixed precision), and with the channel mixing a GPU runs (``strided_mix``).
-Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821
-137 the session after and 107 since session 16 (with the CUDA-graph pair list; 118 with the
-dynamic one, 83 with radial tables; in water, ML/MM, 303, 218, 157 and 132). On an H100 the code
-of 137 launched 203 kernels: cuBLAS's helpers, zero fills and multi-kernel ATen operators are
-what the CPU count misses. The reference's count is of its pure-PyTorch path, not of the Warp
-kernels it runs on a GPU.
+Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821,
+137 the session after, 107 after session 16 and 84 since session 17 (with the CUDA-graph pair
+list; 102 with the dynamic one, 69 with radial tables; in water, ML/MM, 303, 218, 157, 132 and
+94). On an H100 the code of 137 launched 203 kernels: cuBLAS's helpers, zero fills and
+multi-kernel ATen operators are what the CPU count misses. The reference's count is of its
+pure-PyTorch path, not of the Warp kernels it runs on a GPU.
 """
 
 from __future__ import annotations
