@@ -62,6 +62,11 @@ def save_model(
     """
     if not isinstance(model, TensorNet):
         raise TypeError(f"save_model expects a TensorNet, got {type(model).__name__}")
+    if model.std_folded:
+        raise ValueError(
+            "this model's weights give kJ/mol (an OpenMM force's copy, see "
+            "TensorNet.store_energy_scale); save the model the force was made from"
+        )
     from . import __version__
 
     payload = {

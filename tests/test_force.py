@@ -12,7 +12,7 @@ import torch
 from helpers import context_for, quiet_testsystems, small_model, water_box_nm
 from helpers import openmm_energy_forces as energy_forces
 
-from tensornet_openmm import create_force
+from tensornet_openmm import create_force, save_model
 from tensornet_openmm.export import TensorNetForce, export, pair_capacity, read_metadata, script
 from tensornet_openmm.forces import load_system, make_torch_force, save_system
 from tensornet_openmm.neighbors import neighbor_pairs
@@ -219,6 +219,10 @@ def test_the_force_folds_the_energy_scale_and_unit_into_its_copy(reduce_op, low_
     module = TensorNetForce(model, z, outputs_forces=True, low_memory=low_memory)
     assert module.model.std_folded and not model.std_folded
     assert torch.equal(model.output_network[2].weight, before) and model.std.item() == 1.7
+    with pytest.raises(RuntimeError, match="energy scale is folded already"):
+        module.model.store_energy_scale(EV_TO_KJ_PER_MOL)
+    with pytest.raises(ValueError, match="weights give kJ/mol .* save the model the force was"):
+        save_model(module.model, "never-written.pt")
     energy, forces = torch.jit.freeze(script(module).eval())(torch.tensor(pos))
     ref_energy, ref_forces = eager(model, z, pos)
     assert energy.item() == pytest.approx(ref_energy, rel=1e-12)

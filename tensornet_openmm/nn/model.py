@@ -133,8 +133,9 @@ class TensorNet(nn.Module):
         that only runs inference: the OpenMM forces do this. ``torch.jit.freeze`` does not fold
         them, so every force call would repeat them: seven linears, three cosines and their
         elementwise operators, on a GPU as many kernels. Also kept: the embedding's distance
-        projections concatenated, and its gates' last linear per packed component
-        (:meth:`TensorEmbedding.component_gate_weights`). The buffers are not saved with the
+        projections concatenated, its gates' last linear per packed component
+        (:meth:`TensorEmbedding.component_gate_weights`), and the first linears of every pair
+        network as one matrix (:meth:`radial_networks`). The buffers are not saved with the
         weights; they go stale if the weights change (:meth:`clear_self_pair_terms`)."""
         self.clear_self_pair_terms()
         emb = self.tensor_embedding
@@ -177,6 +178,10 @@ class TensorNet(nn.Module):
         copy that only runs inference, as the OpenMM forces do (eV to kJ/mol), two operators
         fewer each way per call (on a GPU, kernels). The same energy up to rounding; the
         weights are changed in place, so a model meant for anything else must not be given."""
+        if self.std_folded:
+            raise RuntimeError(
+                "this model's energy scale is folded already: fold it into a fresh copy once"
+            )
         last = self.output_network[2]
         with torch.no_grad():
             scale = self.std * factor
@@ -197,9 +202,9 @@ class TensorNet(nn.Module):
         emb = self.tensor_embedding
         emb.stored_weight, emb.stored_bias = emb.stored_weight[:0], emb.stored_bias[:0]
         emb.stored_gate_weight = emb.stored_gate_weight[:0]
+        emb.stored_gate_bias = emb.stored_gate_bias[:0]
         self.stored_first_weight = self.stored_first_weight[:0]
         self.stored_first_bias = self.stored_first_bias[:0]
-        emb.stored_gate_bias = emb.stored_gate_bias[:0]
         emb.stored_species = emb.stored_species[:, :0]
 
     def _self_basis(self) -> Tensor:
