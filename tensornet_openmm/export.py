@@ -180,8 +180,10 @@ class TensorNetForce(nn.Module):
     def energy_and_overflow(
         self, positions: Tensor, box: Optional[Tensor]
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """Energy (kJ/mol, model dtype) of the ML atoms, and whether the pair slots overflowed
-        (None where they cannot: the dynamic pair list, off CUDA, or every pair a slot)."""
+        """Energy (kJ/mol, model dtype) of the ML atoms, and whether the step failed: the pair
+        slots overflowed, or the box is narrower than twice the cutoff (None where neither can
+        happen, and for every pair a slot, whose pair vectors' operator checks the box itself
+        and makes them NaN)."""
         pos = positions.to(self.dtype)
         box_nm: Optional[Tensor] = None if box is None else box.to(self.dtype)
         capacity, cell_capacity = self.capacity, self.cell_capacity
@@ -195,7 +197,7 @@ class TensorNetForce(nn.Module):
             edge_index = self.pair_slots
             particles = self.pair_particles
             vectors = self.model.tensor_embedding.pair_kernels.pair_difference(
-                pos, particles[0], particles[1], self.nm_to_angstrom, box_nm
+                pos, particles[0], particles[1], self.nm_to_angstrom, box_nm, 2.0 * self.cutoff
             )
         else:
             box_a: Optional[Tensor] = None
@@ -210,6 +212,9 @@ class TensorNetForce(nn.Module):
             edge_index, vectors = pairs.edge_index, pairs.vectors
             if capacity >= 0:
                 overflow = pairs.num_pairs > capacity
+            if box_a is not None:  # (the box's diagonal: a view)
+                small = box_a.diagonal().min() < 2.0 * self.cutoff
+                overflow = small if overflow is None else overflow | small
         charge: Optional[Tensor] = None if self.neutral else self.total_charge
         if self.low_memory:
             fixed = no_history(vectors)
@@ -237,9 +242,6 @@ class TensorNetForce(nn.Module):
         # failures make energy and forces NaN without a host synchronisation (CUDA graphs):
         # a pair-list overflow, or a box (NPT) that shrank below twice the cutoff (neither can
         # happen to a dynamic pair list without a box: nothing to check then)
-        if box is not None:  # (the box's diagonal: a view)
-            small = box.diagonal().min() * self.nm_to_angstrom < 2.0 * self.cutoff
-            failed = small if failed is None else failed | small
         if failed is not None:
             # NaN times every particle's coordinates on failure, zero otherwise: then the energy
             # and all forces are NaN (one term, five kernels in a CUDA graph)

@@ -409,6 +409,29 @@ def test_overflow_and_small_box_fail_loudly():
         create_force(model, z, periodic=True, box_vectors=np.eye(3) * 0.7)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
+def test_every_pair_slots_fail_loudly_in_a_box_too_small(fused):
+    """Every pair a slot checks the box inside the pair vectors' operator: a box narrower than
+    twice the cutoff makes the energy and every particle's force NaN (the ML region's and the
+    others'), a wide enough one gives finite numbers."""
+    if fused and not kernels.load():
+        pytest.skip("no fused kernels here")
+    model = small_model()
+    z, pos = molecule()
+    particles = np.concatenate([[[0.9, 0.1, 0.2]], pos])  # one particle before the ML atoms
+    every = len(z) * (len(z) - 1) // 2
+    module = TensorNetForce(model, z, atoms=range(1, 1 + len(z)), periodic=True,
+                            capacity=every, fixed_on_cpu=True, outputs_forces=True,
+                            fused_kernels=fused)  # fmt: skip
+    assert module.every_pair
+    call = torch.jit.freeze(script(module).eval())
+    x = torch.tensor(particles)
+    energy, forces = call(x, torch.eye(3, dtype=torch.float64))
+    assert torch.isfinite(energy) and torch.isfinite(forces).all() and forces[0].eq(0).all()
+    energy, forces = call(x, torch.eye(3, dtype=torch.float64) * 0.7)  # < 2 cutoffs
+    assert torch.isnan(energy) and torch.isnan(forces).all()
+
+
 def test_elements_not_covered_are_a_build_time_error():
     model = small_model()
     with pytest.raises(ValueError, match=r"outside this model's range 1\.\.9"):

@@ -354,6 +354,23 @@ def test_fused_cuda_kernels_equal_the_cpu_kernels(channels):
             torch.testing.assert_close(a.cpu(), e, rtol=1e-11, atol=1e-11, msg=f"{name} input {k}")
 
 
+def test_pair_difference_on_cuda_fails_loudly_in_a_narrow_box():
+    """pair_difference on the GPU: a box narrower than min_width makes every vector and every
+    position's gradient NaN (atoms in no pair too), a wide enough one does not."""
+    cuda_kernels()
+    pos = (torch.rand(9, 3, dtype=torch.float64) * 3.0).cuda().requires_grad_()
+    src, dst = torch.tensor([0, 1, 2]).cuda(), torch.tensor([3, 4, 5]).cuda()
+    box = torch.eye(3, dtype=torch.float64).cuda() * 2.0
+    op = torch.ops.tensornet_openmm.pair_difference
+    wide = op(pos, src, dst, 10.0, box, 19.9)
+    (g_wide,) = torch.autograd.grad(wide.sum(), pos)
+    assert torch.isfinite(wide).all() and torch.isfinite(g_wide).all()
+    assert g_wide[6:].eq(0).all()
+    narrow = op(pos, src, dst, 10.0, box, 20.1)
+    (g_narrow,) = torch.autograd.grad(narrow.sum(), pos)
+    assert torch.isnan(narrow).all() and torch.isnan(g_narrow).all()
+
+
 @pytest.mark.parametrize("half", [True, False])
 def test_message_filter_grad_on_cuda_equals_cpu(half):
     """The low-memory forces' message_filter_grad (no autograd of its own) on the GPU equals the

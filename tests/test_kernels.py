@@ -405,6 +405,12 @@ def test_pair_difference_values_gradients_and_errors(periodic):
         op(pos, src[None], dst, 10.0, empty)
     with pytest.raises(RuntimeError, match=r"the box must be \(3, 3\) in the positions' dtype"):
         op(pos, src, dst, 10.0, box[:2])
+    if periodic:  # a box narrower than min_width (scaled): every vector and gradient NaN
+        assert torch.isfinite(op(pos, src, dst, 10.0, box, 19.9)).all()
+        narrow = op(pos, src, dst, 10.0, box, 20.1)
+        assert torch.isnan(narrow).all()
+        (g_narrow,) = torch.autograd.grad(narrow, pos, seed)
+        assert torch.isnan(g_narrow).all()  # the atoms in no pair too
 
 
 def test_bad_input_is_refused_with_the_value():

@@ -76,9 +76,10 @@ std::tuple<at::Tensor, at::Tensor> product_normalize_grad(const at::Tensor& grad
 at::Tensor square_add(const at::Tensor& x, const at::Tensor& d, const at::Tensor& q);
 at::Tensor square_add_grad(const at::Tensor& grad, const at::Tensor& d, const at::Tensor& q);
 at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
-                           double scale, const at::Tensor& box);
+                           double scale, const at::Tensor& box, double min_width);
 at::Tensor pair_difference_grad(const at::Tensor& grad, const at::Tensor& src,
-                                const at::Tensor& dst, int64_t atoms, double scale);
+                                const at::Tensor& dst, int64_t atoms, double scale,
+                                const at::Tensor& box, double min_width);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
                                                         const at::Tensor& centers,
                                                         const at::Tensor& widths, int64_t kind,
@@ -97,6 +98,7 @@ at::Tensor radial_table_grad(const at::Tensor& grad, const at::Tensor& vec, cons
 #endif
 
 #include <algorithm>
+#include <limits>
 #include <initializer_list>
 #include <tuple>
 #include <utility>
@@ -2202,13 +2204,22 @@ std::vector<at::Tensor> radial_networks_op(const at::Tensor& basis, const at::Te
 // r_p = scale (pos[src[p]] - pos[dst[p]]), at its minimum image when a box is given (in the units
 // of pos, reduced triclinic; scaled too): one pass over the pairs forward, and backward one
 // scatter of +scale g_p onto src[p] and -scale g_p onto dst[p] (the lattice shift is a constant).
+// A box narrower than min_width (scaled; 0: no check) makes every vector and every atom's
+// gradient NaN: the step fails loudly, with no host synchronisation (CUDA graphs).
 // In PyTorch the same takes two gathers, a difference and a scale forward (and a dozen
 // elementwise operators for the minimum image), and backward a negation, the scale and two
 // index_adds (each a zero fill and a scatter on a GPU) and their sum.
 
+// whether a box (9 values, row major, times the scale) is narrower than min_width (0: no check)
+template <typename T>
+bool too_small(const T b[9], double min_width) {
+  const T width = std::min(b[0], std::min(b[4], b[8]));
+  return min_width > 0 && width < static_cast<T>(min_width);
+}
+
 at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& src_in,
                                   const at::Tensor& dst_in, double scale,
-                                  const at::Tensor& box_in) {
+                                  const at::Tensor& box_in, double min_width) {
   TORCH_CHECK(pos_in.dim() == 2 && pos_in.size(1) == 3,
               "pair_difference: positions must be (atoms, 3), got ", pos_in.sizes());
   TORCH_CHECK(at::isFloatingType(pos_in.scalar_type()),
@@ -2225,7 +2236,7 @@ at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& sr
   const auto [src, dst] = checked_pairs(src_in, dst_in, pairs, atoms, pos_in.device());
   const at::Tensor pos = pos_in.contiguous(), box = box_in.contiguous();
 #ifdef TN_WITH_CUDA
-  if (cuda) return tn_cuda::pair_difference(pos, src, dst, scale, box);
+  if (cuda) return tn_cuda::pair_difference(pos, src, dst, scale, box, min_width);
 #endif
   at::Tensor out = at::empty({pairs, 3}, pos.options());
   AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "tensornet_openmm_pair_difference", [&] {
@@ -2236,12 +2247,15 @@ at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& sr
     const bool periodic = box.numel() > 0;
     scalar_t b[9] = {};
     for (int e = 0; e < 9 && periodic; ++e) b[e] = box.data_ptr<scalar_t>()[e] * k;
+    const bool fail = periodic && too_small(b, min_width);
     split(pairs, kPairGrain, pairs * (periodic ? 30 : 3), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         scalar_t r[3];
         for (int64_t c = 0; c < 3; ++c) r[c] = k * (x[3 * s[p] + c] - x[3 * d[p] + c]);
         if (periodic) tn_math::minimum_image(r, b);
-        for (int64_t c = 0; c < 3; ++c) o[3 * p + c] = r[c];
+        for (int64_t c = 0; c < 3; ++c) {
+          o[3 * p + c] = fail ? std::numeric_limits<scalar_t>::quiet_NaN() : r[c];
+        }
       }
     });
   });
@@ -2250,10 +2264,13 @@ at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& sr
 
 // The positions' gradient (atoms, 3): pairs in order, on one thread (the same sums every run).
 at::Tensor pair_difference_grad_kernel(const at::Tensor& grad_in, const at::Tensor& src,
-                                       const at::Tensor& dst, int64_t atoms, double scale) {
+                                       const at::Tensor& dst, int64_t atoms, double scale,
+                                       const at::Tensor& box, double min_width) {
   const at::Tensor grad = grad_in.contiguous();
 #ifdef TN_WITH_CUDA
-  if (grad.is_cuda()) return tn_cuda::pair_difference_grad(grad, src, dst, atoms, scale);
+  if (grad.is_cuda()) {
+    return tn_cuda::pair_difference_grad(grad, src, dst, atoms, scale, box, min_width);
+  }
 #endif
   at::Tensor out = at::zeros({atoms, 3}, grad.options());
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tensornet_openmm_pair_difference_grad", [&] {
@@ -2261,6 +2278,11 @@ at::Tensor pair_difference_grad_kernel(const at::Tensor& grad_in, const at::Tens
     const int64_t *s = src.data_ptr<int64_t>(), *d = dst.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t k = static_cast<scalar_t>(scale);
+    if (box.numel() > 0) {
+      scalar_t b[9];
+      for (int e = 0; e < 9; ++e) b[e] = box.data_ptr<scalar_t>()[e] * k;
+      if (too_small(b, min_width)) out.fill_(std::numeric_limits<scalar_t>::quiet_NaN());
+    }
     for (int64_t p = 0; p < src.size(0); ++p) {
       for (int64_t c = 0; c < 3; ++c) {
         const scalar_t v = k * g[3 * p + c];
@@ -2275,33 +2297,35 @@ at::Tensor pair_difference_grad_kernel(const at::Tensor& grad_in, const at::Tens
 class PairDifference : public torch::autograd::Function<PairDifference> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& pos, const at::Tensor& src,
-                            const at::Tensor& dst, double scale, const at::Tensor& box) {
+                            const at::Tensor& dst, double scale, const at::Tensor& box,
+                            double min_width) {
     TORCH_CHECK(!box.requires_grad(), "pair_difference: no gradient for the box here");
     at::Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = pair_difference_kernel(pos, src, dst, scale, box);
+      out = pair_difference_kernel(pos, src, dst, scale, box, min_width);
     }
-    ctx->save_for_backward({src.contiguous(), dst.contiguous()});
+    ctx->save_for_backward({src.contiguous(), dst.contiguous(), box.contiguous()});
     ctx->saved_data["atoms"] = pos.size(0);
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["min_width"] = min_width;
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list result(5);
+    variable_list result(6);
     if (!ctx->needs_input_grad(0) || !grads[0].defined()) return result;
     const auto saved = ctx->get_saved_variables();
-    result[0] = pair_difference_grad_kernel(grads[0], saved[0], saved[1],
-                                            ctx->saved_data["atoms"].toInt(),
-                                            ctx->saved_data["scale"].toDouble());
+    result[0] = pair_difference_grad_kernel(
+        grads[0], saved[0], saved[1], ctx->saved_data["atoms"].toInt(),
+        ctx->saved_data["scale"].toDouble(), saved[2], ctx->saved_data["min_width"].toDouble());
     return result;
   }
 };
 
 at::Tensor pair_difference_op(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
-                              double scale, const at::Tensor& box) {
-  return PairDifference::apply(pos, src, dst, scale, box);
+                              double scale, const at::Tensor& box, double min_width) {
+  return PairDifference::apply(pos, src, dst, scale, box, min_width);
 }
 
 // ---- Pair geometry --------------------------------------------------------------------------
@@ -2617,7 +2641,9 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "mlp(Tensor x, Tensor scale, Tensor[] weights, Tensor[] biases, int activation) -> "
       "Tensor");
-  m.def("pair_difference(Tensor pos, Tensor src, Tensor dst, float scale, Tensor box) -> Tensor");
+  m.def(
+      "pair_difference(Tensor pos, Tensor src, Tensor dst, float scale, Tensor box, "
+      "float min_width=0) -> Tensor");
   m.def(
       "radial_networks(Tensor basis, Tensor cut, Tensor first_weight, Tensor first_bias, "
       "int projection, int networks, Tensor[] weights, Tensor[] biases, int activation) -> "

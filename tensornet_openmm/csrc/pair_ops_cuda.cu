@@ -336,13 +336,22 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
   if (lane == 0 && g_scale != nullptr) g_scale[row] = sum;
 }
 
+// whether the box (times the scale; null: none) is narrower than min_width (0: no check)
+template <typename T>
+__device__ __forceinline__ bool too_small(const T* __restrict__ box, T scale, T min_width) {
+  if (box == nullptr || !(min_width > T(0))) return false;
+  const T width = fmin(tn_math::mul_rn(box[0], scale),
+                       fmin(tn_math::mul_rn(box[4], scale), tn_math::mul_rn(box[8], scale)));
+  return width < min_width;
+}
+
 // r[p] = scale (pos[src[p]] - pos[dst[p]]), at its minimum image in the box (times the scale)
-// if one is given, one thread per pair
+// if one is given, one thread per pair; NaN if the box is narrower than min_width
 template <typename T>
 __global__ void pair_difference_kernel(const T* __restrict__ pos, const int64_t* __restrict__ src,
                                        const int64_t* __restrict__ dst, T scale,
-                                       const T* __restrict__ box, T* __restrict__ out,
-                                       int64_t pairs, int64_t atoms) {
+                                       const T* __restrict__ box, T min_width,
+                                       T* __restrict__ out, int64_t pairs, int64_t atoms) {
   const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (p >= pairs) return;
   const int64_t i = src[p], j = dst[p];
@@ -354,7 +363,17 @@ __global__ void pair_difference_kernel(const T* __restrict__ pos, const int64_t*
     for (int e = 0; e < 9; ++e) b[e] = tn_math::mul_rn(box[e], scale);
     tn_math::minimum_image(r, b);
   }
-  for (int c = 0; c < 3; ++c) out[3 * p + c] = r[c];
+  const bool fail = too_small(box, scale, min_width);
+  for (int c = 0; c < 3; ++c) out[3 * p + c] = fail ? T(NAN) : r[c];
+}
+
+// the positions' gradient before the scatter: zeros, or NaN everywhere for a box too narrow
+template <typename T>
+__global__ void difference_grad_fill_kernel(T* __restrict__ g_pos, int64_t n, const T* __restrict__ box,
+                                            T scale, T min_width) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (k >= n) return;
+  g_pos[k] = too_small(box, scale, min_width) ? T(NAN) : T(0);
 }
 
 // g_pos[src[p]] += scale g[p] and g_pos[dst[p]] -= scale g[p] (g_pos zeroed), atomically
@@ -799,7 +818,7 @@ at::Tensor activate_scaled_grad(int64_t activation, const at::Tensor& g_in, cons
 }
 
 at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,
-                           double scale, const at::Tensor& box) {
+                           double scale, const at::Tensor& box, double min_width) {
   const c10::cuda::CUDAGuard guard(pos.device());
   const int64_t pairs = src.size(0);
   at::Tensor out = at::empty({pairs, 3}, pos.options());
@@ -809,20 +828,26 @@ at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const a
     pair_difference_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
         pos.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
         static_cast<scalar_t>(scale), box.numel() > 0 ? box.data_ptr<scalar_t>() : nullptr,
-        out.data_ptr<scalar_t>(), pairs, pos.size(0));
+        static_cast<scalar_t>(min_width), out.data_ptr<scalar_t>(), pairs, pos.size(0));
   });
   check_launch();
   return out;
 }
 
 at::Tensor pair_difference_grad(const at::Tensor& grad, const at::Tensor& src,
-                                const at::Tensor& dst, int64_t atoms, double scale) {
+                                const at::Tensor& dst, int64_t atoms, double scale,
+                                const at::Tensor& box, double min_width) {
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t pairs = src.size(0);
-  at::Tensor out = at::zeros({atoms, 3}, grad.options());
-  if (pairs == 0) return out;
+  at::Tensor out = at::empty({atoms, 3}, grad.options());
+  if (atoms == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tensornet_openmm_pair_difference_grad_cuda", [&] {
+    difference_grad_fill_kernel<scalar_t><<<blocks_for(3 * atoms), kThreads, 0, stream>>>(
+        out.data_ptr<scalar_t>(), 3 * atoms,
+        box.numel() > 0 ? box.data_ptr<scalar_t>() : nullptr, static_cast<scalar_t>(scale),
+        static_cast<scalar_t>(min_width));
+    if (pairs == 0) return;
     pair_difference_grad_kernel<scalar_t><<<blocks_for(3 * pairs), kThreads, 0, stream>>>(
         grad.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
         static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(), pairs);

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import sys
 import threading
@@ -540,19 +541,40 @@ class PairKernels(nn.Module):
         return out
 
     def pair_difference(
-        self, pos: Tensor, src: Tensor, dst: Tensor, scale: float, box: Optional[Tensor] = None
+        self,
+        pos: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        scale: float,
+        box: Optional[Tensor] = None,
+        min_width: float = 0.0,
     ) -> Tensor:
         """scale (pos[src] - pos[dst]), (P, 3): pair vectors straight from positions (OpenMM's,
         in nm, with ``scale`` 10 for A), at their minimum image in ``box`` (3, 3), reduced
         triclinic, in the units of ``pos`` (scaled as well), if given; differentiable in
-        ``pos``."""
-        return self._torch_pair_difference(pos, src, dst, scale, box)
+        ``pos``. A box whose smallest width (scaled) is below ``min_width`` (0: no check) makes
+        every vector and every position's gradient NaN: the step fails loudly, without a host
+        synchronisation."""
+        return self._torch_pair_difference(pos, src, dst, scale, box, min_width)
 
     def _torch_pair_difference(
-        self, pos: Tensor, src: Tensor, dst: Tensor, scale: float, box: Optional[Tensor]
+        self,
+        pos: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        scale: float,
+        box: Optional[Tensor],
+        min_width: float,
     ) -> Tensor:
         d = (pos.index_select(0, src) - pos.index_select(0, dst)) * scale
-        return minimum_image_of(d, None if box is None else box * scale)
+        if box is None:
+            return d
+        scaled = box * scale
+        d = minimum_image_of(d, scaled)
+        if min_width > 0.0:  # NaN or zero times every coordinate's sum: all NaN on failure
+            nan_or_zero = torch.where(scaled.diagonal().min() < min_width, math.nan, 0.0)
+            d = d + nan_or_zero.to(d.dtype) * pos.sum()
+        return d
 
     def _torch_mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
@@ -778,16 +800,25 @@ class FusedPairKernels(PairKernels):
         )
 
     def pair_difference(
-        self, pos: Tensor, src: Tensor, dst: Tensor, scale: float, box: Optional[Tensor] = None
+        self,
+        pos: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        scale: float,
+        box: Optional[Tensor] = None,
+        min_width: float = 0.0,
     ) -> Tensor:
         """One operator each way (the ``pair_difference`` kernel): forward one pass over the
-        pairs, the minimum image included, backward a zero fill and one scatter, where PyTorch
-        takes two gathers, a difference and a scale (and a dozen elementwise operators for the
-        minimum image), and backward five or six kernels (GPU)."""
+        pairs, the minimum image and the box's check included, backward a fill and one
+        scatter, where PyTorch takes two gathers, a difference and a scale (and a dozen
+        elementwise operators for the minimum image, a handful for the check), and backward
+        five or six kernels (GPU)."""
         if self.applies(pos):
             periodic = pos.new_empty(0) if box is None else box
-            return torch.ops.tensornet_openmm.pair_difference(pos, src, dst, scale, periodic)
-        return self._torch_pair_difference(pos, src, dst, scale, box)
+            return torch.ops.tensornet_openmm.pair_difference(
+                pos, src, dst, scale, periodic, min_width
+            )
+        return self._torch_pair_difference(pos, src, dst, scale, box, min_width)
 
     def radial_table(
         self,
