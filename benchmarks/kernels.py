@@ -26,7 +26,7 @@ positions (OpenMM's mixed precision), and with the channel mixing a GPU runs (``
 Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821,
 137 the session after, 107 after session 16 and 84 since session 17 (with the CUDA-graph pair
 list; 102 with the dynamic one, 69 with radial tables; in water, ML/MM, 303, 218, 157, 132 and
-94). On an H100 the code of 137 launched 203 kernels: cuBLAS's helpers, zero fills and
+84). On an H100 the code of 137 launched 203 kernels: cuBLAS's helpers, zero fills and
 multi-kernel ATen operators are what the CPU count misses. The reference's count is of its
 pure-PyTorch path, not of the Warp kernels it runs on a GPU.
 """
