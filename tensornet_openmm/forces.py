@@ -156,7 +156,7 @@ def create_force(
     capacity: int | None = None,
     capacity_margin: float = 1.5,
     strategy: str = "auto",
-    outputs_forces: bool = True,
+    outputs_forces: bool | None = None,
     cuda_graph_warmup_steps: int = 10,
     lambda_parameter: str | None = None,
     name: str = "TensorNet",
@@ -196,11 +196,12 @@ def create_force(
         Slots per pair found at ``positions`` (and per atom in the fullest cell).
     strategy : str
         Pair search: "auto", "brute" or "cell".
-    outputs_forces : bool
-        Compute forces inside the module (``setOutputsForces``; default). Under CUDA graphs the
-        module's graph then ends with the forces themselves, where openmm-torch's own backward
-        adds three kernels a step (accumulating into, copying and zeroing the positions'
-        gradient). False: openmm-torch differentiates the energy.
+    outputs_forces : bool, optional
+        Compute forces inside the module (``setOutputsForces``). Under CUDA graphs the module's
+        graph then ends with the forces themselves, where openmm-torch's own backward adds
+        three kernels a step (accumulating into, copying and zeroing the positions' gradient).
+        False: openmm-torch differentiates the energy. Default (None): True, except with a
+        ``lambda_parameter``, whose energy derivative openmm-torch takes from its own backward.
     cuda_graph_warmup_steps : int
         Eager steps before capture.
     lambda_parameter : str, optional
@@ -256,6 +257,8 @@ def create_force(
             f"strategy {strategy!r} cannot run inside OpenMM; choose 'auto', 'brute' or 'cell'"
         )
     validate_elements(model, atomic_numbers)
+    if outputs_forces is None:
+        outputs_forces = lambda_parameter is None
     n_ml = len(atomic_numbers)
     box = None
     if box_vectors is not None:

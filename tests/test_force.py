@@ -163,6 +163,27 @@ def test_xml_round_trip(tmp_path):
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
+def test_forces_are_output_by_default_except_with_a_lambda():
+    """create_force's module returns the forces itself unless a lambda parameter is asked for,
+    whose derivative openmm-torch takes from its own backward; either way the energy, forces
+    and dE/dlambda are the eager model's."""
+    model = small_model()
+    z, pos = molecule()
+    ref_energy, ref_forces = eager(model, z, pos)
+    plain = create_force(model, z, positions=pos)
+    scaled = create_force(model, z, positions=pos, lambda_parameter="lam")
+    assert plain.getOutputsForces() and not scaled.getOutputsForces()
+    energy, forces = energy_forces(context_for(plain, len(z), "CPU"), pos)
+    assert energy == pytest.approx(ref_energy, rel=1e-10)
+    np.testing.assert_allclose(forces, ref_forces, rtol=0, atol=1e-9 * np.abs(ref_forces).max())
+    context = context_for(scaled, len(z), "CPU")
+    context.setParameter("lam", 0.7)
+    energy, forces = energy_forces(context, pos)
+    derivative = context.getState(getParameterDerivatives=True).getEnergyParameterDerivatives()
+    assert energy == pytest.approx(0.7 * ref_energy, rel=1e-10)
+    assert derivative["lam"] == pytest.approx(ref_energy, rel=1e-10)
+
+
 @pytest.mark.parametrize("outputs_forces", [False, True])
 def test_low_memory_force_equals_default(water, outputs_forces):
     """low_memory=True: the same energy, forces and lambda derivative through OpenMM, and on
