@@ -133,12 +133,6 @@ def _displacements(pos: Tensor, i: Tensor, j: Tensor, box: Optional[Tensor]) -> 
     return minimum_image_of(_difference(pos, i, j), box)
 
 
-def pair_vectors(positions: Tensor, edge_index: Tensor, box: Optional[Tensor] = None) -> Tensor:
-    """r_ij = pos[i] - pos[j] of the given pairs (2, P), under minimum image when there is a box
-    (reduced, see :func:`check_box`); differentiable in the positions."""
-    return _displacements(positions, edge_index[0], edge_index[1], box)
-
-
 def _slot_vectors(
     pos: Tensor,
     pairs: Tensor,

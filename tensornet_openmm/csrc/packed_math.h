@@ -472,6 +472,16 @@ TN_MATH T mul_rn(T a, T b) {
 #endif
 }
 
+// whether a box (3x3, row major; null: none) times the scale is narrower than min_width (not
+// above 0: no check), by its smallest diagonal entry, each product rounded as PyTorch rounds it
+template <typename T>
+TN_MATH bool box_too_small(const T* box, T scale, T min_width) {
+  if (box == nullptr || !(min_width > T(0))) return false;
+  const T a = mul_rn(box[0], scale), b = mul_rn(box[4], scale), c = mul_rn(box[8], scale);
+  const T width = a < b ? (a < c ? a : c) : (b < c ? b : c);
+  return width < min_width;
+}
+
 // d (3 values) at its minimum image in a reduced triclinic box b (rows a, b, c; 9 values, row
 // major): c, then b, then a, as tensornet_openmm.neighbors.minimum_image; the shift then added as
 // the PyTorch paths add it (d + (image - d), neighbors._lattice_shift), the same numbers

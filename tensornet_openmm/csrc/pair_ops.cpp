@@ -2210,13 +2210,6 @@ std::vector<at::Tensor> radial_networks_op(const at::Tensor& basis, const at::Te
 // elementwise operators for the minimum image), and backward a negation, the scale and two
 // index_adds (each a zero fill and a scatter on a GPU) and their sum.
 
-// whether a box (9 values, row major, times the scale) is narrower than min_width (0: no check)
-template <typename T>
-bool too_small(const T b[9], double min_width) {
-  const T width = std::min(b[0], std::min(b[4], b[8]));
-  return min_width > 0 && width < static_cast<T>(min_width);
-}
-
 at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& src_in,
                                   const at::Tensor& dst_in, double scale,
                                   const at::Tensor& box_in, double min_width) {
@@ -2245,9 +2238,10 @@ at::Tensor pair_difference_kernel(const at::Tensor& pos_in, const at::Tensor& sr
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t k = static_cast<scalar_t>(scale);
     const bool periodic = box.numel() > 0;
+    const scalar_t* box_data = periodic ? box.data_ptr<scalar_t>() : nullptr;
     scalar_t b[9] = {};
-    for (int e = 0; e < 9 && periodic; ++e) b[e] = box.data_ptr<scalar_t>()[e] * k;
-    const bool fail = periodic && too_small(b, min_width);
+    for (int e = 0; e < 9 && periodic; ++e) b[e] = box_data[e] * k;
+    const bool fail = tn_math::box_too_small(box_data, k, static_cast<scalar_t>(min_width));
     split(pairs, kPairGrain, pairs * (periodic ? 30 : 3), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         scalar_t r[3];
@@ -2278,10 +2272,9 @@ at::Tensor pair_difference_grad_kernel(const at::Tensor& grad_in, const at::Tens
     const int64_t *s = src.data_ptr<int64_t>(), *d = dst.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t k = static_cast<scalar_t>(scale);
-    if (box.numel() > 0) {
-      scalar_t b[9];
-      for (int e = 0; e < 9; ++e) b[e] = box.data_ptr<scalar_t>()[e] * k;
-      if (too_small(b, min_width)) out.fill_(std::numeric_limits<scalar_t>::quiet_NaN());
+    const scalar_t* box_data = box.numel() > 0 ? box.data_ptr<scalar_t>() : nullptr;
+    if (tn_math::box_too_small(box_data, k, static_cast<scalar_t>(min_width))) {
+      out.fill_(std::numeric_limits<scalar_t>::quiet_NaN());
     }
     for (int64_t p = 0; p < src.size(0); ++p) {
       for (int64_t c = 0; c < 3; ++c) {

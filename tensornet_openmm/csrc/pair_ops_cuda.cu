@@ -336,15 +336,6 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
   if (lane == 0 && g_scale != nullptr) g_scale[row] = sum;
 }
 
-// whether the box (times the scale; null: none) is narrower than min_width (0: no check)
-template <typename T>
-__device__ __forceinline__ bool too_small(const T* __restrict__ box, T scale, T min_width) {
-  if (box == nullptr || !(min_width > T(0))) return false;
-  const T width = fmin(tn_math::mul_rn(box[0], scale),
-                       fmin(tn_math::mul_rn(box[4], scale), tn_math::mul_rn(box[8], scale)));
-  return width < min_width;
-}
-
 // r[p] = scale (pos[src[p]] - pos[dst[p]]), at its minimum image in the box (times the scale)
 // if one is given, one thread per pair; NaN if the box is narrower than min_width
 template <typename T>
@@ -363,7 +354,7 @@ __global__ void pair_difference_kernel(const T* __restrict__ pos, const int64_t*
     for (int e = 0; e < 9; ++e) b[e] = tn_math::mul_rn(box[e], scale);
     tn_math::minimum_image(r, b);
   }
-  const bool fail = too_small(box, scale, min_width);
+  const bool fail = tn_math::box_too_small(box, scale, min_width);
   for (int c = 0; c < 3; ++c) out[3 * p + c] = fail ? T(NAN) : r[c];
 }
 
@@ -373,7 +364,7 @@ __global__ void difference_grad_fill_kernel(T* __restrict__ g_pos, int64_t n, co
                                             T scale, T min_width) {
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= n) return;
-  g_pos[k] = too_small(box, scale, min_width) ? T(NAN) : T(0);
+  g_pos[k] = tn_math::box_too_small(box, scale, min_width) ? T(NAN) : T(0);
 }
 
 // g_pos[src[p]] += scale g[p] and g_pos[dst[p]] -= scale g[p] (g_pos zeroed), atomically

@@ -527,17 +527,14 @@ class PairKernels(nn.Module):
         act: int,
     ) -> list[Tensor]:
         z = nn.functional.linear(basis, first_weight, first_bias)
-        scale = cut.unsqueeze(1)
-        out = [z.narrow(1, 0, projection) * scale]
+        out = [z.narrow(1, 0, projection) * cut.unsqueeze(1)]
         width = (first_weight.shape[0] - projection) // networks
         depth = len(weights) // networks
         for n in range(networks):
             h = z.narrow(1, projection + n * width, width)
             h = nn.functional.silu(h) if act == 0 else torch.tanh(h)
-            for k in range(n * depth, (n + 1) * depth):
-                h = nn.functional.linear(h, weights[k], biases[k])
-                h = nn.functional.silu(h) if act == 0 else torch.tanh(h)
-            out.append(h * scale)
+            first, last = n * depth, (n + 1) * depth
+            out.append(self._torch_mlp(h, cut, weights[first:last], biases[first:last], act))
         return out
 
     def pair_difference(
