@@ -206,8 +206,9 @@ class TensorNetForce(nn.Module):
             if self.use_subset:  # (index_select: advanced indexing's gradient sorts the indices)
                 pos = pos.index_select(0, self.atoms)
             pos = pos * self.nm_to_angstrom
-            pairs = neighbor_pairs(
-                pos, self.cutoff, box_a, capacity, self.strategy, cell_capacity, half=True
+            # (the fused kernels' pair_search where they apply, else PyTorch's search)
+            pairs = self.model.tensor_embedding.pair_kernels.neighbor_pairs(
+                pos, self.cutoff, box_a, capacity, self.strategy, cell_capacity, True
             )
             edge_index, vectors = pairs.edge_index, pairs.vectors
             if capacity >= 0:

@@ -28,6 +28,11 @@ Boxes are in OpenMM's reduced form (rows a = (ax, 0, 0), b = (bx, by, 0), c = (c
 ax >= 2|bx|, ax >= 2|cx|, by >= 2|cy|) with the cutoff at most half of each width; check them
 with :func:`check_box` before use. Positions need not be wrapped into the box.
 
+With the fused kernels (:mod:`tensornet_openmm.nn.kernels`) the OpenMM force searches with
+their ``pair_search`` operator instead: :func:`candidate_ranges` lays the candidates out as
+ranges, the operator tests them in two passes (CPU threads, or a GPU warp per atom) and
+:func:`searched_pairs` makes the vectors; the same pairs in the same order and the same numbers.
+
 This module does not import OpenMM.
 """
 
@@ -300,6 +305,49 @@ def _cells(pos: Tensor, cutoff: float, box: Optional[Tensor]) -> tuple[Tensor, T
     return cell_id, torch.where(invalid, -1, nb_id), n_cells
 
 
+def _cell_ranges(
+    pos: Tensor, cutoff: float, box: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The atoms sorted by cell (N,; stably: by index within a cell) and where each atom's 27
+    neighbour cells start and end in that order (N, 27 each; a missing cell is empty)."""
+    cell_id, nb_id, _ = _cells(pos, cutoff, box)
+    cell_id, order = torch.sort(cell_id, stable=True)
+    start = torch.searchsorted(cell_id, nb_id)
+    end = torch.searchsorted(cell_id, nb_id, right=True)
+    return order, start, end
+
+
+def candidate_ranges(
+    positions: Tensor, cutoff: float, box: Optional[Tensor], strategy: str, half: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The candidates of a compiled search (the fused kernels' ``pair_search``) as ranges: atom
+    i's candidates are ``order[k]`` for k in [start[i, r], end[i, r]), r in turn. ``"cell"``: its
+    27 neighbour cells, in the order :func:`_cell_list` searches them; ``"brute"``: the atoms after
+    it (``half``) or all. ``"auto"`` as in :func:`neighbor_pairs`. The search then finds the same
+    pairs in the same order as this module's, without a tensor per candidate."""
+    n = positions.shape[0]
+    if strategy == "auto":
+        strategy = "cell" if n >= cell_list_min_atoms() else "brute"
+    if strategy == "cell":
+        with torch.no_grad():
+            return _cell_ranges(positions, cutoff, box)
+    if strategy != "brute":
+        raise ValueError(
+            f"a compiled pair search takes 'auto', 'brute' or 'cell', not '{strategy}'"
+        )
+    order = torch.arange(n, device=positions.device)
+    start = order[:, None] + 1 if half else torch.zeros_like(order)[:, None]
+    return order, start, torch.full_like(start, n)
+
+
+def searched_pairs(positions: Tensor, pairs: Tensor, shift: Tensor, count: Tensor) -> PairList:
+    """The :class:`PairList` of a compiled search's pairs, lattice shifts (constants: padding
+    slots' included) and count: vectors pos[i] - pos[j] + shift, differentiable in the positions,
+    the numbers of :func:`_displacements` and :func:`_slot_vectors`."""
+    vectors = _difference(positions, pairs[0], pairs[1]) + shift
+    return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)
+
+
 def _cell_list(
     pos: Tensor,
     cutoff: float,
@@ -310,10 +358,7 @@ def _cell_list(
 ) -> Tensor:
     """Search the 27 neighbour cells of every atom; returns whether a cell overflowed."""
     n = pos.shape[0]
-    cell_id, nb_id, _ = _cells(pos, cutoff, box)
-    cell_id, order = torch.sort(cell_id)
-    start = torch.searchsorted(cell_id, nb_id)
-    end = torch.searchsorted(cell_id, nb_id, right=True)
+    order, start, end = _cell_ranges(pos, cutoff, box)
     fill = end - start
     most = cell_capacity
     if cell_capacity < 0:

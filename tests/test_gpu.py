@@ -371,6 +371,34 @@ def test_pair_difference_on_cuda_fails_loudly_in_a_narrow_box():
     assert torch.isnan(narrow).all() and torch.isnan(g_narrow).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("strategy", ["brute", "cell"])
+def test_pair_search_kernel_on_cuda_equals_cpu(water, strategy, dtype):
+    """The pair_search kernel on the GPU (a warp per atom, ballots) against the CPU kernel, whose
+    pairs are the PyTorch search's (tests/test_kernels.py): the same pairs in the same order, the
+    same lattice shifts and vectors, the same count; dynamic, a capacity that holds every pair and
+    one that drops some; half and full lists; a triclinic box too."""
+    cuda_kernels()
+    fused = kernels.FusedPairKernels()
+    z, pos_nm, box_nm = water
+    pos = torch.tensor(pos_nm * 10.0, dtype=dtype)
+    tilted = torch.tensor(box_nm * 10.0, dtype=dtype)
+    tilted[1, 0], tilted[2, 0] = 3.0, -2.0
+    for box in (torch.tensor(box_nm * 10.0, dtype=dtype), tilted, None):
+        for half in (True, False):
+            count = int(fused.neighbor_pairs(pos, 5.0, box, -1, strategy, -1, half).num_pairs)
+            for capacity in (-1, count + 50, count // 3):
+                args = (5.0, box, capacity, strategy, -1, half)
+                cpu = fused.neighbor_pairs(pos, *args)
+                gpu = fused.neighbor_pairs(pos.cuda(), 5.0, None if box is None else box.cuda(),
+                                           *args[2:])  # fmt: skip
+                assert gpu.edge_index.is_cuda
+                assert torch.equal(gpu.edge_index.cpu(), cpu.edge_index)
+                assert int(gpu.num_pairs) == int(cpu.num_pairs) == count
+                torch.testing.assert_close(gpu.vectors.cpu(), cpu.vectors, rtol=0, atol=0)
+    assert count > 1000
+
+
 @pytest.mark.parametrize("half", [True, False])
 def test_message_filter_grad_on_cuda_equals_cpu(half):
     """The low-memory forces' message_filter_grad (no autograd of its own) on the GPU equals the

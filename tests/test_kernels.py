@@ -413,6 +413,78 @@ def test_pair_difference_values_gradients_and_errors(periodic):
         assert torch.isnan(g_narrow).all()  # the atoms in no pair too
 
 
+def _search_boxes():
+    orthorhombic = torch.diag(torch.tensor([14.0, 12.5, 13.0], dtype=torch.float64))
+    triclinic = orthorhombic.clone()
+    triclinic[1, 0], triclinic[2, 0], triclinic[2, 1] = 3.0, -4.0, 2.5
+    return {"vacuum": None, "orthorhombic": orthorhombic, "triclinic": triclinic}
+
+
+@pytest.mark.parametrize("box_kind", ["vacuum", "orthorhombic", "triclinic"])
+@pytest.mark.parametrize("strategy", ["brute", "cell"])
+def test_pair_search_finds_the_pytorch_search_pairs_in_order(box_kind, strategy):
+    """The pair_search kernel (FusedPairKernels.neighbor_pairs) against the PyTorch search: the
+    same pairs in the same order, the same vectors to the last bit and the same count, in float64
+    and float32, half and full lists, dynamic and with capacities that hold every pair, drop some
+    (an overflow: the count above the capacity) or hold none; atoms outside the box (unwrapped);
+    the vectors' gradient reaches the positions as the PyTorch search's does."""
+    box = _search_boxes()[box_kind]
+    g = torch.Generator().manual_seed(3)
+    pos = torch.rand(70, 3, generator=g, dtype=torch.float64) * 20.0 - 3.0
+    fused = kernels.FusedPairKernels()
+    cutoff = 4.0
+    found = 0
+    for dtype in (torch.float64, torch.float32):
+        x, b = pos.to(dtype), None if box is None else box.to(dtype)
+        for half in (True, False):
+            count = int(neighbor_pairs(x, cutoff, b, strategy=strategy, half=half).num_pairs)
+            found = max(found, count)
+            for capacity in (-1, count + 17, count // 2, 0):
+                cells = 70 if capacity >= 0 and strategy == "cell" else -1
+                args = (cutoff, b, capacity, strategy, cells, half)
+                leaf = x.clone().requires_grad_()
+                expected = neighbor_pairs(leaf, *args)
+                got = fused.neighbor_pairs(leaf, *args)
+                assert torch.equal(got.edge_index, expected.edge_index)
+                assert torch.equal(got.vectors, expected.vectors)
+                assert torch.equal(got.distances, expected.distances)
+                assert int(got.num_pairs) == int(expected.num_pairs) == count
+                seed = torch.randn(expected.vectors.shape, generator=g, dtype=torch.float64)
+                (want,) = torch.autograd.grad(expected.vectors, leaf, seed.to(dtype))
+                (have,) = torch.autograd.grad(got.vectors, leaf, seed.to(dtype))
+                assert torch.equal(have, want)
+    assert found > 100  # (a search that finds nothing would agree too)
+
+
+def test_pair_search_refuses_bad_input_with_the_value():
+    op = torch.ops.tensornet_openmm.pair_search
+    pos = torch.rand(5, 3, dtype=torch.float64)
+    order = torch.arange(5)
+    start, end = torch.zeros(5, 1, dtype=torch.int64), torch.full((5, 1), 5)
+    empty = pos.new_empty(0)
+    pairs, shift, count = op(pos, order, start, end, 10.0, empty, -1, True)
+    assert pairs.tolist() == torch.triu_indices(5, 5, 1).tolist() and int(count) == 10
+    torch.testing.assert_close(shift, torch.zeros(10, 3, dtype=torch.float64), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"order\[2\] = 7 is not an atom index in \[0, 5\)"):
+        op(pos, torch.tensor([0, 1, 7, 3, 4]), start, end, 10.0, empty, -1, True)
+    with pytest.raises(RuntimeError, match=r"candidate range 3 is \[0, 6\), outside \[0, 5\]"):
+        bad = end.clone()
+        bad[3] = 6
+        op(pos, order, start, bad, 10.0, empty, -1, True)
+    with pytest.raises(RuntimeError, match="ranges must be two int64 \\(atoms, ranges\\) tensors"):
+        op(pos, order, start[:4], end[:4], 10.0, empty, -1, True)
+    with pytest.raises(RuntimeError, match=r"positions must be \(atoms, 3\), got \[5, 2\]"):
+        op(pos[:, :2], order, start, end, 10.0, empty, -1, True)
+    with pytest.raises(RuntimeError, match=r"the box must be \(3, 3\) in the positions' dtype"):
+        op(pos, order, start, end, 10.0, torch.eye(3), -1, True)
+    with pytest.raises(RuntimeError, match="the cutoff must be positive, got -1"):
+        op(pos, order, start, end, -1.0, empty, -1, True)
+    with pytest.raises(RuntimeError, match="a fixed capacity needs at least one atom"):
+        op(pos[:0], order[:0], start[:0], end[:0], 10.0, empty, 4, True)
+    with pytest.raises(ValueError, match="unknown strategy 'cells'; choose 'auto', 'brute'"):
+        kernels.FusedPairKernels().neighbor_pairs(pos, 1.0, None, -1, "cells", -1, True)
+
+
 def test_bad_input_is_refused_with_the_value():
     src, dst = _pairs()
     y, filters = torch.randn(9, 10, 6), torch.randn(23, 3, 6)
@@ -481,8 +553,8 @@ def test_scripted_frozen_model_uses_the_kernels():
 
 def test_fused_kernels_on_padded_fixed_capacity_pairs():
     """The fixed-capacity pair list of CUDA graphs (padding slots: self pairs beyond the cutoff,
-    spread over the atoms) through the fused kernels gives the dynamic list's energy and forces
-    in plain PyTorch (float64, a periodic water box)."""
+    spread over the atoms), searched by the pair_search kernel, through the fused kernels gives
+    the dynamic list's energy and forces in plain PyTorch (float64, a periodic water box)."""
     z, pos, box = water_box_nm(1.2)
     model = small_model()
     capacity, cell_capacity, strategy = pair_capacity(model, len(z), pos * 10, box * 10)
@@ -494,7 +566,10 @@ def test_fused_kernels_on_padded_fixed_capacity_pairs():
             fixed_on_cpu=fixed, fused_kernels=fused,
         )  # fmt: skip
         assert module.fused_kernels == fused
-        energy, forces = script(module)(torch.tensor(pos), torch.tensor(box))
+        scripted = script(module)
+        # the fused path searches with the pair_search kernel
+        assert ("tensornet_openmm::pair_search" in str(scripted.inlined_graph)) == fused
+        energy, forces = scripted(torch.tensor(pos), torch.tensor(box))
         results.append((energy.item(), forces.numpy()))
     (e0, f0), (e1, f1) = results
     assert e1 == pytest.approx(e0, rel=1e-10)

@@ -482,17 +482,42 @@ TN_MATH bool box_too_small(const T* box, T scale, T min_width) {
   return width < min_width;
 }
 
-// d (3 values) at its minimum image in a reduced triclinic box b (rows a, b, c; 9 values, row
-// major): c, then b, then a, as tensornet_openmm.neighbors.minimum_image; the shift then added as
-// the PyTorch paths add it (d + (image - d), neighbors._lattice_shift), the same numbers
+// The lattice shift (image - d) that brings d (3 values) to its minimum image in a reduced
+// triclinic box b (rows a, b, c; 9 values, row major): c, then b, then a, as
+// tensornet_openmm.neighbors.minimum_image; minimum_image adds it to d as the PyTorch paths add
+// it (d + (image - d), neighbors._lattice_shift), the same numbers
 template <typename T>
-TN_MATH void minimum_image(T d[3], const T b[9]) {
+TN_MATH void lattice_shift(const T d[3], const T b[9], T shift[3]) {
   T m[3] = {d[0], d[1], d[2]};
   for (int c = 2; c >= 0; --c) {
     const T s = nearbyint(m[c] / b[4 * c]);
     for (int e = 0; e < 3; ++e) m[e] = m[e] - mul_rn(s, b[3 * c + e]);
   }
-  for (int e = 0; e < 3; ++e) d[e] = d[e] + (m[e] - d[e]);
+  for (int e = 0; e < 3; ++e) shift[e] = m[e] - d[e];
+}
+
+template <typename T>
+TN_MATH void minimum_image(T d[3], const T b[9]) {
+  T shift[3];
+  lattice_shift(d, b, shift);
+  for (int e = 0; e < 3; ++e) d[e] = d[e] + shift[e];
+}
+
+// Whether the pair (i, j) at positions xi, xj (3 values each) is closer than the cutoff (its
+// square: cutoff2) at its minimum image in the box b (9 values; null: none), with the lattice
+// shift that brings xi - xj there (zero without a box): the numbers of the PyTorch search
+// (tensornet_openmm.neighbors._close: the difference, the shift added, the squares' sum)
+template <typename T>
+TN_MATH bool pair_within(const T* xi, const T* xj, const T* b, T cutoff2, T shift[3]) {
+  T d[3] = {xi[0] - xj[0], xi[1] - xj[1], xi[2] - xj[2]};
+  if (b != nullptr) {
+    lattice_shift(d, b, shift);
+    for (int e = 0; e < 3; ++e) d[e] = d[e] + shift[e];
+  } else {
+    for (int e = 0; e < 3; ++e) shift[e] = T(0);
+  }
+  const T r2 = (mul_rn(d[0], d[0]) + mul_rn(d[1], d[1])) + mul_rn(d[2], d[2]);
+  return r2 < cutoff2;
 }
 
 }  // namespace tn_math

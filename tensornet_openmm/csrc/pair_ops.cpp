@@ -19,9 +19,9 @@
 // a time: they add onto atom-sized tensors in place, or give a block's gradients without its sums.
 //
 // Built with -DTN_WITH_CUDA (tensornet_openmm/nn/kernels.py does so where a CUDA device and nvcc
-// exist), geometry, messages, embedding_sums, packed_product, packed_normalize and radial_table
-// also take CUDA tensors: their checks and autograd functions here, their kernels in
-// pair_ops_cuda.cu.
+// exist), every operator but packed_mix also takes CUDA tensors: their checks and autograd
+// functions here, their kernels in pair_ops_cuda.cu (mlp, radial_networks and component_mix call
+// ATen's there).
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -80,6 +80,9 @@ at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const a
 at::Tensor pair_difference_grad(const at::Tensor& grad, const at::Tensor& src,
                                 const at::Tensor& dst, int64_t atoms, double scale,
                                 const at::Tensor& box, double min_width);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_search(
+    const at::Tensor& pos, const at::Tensor& order, const at::Tensor& start,
+    const at::Tensor& end, double cutoff, const at::Tensor& box, int64_t capacity, bool half);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
                                                         const at::Tensor& centers,
                                                         const at::Tensor& widths, int64_t kind,
@@ -2321,6 +2324,133 @@ at::Tensor pair_difference_op(const at::Tensor& pos, const at::Tensor& src, cons
   return PairDifference::apply(pos, src, dst, scale, box, min_width);
 }
 
+// ---- Pair search -------------------------------------------------------------------------
+// The pairs within the cutoff among candidates that the caller lays out
+// (tensornet_openmm.neighbors.candidate_ranges): atom i's candidates are order[k] for k in
+// [start[i, r], end[i, r]), range after range (its 27 neighbour cells, or the atoms after it in a
+// brute-force search). Two passes over the candidates (count, then write at each atom's offset),
+// so the pairs come in the order of the PyTorch search: atoms in turn, their candidates in order.
+// Returns the pairs (2, P), each pair's lattice shift (P, 3: the constant that brings
+// pos[i] - pos[j] to its minimum image) and the number found (). With a capacity (>= 0) P is the
+// capacity: the first pairs found fill the slots, and unused slot k holds the self pair
+// (k mod n, k mod n) with the shift (2 cutoff, 0, 0), beyond the cutoff, so that it adds nothing
+// (tensornet_openmm.neighbors._spread and _slot_vectors); the count may exceed the capacity, which
+// is how an overflow shows, with no host synchronisation. Without one (dynamic), P is the count.
+// On the PyTorch path the same search makes a tensor per candidate (27 cells x the fullest cell
+// per atom), a dozen operators over them and a compaction; here nothing is candidate-sized.
+
+// atom i's candidates, each accepted one passed to f(j, shift) in order; the count found
+template <typename T, typename F>
+int64_t search_atom(int64_t i, const T* x, const int64_t* order, const int64_t* start,
+                    const int64_t* end, int64_t ranges, const T* box, T cutoff2, bool half,
+                    const F& f) {
+  int64_t found = 0;
+  for (int64_t r = 0; r < ranges; ++r) {
+    for (int64_t k = start[i * ranges + r]; k < end[i * ranges + r]; ++k) {
+      const int64_t j = order[k];
+      if (half ? !(i < j) : i == j) continue;
+      T shift[3];
+      if (tn_math::pair_within(x + 3 * i, x + 3 * j, box, cutoff2, shift)) {
+        f(j, shift);
+        ++found;
+      }
+    }
+  }
+  return found;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_search_kernel(
+    const at::Tensor& pos_in, const at::Tensor& order_in, const at::Tensor& start_in,
+    const at::Tensor& end_in, double cutoff, const at::Tensor& box_in, int64_t capacity,
+    bool half) {
+  TORCH_CHECK(pos_in.dim() == 2 && pos_in.size(1) == 3,
+              "pair_search: positions must be (atoms, 3), got ", pos_in.sizes());
+  TORCH_CHECK(at::isFloatingType(pos_in.scalar_type()),
+              "pair_search: positions must be floating point, got ", pos_in.scalar_type());
+  [[maybe_unused]] const bool cuda =
+      on_cuda("pair_search", {pos_in, order_in, start_in, end_in, box_in});
+  const int64_t atoms = pos_in.size(0);
+  TORCH_CHECK(order_in.dim() == 1 && order_in.scalar_type() == at::kLong,
+              "pair_search: the search order must be an int64 vector, got ", order_in.sizes(),
+              " ", order_in.scalar_type());
+  TORCH_CHECK(start_in.dim() == 2 && start_in.size(0) == atoms &&
+                  start_in.sizes() == end_in.sizes() && start_in.scalar_type() == at::kLong &&
+                  end_in.scalar_type() == at::kLong,
+              "pair_search: the candidate ranges must be two int64 (atoms, ranges) tensors for ",
+              atoms, " atoms, got ", start_in.sizes(), " and ", end_in.sizes());
+  TORCH_CHECK(box_in.numel() == 0 || (box_in.sizes() == at::IntArrayRef({3, 3}) &&
+                                      box_in.scalar_type() == pos_in.scalar_type()),
+              "pair_search: the box must be (3, 3) in the positions' dtype, or empty for none; "
+              "got ", box_in.sizes(), " ", box_in.scalar_type());
+  TORCH_CHECK(cutoff > 0, "pair_search: the cutoff must be positive, got ", cutoff);
+  TORCH_CHECK(capacity < 0 || atoms > 0,
+              "pair_search: a fixed capacity needs at least one atom (padding uses the atoms)");
+  const at::Tensor pos = pos_in.contiguous(), order = order_in.contiguous(),
+                   start = start_in.contiguous(), end = end_in.contiguous(),
+                   box = box_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::pair_search(pos, order, start, end, cutoff, box, capacity, half);
+#endif
+  const int64_t ranges = start.size(1), listed = order.size(0);
+  const int64_t *o = order.data_ptr<int64_t>(), *s0 = start.data_ptr<int64_t>(),
+                *s1 = end.data_ptr<int64_t>();
+  int64_t candidates = 0;
+  for (int64_t k = 0; k < listed; ++k) {  // an index out of range would read anywhere
+    TORCH_CHECK(o[k] >= 0 && o[k] < atoms, "pair_search: order[", k, "] = ", o[k],
+                " is not an atom index in [0, ", atoms, ")");
+  }
+  for (int64_t e = 0; e < atoms * ranges; ++e) {
+    TORCH_CHECK(s0[e] >= 0 && s1[e] <= listed,  // (start > end: an empty range)
+                "pair_search: candidate range ", e, " is [", s0[e], ", ", s1[e],
+                "), outside [0, ", listed, "]");
+    candidates += std::max<int64_t>(0, s1[e] - s0[e]);
+  }
+  std::vector<int64_t> counts(atoms, 0), offsets(atoms + 1, 0);
+  at::Tensor pairs, shift;
+  int64_t total = 0;
+  AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "tensornet_openmm_pair_search", [&] {
+    const scalar_t* x = pos.data_ptr<scalar_t>();
+    const scalar_t* b = box.numel() > 0 ? box.data_ptr<scalar_t>() : nullptr;
+    const scalar_t c = static_cast<scalar_t>(cutoff);
+    const scalar_t cutoff2 = static_cast<scalar_t>(cutoff * cutoff);
+    const int64_t work = candidates * 16, grain = 16;
+    split(atoms, grain, work, [&](int64_t a0, int64_t a1) {
+      for (int64_t i = a0; i < a1; ++i) {
+        counts[i] = search_atom(i, x, o, s0, s1, ranges, b, cutoff2, half,
+                                [](int64_t, const scalar_t*) {});
+      }
+    });
+    for (int64_t i = 0; i < atoms; ++i) offsets[i + 1] = offsets[i] + counts[i];
+    total = offsets[atoms];
+    const int64_t slots = capacity < 0 ? total : capacity;
+    pairs = at::empty({2, slots}, order.options());
+    shift = at::empty({slots, 3}, pos.options());
+    int64_t* ps = pairs.data_ptr<int64_t>();
+    scalar_t* sh = shift.data_ptr<scalar_t>();
+    split(atoms, grain, work, [&](int64_t a0, int64_t a1) {
+      for (int64_t i = a0; i < a1; ++i) {
+        int64_t slot = offsets[i];
+        if (slot >= slots) break;  // (atoms in turn: the later ones' slots lie further still)
+        search_atom(i, x, o, s0, s1, ranges, b, cutoff2, half,
+                    [&](int64_t j, const scalar_t* t) {
+                      if (slot < slots) {
+                        ps[slot] = i;
+                        ps[slots + slot] = j;
+                        for (int e = 0; e < 3; ++e) sh[3 * slot + e] = t[e];
+                      }
+                      ++slot;
+                    });
+      }
+    });
+    for (int64_t k = std::min(total, slots); k < slots; ++k) {  // padding (fixed capacity)
+      ps[k] = ps[slots + k] = k % atoms;
+      sh[3 * k] = 2 * c;
+      sh[3 * k + 1] = sh[3 * k + 2] = scalar_t(0);
+    }
+  });
+  return {pairs, shift, at::scalar_tensor(total, order.options().dtype(at::kLong))};
+}
+
 // ---- Pair geometry --------------------------------------------------------------------------
 // The cosine cutoff, packed (1, u, u u^T) and radial basis of every pair vector, and the gradient
 // back to the vectors (tn_math::geometry): one pass over the pairs each way instead of a dozen
@@ -2638,6 +2768,9 @@ TORCH_LIBRARY(tensornet_openmm, m) {
       "pair_difference(Tensor pos, Tensor src, Tensor dst, float scale, Tensor box, "
       "float min_width=0) -> Tensor");
   m.def(
+      "pair_search(Tensor pos, Tensor order, Tensor start, Tensor end, float cutoff, "
+      "Tensor box, int capacity, bool half) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "radial_networks(Tensor basis, Tensor cut, Tensor first_weight, Tensor first_bias, "
       "int projection, int networks, Tensor[] weights, Tensor[] biases, int activation) -> "
       "Tensor[]");
@@ -2668,6 +2801,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("geometry", geometry_kernel);
   m.impl("radial_table", radial_table_kernel);
   m.impl("pair_difference", pair_difference_kernel);
+  m.impl("pair_search", pair_search_kernel);
   m.impl("radial_networks", radial_networks_op);
 }
 
@@ -2691,6 +2825,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("mlp", mlp_kernel);
   m.impl("radial_table", radial_table_kernel);
   m.impl("pair_difference", pair_difference_kernel);
+  m.impl("pair_search", pair_search_kernel);
   m.impl("radial_networks", radial_networks_op);
 }
 #endif

@@ -381,6 +381,70 @@ __global__ void pair_difference_grad_kernel(const T* __restrict__ grad,
   atomicAdd(g_pos + 3 * dst[p] + c, -v);
 }
 
+// The pair search (pair_ops.cpp describes it): a warp per atom over its candidate ranges, 32
+// candidates at a time. The count pass (pairs null) writes each atom's count; the write pass puts
+// its pairs from its offset on (ends: the counts' inclusive sums), in candidate order (a ballot
+// and a prefix count per 32), dropping those from ``slots`` on.
+template <typename T>
+__global__ void pair_search_kernel(const T* __restrict__ pos, const int64_t* __restrict__ order,
+                                   const int64_t* __restrict__ start,
+                                   const int64_t* __restrict__ end, int64_t atoms, int64_t ranges,
+                                   int64_t listed, const T* __restrict__ box, T cutoff2, bool half,
+                                   int64_t* __restrict__ counts, const int64_t* __restrict__ ends,
+                                   int64_t* __restrict__ pairs, T* __restrict__ shift,
+                                   int64_t slots) {
+  const int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= atoms) return;  // (the whole warp: the ballots below need its 32 lanes)
+  T b[9];
+  for (int e = 0; e < 9 && box != nullptr; ++e) b[e] = box[e];
+  const T* periodic = box != nullptr ? b : nullptr;
+  const bool write = pairs != nullptr;
+  const int64_t first = write ? ends[i] - counts[i] : 0;
+  int64_t found = 0;
+  for (int64_t r = 0; r < ranges; ++r) {
+    const int64_t k0 = start[i * ranges + r], k1 = end[i * ranges + r];
+    CUDA_KERNEL_ASSERT(k0 >= 0 && k1 <= listed);
+    for (int64_t k = k0; k < k1; k += 32) {
+      bool ok = k + lane < k1;
+      int64_t j = 0;
+      T s[3] = {T(0), T(0), T(0)};
+      if (ok) {
+        j = order[k + lane];
+        CUDA_KERNEL_ASSERT(j >= 0 && j < atoms);
+        ok = (half ? i < j : i != j) &&
+             tn_math::pair_within(pos + 3 * i, pos + 3 * j, periodic, cutoff2, s);
+      }
+      const unsigned mask = __ballot_sync(0xffffffffu, ok);
+      if (write && ok) {
+        const int64_t slot = first + found + __popc(mask & ((1u << lane) - 1u));
+        if (slot < slots) {
+          pairs[slot] = i;
+          pairs[slots + slot] = j;
+          for (int e = 0; e < 3; ++e) shift[3 * slot + e] = s[e];
+        }
+      }
+      found += __popc(mask);
+    }
+  }
+  if (!write && lane == 0) counts[i] = found;
+}
+
+// The count (ends' last) and the unused slots, from the count on: self pairs (k mod n) with the
+// shift (pad, 0, 0), beyond the cutoff
+template <typename T>
+__global__ void pair_padding_kernel(const int64_t* __restrict__ ends, int64_t atoms, T pad,
+                                    int64_t* __restrict__ pairs, T* __restrict__ shift,
+                                    int64_t slots, int64_t* __restrict__ count) {
+  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t total = ends[atoms - 1];
+  if (k == 0) *count = total;
+  if (k >= slots || k < total) return;
+  pairs[k] = pairs[slots + k] = k % atoms;
+  shift[3 * k] = pad;
+  shift[3 * k + 1] = shift[3 * k + 2] = T(0);
+}
+
 template <typename T>
 __global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
                                 T* __restrict__ cut, T* __restrict__ geom, T* __restrict__ basis,
@@ -845,6 +909,54 @@ at::Tensor pair_difference_grad(const at::Tensor& grad, const at::Tensor& src,
   });
   check_launch();
   return out;
+}
+
+// The pair search (pair_ops.cpp): count, the counts' sums, write, pad. The dynamic mode reads
+// the total back to size its outputs (one host synchronisation); a fixed capacity does not.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_search(const at::Tensor& pos,
+                                                           const at::Tensor& order,
+                                                           const at::Tensor& start,
+                                                           const at::Tensor& end, double cutoff,
+                                                           const at::Tensor& box,
+                                                           int64_t capacity, bool half) {
+  const c10::cuda::CUDAGuard guard(pos.device());
+  const int64_t atoms = pos.size(0), ranges = start.size(1), listed = order.size(0);
+  const auto index_options = order.options();
+  if (atoms == 0) {  // (dynamic: a fixed capacity needs atoms, checked before)
+    return {at::empty({2, 0}, index_options), at::empty({0, 3}, pos.options()),
+            at::zeros({}, index_options)};
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor counts = at::empty({atoms}, index_options);
+  at::Tensor ends, pairs, shift;
+  at::Tensor count = at::empty({}, index_options);
+  AT_DISPATCH_FLOATING_TYPES(pos.scalar_type(), "tensornet_openmm_pair_search_cuda", [&] {
+    const scalar_t* x = pos.data_ptr<scalar_t>();
+    const scalar_t* b = box.numel() > 0 ? box.data_ptr<scalar_t>() : nullptr;
+    const scalar_t cutoff2 = static_cast<scalar_t>(cutoff * cutoff);
+    const int blocks = blocks_for(atoms * 32);
+    pair_search_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        x, order.data_ptr<int64_t>(), start.data_ptr<int64_t>(), end.data_ptr<int64_t>(), atoms,
+        ranges, listed, b, cutoff2, half, counts.data_ptr<int64_t>(), nullptr, nullptr, nullptr,
+        0);
+    check_launch();
+    ends = at::cumsum(counts, 0);
+    const int64_t slots = capacity >= 0 ? capacity : ends[atoms - 1].item<int64_t>();
+    pairs = at::empty({2, slots}, index_options);
+    shift = at::empty({slots, 3}, pos.options());
+    if (slots > 0) {
+      pair_search_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          x, order.data_ptr<int64_t>(), start.data_ptr<int64_t>(), end.data_ptr<int64_t>(),
+          atoms, ranges, listed, b, cutoff2, half, counts.data_ptr<int64_t>(),
+          ends.data_ptr<int64_t>(), pairs.data_ptr<int64_t>(), shift.data_ptr<scalar_t>(), slots);
+      check_launch();
+    }
+    pair_padding_kernel<scalar_t><<<blocks_for(slots), kThreads, 0, stream>>>(
+        ends.data_ptr<int64_t>(), atoms, static_cast<scalar_t>(2 * cutoff),
+        pairs.data_ptr<int64_t>(), shift.data_ptr<scalar_t>(), slots, count.data_ptr<int64_t>());
+    check_launch();
+  });
+  return {pairs, shift, count};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,

@@ -12,7 +12,10 @@ them), ``messages_self`` and ``messages`` (an interaction layer's message sums, 
 pair's, and those of further blocks of pairs), ``mlp`` (small networks: the radial filters of a
 block of pairs, the per-atom networks), ``radial_table`` (the same filters read from a table,
 :mod:`tensornet_openmm.nn.tables`), ``packed_normalize``, ``packed_product_normalize`` and
-``packed_square_add`` (the per-atom steps of an interaction layer) and ``packed_product``. The
+``packed_square_add`` (the per-atom steps of an interaction layer), ``packed_product``,
+``pair_difference`` (pair vectors straight from OpenMM's positions) and ``pair_search`` (the pair
+list: :meth:`FusedPairKernels.neighbor_pairs`, the same pairs as
+:func:`tensornet_openmm.neighbors.neighbor_pairs` without a tensor per candidate). The
 channel mixing is one batched matrix product (:meth:`FusedPairKernels.mix`; ``component_mix``
 on a GPU); ``packed_mix``, the operator that did it before, stays registered for modules
 exported by earlier versions. On a GPU the same holds for kernel launches and memory
@@ -50,7 +53,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..neighbors import minimum_image_of
+from ..neighbors import (
+    PairList,
+    candidate_ranges,
+    minimum_image_of,
+    neighbor_pairs,
+    searched_pairs,
+)
 from .algebra import PackedAlgebra, matmul, packed_geometry
 from .radial import cosine_cutoff, exp_normal, gaussian
 from .tables import interpolate
@@ -554,6 +563,19 @@ class PairKernels(nn.Module):
         synchronisation."""
         return self._torch_pair_difference(pos, src, dst, scale, box, min_width)
 
+    def neighbor_pairs(
+        self,
+        positions: Tensor,
+        cutoff: float,
+        box: Optional[Tensor],
+        capacity: int,
+        strategy: str,
+        cell_capacity: int,
+        half: bool,
+    ) -> PairList:
+        """:func:`tensornet_openmm.neighbors.neighbor_pairs` (the same arguments and pairs)."""
+        return neighbor_pairs(positions, cutoff, box, capacity, strategy, cell_capacity, half)
+
     def _torch_pair_difference(
         self,
         pos: Tensor,
@@ -816,6 +838,37 @@ class FusedPairKernels(PairKernels):
                 pos, src, dst, scale, periodic, min_width
             )
         return self._torch_pair_difference(pos, src, dst, scale, box, min_width)
+
+    def neighbor_pairs(
+        self,
+        positions: Tensor,
+        cutoff: float,
+        box: Optional[Tensor],
+        capacity: int,
+        strategy: str,
+        cell_capacity: int,
+        half: bool,
+    ) -> PairList:
+        """The same pairs, in the same order, from the ``pair_search`` kernel (brute force or
+        cell list; torch-cluster's stays PyTorch's): the candidates laid out as ranges (a few
+        operators per atom, :func:`~tensornet_openmm.neighbors.candidate_ranges`) and searched in
+        two passes, where PyTorch makes tensors of every candidate (27 cells x the fullest cell
+        per atom) and compacts them. A cell list then searches every atom of every cell, so
+        ``cell_capacity`` is not needed: only the pair capacity can overflow. Other strategies
+        (and their errors) are the PyTorch search's."""
+        if strategy not in ["auto", "brute", "cell"] or not self.applies(positions):
+            return neighbor_pairs(positions, cutoff, box, capacity, strategy, cell_capacity, half)
+        if capacity >= 0 and positions.shape[0] == 0:
+            raise ValueError(
+                "a fixed-capacity search needs at least one atom (padding uses atom 0)"
+            )
+        fixed = positions.detach()
+        order, start, end = candidate_ranges(fixed, cutoff, box, strategy, half)
+        periodic = fixed.new_empty(0) if box is None else box.detach()
+        pairs, shift, count = torch.ops.tensornet_openmm.pair_search(
+            fixed, order, start, end, cutoff, periodic, capacity, half
+        )
+        return searched_pairs(positions, pairs, shift, count)
 
     def radial_table(
         self,
