@@ -123,7 +123,10 @@ def profile(
     z = module.z.to(device)
     pos = (pos_nm[atoms] * 10.0).to(torch.float32).to(device)
     cutoff = core.cutoff_upper
-    search = torch.jit.script(neighbor_pairs)
+    # the search the force runs: the fused kernels' pair_search where they apply, else PyTorch's
+    search = core.tensor_embedding.pair_kernels.neighbor_pairs
+    if not core.tensor_embedding.pair_kernels.applies(pos):
+        search = torch.jit.script(neighbor_pairs)
     scripted = torch.jit.script(core)
     capacity, cell_capacity, strategy = -1, -1, "auto"
     if fixed or device.type == "cuda":  # as create_force sizes it for CUDA graphs

@@ -400,6 +400,39 @@ def test_pair_search_kernel_on_cuda_equals_cpu(water, strategy, dtype):
 
 
 @pytest.mark.parametrize("half", [True, False])
+def test_pair_sums_on_cuda_with_runs_of_pairs_equal_cpu(half):
+    """Sums with enough pairs that a GPU thread takes a run of consecutive pairs (from 2^19 pairs
+    times channels: run_length in pair_ops_cuda.cu), their first atoms sorted as the searches give
+    them and shuffled, against the CPU kernels in float64: the messages (values and gradients) and
+    the embedding's sums."""
+    cuda_kernels()
+    g = torch.Generator().manual_seed(5)
+    n, pairs, f = 300, 9000, 128
+    src = torch.randint(0, n, (pairs,), generator=g)
+    dst = torch.randint(0, n, (pairs,), generator=g)
+    order = torch.sort(src, stable=True).indices
+    y = torch.randn(n, 10, f, generator=g, dtype=torch.float64)
+    filt = torch.randn(pairs, 3, f, generator=g, dtype=torch.float64)
+    radial = torch.randn(pairs, 3, f, generator=g, dtype=torch.float64)
+    z_recv, z_send = (torch.randn(n, f, generator=g, dtype=torch.float64) for _ in range(2))
+    geom = torch.randn(pairs, 10, generator=g, dtype=torch.float64)
+    seed = torch.randn(n, 10, f, generator=g, dtype=torch.float64)
+    for i, j in ((src[order], dst[order]), (src, dst)):
+        results = []
+        for device in ("cpu", "cuda"):
+            a, w = y.to(device).requires_grad_(), filt.to(device).requires_grad_()
+            out = torch.ops.tensornet_openmm.messages(a, w, i.to(device), j.to(device), half)
+            grads = torch.autograd.grad(out, (a, w), seed.to(device))
+            sums = torch.ops.tensornet_openmm.embedding_sums(
+                radial.to(device), z_recv.to(device), z_send.to(device), geom.to(device),
+                i.to(device), j.to(device), half,
+            )  # fmt: skip
+            results.append([t.detach().cpu() for t in (out, *grads, sums)])
+        for got, expected in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("half", [True, False])
 def test_message_filter_grad_on_cuda_equals_cpu(half):
     """The low-memory forces' message_filter_grad (no autograd of its own) on the GPU equals the
     CPU kernel in float64."""

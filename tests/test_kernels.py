@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from itertools import pairwise
 
 import numpy as np
@@ -462,7 +463,10 @@ def test_pair_search_refuses_bad_input_with_the_value():
     order = torch.arange(5)
     start, end = torch.zeros(5, 1, dtype=torch.int64), torch.full((5, 1), 5)
     empty = pos.new_empty(0)
-    pairs, shift, count = op(pos, order, start, end, 10.0, empty, -1, True)
+    with warnings.catch_warnings():  # (autograd's warning for an operator it cannot go through)
+        warnings.simplefilter("error")
+        pairs, shift, count = op(pos.requires_grad_(), order, start, end, 10.0, empty, -1, True)
+    assert not shift.requires_grad  # constants: the vectors' gradient is pos[i] - pos[j]'s
     assert pairs.tolist() == torch.triu_indices(5, 5, 1).tolist() and int(count) == 10
     torch.testing.assert_close(shift, torch.zeros(10, 3, dtype=torch.float64), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match=r"order\[2\] = 7 is not an atom index in \[0, 5\)"):

@@ -2451,6 +2451,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_search_kernel(
   return {pairs, shift, at::scalar_tensor(total, order.options().dtype(at::kLong))};
 }
 
+// The search under autograd: its outputs are integers and constants (the shifts), with no
+// gradient (the vectors' gradient reaches the positions through pos[i] - pos[j], see
+// tensornet_openmm.neighbors.searched_pairs); registered so that autograd does not warn.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_search_op(
+    const at::Tensor& pos, const at::Tensor& order, const at::Tensor& start, const at::Tensor& end,
+    double cutoff, const at::Tensor& box, int64_t capacity, bool half) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return pair_search_kernel(pos.detach(), order, start, end, cutoff, box.detach(), capacity, half);
+}
+
 // ---- Pair geometry --------------------------------------------------------------------------
 // The cosine cutoff, packed (1, u, u u^T) and radial basis of every pair vector, and the gradient
 // back to the vectors (tn_math::geometry): one pass over the pairs each way instead of a dozen
@@ -2845,5 +2855,6 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("geometry", geometry_op);
   m.impl("radial_table", radial_table_op);
   m.impl("pair_difference", pair_difference_op);
+  m.impl("pair_search", pair_search_op);
   m.impl("radial_networks", radial_networks_op);
 }

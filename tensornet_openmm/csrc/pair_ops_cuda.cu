@@ -48,23 +48,58 @@ __device__ __forceinline__ void check_pair(int64_t i, int64_t j, int64_t atoms) 
   CUDA_KERNEL_ASSERT(i >= 0 && i < atoms && j >= 0 && j < atoms);
 }
 
-// out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half)
+// Consecutive pairs per thread in the pair sums. The pairs come sorted by their first atom (the
+// searches' order: atoms in turn), so a thread sums a run's terms for that atom in registers and
+// adds them to memory once per atom, instead of one atomic add per pair and component; the second
+// atoms' terms still go one by one. Runs are long only where the sums still get some 2^18
+// threads (a GPU's worth): a small molecule's sums are latency-bound, one pair a thread.
+int run_length(int64_t pairs, int64_t f_len) {
+  const int64_t run = (pairs * f_len) >> 18;
+  return static_cast<int>(run < 1 ? 1 : (run > 8 ? 8 : run));
+}
+
+// the threads of the pair sums: one per run of ``run`` pairs and channel
+__host__ __device__ __forceinline__ int64_t run_threads(int64_t pairs, int64_t f_len, int run) {
+  return (pairs + run - 1) / run * f_len;
+}
+
+// out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half), a run of
+// pairs per thread (run_length)
 template <typename T>
 __global__ void messages_kernel(const T* __restrict__ y, const T* __restrict__ filt,
                                 const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
                                 T* __restrict__ out, int64_t pairs, int64_t f_len, int64_t atoms,
-                                bool half) {
+                                bool half, int run) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= pairs * f_len) return;
-  const int64_t p = t / f_len, f = t - p * f_len;
-  const int64_t i = src[p], j = dst[p];
-  check_pair(i, j, atoms);
-  const T w[kParts] = {filt[(p * kParts) * f_len + f], filt[(p * kParts + 1) * f_len + f],
-                       filt[(p * kParts + 2) * f_len + f]};
+  if (t >= run_threads(pairs, f_len, run)) return;
+  const int64_t q = t / f_len, f = t - q * f_len;
+  const int64_t p1 = (q + 1) * run < pairs ? (q + 1) * run : pairs;
+  T sum[kComps], y_i[kComps];
+  int64_t at = -1;  // the atom whose terms ``sum`` holds
+  for (int64_t p = q * run; p < p1; ++p) {
+    const int64_t i = src[p], j = dst[p];
+    check_pair(i, j, atoms);
+    if (i != at) {
+#pragma unroll
+      for (int c = 0; c < kComps; ++c) {
+        if (at >= 0) atomicAdd(out + (at * kComps + c) * f_len + f, sum[c]);
+        sum[c] = T(0);
+        if (half) y_i[c] = y[(i * kComps + c) * f_len + f];
+      }
+      at = i;
+    }
+    const T w[kParts] = {filt[(p * kParts) * f_len + f], filt[(p * kParts + 1) * f_len + f],
+                         filt[(p * kParts + 2) * f_len + f]};
+#pragma unroll
+    for (int c = 0; c < kComps; ++c) {
+      const T wc = w[group_of(c)];
+      sum[c] += wc * y[(j * kComps + c) * f_len + f];
+      if (half) atomicAdd(out + (j * kComps + c) * f_len + f, wc * y_i[c]);
+    }
+  }
+#pragma unroll
   for (int c = 0; c < kComps; ++c) {
-    const T wc = w[group_of(c)];
-    atomicAdd(out + (i * kComps + c) * f_len + f, wc * y[(j * kComps + c) * f_len + f]);
-    if (half) atomicAdd(out + (j * kComps + c) * f_len + f, wc * y[(i * kComps + c) * f_len + f]);
+    if (at >= 0) atomicAdd(out + (at * kComps + c) * f_len + f, sum[c]);
   }
 }
 
@@ -101,30 +136,51 @@ __global__ void filter_grad_kernel(const T* __restrict__ grad, const T* __restri
 }
 
 // out[i, c] += radial[p, GROUP[c]] * (z_recv[i] + z_send[j]) * geom[p, c], and when half
-// out[j, c] += radial[p, GROUP[c]] * (z_recv[j] + z_send[i]) * SIGN[c] * geom[p, c]
+// out[j, c] += radial[p, GROUP[c]] * (z_recv[j] + z_send[i]) * SIGN[c] * geom[p, c]; a run of
+// pairs per thread, as messages_kernel
 template <typename T>
 __global__ void embedding_kernel(const T* __restrict__ radial, const T* __restrict__ z_recv,
                                  const T* __restrict__ z_send, const T* __restrict__ geom,
                                  const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
                                  T* __restrict__ out, int64_t pairs, int64_t f_len, int64_t atoms,
-                                 bool half) {
+                                 bool half, int run) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= pairs * f_len) return;
-  const int64_t p = t / f_len, f = t - p * f_len;
-  const int64_t i = src[p], j = dst[p];
-  check_pair(i, j, atoms);
-  const T r[kParts] = {radial[(p * kParts) * f_len + f], radial[(p * kParts + 1) * f_len + f],
-                       radial[(p * kParts + 2) * f_len + f]};
-  const T s_ij = z_recv[i * f_len + f] + z_send[j * f_len + f];
-  for (int c = 0; c < kComps; ++c) {
-    atomicAdd(out + (i * kComps + c) * f_len + f, geom[p * kComps + c] * r[group_of(c)] * s_ij);
-  }
-  if (half) {
-    const T s_ji = z_recv[j * f_len + f] + z_send[i * f_len + f];
-    for (int c = 0; c < kComps; ++c) {
-      const T a = reversed_sign<T>(c) * geom[p * kComps + c];
-      atomicAdd(out + (j * kComps + c) * f_len + f, a * r[group_of(c)] * s_ji);
+  if (t >= run_threads(pairs, f_len, run)) return;
+  const int64_t q = t / f_len, f = t - q * f_len;
+  const int64_t p1 = (q + 1) * run < pairs ? (q + 1) * run : pairs;
+  T sum[kComps];
+  T recv_i = T(0), send_i = T(0);
+  int64_t at = -1;  // the atom whose terms ``sum`` holds
+  for (int64_t p = q * run; p < p1; ++p) {
+    const int64_t i = src[p], j = dst[p];
+    check_pair(i, j, atoms);
+    if (i != at) {
+#pragma unroll
+      for (int c = 0; c < kComps; ++c) {
+        if (at >= 0) atomicAdd(out + (at * kComps + c) * f_len + f, sum[c]);
+        sum[c] = T(0);
+      }
+      at = i;
+      recv_i = z_recv[i * f_len + f];
+      send_i = z_send[i * f_len + f];
     }
+    const T r[kParts] = {radial[(p * kParts) * f_len + f], radial[(p * kParts + 1) * f_len + f],
+                         radial[(p * kParts + 2) * f_len + f]};
+    const T s_ij = recv_i + z_send[j * f_len + f];
+#pragma unroll
+    for (int c = 0; c < kComps; ++c) sum[c] += geom[p * kComps + c] * r[group_of(c)] * s_ij;
+    if (half) {
+      const T s_ji = z_recv[j * f_len + f] + send_i;
+#pragma unroll
+      for (int c = 0; c < kComps; ++c) {
+        const T a = reversed_sign<T>(c) * geom[p * kComps + c];
+        atomicAdd(out + (j * kComps + c) * f_len + f, a * r[group_of(c)] * s_ji);
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kComps; ++c) {
+    if (at >= 0) atomicAdd(out + (at * kComps + c) * f_len + f, sum[c]);
   }
 }
 
@@ -553,9 +609,11 @@ void messages_into(const at::Tensor& out, const at::Tensor& y, const at::Tensor&
   if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_cuda", [&] {
-    messages_kernel<scalar_t><<<blocks_for(pairs * f_len), kThreads, 0, stream>>>(
+    const int run = run_length(pairs, f_len);
+    const int blocks = blocks_for(run_threads(pairs, f_len, run));
+    messages_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         y.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
-        dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs, f_len, y.size(0), half);
+        dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs, f_len, y.size(0), half, run);
   });
   check_launch();
 }
@@ -611,10 +669,12 @@ void embedding_into(const at::Tensor& out, const at::Tensor& radial, const at::T
   if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_cuda", [&] {
-    embedding_kernel<scalar_t><<<blocks_for(pairs * f_len), kThreads, 0, stream>>>(
+    const int run = run_length(pairs, f_len);
+    const int blocks = blocks_for(run_threads(pairs, f_len, run));
+    embedding_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         radial.data_ptr<scalar_t>(), z_recv.data_ptr<scalar_t>(), z_send.data_ptr<scalar_t>(),
         geom.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
-        out.data_ptr<scalar_t>(), pairs, f_len, atoms, half);
+        out.data_ptr<scalar_t>(), pairs, f_len, atoms, half, run);
   });
   check_launch();
 }
