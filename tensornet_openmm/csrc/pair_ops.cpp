@@ -825,7 +825,12 @@ class Messages : public torch::autograd::Function<Messages> {
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const at::Tensor grad = grads[0].contiguous();
     at::Tensor g_y, g_filt;
-    if (ctx->needs_input_grad(0)) g_y = messages_kernel(grad, filt, dst, src, half);  // transpose
+    // the transpose (for a half list the same sums: the pairs stay in their order, sorted by
+    // first atom, which the CUDA kernel's runs of pairs use)
+    if (ctx->needs_input_grad(0)) {
+      g_y = half ? messages_kernel(grad, filt, src, dst, half)
+                 : messages_kernel(grad, filt, dst, src, half);
+    }
     if (ctx->needs_input_grad(1)) g_filt = filter_grad_kernel(grad, y, src, dst, filt.size(0), half);
     return {g_y, g_filt, at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -929,7 +934,10 @@ class MessagesSelf : public torch::autograd::Function<MessagesSelf> {
     variable_list out(6);
     if (!grads[0].defined()) return out;
     const at::Tensor grad = grads[0].contiguous();
-    if (ctx->needs_input_grad(0)) out[0] = messages_self_kernel(grad, filt, dst, src, half, self_filt);
+    if (ctx->needs_input_grad(0)) {  // the transpose, as in Messages::backward
+      out[0] = half ? messages_self_kernel(grad, filt, src, dst, half, self_filt)
+                    : messages_self_kernel(grad, filt, dst, src, half, self_filt);
+    }
     if (ctx->needs_input_grad(1)) out[1] = filter_grad_kernel(grad, y, src, dst, filt.size(0), half);
     if (ctx->needs_input_grad(4)) {  // tensors y, filt, src, dst, self_filt
       const at::Tensor group = at::tensor(

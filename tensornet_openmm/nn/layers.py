@@ -799,7 +799,10 @@ class Interaction(_RadialLayer):
         filters = self._pair_radial(cut, basis, vec, True)
         kernels = self.pair_kernels
         with torch.no_grad():
-            kernels.messages_add(adj_y, adj, filters, j, i, half)  # the transposed sums
+            if half:  # the transposed sums: for a half list the same sums, pairs kept in order
+                kernels.messages_add(adj_y, adj, filters, i, j, half)
+            else:
+                kernels.messages_add(adj_y, adj, filters, j, i, half)
             adj_filters = kernels.message_filter_grad(adj, y, i, j, half)
         return filters, adj_filters
 
