@@ -115,24 +115,40 @@ __global__ void self_messages_kernel(const T* __restrict__ y, const T* __restric
   out[t] = self_filt[group_of(c) * f_len + f] * y[t];
 }
 
-// grad_filt[p, g] = sum over c in part g of grad[i, c] * y[j, c] (+ grad[j, c] * y[i, c])
+// grad_filt[p, g] = sum over c in part g of grad[i, c] * y[j, c] (+ grad[j, c] * y[i, c]), a
+// run of pairs per thread (run_length): the first atom's rows read once per run
 template <typename T>
 __global__ void filter_grad_kernel(const T* __restrict__ grad, const T* __restrict__ y,
                                    const int64_t* __restrict__ src,
                                    const int64_t* __restrict__ dst, T* __restrict__ out,
-                                   int64_t pairs, int64_t f_len, int64_t atoms, bool half) {
+                                   int64_t pairs, int64_t f_len, int64_t atoms, bool half,
+                                   int run) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= pairs * f_len) return;
-  const int64_t p = t / f_len, f = t - p * f_len;
-  const int64_t i = src[p], j = dst[p];
-  check_pair(i, j, atoms);
-  T acc[kParts] = {T(0), T(0), T(0)};
-  for (int c = 0; c < kComps; ++c) {
-    T v = grad[(i * kComps + c) * f_len + f] * y[(j * kComps + c) * f_len + f];
-    if (half) v += grad[(j * kComps + c) * f_len + f] * y[(i * kComps + c) * f_len + f];
-    acc[group_of(c)] += v;
+  if (t >= run_threads(pairs, f_len, run)) return;
+  const int64_t q = t / f_len, f = t - q * f_len;
+  const int64_t p1 = (q + 1) * run < pairs ? (q + 1) * run : pairs;
+  T g_i[kComps], y_i[kComps];
+  int64_t at = -1;  // the atom whose rows g_i and y_i hold
+  for (int64_t p = q * run; p < p1; ++p) {
+    const int64_t i = src[p], j = dst[p];
+    check_pair(i, j, atoms);
+    if (i != at) {
+#pragma unroll
+      for (int c = 0; c < kComps; ++c) {
+        g_i[c] = grad[(i * kComps + c) * f_len + f];
+        if (half) y_i[c] = y[(i * kComps + c) * f_len + f];
+      }
+      at = i;
+    }
+    T acc[kParts] = {T(0), T(0), T(0)};
+#pragma unroll
+    for (int c = 0; c < kComps; ++c) {
+      T v = g_i[c] * y[(j * kComps + c) * f_len + f];
+      if (half) v += grad[(j * kComps + c) * f_len + f] * y_i[c];
+      acc[group_of(c)] += v;
+    }
+    for (int g = 0; g < kParts; ++g) out[(p * kParts + g) * f_len + f] = acc[g];
   }
-  for (int g = 0; g < kParts; ++g) out[(p * kParts + g) * f_len + f] = acc[g];
 }
 
 // out[i, c] += radial[p, GROUP[c]] * (z_recv[i] + z_send[j]) * geom[p, c], and when half
@@ -652,9 +668,11 @@ at::Tensor filter_grad(const at::Tensor& grad, const at::Tensor& y, const at::Te
   if (pairs == 0 || f_len == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_filter_grad_cuda", [&] {
-    filter_grad_kernel<scalar_t><<<blocks_for(pairs * f_len), kThreads, 0, stream>>>(
+    const int run = run_length(pairs, f_len);
+    const int blocks = blocks_for(run_threads(pairs, f_len, run));
+    filter_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         grad.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
-        dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs, f_len, y.size(0), half);
+        dst.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs, f_len, y.size(0), half, run);
   });
   check_launch();
   return out;
