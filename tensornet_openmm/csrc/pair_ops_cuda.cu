@@ -63,6 +63,31 @@ __host__ __device__ __forceinline__ int64_t run_threads(int64_t pairs, int64_t f
   return (pairs + run - 1) / run * f_len;
 }
 
+// this thread's run of pairs [first, last) and its channel f; false past the last run
+struct PairRun {
+  int64_t first, last, f;
+};
+__device__ __forceinline__ bool pair_run(int64_t pairs, int64_t f_len, int run, PairRun& r) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= run_threads(pairs, f_len, run)) return false;
+  const int64_t q = t / f_len;
+  r.f = t - q * f_len;
+  r.first = q * run;
+  r.last = r.first + run < pairs ? r.first + run : pairs;
+  return true;
+}
+
+// out[atom, c, f] += sum[c] (atomically; nothing for atom -1, no run's atom yet), and sum zeroed
+template <typename T>
+__device__ __forceinline__ void add_run_sums(T* out, int64_t atom, int64_t f, int64_t f_len,
+                                             T (&sum)[kComps]) {
+#pragma unroll
+  for (int c = 0; c < kComps; ++c) {
+    if (atom >= 0) atomicAdd(out + (atom * kComps + c) * f_len + f, sum[c]);
+    sum[c] = T(0);
+  }
+}
+
 // out[i, c] += filt[p, GROUP[c]] * y[j, c] (and out[j, c] += ... * y[i, c] when half), a run of
 // pairs per thread (run_length)
 template <typename T>
@@ -70,22 +95,18 @@ __global__ void messages_kernel(const T* __restrict__ y, const T* __restrict__ f
                                 const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
                                 T* __restrict__ out, int64_t pairs, int64_t f_len, int64_t atoms,
                                 bool half, int run) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= run_threads(pairs, f_len, run)) return;
-  const int64_t q = t / f_len, f = t - q * f_len;
-  const int64_t p1 = (q + 1) * run < pairs ? (q + 1) * run : pairs;
+  PairRun r;
+  if (!pair_run(pairs, f_len, run, r)) return;
+  const int64_t f = r.f;
   T sum[kComps], y_i[kComps];
   int64_t at = -1;  // the atom whose terms ``sum`` holds
-  for (int64_t p = q * run; p < p1; ++p) {
+  for (int64_t p = r.first; p < r.last; ++p) {
     const int64_t i = src[p], j = dst[p];
     check_pair(i, j, atoms);
     if (i != at) {
+      add_run_sums(out, at, f, f_len, sum);
 #pragma unroll
-      for (int c = 0; c < kComps; ++c) {
-        if (at >= 0) atomicAdd(out + (at * kComps + c) * f_len + f, sum[c]);
-        sum[c] = T(0);
-        if (half) y_i[c] = y[(i * kComps + c) * f_len + f];
-      }
+      for (int c = 0; c < kComps; ++c) y_i[c] = half ? y[(i * kComps + c) * f_len + f] : T(0);
       at = i;
     }
     const T w[kParts] = {filt[(p * kParts) * f_len + f], filt[(p * kParts + 1) * f_len + f],
@@ -97,10 +118,7 @@ __global__ void messages_kernel(const T* __restrict__ y, const T* __restrict__ f
       if (half) atomicAdd(out + (j * kComps + c) * f_len + f, wc * y_i[c]);
     }
   }
-#pragma unroll
-  for (int c = 0; c < kComps; ++c) {
-    if (at >= 0) atomicAdd(out + (at * kComps + c) * f_len + f, sum[c]);
-  }
+  add_run_sums(out, at, f, f_len, sum);
 }
 
 // out[n, c] = self_filt[GROUP[c]] * y[n, c]: the self pair's messages, which the pair sums start
@@ -123,13 +141,12 @@ __global__ void filter_grad_kernel(const T* __restrict__ grad, const T* __restri
                                    const int64_t* __restrict__ dst, T* __restrict__ out,
                                    int64_t pairs, int64_t f_len, int64_t atoms, bool half,
                                    int run) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= run_threads(pairs, f_len, run)) return;
-  const int64_t q = t / f_len, f = t - q * f_len;
-  const int64_t p1 = (q + 1) * run < pairs ? (q + 1) * run : pairs;
+  PairRun r;
+  if (!pair_run(pairs, f_len, run, r)) return;
+  const int64_t f = r.f;
   T g_i[kComps], y_i[kComps];
   int64_t at = -1;  // the atom whose rows g_i and y_i hold
-  for (int64_t p = q * run; p < p1; ++p) {
+  for (int64_t p = r.first; p < r.last; ++p) {
     const int64_t i = src[p], j = dst[p];
     check_pair(i, j, atoms);
     if (i != at) {
@@ -160,22 +177,17 @@ __global__ void embedding_kernel(const T* __restrict__ radial, const T* __restri
                                  const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
                                  T* __restrict__ out, int64_t pairs, int64_t f_len, int64_t atoms,
                                  bool half, int run) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= run_threads(pairs, f_len, run)) return;
-  const int64_t q = t / f_len, f = t - q * f_len;
-  const int64_t p1 = (q + 1) * run < pairs ? (q + 1) * run : pairs;
+  PairRun r;
+  if (!pair_run(pairs, f_len, run, r)) return;
+  const int64_t f = r.f;
   T sum[kComps];
   T recv_i = T(0), send_i = T(0);
   int64_t at = -1;  // the atom whose terms ``sum`` holds
-  for (int64_t p = q * run; p < p1; ++p) {
+  for (int64_t p = r.first; p < r.last; ++p) {
     const int64_t i = src[p], j = dst[p];
     check_pair(i, j, atoms);
     if (i != at) {
-#pragma unroll
-      for (int c = 0; c < kComps; ++c) {
-        if (at >= 0) atomicAdd(out + (at * kComps + c) * f_len + f, sum[c]);
-        sum[c] = T(0);
-      }
+      add_run_sums(out, at, f, f_len, sum);
       at = i;
       recv_i = z_recv[i * f_len + f];
       send_i = z_send[i * f_len + f];
@@ -194,10 +206,7 @@ __global__ void embedding_kernel(const T* __restrict__ radial, const T* __restri
       }
     }
   }
-#pragma unroll
-  for (int c = 0; c < kComps; ++c) {
-    if (at >= 0) atomicAdd(out + (at * kComps + c) * f_len + f, sum[c]);
-  }
+  add_run_sums(out, at, f, f_len, sum);
 }
 
 // The embedding's backward per pair and channel: with h_ij[c] = grad[i, c] s_ij and
@@ -468,9 +477,6 @@ __global__ void pair_search_kernel(const T* __restrict__ pos, const int64_t* __r
   const int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (i >= atoms) return;  // (the whole warp: the ballots below need its 32 lanes)
-  T b[9];
-  for (int e = 0; e < 9 && box != nullptr; ++e) b[e] = box[e];
-  const T* periodic = box != nullptr ? b : nullptr;
   const bool write = pairs != nullptr;
   const int64_t first = write ? ends[i] - counts[i] : 0;
   int64_t found = 0;
@@ -485,7 +491,7 @@ __global__ void pair_search_kernel(const T* __restrict__ pos, const int64_t* __r
         j = order[k + lane];
         CUDA_KERNEL_ASSERT(j >= 0 && j < atoms);
         ok = (half ? i < j : i != j) &&
-             tn_math::pair_within(pos + 3 * i, pos + 3 * j, periodic, cutoff2, s);
+             tn_math::pair_within(pos + 3 * i, pos + 3 * j, box, cutoff2, s);
       }
       const unsigned mask = __ballot_sync(0xffffffffu, ok);
       if (write && ok) {
