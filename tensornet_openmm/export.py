@@ -164,6 +164,8 @@ class TensorNetForce(nn.Module):
         except (TypeError, ValueError):
             raise ValueError(f"total_charge={total_charge!r} must be a number (e)") from None
         self.register_buffer("total_charge", torch.tensor([charge], dtype=dtype))
+        # the forces' seed, made once (a fill kernel a call otherwise)
+        self.register_buffer("minus_one", torch.full((), -1.0, dtype=dtype), persistent=False)
         self.neutral = charge == 0.0  # the model then skips its charge factors
         self.periodic = bool(periodic)
         self.capacity = int(capacity)
@@ -254,7 +256,7 @@ class TensorNetForce(nn.Module):
             return energy, torch.zeros_like(positions)  # dropped by _EnergyOnly (and freezing)
         # seeded with -1, the gradient is the forces: no negation. openmm-torch differentiates
         # the energy again for the scale's derivative
-        seed: list[Optional[Tensor]] = [torch.full_like(energy, -1.0)]
+        seed: list[Optional[Tensor]] = [self.minus_one.expand_as(energy)]
         forces = torch.autograd.grad(
             [energy], [positions], seed, retain_graph=scale is not None, allow_unused=True
         )[0]

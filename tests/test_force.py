@@ -244,11 +244,24 @@ def test_the_force_folds_the_energy_scale_and_unit_into_its_copy(reduce_op, low_
         module.model.store_energy_scale(EV_TO_KJ_PER_MOL)
     with pytest.raises(ValueError, match="weights give kJ/mol .* save the model the force was"):
         save_model(module.model, "never-written.pt")
+    assert not module.model.zero_mean_dropped  # (a mean to add)
     energy, forces = torch.jit.freeze(script(module).eval())(torch.tensor(pos))
     ref_energy, ref_forces = eager(model, z, pos)
     assert energy.item() == pytest.approx(ref_energy, rel=1e-12)
     np.testing.assert_allclose(forces.numpy(), ref_forces, rtol=0,
                                atol=1e-10 * np.abs(ref_forces).max())  # fmt: skip
+    # a mean of zero is not added at all: the same energy and forces, to the last bit
+    with torch.no_grad():
+        model.mean.zero_()
+    with_zero = TensorNetForce(model, z, outputs_forces=True, low_memory=low_memory)
+    assert with_zero.model.zero_mean_dropped
+    kept = TensorNetForce(model, z, outputs_forces=True, low_memory=low_memory)
+    kept.model.zero_mean_dropped = False
+    frozen = [torch.jit.freeze(script(m).eval()) for m in (with_zero, kept)]
+    results = [call(torch.tensor(pos)) for call in frozen]
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    adds = [sum(n.kind() == "aten::add" for n in _graph_nodes(f.graph)) for f in frozen]
+    assert adds[0] == adds[1] - 1
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
