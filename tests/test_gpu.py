@@ -231,6 +231,7 @@ def _fused_cases(channels):
         product = functools.partial(_last, ops.packed_product, half)  # half: symmetric here
         cases.append((f"product-symmetric={half}", product, [rand(n, 10, f), rand(n, 10, f)]))
     cases.append(("normalize", ops.packed_normalize, [rand(n, 10, f)]))
+    cases.append(("part-norms", ops.packed_part_norms, [rand(n, 10, f)]))
     cases.append(("component-mix", ops.component_mix, [rand(n, 10, f), rand(10, f, 7)]))
     cases.append(("embedding-prepare", _embedding_prepare, [rand(n, 10, f), rand(n, f)]))
     for factors in (rand(0), rand(n).abs() + 0.5):  # no charge factors, and some

@@ -742,6 +742,30 @@ def test_packed_normalize_kernel_values_and_gradients(channels):
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
+def test_packed_part_norms_kernel_values_gradients_and_errors(channels):
+    """packed_part_norms (the output head's 3 I^2, |A|^2, |S|^2) against PyTorch's squares
+    times the parts' weights, and against the parts' Frobenius norms of the full 3x3 tensors;
+    its gradient by gradcheck; bad input refused with the value."""
+    p = torch.randn(6, 10, channels, dtype=torch.float64)
+    p[:, 4:7] -= p[:, 4:7].mean(1, keepdim=True)  # S traceless, as TensorNet's are
+    p.requires_grad_()
+    reference = kernels.PairKernels(torch.float64)
+    fused = torch.ops.tensornet_openmm.packed_part_norms
+    got = fused(p)
+    torch.testing.assert_close(got, reference.part_norms(p), rtol=1e-15, atol=1e-15)
+    full = reference.algebra.full(p)  # (n, 3, 3, F): I, A and S from the full tensor
+    eye = torch.eye(3, dtype=torch.float64)[None, :, :, None]
+    iso = full.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None, :] * eye
+    anti = 0.5 * (full - full.transpose(1, 2))
+    sym = 0.5 * (full + full.transpose(1, 2)) - iso
+    norms = torch.stack([(t * t).sum((1, 2)) for t in (iso, anti, sym)], 1)
+    torch.testing.assert_close(got, norms, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, (p,))
+    with pytest.raises(RuntimeError, match=r"p must be \(atoms, 10, channels\), got \[6, 9, "):
+        fused(p[:, :9])
+
+
+@pytest.mark.parametrize("channels", CHANNELS)
 def test_layer_steps_in_one_operator_equal_the_separate_ones(channels):
     """packed_product_normalize (normalize(packed(M Y) q)) and packed_square_add
     (x + d + packed(D D) q) against the operators they replace, without charge factors (empty)

@@ -262,6 +262,25 @@ TN_MATH void product_grad(const T* grad, const T* a, const T* b, T* g_a, T* g_b,
   if (g_b != nullptr) store(db, g_b, stride);
 }
 
+// 3 I^2, |A|^2 and |S|^2 (the output head's features, algebra.part_norms): each part's
+// sum_c NORM[c] p_c^2, in component order (scalar T only)
+template <typename T>
+TN_MATH void part_norms_values(const T p[kComps], T out[3]) {
+  out[0] = norm_weight<T>(0) * (p[0] * p[0]);
+  out[1] = norm_weight<T>(1) * (p[1] * p[1]);
+  out[2] = norm_weight<T>(4) * (p[4] * p[4]);
+  for (int c = 2; c < 4; ++c) out[1] += norm_weight<T>(c) * (p[c] * p[c]);
+  for (int c = 5; c < kComps; ++c) out[2] += norm_weight<T>(c) * (p[c] * p[c]);
+}
+
+// their gradient: g_p[c] = 2 NORM[c] p[c] g[part of c]
+template <typename T>
+TN_MATH void part_norms_grad_values(const T g[3], const T p[kComps], T g_p[kComps]) {
+  for (int c = 0; c < kComps; ++c) {
+    g_p[c] = T(2) * norm_weight<T>(c) * p[c] * g[c == 0 ? 0 : (c < 4 ? 1 : 2)];
+  }
+}
+
 template <typename T>
 TN_MATH void normalize(const T* p, T* out, int64_t stride) {
   T v[kComps], o[kComps];

@@ -59,6 +59,8 @@ std::tuple<at::Tensor, at::Tensor> product_grad(const at::Tensor& grad, const at
                                                 const at::Tensor& b, bool symmetric, bool want_a,
                                                 bool want_b);
 at::Tensor normalize(const at::Tensor& p);
+at::Tensor part_norms(const at::Tensor& p);
+at::Tensor part_norms_grad(const at::Tensor& grad, const at::Tensor& p);
 at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p);
 std::tuple<at::Tensor, at::Tensor> embedding_prepare(const at::Tensor& s, const at::Tensor& e);
 void activate_scaled(int64_t activation, const at::Tensor& z, const at::Tensor& scale,
@@ -1466,6 +1468,81 @@ class PackedNormalize : public torch::autograd::Function<PackedNormalize> {
 
 at::Tensor packed_normalize_op(const at::Tensor& p) { return PackedNormalize::apply(p); }
 
+// ---- The output head's features --------------------------------------------------------------
+// packed_part_norms(p) = 3 I^2, |A|^2 and |S|^2 of each atom and channel, (atoms, 3, channels):
+// one pass each way, where PyTorch squares the components and multiplies by the (3, 10) weights
+// (two operators forward, three back).
+
+at::Tensor part_norms_kernel(const at::Tensor& p_in) {
+  TORCH_CHECK(p_in.dim() == 3 && p_in.size(1) == kComps,
+              "packed_part_norms: p must be (atoms, 10, channels), got ", p_in.sizes());
+  TORCH_CHECK(at::isFloatingType(p_in.scalar_type()),
+              "packed_part_norms: p must be floating point, got ", p_in.scalar_type());
+  [[maybe_unused]] const bool cuda = on_cuda("packed_part_norms", {p_in});
+  const at::Tensor p = p_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (cuda) return tn_cuda::part_norms(p);
+#endif
+  const int64_t atoms = p.size(0), f_len = p.size(2);
+  at::Tensor out = at::empty({atoms, kParts, f_len}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_part_norms", [&] {
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    split(atoms, 1, atoms * f_len * 20, [&](int64_t a0, int64_t a1) {
+      for (int64_t n = a0; n < a1; ++n) {
+        for (int64_t f = 0; f < f_len; ++f) {
+          scalar_t v[kComps], o[kParts];
+          for (int c = 0; c < kComps; ++c) v[c] = pp[(n * kComps + c) * f_len + f];
+          tn_math::part_norms_values(v, o);
+          for (int k = 0; k < kParts; ++k) op[(n * kParts + k) * f_len + f] = o[k];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor part_norms_grad_kernel(const at::Tensor& grad_in, const at::Tensor& p) {
+  const at::Tensor grad = grad_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (p.is_cuda()) return tn_cuda::part_norms_grad(grad, p);
+#endif
+  const int64_t atoms = p.size(0), f_len = p.size(2);
+  at::Tensor g_p = at::empty_like(p);
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_part_norms_grad", [&] {
+    const scalar_t *gp = grad.data_ptr<scalar_t>(), *pp = p.data_ptr<scalar_t>();
+    scalar_t* out = g_p.data_ptr<scalar_t>();
+    split(atoms, 1, atoms * f_len * 30, [&](int64_t a0, int64_t a1) {
+      for (int64_t n = a0; n < a1; ++n) {
+        for (int64_t f = 0; f < f_len; ++f) {
+          scalar_t g[kParts], v[kComps], o[kComps];
+          for (int k = 0; k < kParts; ++k) g[k] = gp[(n * kParts + k) * f_len + f];
+          for (int c = 0; c < kComps; ++c) v[c] = pp[(n * kComps + c) * f_len + f];
+          tn_math::part_norms_grad_values(g, v, o);
+          for (int c = 0; c < kComps; ++c) out[(n * kComps + c) * f_len + f] = o[c];
+        }
+      }
+    });
+  });
+  return g_p;
+}
+
+class PartNorms : public torch::autograd::Function<PartNorms> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& p) {
+    ctx->save_for_backward({p});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return part_norms_kernel(p);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor()};
+    return {part_norms_grad_kernel(grads[0], ctx->get_saved_variables()[0].contiguous())};
+  }
+};
+
+at::Tensor packed_part_norms_op(const at::Tensor& p) { return PartNorms::apply(p); }
+
 // ---- Two steps of an interaction layer in one pass ---------------------------------------------
 // packed_product_normalize(a, b, symmetric, q) = normalize(packed(A B) q) (A B + B A when
 // symmetric) and packed_square_add(x, d, q) = x + d + packed(D D) q, with q the atoms' charge
@@ -2776,6 +2853,7 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
   m.def("component_mix(Tensor p, Tensor w) -> Tensor");
   m.def("packed_normalize(Tensor p) -> Tensor");
+  m.def("packed_part_norms(Tensor p) -> Tensor");
   m.def("embedding_prepare(Tensor sums, Tensor self_terms) -> (Tensor, Tensor)");
   m.def("packed_product_normalize(Tensor a, Tensor b, bool symmetric, Tensor q) -> Tensor");
   m.def("packed_square_add(Tensor x, Tensor d, Tensor q) -> Tensor");
@@ -2811,6 +2889,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_product", product_kernel);
   m.impl("packed_mix", mix_checked);
   m.impl("packed_normalize", normalize_kernel);
+  m.impl("packed_part_norms", part_norms_kernel);
   m.impl("embedding_prepare", embedding_prepare_kernel);
   m.impl("component_mix", component_mix_kernel);
   m.impl("packed_product_normalize", product_normalize_kernel);
@@ -2835,6 +2914,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("embedding_pair_grads", embedding_pair_grads_kernel);
   m.impl("packed_product", product_kernel);
   m.impl("packed_normalize", normalize_kernel);
+  m.impl("packed_part_norms", part_norms_kernel);
   m.impl("embedding_prepare", embedding_prepare_kernel);
   m.impl("component_mix", component_mix_kernel);
   m.impl("packed_product_normalize", product_normalize_kernel);
@@ -2855,6 +2935,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("packed_product", packed_product_op);
   m.impl("packed_mix", packed_mix_op);
   m.impl("packed_normalize", packed_normalize_op);
+  m.impl("packed_part_norms", packed_part_norms_op);
   m.impl("embedding_prepare", embedding_prepare_op);
   m.impl("component_mix", component_mix_op);
   m.impl("packed_product_normalize", packed_product_normalize_op);

@@ -359,6 +359,33 @@ __global__ void atom_step_kernel(AtomArgs<T> g) {
   if (g.v != nullptr) tn_math::store(pv, g.v + base, g.f_len);
 }
 
+// the output head's features (tn_math::part_norms_values) and their gradient, one thread per
+// atom and channel: p (atoms, 10, F), out and grad (atoms, 3, F)
+template <typename T>
+__global__ void part_norms_kernel(const T* __restrict__ p, T* __restrict__ out, int64_t atoms,
+                                  int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len;
+  T v[kComps], o[kParts];
+  tn_math::load(p + n * kComps * f_len + f, f_len, v);
+  tn_math::part_norms_values(v, o);
+  for (int k = 0; k < kParts; ++k) out[(n * kParts + k) * f_len + f] = o[k];
+}
+
+template <typename T>
+__global__ void part_norms_grad_kernel(const T* __restrict__ grad, const T* __restrict__ p,
+                                       T* __restrict__ g_p, int64_t atoms, int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len;
+  T g[kParts], v[kComps], o[kComps];
+  for (int k = 0; k < kParts; ++k) g[k] = grad[(n * kParts + k) * f_len + f];
+  tn_math::load(p + n * kComps * f_len + f, f_len, v);
+  tn_math::part_norms_grad_values(g, v, o);
+  tn_math::store(o, g_p + n * kComps * f_len + f, f_len);
+}
+
 // ---- A scaled network's last layer, act(z) * scale (pair_ops.cpp's mlp) -------------------------
 constexpr int kSiLU = 0, kTanh = 1;  // pair_ops.cpp's activation codes (2: none)
 
@@ -795,6 +822,36 @@ at::Tensor normalize(const at::Tensor& p) {
     launch_atom_step<AtomStep::kNormalize>(g, p);
   });
   return out;
+}
+
+// 3 I^2, |A|^2, |S|^2 per atom and channel (pair_ops.cpp), one thread per atom and channel
+at::Tensor part_norms(const at::Tensor& p) {
+  const c10::cuda::CUDAGuard guard(p.device());
+  const int64_t atoms = p.size(0), f_len = p.size(2);
+  at::Tensor out = at::empty({atoms, kParts, f_len}, p.options());
+  if (atoms * f_len == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_part_norms_cuda", [&] {
+    part_norms_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0,
+                                  c10::cuda::getCurrentCUDAStream()>>>(
+        p.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), atoms, f_len);
+  });
+  check_launch();
+  return out;
+}
+
+at::Tensor part_norms_grad(const at::Tensor& grad, const at::Tensor& p) {
+  const c10::cuda::CUDAGuard guard(p.device());
+  const int64_t atoms = p.size(0), f_len = p.size(2);
+  at::Tensor g_p = at::empty_like(p, at::MemoryFormat::Contiguous);
+  if (atoms * f_len == 0) return g_p;
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_packed_part_norms_grad_cuda", [&] {
+    part_norms_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0,
+                                       c10::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), g_p.data_ptr<scalar_t>(), atoms,
+        f_len);
+  });
+  check_launch();
+  return g_p;
 }
 
 at::Tensor normalize_grad(const at::Tensor& grad, const at::Tensor& p) {

@@ -12,7 +12,8 @@ them), ``messages_self`` and ``messages`` (an interaction layer's message sums, 
 pair's, and those of further blocks of pairs), ``mlp`` (small networks: the radial filters of a
 block of pairs, the per-atom networks), ``radial_table`` (the same filters read from a table,
 :mod:`tensornet_openmm.nn.tables`), ``packed_normalize``, ``packed_product_normalize`` and
-``packed_square_add`` (the per-atom steps of an interaction layer), ``packed_product``,
+``packed_square_add`` (the per-atom steps of an interaction layer), ``packed_part_norms`` (the
+output head's features), ``packed_product``,
 ``pair_difference`` (pair vectors straight from OpenMM's positions) and ``pair_search`` (the pair
 list: :meth:`FusedPairKernels.neighbor_pairs`, the same pairs as
 :func:`tensornet_openmm.neighbors.neighbor_pairs` without a tensor per candidate). The
@@ -426,6 +427,11 @@ class PairKernels(nn.Module):
         """X / (|X|^2 + 1) of packed (n, 10, F) tensors, |X| the Frobenius norm per channel."""
         return self._torch_normalize(p)
 
+    def part_norms(self, p: Tensor) -> Tensor:
+        """3 I^2, |A|^2 and |S|^2 of packed (n, 10, F) tensors, (n, 3, F): the output head's
+        features."""
+        return self.algebra.part_norms(p)
+
     def embedding_prepare(self, sums: Tensor, self_terms: Tensor) -> tuple[Tensor, Tensor]:
         """The embedding's packed X and |X|^2, (n, 10, F) and (n, F), from its pair sums
         (n, 10, F) and each atom's self pair term (n, F): the term added to I, S made
@@ -732,6 +738,13 @@ class FusedPairKernels(PairKernels):
         if self.applies(p):
             return torch.ops.tensornet_openmm.packed_normalize(p)
         return self._torch_normalize(p)
+
+    def part_norms(self, p: Tensor) -> Tensor:
+        """One operator each way (``packed_part_norms``), where PyTorch squares and multiplies
+        by the parts' weights (two operators forward, three back)."""
+        if self.applies(p):
+            return torch.ops.tensornet_openmm.packed_part_norms(p)
+        return self.algebra.part_norms(p)
 
     def embedding_prepare(self, sums: Tensor, self_terms: Tensor) -> tuple[Tensor, Tensor]:
         return torch.ops.tensornet_openmm.embedding_prepare(sums, self_terms)

@@ -330,9 +330,9 @@ class TensorNet(nn.Module):
 
     def _head(self, x: Tensor, z: Tensor) -> Tensor:
         """Per-atom energies from the final X."""
-        feats = self.algebra.part_norms(x).reshape(x.shape[0], -1)  # (n, 3F)
-        h = self.out_norm(feats)
         kernels = self.tensor_embedding.pair_kernels
+        feats = kernels.part_norms(x).reshape(x.shape[0], -1)  # (n, 3F)
+        h = self.out_norm(feats)
         if self.mlp_activation >= 0 and kernels.applies(h):  # one operator each way, see _gates
             lin, first = self.linear, self.output_network[0]
             h = kernels.mlp(
