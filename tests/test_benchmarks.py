@@ -110,7 +110,8 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
         for line in out.splitlines()
         if line.startswith("ala2 ") and ": " in line
     }
-    assert set(counts) == set(routes) and min(counts.values()) > 50
+    # (a floor that an empty count fails: a 1-layer model with tables launches some 50)
+    assert set(counts) == set(routes) and min(counts.values()) > 30
     # the launches a GPU would make: no views or allocations; mlp as its ATen calls
     import torch
 

@@ -53,7 +53,7 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
         --checkpoint /tmp/tensornet-dev/tensornet.ckpt >"$out/profile.log" 2>&1
     grep -A3 "^system" "$out/profile.log" | cut -c1-170
     # kernels per force call on the GPU (203 for alanine dipeptide at b7b30d5 on an H100, when
-    # the CPU counted 137; the CPU count since session 17 is 84, 69 with tables)
+    # the CPU counted 137; the CPU count since session 18 is 77, 62 with tables)
     timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
         --systems ala2 --routes ours ours-tables --top 60 >"$out/kernels.log" 2>&1
     # where the 4,866-atom box's 14 ms go (graphs off there: the dynamic pair list)
