@@ -1492,7 +1492,7 @@ at::Tensor part_norms_kernel(const at::Tensor& p_in) {
       for (int64_t n = a0; n < a1; ++n) {
         for (int64_t f = 0; f < f_len; ++f) {
           scalar_t v[kComps], o[kParts];
-          for (int c = 0; c < kComps; ++c) v[c] = pp[(n * kComps + c) * f_len + f];
+          tn_math::load(pp + n * kComps * f_len + f, f_len, v);
           tn_math::part_norms_values(v, o);
           for (int k = 0; k < kParts; ++k) op[(n * kParts + k) * f_len + f] = o[k];
         }
@@ -1517,9 +1517,9 @@ at::Tensor part_norms_grad_kernel(const at::Tensor& grad_in, const at::Tensor& p
         for (int64_t f = 0; f < f_len; ++f) {
           scalar_t g[kParts], v[kComps], o[kComps];
           for (int k = 0; k < kParts; ++k) g[k] = gp[(n * kParts + k) * f_len + f];
-          for (int c = 0; c < kComps; ++c) v[c] = pp[(n * kComps + c) * f_len + f];
+          tn_math::load(pp + n * kComps * f_len + f, f_len, v);
           tn_math::part_norms_grad_values(g, v, o);
-          for (int c = 0; c < kComps; ++c) out[(n * kComps + c) * f_len + f] = o[c];
+          tn_math::store(o, out + n * kComps * f_len + f, f_len);
         }
       }
     });
