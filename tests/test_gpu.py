@@ -433,6 +433,125 @@ def test_pair_sums_on_cuda_with_runs_of_pairs_equal_cpu(half):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def _cuda_kernel_names(run):
+    """The names of the CUDA kernels ``run()`` launches."""
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
+def _small_network_case(device, dtype, rows, widths, act, scaled, seed):
+    """mlp through rows x widths[0] -> ... -> widths[-1]: the output and the gradients of the
+    input and the scale (seeded by fixed random numbers), on ``device`` in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, widths[0], generator=g, dtype=torch.float64)
+    scale = torch.rand(rows if scaled else 0, generator=g, dtype=torch.float64) + 0.5
+    weights = [torch.randn(o, i, generator=g, dtype=torch.float64) / i**0.5
+               for i, o in zip(widths[:-1], widths[1:], strict=True)]  # fmt: skip
+    biases = [torch.randn(o, generator=g, dtype=torch.float64) for o in widths[1:]]
+    seed_out = torch.randn(rows, widths[-1], generator=g, dtype=torch.float64)
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype)
+
+    x, scale = cast(x).requires_grad_(), cast(scale).requires_grad_(scaled)
+    out = torch.ops.tensornet_openmm.mlp(
+        x, scale, [cast(w) for w in weights], [cast(b) for b in biases], act
+    )
+    wrt = (x, scale) if scaled else (x,)
+    grads = torch.autograd.grad(out, wrt, cast(seed_out))
+    return [t.detach().cpu().double() for t in (out, *grads)]
+
+
+def _radial_case(device, dtype, rows, k, proj, networks, first, widths, act, wanted, seed):
+    """radial_networks: a projection of ``proj`` columns and ``networks`` networks of
+    first -> widths[0] -> ...; the outputs and the gradients of the basis and the cutoff,
+    seeded through the outputs listed in ``wanted`` only (the others: no gradient)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, fan=1):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) / fan**0.5
+
+    basis, cut = rand(rows, k), torch.rand(rows, generator=g, dtype=torch.float64)
+    w0, b0 = rand(proj + networks * first, k, fan=k), rand(proj + networks * first)
+    weights, biases = [], []
+    for _ in range(networks):
+        width_in = first
+        for width in widths:
+            weights.append(rand(width, width_in, fan=width_in))
+            biases.append(rand(width))
+            width_in = width
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype)
+
+    basis, cut = cast(basis).requires_grad_(), cast(cut).requires_grad_()
+    outs = torch.ops.tensornet_openmm.radial_networks(
+        basis, cut, cast(w0), cast(b0), proj, networks, [cast(w) for w in weights],
+        [cast(b) for b in biases], act,
+    )  # fmt: skip
+    loss = sum((outs[o] * cast(rand(*outs[o].shape))).sum() for o in wanted)
+    grads = torch.autograd.grad(loss, (basis, cut))
+    return [t.detach().cpu().double() for t in (*outs, *grads)]
+
+
+# rows, widths, activation, scaled: a lone row; the embedding's gates (last layer 1,280 wide: five
+# blocks of outputs) and the output head of the bench model at 22 atoms; three layers with a
+# hidden one wider than a block of threads and odd widths; identity; the row limit and one above
+SMALL_MLPS = [
+    (1, [13, 50, 37], 0, True),
+    (22, [128, 256, 1280], 0, False),
+    (22, [384, 128, 64], 0, False),
+    (37, [13, 300, 45, 33], 1, True),
+    (231, [32, 128, 256, 384], 2, True),
+    (2048, [20, 40, 30], 0, True),
+    (2049, [20, 40, 30], 0, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_network_kernels_on_cuda_equal_cpu(dtype):
+    """The small-network CUDA kernels (one kernel each way for a whole network of at most 2,048
+    rows, pair_ops_cuda.cu) give the CPU's values and gradients (float64: to 1e-12; float32: to
+    float32's rounding), for the per-atom chains (mlp) and every radial network at once
+    (radial_networks, outputs without a gradient included); they run where they should and not
+    above the row limit (profiler kernel names)."""
+    cuda_kernels()
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    for k, (rows, widths, act, scaled) in enumerate(SMALL_MLPS):
+        expected = _small_network_case("cpu", torch.float64, rows, widths, act, scaled, k)
+        got = []
+        names = _cuda_kernel_names(
+            lambda: got.extend(  # noqa: B023
+                _small_network_case("cuda", dtype, rows, widths, act, scaled, k)  # noqa: B023
+            )
+        )
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, **tol, msg=f"mlp {rows} x {widths}")
+        ran = "network_forward_kernel" in names and "network_backward_kernel" in names
+        assert ran == (rows <= 2048), (rows, widths)
+    # rows, basis functions, projection, networks, first-layer share, further widths, activation,
+    # outputs with a gradient: the bench model's at alanine dipeptide's 231 pair slots; three
+    # networks of odd widths, tanh, one output without a gradient; the projection alone seeded
+    radial = [
+        (231, 32, 384, 2, 128, [256, 384], 0, [0, 1, 2]),
+        (5, 8, 24, 3, 20, [45, 33], 1, [0, 2, 3]),
+        (300, 32, 48, 2, 16, [40, 48], 0, [0]),
+        (70, 16, 30, 1, 10, [21], 0, [1]),
+    ]
+    for k, case in enumerate(radial):
+        expected = _radial_case("cpu", torch.float64, *case, seed=k)
+        got = []
+        names = _cuda_kernel_names(
+            lambda: got.extend(_radial_case("cuda", dtype, *case, seed=k))  # noqa: B023
+        )
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, **tol, msg=f"radial networks {case}")
+        assert "network_forward_kernel" in names and "network_backward_kernel" in names, case
+
+
 @pytest.mark.parametrize("half", [True, False])
 def test_message_filter_grad_on_cuda_equals_cpu(half):
     """The low-memory forces' message_filter_grad (no autograd of its own) on the GPU equals the

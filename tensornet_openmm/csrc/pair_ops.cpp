@@ -99,6 +99,18 @@ at::Tensor radial_table(const at::Tensor& vec, const at::Tensor& table, double a
 at::Tensor radial_table_grad(const at::Tensor& grad, const at::Tensor& vec, const at::Tensor& table,
                              double a, double alpha, double c, double inv_h, double lower,
                              double upper);
+bool small_network(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, int64_t proj,
+                   int64_t networks, at::TensorList weights, at::TensorList biases);
+void network_forward(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& w0,
+                     const at::Tensor& b0, int64_t proj, int64_t networks,
+                     at::TensorList weights, at::TensorList biases, int64_t activation,
+                     const at::Tensor& z0, at::TensorList z, const at::Tensor& out_proj,
+                     at::TensorList outs);
+void network_backward(const at::Tensor& scale, const at::Tensor& w0, int64_t proj,
+                      int64_t networks, at::TensorList weights, int64_t activation,
+                      const at::Tensor& z0, at::TensorList z, const at::Tensor& g_proj,
+                      at::TensorList g_outs, const at::Tensor& g_x, const at::Tensor& g_scale,
+                      int64_t k);
 }  // namespace tn_cuda
 #endif
 
@@ -1955,24 +1967,81 @@ at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
   return out;
 }
 
+// Whether networks run as the small-network CUDA kernels (pair_ops_cuda.cu): one kernel each
+// way for every layer of them, where a small molecule's rows made a launch of cuBLAS and of an
+// activation per layer (shapes checked before). Never on the CPU, nor with weights to train.
+bool small_network(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, int64_t proj,
+                   int64_t networks, at::TensorList weights, at::TensorList biases) {
+#ifdef TN_WITH_CUDA
+  return tn_cuda::small_network(x, w0, b0, proj, networks, weights, biases);
+#else
+  return false;
+#endif
+}
+
+void tn_cuda_network_forward(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& w0,
+                             const at::Tensor& b0, int64_t proj, int64_t networks,
+                             at::TensorList weights, at::TensorList biases, int64_t activation,
+                             const at::Tensor& z0, at::TensorList z, const at::Tensor& out_proj,
+                             at::TensorList outs) {
+  RECORD_FUNCTION("tensornet_openmm::small_network", std::vector<c10::IValue>());
+#ifdef TN_WITH_CUDA
+  tn_cuda::network_forward(x, scale, w0, b0, proj, networks, weights, biases, activation, z0, z,
+                           out_proj, outs);
+#else
+  TORCH_CHECK(false, "small networks: no CUDA kernels built");
+#endif
+}
+
+void tn_cuda_network_backward(const at::Tensor& scale, const at::Tensor& w0, int64_t proj,
+                              int64_t networks, at::TensorList weights, int64_t activation,
+                              const at::Tensor& z0, at::TensorList z, const at::Tensor& g_proj,
+                              at::TensorList g_outs, const at::Tensor& g_x,
+                              const at::Tensor& g_scale, int64_t k) {
+  RECORD_FUNCTION("tensornet_openmm::small_network_backward", std::vector<c10::IValue>());
+#ifdef TN_WITH_CUDA
+  tn_cuda::network_backward(scale, w0, proj, networks, weights, activation, z0, z, g_proj, g_outs,
+                            g_x, g_scale, k);
+#else
+  TORCH_CHECK(false, "small networks: no CUDA kernels built");
+#endif
+}
+
 class Mlp : public torch::autograd::Function<Mlp> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& basis, const at::Tensor& cut,
                             at::TensorList weights, at::TensorList biases, int64_t activation) {
     std::vector<at::Tensor> z, a;
     at::Tensor out;
+    bool params = false;
+    for (const at::Tensor& t : weights) params = params || t.requires_grad();
+    for (const at::Tensor& t : biases) params = params || t.requires_grad();
+    mlp_checked(basis, cut, weights, biases, activation);
+    // a chain of two layers or more, as the first layer and one network of the rest
+    const bool small = !params && weights.size() >= 2 &&
+                       small_network(basis, weights[0], biases[0], 0, 1, weights.slice(1),
+                                     biases.slice(1));
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      out = mlp_forward(basis, cut, weights, biases, activation, &z, &a);
+      if (small) {  // keeps the pre-activations only: the backward kernel recomputes the rest
+        for (const at::Tensor& w : weights) {
+          z.push_back(at::empty({basis.size(0), w.size(0)}, basis.options()));
+          a.emplace_back();
+        }
+        out = at::empty_like(z.back());
+        const at::TensorList zs(z);
+        tn_cuda_network_forward(basis, cut, weights[0], biases[0], 0, 1, weights.slice(1),
+                                biases.slice(1), activation, z[0], zs.slice(1), at::Tensor(),
+                                {out});
+      } else {
+        out = mlp_forward(basis, cut, weights, biases, activation, &z, &a);
+      }
     }
     // the backward pass reads the activations a of a layer only for tanh's derivative, the
     // parameters' gradients (every layer) and the scale's (the last layer): for SiLU with
     // constant weights (a force call) the others are freed here, a quarter of what the network
     // keeps per pair until the forces are done
-    bool params = false;
-    for (const at::Tensor& t : weights) params = params || t.requires_grad();
-    for (const at::Tensor& t : biases) params = params || t.requires_grad();
-    if (!params && activation != kTanh) {
+    if (!params && activation != kTanh && !small) {
       for (size_t l = 0; l + 1 < a.size(); ++l) a[l] = at::Tensor();
       // the last layer's are the output without a scale: only tanh would read them
       if (cut.numel() == 0) a.back() = at::Tensor();
@@ -1984,6 +2053,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
     ctx->save_for_backward(saved);
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
+    ctx->saved_data["small"] = small;
     return out;
   }
 
@@ -2001,6 +2071,21 @@ class Mlp : public torch::autograd::Function<Mlp> {
     const int64_t pairs = basis.size(0);
     const bool want_basis = ctx->needs_input_grad(0);
     const bool want_cut = ctx->needs_input_grad(1) && cut.numel() > 0;
+    if (ctx->saved_data["small"].toBool()) {  // one kernel back to the input and the scale
+      std::vector<at::Tensor> ws, zs;
+      for (int64_t l = 0; l < layers; ++l) {
+        ws.push_back(weight(l));
+        zs.push_back(z(l));
+      }
+      if (want_basis) result[0] = at::empty({pairs, basis.size(1)}, grad.options());
+      if (want_cut) result[1] = at::empty({pairs}, grad.options());
+      const at::TensorList w_list(ws), z_list(zs);
+      tn_cuda_network_backward(saved[1], ws[0], 0, 1, w_list.slice(1), activation, zs[0],
+                               z_list.slice(1), at::Tensor(), {grad}, result[0], result[1],
+                               basis.size(1));
+      if (ctx->needs_input_grad(1) && cut.numel() == 0) result[1] = at::zeros({0}, grad.options());
+      return result;
+    }
     bool want_params = false;
     for (int64_t k = 2; k < 2 + 2 * layers; ++k) {
       want_params = want_params || ctx->needs_input_grad(k);
@@ -2159,17 +2244,25 @@ class RadialNetworks : public torch::autograd::Function<RadialNetworks> {
     const int64_t pairs = basis.size(0), total = first_weight.size(0);
     const int64_t layers = sh.networks * sh.depth;
     const bool fused = basis.is_cuda();  // the scaled last layers: one kernel each way
+    // every layer in one kernel each way (a small molecule on a GPU)
+    const bool small =
+        small_network(basis, first_weight, first_bias, projection, networks, weights, biases);
     at::Tensor z0 = at::empty({pairs, total}, basis.options());
-    at::Tensor a0 = at::empty({pairs, total - projection}, basis.options());
+    at::Tensor a0 = small ? at::Tensor() : at::empty({pairs, total - projection}, basis.options());
     variable_list outs = {at::empty({pairs, projection}, basis.options())};
     std::vector<at::Tensor> z, a;
     for (int64_t k = 0; k < layers; ++k) {
       z.push_back(at::empty({pairs, weights[k].size(0)}, basis.options()));
       const bool last = k % sh.depth == sh.depth - 1;
-      a.push_back(last && fused ? at::Tensor() : at::empty_like(z.back()));
+      a.push_back((last && fused) || small ? at::Tensor() : at::empty_like(z.back()));
       if (last) outs.push_back(at::empty_like(z.back()));
     }
-    network_rows(basis.device(), pairs, pairs * sh.work, [&](int64_t lo, int64_t hi) {
+    if (small) {
+      tn_cuda_network_forward(basis, cut_in, first_weight, first_bias, projection, networks,
+                              weights, biases, activation, z0, z, outs[0],
+                              at::TensorList(outs).slice(1));
+    }
+    network_rows(basis.device(), small ? 0 : pairs, pairs * sh.work, [&](int64_t lo, int64_t hi) {
       auto rows = [&](const at::Tensor& t) { return t.narrow(0, lo, hi - lo); };
       at::Tensor z0r = rows(z0), cr = rows(cut);
       at::addmm_out(z0r, first_bias, rows(basis), first_weight.t());
@@ -2210,6 +2303,7 @@ class RadialNetworks : public torch::autograd::Function<RadialNetworks> {
     ctx->save_for_backward(saved);
     ctx->saved_data["shape"] = std::vector<int64_t>{projection, sh.networks, sh.first, sh.depth,
                                                     sh.work, activation, basis.size(1)};
+    ctx->saved_data["small"] = small;
     return outs;
   }
 
@@ -2229,6 +2323,22 @@ class RadialNetworks : public torch::autograd::Function<RadialNetworks> {
     if (!want_basis && !want_cut) return result;
     const int64_t pairs = z0.size(0), total = z0.size(1);
     const bool fused = z0.is_cuda();
+    if (ctx->saved_data["small"].toBool()) {  // one kernel back to the basis and the cutoff
+      std::vector<at::Tensor> ws, zs, g_outs;
+      for (int64_t k = 0; k < layers; ++k) {
+        ws.push_back(weight(k));
+        zs.push_back(z(k));
+      }
+      for (int64_t n = 0; n < networks; ++n) {
+        g_outs.push_back(grads[1 + n].defined() ? grads[1 + n].contiguous() : at::Tensor());
+      }
+      const at::Tensor g_proj = grads[0].defined() ? grads[0].contiguous() : at::Tensor();
+      if (want_basis) result[0] = at::empty({pairs, functions}, z0.options());
+      if (want_cut) result[1] = at::empty({pairs}, z0.options());
+      tn_cuda_network_backward(saved[0], first_weight, projection, networks, ws, activation, z0,
+                               zs, g_proj, g_outs, result[0], result[1], functions);
+      return result;
+    }
     auto grad_of = [&](int64_t o, int64_t width) {  // an output's gradient (zeros if unused)
       return grads[o].defined() ? grads[o].contiguous() : at::zeros({pairs, width}, z0.options());
     };

@@ -16,11 +16,15 @@
 // Pair indices are not range-checked on the host (that would synchronise): a device assertion
 // stops the kernel at an index outside [0, atoms).
 
+#include <cuda_runtime.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -387,6 +391,7 @@ __global__ void part_norms_grad_kernel(const T* __restrict__ grad, const T* __re
 }
 
 // ---- A scaled network's last layer, act(z) * scale (pair_ops.cpp's mlp) -------------------------
+// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----
 constexpr int kSiLU = 0, kTanh = 1;  // pair_ops.cpp's activation codes (2: none)
 
 template <typename T>
@@ -408,6 +413,8 @@ __device__ __forceinline__ T activation_slope(int activation, T z) {
   }
   return T(1);
 }
+
+// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----
 
 // out[r, f] = act(z[r, f]) scale[r], one thread per value (z's rows ld_z apart)
 template <typename T>
@@ -443,6 +450,349 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
   if (lane == 0 && g_scale != nullptr) g_scale[row] = sum;
 }
+
+// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----
+// ---- A small network in one kernel each way (pair_ops.cpp's mlp and radial_networks) --------
+// For a few rows (a small molecule's atoms and pairs) a network is latency-bound: cuBLAS's
+// products (often with a split-K reduction, an epilogue or a scaling of their own), one
+// activation kernel per layer and the gradients' products each cost a launch of a few
+// microseconds for a few microseconds of arithmetic. Here a block takes R rows through every
+// layer with the activations in shared memory: the first layer (the ``proj`` projection
+// columns, unactivated and scaled, then each network's share), then each network's further
+// layers, the last activated and times the scale. The backward kernel takes the same rows back
+// through every network to the input, recomputing the activations from the saved
+// pre-activations. Above kNetworkRows rows cuBLAS is faster and the ATen path runs.
+constexpr int kNetLayers = 8;            // further layers of all networks together, at most
+constexpr int64_t kNetworkRows = 2048;   // rows, at most
+constexpr size_t kNetworkShared = 48 * 1024;  // bytes of shared memory a block may take
+
+template <typename T>
+struct NetArgs {
+  const T* x = nullptr;      // (rows, k) input
+  const T* scale = nullptr;  // (rows) or null: no scale
+  int64_t rows = 0, k = 0;
+  const T* w0 = nullptr;     // first layer (t0, k), bias (t0)
+  const T* b0 = nullptr;
+  T* z0 = nullptr;           // its pre-activations (rows, t0)
+  int64_t t0 = 0, proj = 0, first = 0;  // first: each network's share of the first layer
+  int networks = 0, depth = 0, activation = 0, chunks = 1;
+  const T* w[kNetLayers] = {};  // network n's layer l: index n * depth + l, (width, its input)
+  const T* b[kNetLayers] = {};
+  T* z[kNetLayers] = {};        // pre-activations (rows, width)
+  int64_t width[kNetLayers] = {};
+  T* out_proj = nullptr;        // (rows, proj)
+  T* out[kNetLayers] = {};      // network n's output (rows, its last width)
+  const T* g_proj = nullptr;    // the backward's output gradients (null: zero)
+  const T* g_out[kNetLayers] = {};
+  T* g_x = nullptr;             // gradients wanted (null: not)
+  T* g_scale = nullptr;
+  int64_t mid = 0;     // the widest hidden (not last) further layer
+  int64_t widest = 0;  // the widest further layer
+};
+
+// the networks' shape, as the kernels read it (weights: network n's layer l at n * depth + l)
+struct NetShape {
+  int64_t rows, k, t0, proj, first, networks, depth, mid, widest, last;
+};
+
+// the bytes of shared memory a block of r rows takes (elements of ``bytes`` each), as the
+// kernels below lay it out, forward and backward
+size_t forward_shared(const NetShape& s, int r, size_t bytes) {
+  const int warps = kThreads / 32, kt = static_cast<int>(64 / bytes);
+  return bytes * (r * (s.k + s.first + 2 * s.mid) + warps * kt * 33);
+}
+
+size_t backward_shared(const NetShape& s, int r, size_t bytes) {
+  return bytes * (r * (s.t0 + 2 * s.widest + kThreads + kThreads / 32));
+}
+
+// the forward's blocks of last-layer outputs per network (blockDim.x = kThreads each)
+int64_t forward_chunks(const NetShape& s) { return (s.last + kThreads - 1) / kThreads; }
+
+// Each warp stages 32 weight rows by TileK<T>::value columns in shared memory, transposed (a
+// column's 32 rows 33 entries apart, against bank conflicts): the weight's rows read in pieces
+// by neighbouring lanes, then each lane runs its output's sum down its row of the tile
+template <typename T>
+struct TileK {
+  static constexpr int value = static_cast<int>(64 / sizeof(T));
+};
+
+// acc[r] = b[o] + sum_k w[o, k] h[r, k] for the block's R rows and outputs o in [o_begin,
+// o_end), a warp per 32 outputs; epilogue(o, acc) for each. Warp-synchronous only.
+template <typename T, int R, typename Epilogue>
+__device__ __forceinline__ void dense_forward(const T* __restrict__ w, const T* __restrict__ b,
+                                              int64_t in, int64_t o_begin, int64_t o_end,
+                                              const T* h, int64_t ldh, T* tiles,
+                                              Epilogue epilogue) {
+  constexpr int KT = TileK<T>::value;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  T* tile = tiles + warp * KT * 33;
+  for (int64_t o0 = o_begin + 32 * int64_t(warp); o0 < o_end; o0 += 32 * int64_t(warps)) {
+    const int64_t o = o0 + lane;
+    const bool ok = o < o_end;
+    const T bias = ok ? b[o] : T(0);
+    T acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = bias;
+    for (int64_t k0 = 0; k0 < in; k0 += KT) {
+#pragma unroll
+      for (int m = 0; m < KT; ++m) {  // lanes read KT-long pieces of 32 / KT rows at a time
+        const int e = lane + 32 * m, oo = e / KT, kk = e % KT;
+        const int64_t row = o0 + oo, col = k0 + kk;
+        tile[kk * 33 + oo] = row < o_end && col < in ? w[row * in + col] : T(0);
+      }
+      __syncwarp();
+      const int kn = in - k0 < KT ? static_cast<int>(in - k0) : KT;
+      for (int kk = 0; kk < kn; ++kk) {
+        const T wk = tile[kk * 33 + lane];
+        const T* hk = h + k0 + kk;
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += wk * hk[r * ldh];
+      }
+      __syncwarp();
+    }
+    if (ok) epilogue(o, acc);
+  }
+}
+
+// acc[r] = sum_o d[r, o] w[o, i] for inputs i < in: a thread per input (whole rows of w read by
+// neighbouring threads); where the input is narrower than the block, groups of threads take
+// ranges of o and add up through red (R x blockDim.x). epilogue(i, acc) by the first group.
+// Every thread of the block calls it (it may synchronise the block).
+template <typename T, int R, typename Epilogue>
+__device__ __forceinline__ void dense_backward(const T* __restrict__ w, int64_t out, int64_t in,
+                                               const T* d, int64_t ldd, T* red,
+                                               Epilogue epilogue) {
+  const int threads = blockDim.x;
+  const int cols = in >= threads ? threads : static_cast<int>((in + 31) / 32 * 32);
+  const int groups = threads / cols;
+  const int g = threadIdx.x / cols, c = threadIdx.x % cols;  // g == groups: idle
+  const int64_t per = (out + groups - 1) / groups;
+  for (int64_t i0 = 0; i0 < in; i0 += cols) {  // one pass where groups > 1
+    const int64_t i = i0 + c;
+    T acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = T(0);
+    if (g < groups && i < in) {
+      const int64_t o_end = (g + 1) * per < out ? (g + 1) * per : out;
+      for (int64_t o = g * per; o < o_end; ++o) {
+        const T wo = w[o * in + i];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += d[r * ldd + o] * wo;
+      }
+    }
+    if (groups > 1) {
+      if (g > 0 && g < groups) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) red[(r * groups + g) * cols + c] = acc[r];
+      }
+      __syncthreads();
+      if (g == 0) {
+        for (int q = 1; q < groups; ++q) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r] += red[(r * groups + q) * cols + c];
+        }
+      }
+      __syncthreads();
+    }
+    if (g == 0 && i < in) epilogue(i, acc);
+  }
+}
+
+// Forward: block (row block, network n * chunks + chunk); the chunk is the part of the last
+// layer's outputs this block makes (blockDim.x of them), the layers before it made by each.
+// Shared: the input rows (R x k), the first layer's activations of network n (R x first), two
+// hidden layers' (R x mid each), the warps' weight tiles.
+template <typename T, int R>
+__global__ void network_forward_kernel(NetArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* xs = reinterpret_cast<T*>(shared_bytes);
+  T* a0 = xs + R * a.k;
+  T* hidden[2] = {a0 + R * a.first, a0 + R * a.first + R * a.mid};
+  T* tiles = hidden[1] + R * a.mid;
+  const int64_t row0 = blockIdx.x * int64_t(R);
+  const int rows = a.rows - row0 < R ? static_cast<int>(a.rows - row0) : R;
+  const int n = blockIdx.y / a.chunks, chunk = blockIdx.y % a.chunks;
+  for (int64_t e = threadIdx.x; e < R * a.k; e += blockDim.x) {
+    const int64_t r = e / a.k;
+    xs[e] = r < rows ? a.x[(row0 + r) * a.k + (e - r * a.k)] : T(0);
+  }
+  __syncthreads();
+  if (n == 0 && chunk == 0 && a.proj > 0) {  // the projection: no activation, times the scale
+    dense_forward<T, R>(a.w0, a.b0, a.k, 0, a.proj, xs, a.k, tiles,
+                        [&](int64_t o, const T(&acc)[R]) {
+#pragma unroll
+                          for (int r = 0; r < R; ++r) {
+                            if (r >= rows) continue;
+                            const int64_t row = row0 + r;
+                            a.z0[row * a.t0 + o] = acc[r];
+                            a.out_proj[row * a.proj + o] =
+                                a.scale != nullptr ? acc[r] * a.scale[row] : acc[r];
+                          }
+                        });
+  }
+  const int64_t col0 = a.proj + n * a.first;  // network n's columns of the first layer
+  dense_forward<T, R>(a.w0, a.b0, a.k, col0, col0 + a.first, xs, a.k, tiles,
+                      [&](int64_t o, const T(&acc)[R]) {
+#pragma unroll
+                        for (int r = 0; r < R; ++r) {
+                          if (chunk == 0 && r < rows) a.z0[(row0 + r) * a.t0 + o] = acc[r];
+                          a0[r * a.first + (o - col0)] = activated(a.activation, acc[r]);
+                        }
+                      });
+  __syncthreads();
+  const T* h = a0;
+  int64_t width_in = a.first;
+  for (int l = 0; l < a.depth; ++l) {
+    const int q = n * a.depth + l;
+    const int64_t width = a.width[q];
+    T* zq = a.z[q];
+    if (l + 1 < a.depth) {  // a hidden layer, into shared memory (every chunk's block makes it)
+      T* next = hidden[l % 2];
+      dense_forward<T, R>(a.w[q], a.b[q], width_in, 0, width, h, width_in, tiles,
+                          [&](int64_t o, const T(&acc)[R]) {
+#pragma unroll
+                            for (int r = 0; r < R; ++r) {
+                              if (chunk == 0 && r < rows) zq[(row0 + r) * width + o] = acc[r];
+                              next[r * width + o] = activated(a.activation, acc[r]);
+                            }
+                          });
+      __syncthreads();
+      h = next;
+      width_in = width;
+    } else {  // the last: this chunk's outputs, activated and scaled
+      const int64_t o_begin = chunk * int64_t(blockDim.x);
+      const int64_t o_end = o_begin + blockDim.x < width ? o_begin + blockDim.x : width;
+      T* out = a.out[n];
+      dense_forward<T, R>(a.w[q], a.b[q], width_in, o_begin, o_end, h, width_in, tiles,
+                          [&](int64_t o, const T(&acc)[R]) {
+#pragma unroll
+                            for (int r = 0; r < R; ++r) {
+                              if (r >= rows) continue;
+                              const int64_t row = row0 + r;
+                              zq[row * width + o] = acc[r];
+                              const T v = activated(a.activation, acc[r]);
+                              out[row * width + o] = a.scale != nullptr ? v * a.scale[row] : v;
+                            }
+                          });
+    }
+  }
+}
+
+// Backward: block (row block), every network in turn, then the projection, then back to the
+// input. Shared: the gradient at the first layer's pre-activations (R x t0), two further
+// layers' (R x widest each), the groups' partial sums (R x blockDim.x), the scale's gradient
+// per warp (R x warps).
+template <typename T, int R>
+__global__ void network_backward_kernel(NetArgs<T> a) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* d0 = reinterpret_cast<T*>(shared_bytes);
+  T* d[2] = {d0 + R * a.t0, d0 + R * a.t0 + R * a.widest};
+  T* red = d[1] + R * a.widest;
+  T* part = red + R * int64_t(blockDim.x);
+  const int64_t row0 = blockIdx.x * int64_t(R);
+  const int rows = a.rows - row0 < R ? static_cast<int>(a.rows - row0) : R;
+  const bool scaled = a.scale != nullptr;
+  T s[R], g_scale[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    s[r] = scaled && r < rows ? a.scale[row0 + r] : T(1);
+    g_scale[r] = T(0);
+  }
+  for (int n = 0; n < a.networks; ++n) {
+    const int top = n * a.depth + a.depth - 1;
+    const int64_t width = a.width[top];
+    const T *g = a.g_out[n], *z = a.z[top];
+    for (int64_t o = threadIdx.x; o < width; o += blockDim.x) {  // out = act(z) s
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        T v = T(0);
+        if (r < rows) {
+          const int64_t at = (row0 + r) * width + o;
+          const T gv = g != nullptr ? g[at] : T(0), zv = z[at];
+          v = gv * s[r] * activation_slope(a.activation, zv);
+          if (scaled) g_scale[r] += gv * activated(a.activation, zv);
+        }
+        d[0][r * width + o] = v;
+      }
+    }
+    __syncthreads();
+    int cur = 0;
+    for (int l = a.depth - 1; l >= 0; --l) {
+      const int q = n * a.depth + l;
+      const int64_t width_out = a.width[q];
+      if (l > 0) {  // to the hidden layer below, through its activation
+        const int64_t width_in = a.width[q - 1];
+        T* next = d[1 - cur];
+        const T* zb = a.z[q - 1];
+        dense_backward<T, R>(a.w[q], width_out, width_in, d[cur], width_out, red,
+                             [&](int64_t i, const T(&acc)[R]) {
+#pragma unroll
+                               for (int r = 0; r < R; ++r) {
+                                 next[r * width_in + i] =
+                                     r < rows ? acc[r] * activation_slope(
+                                                             a.activation,
+                                                             zb[(row0 + r) * width_in + i])
+                                              : T(0);
+                               }
+                             });
+        cur = 1 - cur;
+      } else {  // to network n's columns of the first layer
+        const int64_t col0 = a.proj + n * a.first;
+        dense_backward<T, R>(a.w[q], width_out, a.first, d[cur], width_out, red,
+                             [&](int64_t i, const T(&acc)[R]) {
+#pragma unroll
+                               for (int r = 0; r < R; ++r) {
+                                 d0[r * a.t0 + col0 + i] =
+                                     r < rows ? acc[r] * activation_slope(
+                                                             a.activation,
+                                                             a.z0[(row0 + r) * a.t0 + col0 + i])
+                                              : T(0);
+                               }
+                             });
+      }
+      __syncthreads();
+    }
+  }
+  for (int64_t o = threadIdx.x; o < a.proj; o += blockDim.x) {  // out_proj = z0 s
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      T v = T(0);
+      if (r < rows) {
+        const T gv = a.g_proj != nullptr ? a.g_proj[(row0 + r) * a.proj + o] : T(0);
+        v = gv * s[r];
+        if (scaled) g_scale[r] += gv * a.z0[(row0 + r) * a.t0 + o];
+      }
+      d0[r * a.t0 + o] = v;
+    }
+  }
+  __syncthreads();
+  if (a.g_x != nullptr) {
+    dense_backward<T, R>(a.w0, a.t0, a.k, d0, a.t0, red, [&](int64_t i, const T(&acc)[R]) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r < rows) a.g_x[(row0 + r) * a.k + i] = acc[r];
+      }
+    });
+  }
+  if (a.g_scale != nullptr) {  // each row's sum: within the warps, then across them
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      T v = g_scale[r];
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+      if (lane == 0) part[r * warps + warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < rows) {
+      T sum = T(0);
+      for (int w = 0; w < warps; ++w) sum += part[threadIdx.x * warps + w];
+      a.g_scale[row0 + threadIdx.x] = sum;
+    }
+  }
+}
+
+// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----
 
 // r[p] = scale (pos[src[p]] - pos[dst[p]]), at its minimum image in the box (times the scale)
 // if one is given, one thread per pair; NaN if the box is narrower than min_width
@@ -1011,6 +1361,184 @@ at::Tensor activate_scaled_grad(int64_t activation, const at::Tensor& g_in, cons
   });
   check_launch();
   return d;
+}
+
+// ---- Small networks: launchers --------------------------------------------------------------
+namespace {
+
+bool small_networks_enabled() {  // TENSORNET_OPENMM_SMALL_NETWORKS=0 turns the kernels off
+  static const bool enabled = [] {
+    const char* v = std::getenv("TENSORNET_OPENMM_SMALL_NETWORKS");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled;
+}
+
+
+NetShape net_shape(int64_t rows, int64_t k, int64_t t0, int64_t proj, int64_t networks,
+                   at::TensorList weights) {
+  NetShape s{rows, k, t0, proj, 0, networks, 0, 0, 0, 0};
+  s.first = networks > 0 ? (t0 - proj) / networks : 0;
+  s.depth = networks > 0 ? static_cast<int64_t>(weights.size()) / networks : 0;
+  for (int64_t q = 0; q < static_cast<int64_t>(weights.size()); ++q) {
+    const int64_t width = weights[q].size(0);
+    s.widest = std::max(s.widest, width);
+    if (s.depth > 0 && q % s.depth == s.depth - 1) {
+      s.last = std::max(s.last, width);
+    } else {
+      s.mid = std::max(s.mid, width);
+    }
+  }
+  return s;
+}
+
+// the current device's multiprocessors (asked once per device: no synchronisation)
+int64_t multiprocessors() {
+  static int counts[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    counts[device] = count > 0 ? count : 1;
+  }
+  return counts[device];
+}
+
+// Rows per block: the most (up to 8) that still give half the GPU's multiprocessors a block,
+// within the shared memory; 0 if not even one row fits.
+int rows_per_block(const NetShape& s, int64_t columns, bool backward, size_t bytes) {
+  const int64_t sms = multiprocessors();
+  for (int r : {8, 4, 2, 1}) {
+    const size_t shared = backward ? backward_shared(s, r, bytes) : forward_shared(s, r, bytes);
+    if (shared > kNetworkShared) continue;
+    if (r == 1 || (s.rows + r - 1) / r * columns >= (sms + 1) / 2) return r;
+  }
+  return 0;
+}
+
+template <typename T>
+NetArgs<T> net_args(const NetShape& s, int64_t activation, const at::Tensor& scale,
+                    const at::Tensor& w0, at::TensorList weights, const at::Tensor& z0,
+                    at::TensorList z) {
+  NetArgs<T> a;
+  a.scale = scale.numel() > 0 ? scale.data_ptr<T>() : nullptr;
+  a.rows = s.rows;
+  a.k = s.k;
+  a.w0 = w0.data_ptr<T>();
+  a.z0 = z0.data_ptr<T>();
+  a.t0 = s.t0;
+  a.proj = s.proj;
+  a.first = s.first;
+  a.networks = static_cast<int>(s.networks);
+  a.depth = static_cast<int>(s.depth);
+  a.activation = static_cast<int>(activation);
+  a.mid = s.mid;
+  a.widest = s.widest;
+  for (size_t q = 0; q < weights.size(); ++q) {
+    a.w[q] = weights[q].data_ptr<T>();
+    a.z[q] = z[q].data_ptr<T>();
+    a.width[q] = weights[q].size(0);
+  }
+  return a;
+}
+
+template <typename T, int R>
+void launch_network(const NetArgs<T>& a, bool backward, int64_t columns, size_t shared) {
+  const dim3 grid(static_cast<unsigned>((a.rows + R - 1) / R), static_cast<unsigned>(columns));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (backward) {
+    network_backward_kernel<T, R><<<grid, kThreads, shared, stream>>>(a);
+  } else {
+    network_forward_kernel<T, R><<<grid, kThreads, shared, stream>>>(a);
+  }
+  check_launch();
+}
+
+template <typename T>
+void launch_network_rows(const NetArgs<T>& a, const NetShape& s, bool backward, int64_t columns) {
+  const int r = rows_per_block(s, columns, backward, sizeof(T));
+  const size_t shared =
+      backward ? backward_shared(s, r, sizeof(T)) : forward_shared(s, r, sizeof(T));
+  switch (r) {
+    case 8: launch_network<T, 8>(a, backward, columns, shared); break;
+    case 4: launch_network<T, 4>(a, backward, columns, shared); break;
+    case 2: launch_network<T, 2>(a, backward, columns, shared); break;
+    default: launch_network<T, 1>(a, backward, columns, shared); break;
+  }
+}
+
+}  // namespace
+
+// Whether the networks (their shapes checked by the caller) run as the small-network kernels:
+// CUDA, at most kNetworkRows rows and kNetLayers further layers, contiguous weights and biases,
+// and shared memory for a row each way.
+bool small_network(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, int64_t proj,
+                   int64_t networks, at::TensorList weights, at::TensorList biases) {
+  if (!x.is_cuda() || !small_networks_enabled()) return false;
+  const int64_t rows = x.size(0), layers = static_cast<int64_t>(weights.size());
+  const int64_t t0 = w0.size(0);
+  if (rows < 1 || rows > kNetworkRows || networks < 1 || layers < networks ||
+      layers > kNetLayers || layers % networks != 0 || (t0 - proj) % networks != 0 ||
+      proj < 0 || t0 - proj < networks) {
+    return false;
+  }
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
+  bool contiguous = w0.is_contiguous() && b0.is_contiguous();
+  for (const at::Tensor& t : weights) contiguous = contiguous && t.is_contiguous();
+  for (const at::Tensor& t : biases) contiguous = contiguous && t.is_contiguous();
+  if (!contiguous) return false;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NetShape s = net_shape(rows, x.size(1), t0, proj, networks, weights);
+  const size_t bytes = x.element_size();
+  return rows_per_block(s, networks * forward_chunks(s), false, bytes) > 0 &&
+         rows_per_block(s, 1, true, bytes) > 0;
+}
+
+// The networks' outputs (out_proj, outs: one per network) and every layer's pre-activations (z0,
+// z), all contiguous and made by the caller; weights as small_network accepted them.
+void network_forward(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& w0,
+                     const at::Tensor& b0, int64_t proj, int64_t networks,
+                     at::TensorList weights, at::TensorList biases, int64_t activation,
+                     const at::Tensor& z0, at::TensorList z, const at::Tensor& out_proj,
+                     at::TensorList outs) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), scale = scale_in.contiguous();
+  const NetShape s = net_shape(x.size(0), x.size(1), w0.size(0), proj, networks, weights);
+  const int64_t columns = networks * forward_chunks(s);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tensornet_openmm_network_forward_cuda", [&] {
+    NetArgs<scalar_t> a = net_args<scalar_t>(s, activation, scale, w0, weights, z0, z);
+    a.x = x.data_ptr<scalar_t>();
+    a.b0 = b0.data_ptr<scalar_t>();
+    a.chunks = static_cast<int>(forward_chunks(s));
+    a.out_proj = proj > 0 ? out_proj.data_ptr<scalar_t>() : nullptr;
+    for (size_t q = 0; q < weights.size(); ++q) a.b[q] = biases[q].data_ptr<scalar_t>();
+    for (int64_t n = 0; n < networks; ++n) a.out[n] = outs[n].data_ptr<scalar_t>();
+    launch_network_rows(a, s, false, columns);
+  });
+}
+
+// The gradients g_x (rows, k) and g_scale (rows), where defined, from the outputs' (undefined:
+// zero), all contiguous.
+void network_backward(const at::Tensor& scale_in, const at::Tensor& w0, int64_t proj,
+                      int64_t networks, at::TensorList weights, int64_t activation,
+                      const at::Tensor& z0, at::TensorList z, const at::Tensor& g_proj,
+                      at::TensorList g_outs, const at::Tensor& g_x, const at::Tensor& g_scale,
+                      int64_t k) {
+  const c10::cuda::CUDAGuard guard(z0.device());
+  const at::Tensor scale = scale_in.contiguous();
+  const NetShape s = net_shape(z0.size(0), k, w0.size(0), proj, networks, weights);
+  AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "tensornet_openmm_network_backward_cuda", [&] {
+    NetArgs<scalar_t> a = net_args<scalar_t>(s, activation, scale, w0, weights, z0, z);
+    a.g_proj = g_proj.defined() ? g_proj.data_ptr<scalar_t>() : nullptr;
+    for (int64_t n = 0; n < networks; ++n) {
+      a.g_out[n] = g_outs[n].defined() ? g_outs[n].data_ptr<scalar_t>() : nullptr;
+    }
+    a.g_x = g_x.defined() ? g_x.data_ptr<scalar_t>() : nullptr;
+    a.g_scale = g_scale.defined() ? g_scale.data_ptr<scalar_t>() : nullptr;
+    launch_network_rows(a, s, true, 1);
+  });
 }
 
 at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,

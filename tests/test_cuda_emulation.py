@@ -1,0 +1,60 @@
+"""The small-network CUDA kernels' device code run on the CPU (no GPU needed).
+
+``tests/cuda_emulation/small_networks.cpp`` compiles the marked parts of
+``tensornet_openmm/csrc/pair_ops_cuda.cu`` as C++ with one thread per CUDA thread
+(``emulate.h``: barriers for ``__syncthreads`` and ``__syncwarp``, shuffles through memory,
+shared memory filled with NaN patterns) under AddressSanitizer, and checks both kernels against
+a plain reference and central differences, in double and float. Skipped without a C++20
+compiler. The GPU runs the same code in ``tests/test_gpu.py``.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+SOURCE = HERE.parent / "tensornet_openmm" / "csrc" / "pair_ops_cuda.cu"
+BEGIN = "// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----"
+END = "// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----"
+
+
+def emulated_parts(text: str) -> str:
+    """The code between the markers of the .cu, in order."""
+    parts, rest = [], text
+    while BEGIN in rest:
+        start = rest.index(BEGIN) + len(BEGIN)
+        stop = rest.index(END, start)
+        parts.append(rest[start:stop])
+        rest = rest[stop + len(END) :]
+    return "".join(parts).replace(
+        "extern __shared__ __align__(16) unsigned char shared_bytes[];",
+        "unsigned char* shared_bytes = emu::shared();",
+    )
+
+
+def test_the_marked_parts_hold_both_network_kernels():
+    code = emulated_parts(SOURCE.read_text())
+    for name in ("network_forward_kernel", "network_backward_kernel", "activation_slope"):
+        assert name in code
+    assert "shared_bytes = emu::shared()" in code
+
+
+def test_small_network_kernels_emulated_on_the_cpu(tmp_path):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    for name in ("emulate.h", "small_networks.cpp"):
+        shutil.copy(HERE / "cuda_emulation" / name, tmp_path / name)
+    (tmp_path / "kernels.inc").write_text(emulated_parts(SOURCE.read_text()))
+    binary = tmp_path / "small_networks"
+    flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    build = [compiler, *flags, "-o", str(binary), str(tmp_path / "small_networks.cpp")]
+    made = subprocess.run(build, capture_output=True, text=True, timeout=600)
+    if made.returncode != 0 and "barrier" in made.stderr and "No such file" in made.stderr:
+        pytest.skip("the C++ library has no <barrier> (C++20)")
+    assert made.returncode == 0, made.stderr[-4000:]
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and "0 failures" in run.stdout, run.stdout + run.stderr[-4000:]
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 10, run.stdout
