@@ -18,15 +18,17 @@ gradient), after warm-up, under torch.profiler:
 On the CPU it counts the launches a GPU would make, for work on a machine without one: the
 operators called from the module or from autograd (not those inside another operator), less the
 views and allocations, which launch nothing; our fused operators count one each, but ``mlp``
-and ``radial_networks``, which run ATen's kernels on CUDA, count their ATen calls. A proxy, not
+and ``radial_networks``, which run ATen's kernels on CUDA, count their ATen calls, except where a
+GPU runs the whole network as one small-network kernel each way (up to 2,048 rows: the CPU
+marks those networks with a ``small_network`` scope, counted once). A proxy, not
 the CUDA count: cuBLAS or a reduction may take more than one kernel, and the CPU takes a few
 paths of its own. It runs
 on one thread (the CPU kernels split larger work between threads, the GPU's do not) with float32
 positions (OpenMM's mixed precision), and with the channel mixing a GPU runs (``strided_mix``).
 Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821,
-137 the session after, 107 after session 16 and 84 since session 17 (with the CUDA-graph pair
-list; 102 with the dynamic one, 69 with radial tables; in water, ML/MM, 303, 218, 157, 132 and
-84). On an H100 the code of 137 launched 203 kernels: cuBLAS's helpers, zero fills and
+137 the session after, 107 after session 16, 84 after session 17, 77 after session 18 and 44
+since session 19's small-network kernels (with the CUDA-graph pair list; 57 with the dynamic one,
+50 with radial tables; in water, ML/MM, 303, 218, 157, 132, 84, 77 and 44). On an H100 the code of 137 launched 203 kernels: cuBLAS's helpers, zero fills and
 multi-kernel ATen operators are what the CPU count misses. The reference's count is of its
 pure-PyTorch path, not of the Warp kernels it runs on a GPU.
 """

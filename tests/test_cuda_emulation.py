@@ -47,6 +47,7 @@ def test_small_network_kernels_emulated_on_the_cpu(tmp_path):
         pytest.skip("no C++ compiler")
     for name in ("emulate.h", "small_networks.cpp"):
         shutil.copy(HERE / "cuda_emulation" / name, tmp_path / name)
+    shutil.copy(SOURCE.parent / "packed_math.h", tmp_path / "packed_math.h")
     (tmp_path / "kernels.inc").write_text(emulated_parts(SOURCE.read_text()))
     binary = tmp_path / "small_networks"
     flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address", "-fno-omit-frame-pointer"]

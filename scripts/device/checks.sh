@@ -22,6 +22,10 @@
 #   blas     (none)                   the 22-atom step under other cuBLAS settings (split-K   2 min
 #                                     or not for the small GEMMs), ours and tables, graphs on
 #
+# If a stage's GPU tests fail: TENSORNET_OPENMM_SMALL_NETWORKS=0 runs the networks through
+# cuBLAS again (the small-network kernels off, the other fused kernels on), and
+# TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the failing stage's command with it.
+#
 # A session has 15 minutes of device time, the machine's start (1-3 minutes) included, so the
 # order is what matters most first: tests, warp2, compare is about 13 minutes with the start.
 # Call them back to back: a machine is given back 30 s after a call ends, and the warp parts
@@ -53,7 +57,8 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
         --checkpoint /tmp/tensornet-dev/tensornet.ckpt >"$out/profile.log" 2>&1
     grep -A3 "^system" "$out/profile.log" | cut -c1-170
     # kernels per force call on the GPU (203 for alanine dipeptide at b7b30d5 on an H100, when
-    # the CPU counted 137; the CPU count since session 18 is 77, 62 with tables)
+    # the CPU counted 137; the CPU count since session 19 is 44, 50 with tables: the radial and
+    # per-atom networks one small-network kernel each way, kernel names network_*_kernel)
     timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
         --systems ala2 --routes ours ours-tables --top 60 >"$out/kernels.log" 2>&1
     # where the 4,866-atom box's 14 ms go (graphs off there: the dynamic pair list)

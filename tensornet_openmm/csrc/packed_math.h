@@ -539,4 +539,10 @@ TN_MATH bool pair_within(const T* xi, const T* xj, const T* b, T cutoff2, T shif
   return r2 < cutoff2;
 }
 
+// The small-network CUDA kernels' limits (pair_ops_cuda.cu): networks of at most kNetworkRows
+// rows and kNetLayers layers after the first run as one kernel each way. pair_ops.cpp reads them
+// too: on the CPU it marks such networks as one launch for benchmarks/kernels.py's count.
+constexpr int64_t kNetworkRows = 2048;
+constexpr int kNetLayers = 8;
+
 }  // namespace tn_math

@@ -462,8 +462,8 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
 // layers, the last activated and times the scale. The backward kernel takes the same rows back
 // through every network to the input, recomputing the activations from the saved
 // pre-activations. Above kNetworkRows rows cuBLAS is faster and the ATen path runs.
-constexpr int kNetLayers = 8;            // further layers of all networks together, at most
-constexpr int64_t kNetworkRows = 2048;   // rows, at most
+constexpr int kNetLayers = tn_math::kNetLayers;          // further layers of all networks
+constexpr int64_t kNetworkRows = tn_math::kNetworkRows;  // rows, at most
 constexpr size_t kNetworkShared = 48 * 1024;  // bytes of shared memory a block may take
 
 template <typename T>

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "emulate.h"
+#include "packed_math.h"
 
 using std::exp;
 using std::tanh;
