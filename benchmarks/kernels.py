@@ -22,13 +22,13 @@ and ``radial_networks``, which run ATen's kernels on CUDA, count their ATen call
 GPU runs the whole network as one small-network kernel each way (up to 2,048 rows: the CPU
 marks those networks with a ``small_network`` scope, counted once). A proxy, not
 the CUDA count: cuBLAS or a reduction may take more than one kernel, and the CPU takes a few
-paths of its own. It runs
-on one thread (the CPU kernels split larger work between threads, the GPU's do not) with float32
-positions (OpenMM's mixed precision), and with the channel mixing a GPU runs (``strided_mix``).
-Alanine dipeptide, bench model, per force call: ours 252 launches at 9116dcb, 198 at e3f7821,
-137 the session after, 107 after session 16, 84 after session 17, 77 after session 18 and 44
-since session 19's small-network kernels (with the CUDA-graph pair list; 57 with the dynamic one,
-50 with radial tables; in water, ML/MM, 303, 218, 157, 132, 84, 77 and 44). On an H100 the code of 137 launched 203 kernels: cuBLAS's helpers, zero fills and
+paths of its own. It runs on one thread (the CPU kernels split larger work between threads,
+the GPU's do not) with float32 positions (OpenMM's mixed precision), and with the channel mixing
+a GPU runs (``strided_mix``). Alanine dipeptide, bench model, per force call: ours 252 launches
+at 9116dcb, 198 at e3f7821, 137 the session after, 107 after session 16, 84 after session 17, 77
+after session 18 and 44 since session 19's small-network kernels (with the CUDA-graph pair list;
+57 with the dynamic one, 50 with radial tables; in water, ML/MM, 303, 218, 157, 132, 84, 77 and
+44). On an H100 the code of 137 launched 203 kernels: cuBLAS's helpers, zero fills and
 multi-kernel ATen operators are what the CPU count misses. The reference's count is of its
 pure-PyTorch path, not of the Warp kernels it runs on a GPU.
 """
