@@ -498,12 +498,14 @@ def _radial_case(device, dtype, rows, k, proj, networks, first, widths, act, wan
 
 
 # rows, widths, activation, scaled: a lone row; the embedding's gates (last layer 1,280 wide: five
-# blocks of outputs) and the output head of the bench model at 22 atoms; three layers with a
+# blocks of outputs) and the output head of the bench model at 22 atoms (activation code 4: SiLU,
+# none after the last layer); three layers with a
 # hidden one wider than a block of threads and odd widths; identity; the row limit and one above
 SMALL_MLPS = [
     (1, [13, 50, 37], 0, True),
     (22, [128, 256, 1280], 0, False),
     (22, [384, 128, 64], 0, False),
+    (22, [384, 128, 64, 1], 4, False),  # the head as the model runs it: no activation at the end
     (37, [13, 300, 45, 33], 1, True),
     (231, [32, 128, 256, 384], 2, True),
     (2048, [20, 40, 30], 0, True),

@@ -841,7 +841,13 @@ def _radial_inputs(pairs, widths, seed=0):
     return basis, cut, weights, biases
 
 
-@pytest.mark.parametrize("act", [0, 1, 2], ids=["silu", "tanh", "none"])
+# activation codes: SiLU, tanh, none, and SiLU or tanh with none after the last layer (+ 4)
+MLP_CODES = pytest.mark.parametrize(
+    "act", [0, 1, 2, 4, 5], ids=["silu", "tanh", "none", "silu-linear-last", "tanh-linear-last"]
+)
+
+
+@MLP_CODES
 def test_mlp_kernel_values_and_gradients(act, two_threads):
     """A small network as one operator against PyTorch: values, gradients (gradcheck, every
     input), and a block of rows large enough to be split between threads."""
@@ -877,7 +883,7 @@ def test_mlp_kernel_values_and_gradients(act, two_threads):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("act", [0, 1, 2], ids=["silu", "tanh", "none"])
+@MLP_CODES
 def test_mlp_kernel_without_scale(act, two_threads):
     """An empty scale (the per-atom networks: embedding gates, output head) scales nothing:
     values and gradients against PyTorch's act(L_n(... act(L_1(x)))), with and without weight
@@ -900,9 +906,10 @@ def test_mlp_kernel_without_scale(act, two_threads):
             weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
         out = fused(basis, none, weights, biases, act)
         plain = basis
-        for w, b in zip(weights, biases, strict=True):
+        for k, (w, b) in enumerate(zip(weights, biases, strict=True)):
             plain = torch.nn.functional.linear(plain, w, b)
-            plain = [torch.nn.functional.silu, torch.tanh, lambda t: t][act](plain)
+            if act < 4 or k < len(weights) - 1:  # (+ 4: no activation after the last layer)
+                plain = [torch.nn.functional.silu, torch.tanh, lambda t: t][act % 4](plain)
         torch.testing.assert_close(out, plain, rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(reference.mlp(basis, none, weights, biases, act), plain)
         inputs = [basis] + ([] if frozen else [*weights, *biases])

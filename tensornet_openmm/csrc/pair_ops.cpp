@@ -1822,6 +1822,13 @@ at::Tensor packed_square_add_op(const at::Tensor& x, const at::Tensor& d, const 
 // step of alanine dipeptide in water was no faster, within this machine's noise of a few %.)
 
 constexpr int64_t kSiLU = 0, kTanh = 1, kIdentity = 2;
+// added to mlp's activation code: no activation after the last layer (the output head's energy)
+constexpr int64_t kLinearLast = 4;
+
+// the activation after layer l of ``layers`` for mlp's activation code
+int64_t layer_activation(int64_t code, int64_t l, int64_t layers) {
+  return (code & kLinearLast) != 0 && l == layers - 1 ? kIdentity : code & ~kLinearLast;
+}
 
 void activate(int64_t activation, const at::Tensor& z, at::Tensor& a) {
   if (activation == kSiLU) {
@@ -1904,9 +1911,10 @@ void network_rows(const at::Device& device, int64_t rows, int64_t work, const F&
 // Checks the inputs; returns the multiply-adds per pair of the network's matrix products.
 int64_t mlp_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorList weights,
                        at::TensorList biases, int64_t activation) {
-  TORCH_CHECK(activation == kSiLU || activation == kTanh || activation == kIdentity,
-              "mlp: activation must be 0 (SiLU), 1 (tanh) or 2 (none), got ",
-              activation);
+  const int64_t base = activation & ~kLinearLast;
+  TORCH_CHECK(activation >= 0 && (base == kSiLU || base == kTanh || base == kIdentity),
+              "mlp: activation must be 0 (SiLU), 1 (tanh) or 2 (none), plus 4 for none after "
+              "the last layer, got ", activation);
   TORCH_CHECK(basis.dim() == 2, "mlp: x must be (rows, features), got ",
               basis.sizes());
   TORCH_CHECK(cut.dim() == 1 && (cut.size(0) == basis.size(0) || cut.numel() == 0),
@@ -1945,7 +1953,8 @@ at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
   const int64_t pairs = basis.size(0), layers = static_cast<int64_t>(weights.size());
   for (int64_t l = 0; l < layers; ++l) {
     z->push_back(at::empty({pairs, weights[l].size(0)}, basis.options()));
-    a->push_back(activation == kIdentity ? z->back() : at::empty_like(z->back()));
+    const bool linear = layer_activation(activation, l, layers) == kIdentity;
+    a->push_back(linear ? z->back() : at::empty_like(z->back()));
   }
   at::Tensor out = scaled ? at::empty_like(a->back()) : a->back();
   const bool fused_last = scaled_on_gpu(basis, cut_in);
@@ -1954,12 +1963,13 @@ at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
     for (int64_t l = 0; l < layers; ++l) {
       at::Tensor zl = (*z)[l].narrow(0, lo, hi - lo), al = (*a)[l].narrow(0, lo, hi - lo);
       at::addmm_out(zl, biases[l], h, weights[l].t());
+      const int64_t act = layer_activation(activation, l, layers);
       if (scaled && l == layers - 1) {  // the last activation and the scale: one step
-        last_layer_forward(activation, zl, al, cut.narrow(0, lo, hi - lo),
-                           out.narrow(0, lo, hi - lo), fused_last);
+        last_layer_forward(act, zl, al, cut.narrow(0, lo, hi - lo), out.narrow(0, lo, hi - lo),
+                           fused_last);
         break;
       }
-      if (activation != kIdentity) activate(activation, zl, al);
+      if (act != kIdentity) activate(act, zl, al);
       h = al;
     }
   });
@@ -2063,7 +2073,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
     // parameters' gradients (every layer) and the scale's (the last layer): for SiLU with
     // constant weights (a force call) the others are freed here, a quarter of what the network
     // keeps per pair until the forces are done
-    if (!params && activation != kTanh && !small) {
+    if (!params && (activation & ~kLinearLast) != kTanh && !small) {
       for (size_t l = 0; l + 1 < a.size(); ++l) a[l] = at::Tensor();
       // the last layer's are the output without a scale: only tanh would read them
       if (cut.numel() == 0) a.back() = at::Tensor();
@@ -2130,12 +2140,12 @@ class Mlp : public torch::autograd::Function<Mlp> {
         at::Tensor d = g;
         for (int64_t l = layers - 1; l >= 0; --l) {
           const at::Tensor a_rows = a(l).defined() ? a(l).narrow(0, lo, n) : at::Tensor();
+          const int64_t act = layer_activation(activation, l, layers);
           if (scaled && l == layers - 1) {
-            d = last_layer_backward(activation, g, z(l).narrow(0, lo, n), a_rows,
-                                    cut.narrow(0, lo, n),
+            d = last_layer_backward(act, g, z(l).narrow(0, lo, n), a_rows, cut.narrow(0, lo, n),
                                     want_cut ? g_cut.narrow(0, lo, n) : at::Tensor(), fused_last);
           } else {
-            d = activation_backward(activation, d, z(l).narrow(0, lo, n), a_rows);
+            d = activation_backward(act, d, z(l).narrow(0, lo, n), a_rows);
           }
           if (want_params) delta[l].narrow(0, lo, n).copy_(d);
           if (l == 0 && !want_basis) break;

@@ -476,6 +476,7 @@ struct NetArgs {
   T* z0 = nullptr;           // its pre-activations (rows, t0)
   int64_t t0 = 0, proj = 0, first = 0;  // first: each network's share of the first layer
   int networks = 0, depth = 0, activation = 0, chunks = 1;
+  int last_activation = 0;      // after each network's last layer (mlp: none, for the head)
   const T* w[kNetLayers] = {};  // network n's layer l: index n * depth + l, (width, its input)
   const T* b[kNetLayers] = {};
   T* z[kNetLayers] = {};        // pre-activations (rows, width)
@@ -671,7 +672,7 @@ __global__ void network_forward_kernel(NetArgs<T> a) {
                               if (r >= rows) continue;
                               const int64_t row = row0 + r;
                               zq[row * width + o] = acc[r];
-                              const T v = activated(a.activation, acc[r]);
+                              const T v = activated(a.last_activation, acc[r]);
                               out[row * width + o] = a.scale != nullptr ? v * a.scale[row] : v;
                             }
                           });
@@ -710,8 +711,8 @@ __global__ void network_backward_kernel(NetArgs<T> a) {
         if (r < rows) {
           const int64_t at = (row0 + r) * width + o;
           const T gv = g != nullptr ? g[at] : T(0), zv = z[at];
-          v = gv * s[r] * activation_slope(a.activation, zv);
-          if (scaled) g_scale[r] += gv * activated(a.activation, zv);
+          v = gv * s[r] * activation_slope(a.last_activation, zv);
+          if (scaled) g_scale[r] += gv * activated(a.last_activation, zv);
         }
         d[0][r * width + o] = v;
       }
@@ -1433,7 +1434,8 @@ NetArgs<T> net_args(const NetShape& s, int64_t activation, const at::Tensor& sca
   a.first = s.first;
   a.networks = static_cast<int>(s.networks);
   a.depth = static_cast<int>(s.depth);
-  a.activation = static_cast<int>(activation);
+  a.activation = static_cast<int>(activation & 3);  // mlp's code: + 4, none after the last
+  a.last_activation = (activation & 4) != 0 ? 2 : a.activation;
   a.mid = s.mid;
   a.widest = s.widest;
   for (size_t q = 0; q < weights.size(); ++q) {

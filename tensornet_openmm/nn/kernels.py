@@ -76,6 +76,8 @@ GROUP = (0, 1, 1, 1, 2, 2, 2, 2, 2, 2)
 """Part (I, A, S) of each packed component, whose filter it takes."""
 MLP_ACTIVATIONS = {"silu": 0, "tanh": 1}
 """Activations that :meth:`PairKernels.mlp` runs (code 2: none)."""
+MLP_LINEAR_LAST = 4
+"""Added to :meth:`PairKernels.mlp`'s activation code: no activation after the last layer."""
 REVERSED_SIGN = (1.0, -1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 """Sign of each packed component of (1, u, u u^T) when the unit vector u is reversed."""
 
@@ -465,8 +467,9 @@ class PairKernels(nn.Module):
     ) -> Tensor:
         """act(L_n(... act(L_1(x)))) * scale: linears with bias (weights (out, in)) on rows x
         (N, K), each followed by the activation act (0 SiLU, 1 tanh, 2 none,
-        :data:`MLP_ACTIVATIONS`), then each row times scale (N,) (radial filters: the cutoff);
-        an empty scale scales nothing (the per-atom networks)."""
+        :data:`MLP_ACTIVATIONS`; plus :data:`MLP_LINEAR_LAST`: none after the last layer), then
+        each row times scale (N,) (radial filters: the cutoff); an empty scale scales nothing
+        (the per-atom networks)."""
         return self._torch_mlp(x, scale, weights, biases, act)
 
     def geometry(
@@ -605,11 +608,14 @@ class PairKernels(nn.Module):
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
         h = x
-        for weight, bias in zip(weights, biases):  # noqa: B905 (TorchScript's zip has no strict)
-            h = nn.functional.linear(h, weight, bias)
-            if act == 0:
+        base = act % MLP_LINEAR_LAST
+        for k in range(len(weights)):
+            h = nn.functional.linear(h, weights[k], biases[k])
+            if act >= MLP_LINEAR_LAST and k == len(weights) - 1:
+                break
+            if base == 0:
                 h = nn.functional.silu(h)
-            elif act == 1:
+            elif base == 1:
                 h = torch.tanh(h)
         if scale.numel() == 0:
             return h

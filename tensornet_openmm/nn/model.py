@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from . import algebra
-from .kernels import MLP_ACTIVATIONS
+from .kernels import MLP_ACTIVATIONS, MLP_LINEAR_LAST
 from .layers import ACTIVATIONS, Interaction, TensorEmbedding, pair_block
 from .radial import RADIAL_BASES, cosine_cutoff
 
@@ -334,13 +334,12 @@ class TensorNet(nn.Module):
         feats = kernels.part_norms(x).reshape(x.shape[0], -1)  # (n, 3F)
         h = self.out_norm(feats)
         if self.mlp_activation >= 0 and kernels.applies(h):  # one operator each way, see _gates
-            lin, first = self.linear, self.output_network[0]
-            h = kernels.mlp(
-                h, h.new_empty(0), [lin.weight, first.weight], [lin.bias, first.bias],
-                self.mlp_activation,
+            # (the energy's linear too: no activation after it)
+            lin, first, last = self.linear, self.output_network[0], self.output_network[2]
+            energy = kernels.mlp(
+                h, h.new_empty(0), [lin.weight, first.weight, last.weight],
+                [lin.bias, first.bias, last.bias], self.mlp_activation + MLP_LINEAR_LAST,
             )  # fmt: skip
-            last = self.output_network[2]
-            energy = nn.functional.linear(h, last.weight, last.bias)
         else:
             energy = self.output_network(self.act(self.linear(h)))
         energy = energy.squeeze(1)

@@ -28,6 +28,7 @@ struct Net {
   NetShape s{};
   int activation = 0;
   bool scaled = false;
+  bool linear_last = false;  // no activation after each network's last layer (mlp's code + 4)
   std::vector<T> x, scale, w0, b0;
   std::vector<std::vector<T>> w, b;
 };
@@ -56,7 +57,7 @@ std::vector<double> reference(const Net<double>& n, const std::vector<double>& x
         for (int64_t o = 0; o < width; ++o) {
           double acc = B[o];
           for (int64_t i = 0; i < in; ++i) acc += W[o * in + i] * h[i];
-          next[o] = act(n.activation, acc);
+          next[o] = n.linear_last && l == s.depth - 1 ? acc : act(n.activation, acc);
         }
         h = next;
       }
@@ -95,6 +96,7 @@ Result<T> kernels(const Net<T>& n, const std::vector<T>& g, bool no_proj, int no
   a.networks = static_cast<int>(s.networks);
   a.depth = static_cast<int>(s.depth);
   a.activation = n.activation;
+  a.last_activation = n.linear_last ? 2 : n.activation;
   a.mid = s.mid;
   a.widest = s.widest;
   a.chunks = static_cast<int>(forward_chunks(s));
@@ -140,13 +142,14 @@ int failures = 0;
 template <int R>
 void check(const char* name, int64_t rows, int64_t k, int64_t proj, int64_t networks,
            int64_t first, std::vector<int64_t> widths, int activation, bool scaled, bool no_proj,
-           int no_net, unsigned seed) {
+           int no_net, unsigned seed, bool linear_last = false) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal;
   std::uniform_real_distribution<double> uniform(0.5, 1.5);
   Net<double> n;
   n.activation = activation;
   n.scaled = scaled;
+  n.linear_last = linear_last;
   NetShape& s = n.s;
   s = {rows, k, proj + networks * first, proj, first, networks,
        static_cast<int64_t>(widths.size()), 0, 0, widths.back()};
@@ -215,6 +218,7 @@ void check(const char* name, int64_t rows, int64_t k, int64_t proj, int64_t netw
   nf.s = s;
   nf.activation = activation;
   nf.scaled = scaled;
+  nf.linear_last = linear_last;
   nf.x = narrow(n.x);
   nf.scale = narrow(n.scale);
   nf.w0 = narrow(n.w0);
@@ -248,6 +252,10 @@ int main() {
   check<4>("head 9 rows 384-128-64", 9, 384, 0, 1, 128, {64}, 0, false, false, -1, 4);
   check<8>("11 rows 13-300-45-33 tanh", 11, 13, 0, 1, 300, {45, 33}, 1, true, false, -1, 5);
   check<2>("7 rows 9-40-70-20-30 identity", 7, 9, 0, 1, 40, {70, 20, 30}, 2, true, false, -1, 6);
+  check<2>("head 22 rows 384-128-64-1, linear last", 22, 384, 0, 1, 128, {64, 1}, 0, false, false,
+           -1, 11, true);
+  check<1>("3 rows 13-50-37 tanh, linear last, scaled", 3, 13, 0, 1, 50, {37}, 1, true, false, -1,
+           12, true);
   // radial_networks: a projection and networks sharing the first layer
   check<4>("13 rows 32: 384 + 2 x 128-256-384", 13, 32, 384, 2, 128, {256, 384}, 0, true, false,
            -1, 7);
