@@ -1375,7 +1375,7 @@ bool small_networks_enabled() {  // TENSORNET_OPENMM_SMALL_NETWORKS=0 turns the 
   return enabled;
 }
 
-
+// the networks' shape from the first layer's and the further layers' weights
 NetShape net_shape(int64_t rows, int64_t k, int64_t t0, int64_t proj, int64_t networks,
                    at::TensorList weights) {
   NetShape s{rows, k, t0, proj, 0, networks, 0, 0, 0, 0};

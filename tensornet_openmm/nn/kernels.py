@@ -307,6 +307,7 @@ class PairKernels(nn.Module):
         self.algebra = PackedAlgebra(dtype)  # made in the model's dtype: 1/3 is not exact
         self.register_buffer("group", torch.tensor(GROUP), persistent=False)
         self.register_buffer("sign", torch.tensor(REVERSED_SIGN), persistent=False)
+        self.linear_last = MLP_LINEAR_LAST  # (TorchScript reads no module-level int)
 
     def applies(self, like: Tensor) -> bool:
         """Whether the layers should take the fused path for tensors like ``like``."""
@@ -608,10 +609,10 @@ class PairKernels(nn.Module):
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
         h = x
-        base = act % MLP_LINEAR_LAST
+        base = act % self.linear_last
         for k in range(len(weights)):
             h = nn.functional.linear(h, weights[k], biases[k])
-            if act >= MLP_LINEAR_LAST and k == len(weights) - 1:
+            if act >= self.linear_last and k == len(weights) - 1:
                 break
             if base == 0:
                 h = nn.functional.silu(h)

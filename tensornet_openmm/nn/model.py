@@ -98,6 +98,8 @@ class TensorNet(nn.Module):
         self.linear = nn.Linear(3 * f, f, dtype=dtype)
         self.act = ACTIVATIONS[cfg.activation]()
         self.mlp_activation = MLP_ACTIVATIONS.get(cfg.activation, -1)  # -1: not in the kernel
+        # the output head's code: no activation after its last (the energy's) linear
+        self.head_activation = self.mlp_activation + MLP_LINEAR_LAST
         self.output_network = nn.Sequential(
             nn.Linear(f, f // 2, dtype=dtype),
             ACTIVATIONS[cfg.activation](),
@@ -338,7 +340,7 @@ class TensorNet(nn.Module):
             lin, first, last = self.linear, self.output_network[0], self.output_network[2]
             energy = kernels.mlp(
                 h, h.new_empty(0), [lin.weight, first.weight, last.weight],
-                [lin.bias, first.bias, last.bias], self.mlp_activation + MLP_LINEAR_LAST,
+                [lin.bias, first.bias, last.bias], self.head_activation,
             )  # fmt: skip
         else:
             energy = self.output_network(self.act(self.linear(h)))
