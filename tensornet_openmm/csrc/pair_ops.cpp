@@ -1977,6 +1977,14 @@ at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
   return out;
 }
 
+// A gradient as the small-network kernels read it: columns next to each other (or one column),
+// rows any distance apart (0 included); else a contiguous copy
+at::Tensor unit_columns(const at::Tensor& g) {
+  return g.dim() == 2 && (g.stride(1) == 1 || g.size(1) == 1) && g.stride(0) >= 0
+             ? g
+             : g.contiguous();
+}
+
 // Whether networks run as the small-network CUDA kernels (pair_ops_cuda.cu): one kernel each
 // way for every layer of them, where a small molecule's rows made a launch of cuBLAS and of an
 // activation per layer (shapes checked before). Never on the CPU, nor with weights to train.
@@ -2099,7 +2107,6 @@ class Mlp : public torch::autograd::Function<Mlp> {
     auto a = [&](int64_t l) -> const at::Tensor& { return saved[2 + 2 * layers + l]; };
     variable_list result(2 + 2 * layers + 1);  // basis, cut, weights, biases, activation
     if (!grads[0].defined()) return result;
-    const at::Tensor grad = grads[0].contiguous();
     const int64_t pairs = basis.size(0);
     const bool want_basis = ctx->needs_input_grad(0);
     const bool want_cut = ctx->needs_input_grad(1) && cut.numel() > 0;
@@ -2109,15 +2116,18 @@ class Mlp : public torch::autograd::Function<Mlp> {
         ws.push_back(weight(l));
         zs.push_back(z(l));
       }
-      if (want_basis) result[0] = at::empty({pairs, basis.size(1)}, grad.options());
-      if (want_cut) result[1] = at::empty({pairs}, grad.options());
+      const auto options = grads[0].options();
+      if (want_basis) result[0] = at::empty({pairs, basis.size(1)}, options);
+      if (want_cut) result[1] = at::empty({pairs}, options);
       const at::TensorList w_list(ws), z_list(zs);
+      // (rows of the output's gradient may stand apart, or all at one place: an energy's sum)
       tn_cuda_network_backward(saved[1], ws[0], 0, 1, w_list.slice(1), activation, zs[0],
-                               z_list.slice(1), at::Tensor(), {grad}, result[0], result[1],
-                               basis.size(1));
-      if (ctx->needs_input_grad(1) && cut.numel() == 0) result[1] = at::zeros({0}, grad.options());
+                               z_list.slice(1), at::Tensor(), {unit_columns(grads[0])},
+                               result[0], result[1], basis.size(1));
+      if (ctx->needs_input_grad(1) && cut.numel() == 0) result[1] = at::zeros({0}, options);
       return result;
     }
+    const at::Tensor grad = grads[0].contiguous();
     bool want_params = false;
     for (int64_t k = 2; k < 2 + 2 * layers; ++k) {
       want_params = want_params || ctx->needs_input_grad(k);
@@ -2368,9 +2378,9 @@ class RadialNetworks : public torch::autograd::Function<RadialNetworks> {
         zs.push_back(z(k));
       }
       for (int64_t n = 0; n < networks; ++n) {
-        g_outs.push_back(grads[1 + n].defined() ? grads[1 + n].contiguous() : at::Tensor());
+        g_outs.push_back(grads[1 + n].defined() ? unit_columns(grads[1 + n]) : at::Tensor());
       }
-      const at::Tensor g_proj = grads[0].defined() ? grads[0].contiguous() : at::Tensor();
+      const at::Tensor g_proj = grads[0].defined() ? unit_columns(grads[0]) : at::Tensor();
       if (want_basis) result[0] = at::empty({pairs, functions}, z0.options());
       if (want_cut) result[1] = at::empty({pairs}, z0.options());
       tn_cuda_network_backward(saved[0], first_weight, projection, networks, ws, activation, z0,

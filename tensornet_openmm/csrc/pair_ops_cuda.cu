@@ -483,8 +483,10 @@ struct NetArgs {
   int64_t width[kNetLayers] = {};
   T* out_proj = nullptr;        // (rows, proj)
   T* out[kNetLayers] = {};      // network n's output (rows, its last width)
-  const T* g_proj = nullptr;    // the backward's output gradients (null: zero)
-  const T* g_out[kNetLayers] = {};
+  const T* g_proj = nullptr;    // the backward's output gradients (null: zero), their rows
+  const T* g_out[kNetLayers] = {};  // ld_g apart (0: one row for all, an energy sum's)
+  int64_t ld_g_proj = 0;
+  int64_t ld_g[kNetLayers] = {};
   T* g_x = nullptr;             // gradients wanted (null: not)
   T* g_scale = nullptr;
   int64_t mid = 0;     // the widest hidden (not last) further layer
@@ -704,13 +706,14 @@ __global__ void network_backward_kernel(NetArgs<T> a) {
     const int top = n * a.depth + a.depth - 1;
     const int64_t width = a.width[top];
     const T *g = a.g_out[n], *z = a.z[top];
+    const int64_t ld_g = a.ld_g[n];
     for (int64_t o = threadIdx.x; o < width; o += blockDim.x) {  // out = act(z) s
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         T v = T(0);
         if (r < rows) {
-          const int64_t at = (row0 + r) * width + o;
-          const T gv = g != nullptr ? g[at] : T(0), zv = z[at];
+          const int64_t row = row0 + r;
+          const T gv = g != nullptr ? g[row * ld_g + o] : T(0), zv = z[row * width + o];
           v = gv * s[r] * activation_slope(a.last_activation, zv);
           if (scaled) g_scale[r] += gv * activated(a.last_activation, zv);
         }
@@ -760,7 +763,7 @@ __global__ void network_backward_kernel(NetArgs<T> a) {
     for (int r = 0; r < R; ++r) {
       T v = T(0);
       if (r < rows) {
-        const T gv = a.g_proj != nullptr ? a.g_proj[(row0 + r) * a.proj + o] : T(0);
+        const T gv = a.g_proj != nullptr ? a.g_proj[(row0 + r) * a.ld_g_proj + o] : T(0);
         v = gv * s[r];
         if (scaled) g_scale[r] += gv * a.z0[(row0 + r) * a.t0 + o];
       }
@@ -1521,8 +1524,8 @@ void network_forward(const at::Tensor& x_in, const at::Tensor& scale_in, const a
   });
 }
 
-// The gradients g_x (rows, k) and g_scale (rows), where defined, from the outputs' (undefined:
-// zero), all contiguous.
+// The gradients g_x (rows, k) and g_scale (rows), contiguous, where defined, from the outputs'
+// (undefined: zero; columns of unit stride or one column, rows any stride apart).
 void network_backward(const at::Tensor& scale_in, const at::Tensor& w0, int64_t proj,
                       int64_t networks, at::TensorList weights, int64_t activation,
                       const at::Tensor& z0, at::TensorList z, const at::Tensor& g_proj,
@@ -1534,8 +1537,10 @@ void network_backward(const at::Tensor& scale_in, const at::Tensor& w0, int64_t 
   AT_DISPATCH_FLOATING_TYPES(z0.scalar_type(), "tensornet_openmm_network_backward_cuda", [&] {
     NetArgs<scalar_t> a = net_args<scalar_t>(s, activation, scale, w0, weights, z0, z);
     a.g_proj = g_proj.defined() ? g_proj.data_ptr<scalar_t>() : nullptr;
+    a.ld_g_proj = g_proj.defined() ? g_proj.stride(0) : 0;
     for (int64_t n = 0; n < networks; ++n) {
       a.g_out[n] = g_outs[n].defined() ? g_outs[n].data_ptr<scalar_t>() : nullptr;
+      a.ld_g[n] = g_outs[n].defined() ? g_outs[n].stride(0) : 0;
     }
     a.g_x = g_x.defined() ? g_x.data_ptr<scalar_t>() : nullptr;
     a.g_scale = g_scale.defined() ? g_scale.data_ptr<scalar_t>() : nullptr;

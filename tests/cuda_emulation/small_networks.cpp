@@ -75,9 +75,11 @@ struct Result {
 };
 
 // both kernels, R rows a block; g: the outputs' gradients laid out as the outputs; no_proj and
-// no_net: outputs passed without a gradient (null)
+// no_net: outputs passed without a gradient (null); expanded: each output's gradient read from
+// its first row for every row (rows 0 apart, as autograd gives an energy sum's)
 template <typename T, int R>
-Result<T> kernels(const Net<T>& n, const std::vector<T>& g, bool no_proj, int no_net) {
+Result<T> kernels(const Net<T>& n, const std::vector<T>& g, bool no_proj, int no_net,
+                  bool expanded) {
   const NetShape& s = n.s;
   const int64_t layers = s.networks * s.depth;
   NetArgs<T> a;
@@ -122,8 +124,10 @@ Result<T> kernels(const Net<T>& n, const std::vector<T>& g, bool no_proj, int no
   result.g_scale.assign(s.rows, T(-7));
   size_t at = s.rows * s.proj;
   a.g_proj = no_proj ? nullptr : g.data();
+  a.ld_g_proj = expanded ? 0 : s.proj;
   for (int64_t q = 0; q < s.networks; ++q) {
     a.g_out[q] = q == no_net ? nullptr : g.data() + at;
+    a.ld_g[q] = expanded ? 0 : a.width[q * s.depth + s.depth - 1];
     at += outs[q].size();
   }
   a.g_x = result.g_x.data();
@@ -142,7 +146,7 @@ int failures = 0;
 template <int R>
 void check(const char* name, int64_t rows, int64_t k, int64_t proj, int64_t networks,
            int64_t first, std::vector<int64_t> widths, int activation, bool scaled, bool no_proj,
-           int no_net, unsigned seed, bool linear_last = false) {
+           int no_net, unsigned seed, bool linear_last = false, bool expanded = false) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal;
   std::uniform_real_distribution<double> uniform(0.5, 1.5);
@@ -177,12 +181,19 @@ void check(const char* name, int64_t rows, int64_t k, int64_t proj, int64_t netw
   for (double& v : g) v = normal(rng);
   size_t at = rows * proj;
   if (no_proj) std::fill(g.begin(), g.begin() + at, 0.0);
+  for (int64_t r = 1; expanded && r < rows; ++r) {
+    std::copy(g.begin(), g.begin() + proj, g.begin() + r * proj);
+  }
   for (int64_t q = 0; q < networks; ++q) {
-    const size_t len = rows * widths.back();
+    const int64_t width = widths.back();
+    const size_t len = rows * width;
     if (q == no_net) std::fill(g.begin() + at, g.begin() + at + len, 0.0);
+    for (int64_t r = 1; expanded && r < rows; ++r) {
+      std::copy(g.begin() + at, g.begin() + at + width, g.begin() + at + r * width);
+    }
     at += len;
   }
-  const Result<double> got = kernels<double, R>(n, g, no_proj, no_net);
+  const Result<double> got = kernels<double, R>(n, g, no_proj, no_net, expanded);
   double err = 0, size = 1e-300;
   for (size_t i = 0; i < expected.size(); ++i) {
     err = worse(err, std::fabs(got.out[i] - expected[i]));
@@ -225,7 +236,7 @@ void check(const char* name, int64_t rows, int64_t k, int64_t proj, int64_t netw
   nf.b0 = narrow(n.b0);
   for (const auto& W : n.w) nf.w.push_back(narrow(W));
   for (const auto& B : n.b) nf.b.push_back(narrow(B));
-  const Result<float> single = kernels<float, R>(nf, narrow(g), no_proj, no_net);
+  const Result<float> single = kernels<float, R>(nf, narrow(g), no_proj, no_net, expanded);
   double f_err = 0;
   for (size_t i = 0; i < expected.size(); ++i) {
     f_err = worse(f_err, std::fabs(single.out[i] - got.out[i]) / std::max(1.0, size));
@@ -253,7 +264,7 @@ int main() {
   check<8>("11 rows 13-300-45-33 tanh", 11, 13, 0, 1, 300, {45, 33}, 1, true, false, -1, 5);
   check<2>("7 rows 9-40-70-20-30 identity", 7, 9, 0, 1, 40, {70, 20, 30}, 2, true, false, -1, 6);
   check<2>("head 22 rows 384-128-64-1, linear last", 22, 384, 0, 1, 128, {64, 1}, 0, false, false,
-           -1, 11, true);
+           -1, 11, true, true);  // (the energy sum's gradient: rows 0 apart)
   check<1>("3 rows 13-50-37 tanh, linear last, scaled", 3, 13, 0, 1, 50, {37}, 1, true, false, -1,
            12, true);
   // radial_networks: a projection and networks sharing the first layer
@@ -264,6 +275,8 @@ int main() {
   check<8>("19 rows 16: 30 + 10-21, no grad proj", 19, 16, 30, 1, 10, {21}, 0, true, true, -1, 9);
   check<2>("6 rows 8: 40 + 2 x 16-40-48, no grad 0", 6, 8, 40, 2, 16, {40, 48}, 0, true, false, 0,
            10);
+  check<4>("9 rows 8: 16 + 2 x 12-20, gradients 0 apart", 9, 8, 16, 2, 12, {20}, 1, true, false,
+           -1, 13, false, true);
   std::printf("%d failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
