@@ -2127,7 +2127,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
       if (ctx->needs_input_grad(1) && cut.numel() == 0) result[1] = at::zeros({0}, options);
       return result;
     }
-    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor grad;  // contiguous: made under the small network's scope (no copy on a GPU)
     bool want_params = false;
     for (int64_t k = 2; k < 2 + 2 * layers; ++k) {
       want_params = want_params || ctx->needs_input_grad(k);
@@ -2144,6 +2144,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
     const bool scaled = cut.numel() > 0, fused_last = scaled_on_gpu(basis, cut);
     const bool mark = !want_params && small_on_gpu(pairs, layers - 1, 1);
     marked_small(mark, "tensornet_openmm::small_network_backward", [&] {
+      grad = grads[0].contiguous();
       network_rows(basis.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
         const int64_t n = hi - lo;
         const at::Tensor g = grad.narrow(0, lo, n);
