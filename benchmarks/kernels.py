@@ -28,9 +28,10 @@ paths of its own. It runs on one thread (the CPU kernels split larger work betwe
 the GPU's do not) with float32 positions (OpenMM's mixed precision), and with the channel mixing
 a GPU runs (``strided_mix``). Alanine dipeptide, bench model, per force call: ours 252 launches
 at 9116dcb, 198 at e3f7821, 137 the session after, 107 after session 16, 84 after session 17, 77
-after session 18 and 44 since session 19's small-network kernels (with the CUDA-graph pair list;
-57 with the dynamic one, 50 with radial tables; in water, ML/MM, 303, 218, 157, 132, 84, 77 and
-44). On an H100 the code of 137 launched 203 kernels: cuBLAS's helpers, zero fills and
+after session 18 and 42 after session 19's small-network kernels (with the CUDA-graph pair list;
+55 with the dynamic one, 48 with radial tables; in water, ML/MM, 303, 218, 157, 132, 84, 77 and
+42), all by the old rule; by the new, 54 (67, 62; in water 54). On an H100 the code of 137
+launched 203 kernels: cuBLAS's helpers, zero fills and
 multi-kernel ATen operators are what the CPU count misses. The reference's count is of its
 pure-PyTorch path, not of the Warp kernels it runs on a GPU.
 """

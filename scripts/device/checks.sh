@@ -57,8 +57,9 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
         --checkpoint /tmp/tensornet-dev/tensornet.ckpt >"$out/profile.log" 2>&1
     grep -A3 "^system" "$out/profile.log" | cut -c1-170
     # kernels per force call on the GPU (203 for alanine dipeptide at b7b30d5 on an H100, when
-    # the CPU counted 137; the CPU count since session 19 is 44, 50 with tables: the radial and
-    # per-atom networks one small-network kernel each way, kernel names network_*_kernel)
+    # the CPU counted 137 by the old rule; since session 19 it counts 54 by the new rule, 62 with
+    # tables (42 and 48 by the old): the radial and per-atom networks one small-network kernel
+    # each way, kernel names network_forward_kernel and network_backward_kernel)
     timeout 60 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
         --systems ala2 --routes ours ours-tables --top 60 >"$out/kernels.log" 2>&1
     # where the 4,866-atom box's 14 ms go (graphs off there: the dynamic pair list)
