@@ -19,8 +19,9 @@
 #   profile  (none)                   a 4,866-atom step's pieces and a PyTorch graph replay   3 min
 #                                     (profile_step); kernels per force call, ours and the
 #                                     reference (kernels.py)
-#   blas     (none)                   the 22-atom step under other cuBLAS settings (split-K   2 min
-#                                     or not for the small GEMMs), ours and tables, graphs on
+#   networks (none)                   the 22-atom step with the small-network kernels and     2 min
+#                                     without (TENSORNET_OPENMM_SMALL_NETWORKS=0: cuBLAS),
+#                                     ours and tables, graphs on
 #
 # If a stage's GPU tests fail: TENSORNET_OPENMM_SMALL_NETWORKS=0 runs the networks through
 # cuBLAS again (the small-network kernels off, the other fused kernels on), and
@@ -103,21 +104,21 @@ profile)
         --systems ala2 water-5000 --routes ours ours-tables reference >"$out/kernels.log" 2>&1
     grep "per call" "$out/kernels.log"
     ;;
-blas)
-    # cuBLAS chose split-K for the small per-atom GEMMs at 22 atoms (6 sgemm_largek with their 6
-    # scal, cuBLASLt's 7 splitKreduce and 6 epilogues: 25 of 203 kernels at b7b30d5, about
-    # 0.09 ms). Whether other settings make the step faster: no cuBLASLt workspace (no Lt
-    # split-K), no cuBLAS workspace, cuBLASLt for every GEMM. Each in a fresh process
-    for setting in "" CUBLASLT_WORKSPACE_SIZE=0 CUBLAS_WORKSPACE_CONFIG=:0:0 \
-        TORCH_BLAS_PREFER_CUBLASLT=1; do
-        echo "== setting: ${setting:-default}" >>"$out/blas.log"
-        env ${setting:+"$setting"} timeout 60 "${bench[@]}" --systems ala2 \
-            --routes ours ours-tables --graphs on --seconds 1.5 --timeout 40 >>"$out/blas.log" 2>&1
-        grep "^CUDA .*ala2" "$out/blas.log" | tail -2 | cut -c1-120
+networks)
+    # session 19's small-network kernels against cuBLAS and an activation kernel per layer (at
+    # b7b30d5 the networks' products and cuBLAS's helpers were 56 of 203 kernels, 0.22 ms), in
+    # turns, each setting in fresh processes
+    for round in 1 2; do
+        for setting in TENSORNET_OPENMM_SMALL_NETWORKS=1 TENSORNET_OPENMM_SMALL_NETWORKS=0; do
+            echo "== round $round, $setting" >>"$out/networks.log"
+            env "$setting" timeout 60 "${bench[@]}" --systems ala2 --routes ours ours-tables \
+                --graphs on --seconds 1.5 --timeout 40 >>"$out/networks.log" 2>&1
+            grep "^CUDA .*ala2" "$out/networks.log" | tail -2 | cut -c1-120
+        done
     done
     ;;
 *)
-    echo "usage: bash scripts/device/checks.sh tests|compare|scan|profile|blas" >&2
+    echo "usage: bash scripts/device/checks.sh tests|compare|scan|profile|networks" >&2
     exit 2
     ;;
 esac
