@@ -545,4 +545,11 @@ TN_MATH bool pair_within(const T* xi, const T* xj, const T* b, T cutoff2, T shif
 constexpr int64_t kNetworkRows = 2048;
 constexpr int kNetLayers = 8;
 
+// Whether networks of ``rows`` rows and ``further`` layers after the first, in ``networks``
+// networks of one depth, are within those limits (the kernels also need the shared memory)
+TN_MATH bool small_network_shape(int64_t rows, int64_t further, int64_t networks) {
+  return rows >= 1 && rows <= kNetworkRows && networks >= 1 && further >= networks &&
+         further <= kNetLayers && further % networks == 0;
+}
+
 }  // namespace tn_math

@@ -1997,15 +1997,9 @@ bool small_network(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& 
 #endif
 }
 
-// Whether a GPU would run such networks as its small-network kernels (with weights as wide as the
-// bench model's, whose shared memory fits): the CPU then runs them under one profiler scope each
-// way, which benchmarks/kernels.py counts as the GPU's one launch.
-bool small_on_gpu(int64_t rows, int64_t further_layers, int64_t networks) {
-  return rows >= 1 && rows <= tn_math::kNetworkRows && networks >= 1 &&
-         further_layers >= networks && further_layers <= tn_math::kNetLayers &&
-         further_layers % networks == 0;
-}
-
+// Where a GPU would run networks as its small-network kernels (tn_math::small_network_shape, with
+// weights as wide as the bench model's, whose shared memory fits), the CPU runs them under one
+// profiler scope each way, which benchmarks/kernels.py counts as the GPU's one launch.
 template <typename F>
 void marked_small(bool mark, const char* name, const F& run) {
   if (mark) {
@@ -2071,7 +2065,8 @@ class Mlp : public torch::autograd::Function<Mlp> {
                                 biases.slice(1), activation, z[0], zs.slice(1), at::Tensor(),
                                 {out});
       } else {
-        const bool mark = !params && small_on_gpu(basis.size(0), weights.size() - 1, 1);
+        const bool mark =
+            !params && tn_math::small_network_shape(basis.size(0), weights.size() - 1, 1);
         marked_small(mark, "tensornet_openmm::small_network", [&] {
           out = mlp_forward(basis, cut, weights, biases, activation, &z, &a);
         });
@@ -2142,7 +2137,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
     at::Tensor g_basis = want_basis ? at::empty_like(basis) : at::Tensor();
     at::Tensor g_cut = want_cut ? at::empty({pairs, 1}, basis.options()) : at::Tensor();
     const bool scaled = cut.numel() > 0, fused_last = scaled_on_gpu(basis, cut);
-    const bool mark = !want_params && small_on_gpu(pairs, layers - 1, 1);
+    const bool mark = !want_params && tn_math::small_network_shape(pairs, layers - 1, 1);
     marked_small(mark, "tensornet_openmm::small_network_backward", [&] {
       grad = grads[0].contiguous();
       network_rows(basis.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
@@ -2307,34 +2302,35 @@ class RadialNetworks : public torch::autograd::Function<RadialNetworks> {
       tn_cuda_network_forward(basis, cut_in, first_weight, first_bias, projection, networks,
                               weights, biases, activation, z0, z, outs[0],
                               at::TensorList(outs).slice(1));
-    }
-    const bool mark = !small && small_on_gpu(pairs, layers, sh.networks);
-    marked_small(mark, "tensornet_openmm::small_network", [&] {
-      network_rows(basis.device(), small ? 0 : pairs, pairs * sh.work, [&](int64_t lo, int64_t hi) {
-        auto rows = [&](const at::Tensor& t) { return t.narrow(0, lo, hi - lo); };
-        at::Tensor z0r = rows(z0), cr = rows(cut);
-        at::addmm_out(z0r, first_bias, rows(basis), first_weight.t());
-        at::Tensor zp = z0r.narrow(1, 0, projection);
-        last_layer_forward(kIdentity, zp, zp, cr, rows(outs[0]), fused);
-        at::Tensor a0r = rows(a0);
-        activate_into(activation, z0r.narrow(1, projection, total - projection), a0r);
-        for (int64_t n = 0; n < sh.networks; ++n) {
-          at::Tensor h = a0r.narrow(1, n * sh.first, sh.first);
-          for (int64_t l = 0; l < sh.depth; ++l) {
-            const int64_t k = n * sh.depth + l;
-            at::Tensor zl = rows(z[k]);
-            at::addmm_out(zl, biases[k], h, weights[k].t());
-            at::Tensor al = a[k].defined() ? rows(a[k]) : at::Tensor();
-            if (l == sh.depth - 1) {
-              last_layer_forward(activation, zl, al, cr, rows(outs[1 + n]), fused);
-            } else {
-              activate(activation, zl, al);
-              h = al;
+    } else {
+      const bool mark = tn_math::small_network_shape(pairs, layers, sh.networks);
+      marked_small(mark, "tensornet_openmm::small_network", [&] {
+        network_rows(basis.device(), pairs, pairs * sh.work, [&](int64_t lo, int64_t hi) {
+          auto rows = [&](const at::Tensor& t) { return t.narrow(0, lo, hi - lo); };
+          at::Tensor z0r = rows(z0), cr = rows(cut);
+          at::addmm_out(z0r, first_bias, rows(basis), first_weight.t());
+          at::Tensor zp = z0r.narrow(1, 0, projection);
+          last_layer_forward(kIdentity, zp, zp, cr, rows(outs[0]), fused);
+          at::Tensor a0r = rows(a0);
+          activate_into(activation, z0r.narrow(1, projection, total - projection), a0r);
+          for (int64_t n = 0; n < sh.networks; ++n) {
+            at::Tensor h = a0r.narrow(1, n * sh.first, sh.first);
+            for (int64_t l = 0; l < sh.depth; ++l) {
+              const int64_t k = n * sh.depth + l;
+              at::Tensor zl = rows(z[k]);
+              at::addmm_out(zl, biases[k], h, weights[k].t());
+              at::Tensor al = a[k].defined() ? rows(a[k]) : at::Tensor();
+              if (l == sh.depth - 1) {
+                last_layer_forward(activation, zl, al, cr, rows(outs[1 + n]), fused);
+              } else {
+                activate(activation, zl, al);
+                h = al;
+              }
             }
           }
-        }
+        });
       });
-    });
+    }
     // the backward reads the activations only for tanh's derivative and, on the CPU, the last
     // layers' for the cutoff's gradient (the GPU's kernel recomputes them)
     if (activation != kTanh) {
@@ -2398,7 +2394,7 @@ class RadialNetworks : public torch::autograd::Function<RadialNetworks> {
     at::Tensor g_a0 = at::empty({pairs, total - projection}, z0.options());
     at::Tensor g_cuts = at::empty({networks + 1, pairs}, z0.options());  // each output's, summed
     at::Tensor g_basis = want_basis ? at::empty({pairs, functions}, z0.options()) : at::Tensor();
-    const bool mark = small_on_gpu(pairs, layers, networks);
+    const bool mark = tn_math::small_network_shape(pairs, layers, networks);
     marked_small(mark, "tensornet_openmm::small_network_backward", [&] {
       network_rows(z0.device(), pairs, pairs * work, [&](int64_t lo, int64_t hi) {
         const int64_t rows_n = hi - lo;

@@ -462,8 +462,7 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
 // layers, the last activated and times the scale. The backward kernel takes the same rows back
 // through every network to the input, recomputing the activations from the saved
 // pre-activations. Above kNetworkRows rows cuBLAS is faster and the ATen path runs.
-constexpr int kNetLayers = tn_math::kNetLayers;          // further layers of all networks
-constexpr int64_t kNetworkRows = tn_math::kNetworkRows;  // rows, at most
+constexpr int kNetLayers = tn_math::kNetLayers;  // further layers of all networks, at most
 constexpr size_t kNetworkShared = 48 * 1024;  // bytes of shared memory a block may take
 
 template <typename T>
@@ -1484,9 +1483,8 @@ bool small_network(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& 
   if (!x.is_cuda() || !small_networks_enabled()) return false;
   const int64_t rows = x.size(0), layers = static_cast<int64_t>(weights.size());
   const int64_t t0 = w0.size(0);
-  if (rows < 1 || rows > kNetworkRows || networks < 1 || layers < networks ||
-      layers > kNetLayers || layers % networks != 0 || (t0 - proj) % networks != 0 ||
-      proj < 0 || t0 - proj < networks) {
+  if (!tn_math::small_network_shape(rows, layers, networks) || proj < 0 ||
+      (t0 - proj) % networks != 0 || t0 - proj < networks) {
     return false;
   }
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
