@@ -25,7 +25,7 @@
 #
 # If a stage's GPU tests fail: TENSORNET_OPENMM_SMALL_NETWORKS=0 runs the networks through
 # cuBLAS again (the small-network kernels off, the other fused kernels on), and
-# TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the failing stage's command with it.
+# TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the later stages' commands with it.
 #
 # A session has 15 minutes of device time, the machine's start (1-3 minutes) included, so the
 # order is what matters most first: tests, warp2, compare is about 13 minutes with the start.
