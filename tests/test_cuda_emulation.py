@@ -1,11 +1,13 @@
-"""The small-network CUDA kernels' device code run on the CPU (no GPU needed).
+"""CUDA kernels' device code run on the CPU (no GPU needed).
 
-``tests/cuda_emulation/small_networks.cpp`` compiles the marked parts of
+The harnesses in ``tests/cuda_emulation/`` compile the marked parts of
 ``tensornet_openmm/csrc/pair_ops_cuda.cu`` as C++ with one thread per CUDA thread
-(``emulate.h``: barriers for ``__syncthreads`` and ``__syncwarp``, shuffles through memory,
-shared memory filled with NaN patterns) under AddressSanitizer, and checks both kernels against
-a plain reference and central differences, in double and float. Skipped without a C++20
-compiler. The GPU runs the same code in ``tests/test_gpu.py``.
+(``emulate.h``: barriers for ``__syncthreads`` and ``__syncwarp``, shuffles and ballots through
+memory, shared memory filled with NaN patterns) under AddressSanitizer:
+``small_networks.cpp`` checks the small-network kernels against a plain reference and central
+differences, in double and float; ``pair_search.cpp`` the pair search's kernels against a plain
+loop over the same candidates. Skipped without a C++20 compiler. The GPU runs the same code in
+``tests/test_gpu.py``.
 """
 
 import shutil
@@ -34,28 +36,40 @@ def emulated_parts(text: str) -> str:
     )
 
 
-def test_the_marked_parts_hold_both_network_kernels():
+def test_the_marked_parts_hold_the_emulated_kernels():
     code = emulated_parts(SOURCE.read_text())
-    for name in ("network_forward_kernel", "network_backward_kernel", "activation_slope"):
+    for name in (
+        "network_forward_kernel",
+        "network_backward_kernel",
+        "activation_slope",
+        "pair_search_kernel",
+        "pair_padding_kernel",
+    ):
         assert name in code
     assert "shared_bytes = emu::shared()" in code
 
 
-def test_small_network_kernels_emulated_on_the_cpu(tmp_path):
+# harness, the cases it prints
+HARNESSES = {"small_networks": 13, "pair_search": 6}
+
+
+@pytest.mark.parametrize("harness", sorted(HARNESSES))
+def test_cuda_kernels_emulated_on_the_cpu(tmp_path, harness):
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler")
-    for name in ("emulate.h", "small_networks.cpp"):
+    for name in ("emulate.h", f"{harness}.cpp"):
         shutil.copy(HERE / "cuda_emulation" / name, tmp_path / name)
     shutil.copy(SOURCE.parent / "packed_math.h", tmp_path / "packed_math.h")
     (tmp_path / "kernels.inc").write_text(emulated_parts(SOURCE.read_text()))
-    binary = tmp_path / "small_networks"
+    binary = tmp_path / harness
     flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address", "-fno-omit-frame-pointer"]
-    build = [compiler, *flags, "-o", str(binary), str(tmp_path / "small_networks.cpp")]
+    build = [compiler, *flags, "-o", str(binary), str(tmp_path / f"{harness}.cpp")]
     made = subprocess.run(build, capture_output=True, text=True, timeout=600)
     if made.returncode != 0 and "barrier" in made.stderr and "No such file" in made.stderr:
         pytest.skip("the C++ library has no <barrier> (C++20)")
     assert made.returncode == 0, made.stderr[-4000:]
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and "0 failures" in run.stdout, run.stdout + run.stderr[-4000:]
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 13, run.stdout
+    ok = run.stdout.count("\nok ") + run.stdout.startswith("ok ")
+    assert ok == HARNESSES[harness], run.stdout

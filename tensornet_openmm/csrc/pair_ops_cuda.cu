@@ -842,6 +842,7 @@ __global__ void pair_difference_grad_kernel(const T* __restrict__ grad,
   atomicAdd(g_pos + 3 * dst[p] + c, -v);
 }
 
+// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----
 // The pair search (pair_ops.cpp describes it): a warp per atom over its candidate ranges, 32
 // candidates at a time. The count pass (pairs null) writes each atom's count; the write pass puts
 // its pairs from its offset on (ends: the counts' inclusive sums), in candidate order (a ballot
@@ -902,6 +903,8 @@ __global__ void pair_padding_kernel(const int64_t* __restrict__ ends, int64_t at
   shift[3 * k] = pad;
   shift[3 * k + 1] = shift[3 * k + 2] = T(0);
 }
+
+// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----
 
 template <typename T>
 __global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,

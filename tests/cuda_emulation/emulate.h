@@ -6,6 +6,7 @@
 
 #include <barrier>
 #include <cmath>
+#include <cstdlib>
 #include <cstddef>
 #include <memory>
 #include <thread>
@@ -34,6 +35,17 @@ inline Block* block = nullptr;
 inline unsigned char* shared() { return block->shared.data(); }
 inline void sync_block() { block->all->arrive_and_wait(); }
 inline void sync_warp() { block->warps[state.tid / 32]->arrive_and_wait(); }
+
+// the warp's lanes whose pred is true, one bit each
+inline unsigned ballot(bool pred) {
+  const int lane = state.tid % 32, base = state.tid - lane;
+  block->exchange[state.tid] = pred ? 1.0 : 0.0;
+  sync_warp();
+  unsigned mask = 0;
+  for (int l = 0; l < 32; ++l) mask |= block->exchange[base + l] != 0.0 ? 1u << l : 0u;
+  sync_warp();
+  return mask;
+}
 
 template <typename T>
 T shuffle_down(T v, int offset) {
@@ -87,3 +99,9 @@ void launch(unsigned gx, unsigned gy, unsigned threads, size_t shared_bytes, con
 #define __syncthreads() emu::sync_block()
 #define __syncwarp() emu::sync_warp()
 #define __shfl_down_sync(mask, v, offset) emu::shuffle_down(v, offset)
+#define __ballot_sync(mask, pred) emu::ballot(pred)
+#define __popc(x) __builtin_popcount(x)
+#define CUDA_KERNEL_ASSERT(cond) \
+  do {                           \
+    if (!(cond)) std::abort();   \
+  } while (0)
