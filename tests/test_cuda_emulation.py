@@ -6,10 +6,14 @@ The harnesses in ``tests/cuda_emulation/`` compile the marked parts of
 memory, shared memory filled with NaN patterns) under AddressSanitizer:
 ``small_networks.cpp`` checks the small-network kernels against a plain reference and central
 differences, in double and float; ``pair_search.cpp`` the pair search's kernels against a plain
-loop over the same candidates. Skipped without a C++20 compiler. The GPU runs the same code in
+loop over the same candidates; ``pair_sums.cpp`` the sums onto atoms (messages, the embedding,
+their gradients, the pair differences' gradient: atomic adds, runs of pairs) against plain loops
+and as adjoints of their forwards, and again under ThreadSanitizer, which reports a plain write
+that two CUDA threads make. Skipped without a C++20 compiler. The GPU runs the same code in
 ``tests/test_gpu.py``.
 """
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,9 +34,10 @@ def emulated_parts(text: str) -> str:
         stop = rest.index(END, start)
         parts.append(rest[start:stop])
         rest = rest[stop + len(END) :]
-    return "".join(parts).replace(
-        "extern __shared__ __align__(16) unsigned char shared_bytes[];",
+    return re.sub(
+        r"extern __shared__ (__align__\(\d+\) )?unsigned char shared_bytes\[\];",
         "unsigned char* shared_bytes = emu::shared();",
+        "".join(parts),
     )
 
 
@@ -44,17 +49,36 @@ def test_the_marked_parts_hold_the_emulated_kernels():
         "activation_slope",
         "pair_search_kernel",
         "pair_padding_kernel",
+        "messages_kernel",
+        "self_messages_kernel",
+        "filter_grad_kernel",
+        "embedding_kernel",
+        "embedding_grads_kernel",
+        "pair_difference_kernel",
+        "difference_grad_fill_kernel",
+        "pair_difference_grad_kernel",
     ):
         assert name in code
     assert "shared_bytes = emu::shared()" in code
 
 
-# harness, the cases it prints
-HARNESSES = {"small_networks": 13, "pair_search": 6}
+# harness: the cases it prints under each sanitizer (ThreadSanitizer runs a subset)
+HARNESSES = {
+    "small_networks": {"address": 13},
+    "pair_search": {"address": 6},
+    "pair_sums": {"address": 34, "thread": 12},
+}
+SANITIZER_FLAGS = {
+    "address": ["-fsanitize=address", "-fno-omit-frame-pointer"],
+    "thread": ["-fsanitize=thread"],
+}
 
 
-@pytest.mark.parametrize("harness", sorted(HARNESSES))
-def test_cuda_kernels_emulated_on_the_cpu(tmp_path, harness):
+@pytest.mark.parametrize(
+    "harness,sanitizer",
+    [(harness, sanitizer) for harness in sorted(HARNESSES) for sanitizer in HARNESSES[harness]],
+)
+def test_cuda_kernels_emulated_on_the_cpu(tmp_path, harness, sanitizer):
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler")
@@ -63,13 +87,17 @@ def test_cuda_kernels_emulated_on_the_cpu(tmp_path, harness):
     shutil.copy(SOURCE.parent / "packed_math.h", tmp_path / "packed_math.h")
     (tmp_path / "kernels.inc").write_text(emulated_parts(SOURCE.read_text()))
     binary = tmp_path / harness
-    flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=address", "-fno-omit-frame-pointer"]
+    flags = ["-std=c++20", "-O1", "-g", "-pthread", *SANITIZER_FLAGS[sanitizer]]
     build = [compiler, *flags, "-o", str(binary), str(tmp_path / f"{harness}.cpp")]
     made = subprocess.run(build, capture_output=True, text=True, timeout=600)
     if made.returncode != 0 and "barrier" in made.stderr and "No such file" in made.stderr:
         pytest.skip("the C++ library has no <barrier> (C++20)")
+    if made.returncode != 0 and sanitizer == "thread" and "tsan" in made.stderr:
+        pytest.skip("no ThreadSanitizer runtime")
     assert made.returncode == 0, made.stderr[-4000:]
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=900)
+    if sanitizer == "thread" and "unexpected memory mapping" in run.stderr:
+        pytest.skip("ThreadSanitizer cannot run under this kernel's memory layout")
     assert run.returncode == 0 and "0 failures" in run.stdout, run.stdout + run.stderr[-4000:]
     ok = run.stdout.count("\nok ") + run.stdout.startswith("ok ")
-    assert ok == HARNESSES[harness], run.stdout
+    assert ok == HARNESSES[harness][sanitizer], run.stdout

@@ -33,6 +33,7 @@
 namespace tn_cuda {
 namespace {
 
+// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----
 constexpr int kComps = 10;
 constexpr int kParts = 3;
 constexpr int kThreads = 256;
@@ -391,7 +392,6 @@ __global__ void part_norms_grad_kernel(const T* __restrict__ grad, const T* __re
 }
 
 // ---- A scaled network's last layer, act(z) * scale (pair_ops.cpp's mlp) -------------------------
-// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----
 constexpr int kSiLU = 0, kTanh = 1;  // pair_ops.cpp's activation codes (2: none)
 
 template <typename T>
@@ -795,7 +795,6 @@ __global__ void network_backward_kernel(NetArgs<T> a) {
   }
 }
 
-// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----
 
 // r[p] = scale (pos[src[p]] - pos[dst[p]]), at its minimum image in the box (times the scale)
 // if one is given, one thread per pair; NaN if the box is narrower than min_width
@@ -842,7 +841,6 @@ __global__ void pair_difference_grad_kernel(const T* __restrict__ grad,
   atomicAdd(g_pos + 3 * dst[p] + c, -v);
 }
 
-// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----
 // The pair search (pair_ops.cpp describes it): a warp per atom over its candidate ranges, 32
 // candidates at a time. The count pass (pairs null) writes each atom's count; the write pass puts
 // its pairs from its offset on (ends: the counts' inclusive sums), in candidate order (a ballot

@@ -19,7 +19,6 @@ using std::exp;
 using std::tanh;
 
 namespace {
-constexpr int kThreads = 256;  // as in pair_ops_cuda.cu
 #include "kernels.inc"
 
 struct Pairs {

@@ -18,7 +18,6 @@ using std::exp;
 using std::tanh;
 
 namespace {
-constexpr int kThreads = 256;  // as in pair_ops_cuda.cu
 #include "kernels.inc"
 
 double act(int a, double z) { return a == 0 ? z / (1 + std::exp(-z)) : a == 1 ? std::tanh(z) : z; }
