@@ -433,6 +433,53 @@ def test_pair_sums_on_cuda_with_runs_of_pairs_equal_cpu(half):
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("half", [True, False])
+def test_gathered_pair_sums_on_cuda_equal_cpu(half):
+    """Sums of long pair lists (from 2^21 pairs times channels: kGatherWork in pair_ops_cuda.cu)
+    are gathered per atom over its incidences, without atomic adds: the messages (values and
+    gradients, whose transposed sums gather too), the self messages and the embedding's sums
+    equal the CPU kernels in float64, for pairs in the searches' order and shuffled, with
+    padding self pairs; the same bits on a second run; the gather kernels are what ran."""
+    cuda_kernels()
+    g = torch.Generator().manual_seed(8)
+    n, pairs, f = 700, 17000, 128
+    src = torch.randint(0, n, (pairs,), generator=g)
+    dst = torch.randint(0, n, (pairs,), generator=g)
+    order = torch.sort(src, stable=True).indices
+    pad = torch.arange(64) % n  # the padding slots' self pairs
+    sorted_pairs = (torch.cat((src[order], pad)), torch.cat((dst[order], pad)))
+    y = torch.randn(n, 10, f, generator=g, dtype=torch.float64)
+    filt = torch.randn(pairs + 64, 3, f, generator=g, dtype=torch.float64)
+    self_filt = torch.randn(3, f, generator=g, dtype=torch.float64)
+    radial = torch.randn(pairs + 64, 3, f, generator=g, dtype=torch.float64)
+    z_recv, z_send = (torch.randn(n, f, generator=g, dtype=torch.float64) for _ in range(2))
+    geom = torch.randn(pairs + 64, 10, generator=g, dtype=torch.float64)
+    seed = torch.randn(n, 10, f, generator=g, dtype=torch.float64)
+    ops = torch.ops.tensornet_openmm
+
+    def sums(device, i, j):
+        a, w = y.to(device).requires_grad_(), filt.to(device).requires_grad_()
+        i, j = i.to(device), j.to(device)
+        out = ops.messages(a, w, i, j, half)
+        grads = torch.autograd.grad(out, (a, w), seed.to(device))
+        own = ops.messages_self(y.to(device), filt.to(device), i, j, half, self_filt.to(device))
+        emb = ops.embedding_sums(
+            radial.to(device), z_recv.to(device), z_send.to(device), geom.to(device), i, j, half
+        )
+        return [t.detach().cpu() for t in (out, *grads, own, emb)]
+
+    shuffled = torch.randperm(pairs + 64, generator=g)
+    for i, j in (sorted_pairs, (sorted_pairs[0][shuffled], sorted_pairs[1][shuffled])):
+        expected = sums("cpu", i, j)
+        got = []
+        names = _cuda_kernel_names(lambda: got.extend(sums("cuda", i, j)))  # noqa: B023
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, sums("cuda", i, j), strict=True):
+            assert torch.equal(a, b)  # no atomic adds: the same bits
+        assert "messages_gather_kernel" in names and "embedding_gather_kernel" in names
+
+
 def _cuda_kernel_names(run):
     """The names of the CUDA kernels ``run()`` launches."""
     activities = [torch.profiler.ProfilerActivity.CUDA]

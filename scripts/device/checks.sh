@@ -22,10 +22,14 @@
 #   networks (none)                   the 22-atom step with the small-network kernels and     2 min
 #                                     without (TENSORNET_OPENMM_SMALL_NETWORKS=0: cuBLAS),
 #                                     ours and tables, graphs on
+#   sums     (none)                   the 4,866-atom step with the gathered pair sums and     2 min
+#                                     without (TENSORNET_OPENMM_GATHER_SUMS=0: atomic adds),
+#                                     ours, graphs off
 #
 # If a stage's GPU tests fail: TENSORNET_OPENMM_SMALL_NETWORKS=0 runs the networks through
-# cuBLAS again (the small-network kernels off, the other fused kernels on), and
-# TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the later stages' commands with it.
+# cuBLAS again (the small-network kernels off, the other fused kernels on),
+# TENSORNET_OPENMM_GATHER_SUMS=0 the long lists' pair sums through atomic adds again, and
+# TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the later stages' commands with them.
 #
 # A session has 15 minutes of device time, the machine's start (1-3 minutes) included, so the
 # order is what matters most first: tests, warp2, compare is about 13 minutes with the start.
@@ -117,8 +121,20 @@ networks)
         done
     done
     ;;
+sums)
+    # session 20's gathered pair sums (no atomic adds, from 2^21 pairs x channels) against the
+    # scattered ones, in turns, each setting in fresh processes
+    for round in 1 2; do
+        for setting in TENSORNET_OPENMM_GATHER_SUMS=1 TENSORNET_OPENMM_GATHER_SUMS=0; do
+            echo "== round $round, $setting" >>"$out/sums.log"
+            env "$setting" timeout 60 "${bench[@]}" --systems water --water-sizes 5000 \
+                --routes ours --graphs off --seconds 1.5 --timeout 45 >>"$out/sums.log" 2>&1
+            grep "^CUDA .*water" "$out/sums.log" | tail -1 | cut -c1-120
+        done
+    done
+    ;;
 *)
-    echo "usage: bash scripts/device/checks.sh tests|compare|scan|profile|networks" >&2
+    echo "usage: bash scripts/device/checks.sh tests|compare|scan|profile|networks|sums" >&2
     exit 2
     ;;
 esac

@@ -11,7 +11,8 @@
 // Layouts as on the CPU: packed per-atom tensors (atoms, 10, channels), filters (pairs, 3,
 // channels), pair indices int64. Threads run over (pair, channel) or (atom, channel), channels
 // fastest, so that neighbouring threads touch neighbouring memory. Sums onto atoms use atomic
-// adds: the order of the additions, and so the last bits of a result, can differ between runs.
+// adds (the order of the additions, and so the last bits of a result, can differ between runs),
+// except the message and embedding sums of long pair lists, gathered per atom in a fixed order.
 // Kernels run on the current stream and never synchronise with the host (CUDA-graph capture).
 // Pair indices are not range-checked on the host (that would synchronise): a device assertion
 // stops the kernel at an index outside [0, atoms).
@@ -212,6 +213,147 @@ __global__ void embedding_kernel(const T* __restrict__ radial, const T* __restri
     }
   }
   add_run_sums(out, at, f, f_len, sum);
+}
+
+// ---- Pair sums gathered per atom (no atomic adds), for long pair lists ----------------------
+// Above kGatherWork pairs x channels the sums onto atoms are gathered instead of scattered: each
+// (atom, channel) thread runs over the atom's incidences, the pair slots that add onto it, in a
+// fixed order, and writes its sums once. Incidence e < pairs: pair e seen from its first atom
+// (the other atom its second); e >= pairs (half lists): pair e - pairs seen from its second
+// atom, the pair reversed. ``order`` lists the incidences grouped by the atom they add onto,
+// in their own order (as a stable sort of [src, dst] would), ``starts`` (atoms + 1) bounds each
+// atom's group. No atomic
+// adds: the same bits on every run, and the scattered kernels' atomic traffic (one per pair,
+// component and channel on the second atom's side) becomes reads of rows the L2 cache holds.
+constexpr int64_t kGatherWork = int64_t(1) << 21;
+
+// the atom incidence e adds onto
+__device__ __forceinline__ int64_t incidence_atom(int64_t e, const int64_t* __restrict__ src,
+                                                  const int64_t* __restrict__ dst,
+                                                  int64_t pairs) {
+  return e < pairs ? src[e] : dst[e - pairs];
+}
+
+__device__ __forceinline__ int64_t add_index(int64_t* address, int64_t value) {
+  return static_cast<int64_t>(atomicAdd(reinterpret_cast<unsigned long long*>(address),
+                                        static_cast<unsigned long long>(value)));
+}
+
+// The incidences grouped by atom in three kernels and a prefix sum (no sort, nothing that a CUDA
+// graph cannot capture): count each atom's (into counts[atom + 1], zeroed), the counts' inclusive
+// sums (starts), each incidence into its atom's group at a slot taken atomically (cursor: a
+// copy of starts), then each group sorted by one thread (a few dozen entries: insertion sort),
+// so that the order is the incidences' own, the same on every run.
+__global__ void incidence_count_kernel(const int64_t* __restrict__ src,
+                                       const int64_t* __restrict__ dst, int64_t pairs,
+                                       int64_t count, int64_t atoms,
+                                       int64_t* __restrict__ counts) {
+  const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (e >= count) return;
+  const int64_t n = incidence_atom(e, src, dst, pairs);
+  CUDA_KERNEL_ASSERT(n >= 0 && n < atoms);
+  add_index(counts + n + 1, 1);
+}
+
+__global__ void incidence_fill_kernel(const int64_t* __restrict__ src,
+                                      const int64_t* __restrict__ dst, int64_t pairs,
+                                      int64_t count, int64_t* __restrict__ cursor,
+                                      int64_t* __restrict__ order) {
+  const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (e >= count) return;
+  order[add_index(cursor + incidence_atom(e, src, dst, pairs), 1)] = e;
+}
+
+__global__ void incidence_sort_kernel(const int64_t* __restrict__ starts,
+                                      int64_t* __restrict__ order, int64_t atoms) {
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= atoms) return;
+  const int64_t begin = starts[n], end = starts[n + 1];
+  for (int64_t a = begin + 1; a < end; ++a) {
+    const int64_t v = order[a];
+    int64_t b = a;
+    for (; b > begin && order[b - 1] > v; --b) order[b] = order[b - 1];
+    order[b] = v;
+  }
+}
+
+// the incidence e's pair, the atom it adds onto's partner, and whether it is reversed
+struct Incident {
+  int64_t pair, other;
+  bool reversed;
+};
+__device__ __forceinline__ Incident incident(int64_t e, const int64_t* __restrict__ src,
+                                             const int64_t* __restrict__ dst, int64_t pairs,
+                                             int64_t atoms) {
+  const bool reversed = e >= pairs;
+  const int64_t p = reversed ? e - pairs : e;
+  const int64_t i = src[p], j = dst[p];
+  check_pair(i, j, atoms);
+  return {p, reversed ? i : j, reversed};
+}
+
+// out[n, c] += sum over n's incidences of filt[p, GROUP[c]] * y[other, c] (messages_kernel's
+// sums), one thread per atom and channel
+template <typename T>
+__global__ void messages_gather_kernel(const T* __restrict__ y, const T* __restrict__ filt,
+                                       const int64_t* __restrict__ src,
+                                       const int64_t* __restrict__ dst,
+                                       const int64_t* __restrict__ order,
+                                       const int64_t* __restrict__ starts, T* __restrict__ out,
+                                       int64_t pairs, int64_t f_len, int64_t atoms) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len;
+  T sum[kComps];
+#pragma unroll
+  for (int c = 0; c < kComps; ++c) sum[c] = T(0);
+  for (int64_t q = starts[n]; q < starts[n + 1]; ++q) {
+    const Incident e = incident(order[q], src, dst, pairs, atoms);
+    const T w[kParts] = {filt[(e.pair * kParts) * f_len + f],
+                         filt[(e.pair * kParts + 1) * f_len + f],
+                         filt[(e.pair * kParts + 2) * f_len + f]};
+#pragma unroll
+    for (int c = 0; c < kComps; ++c) {
+      sum[c] += w[group_of(c)] * y[(e.other * kComps + c) * f_len + f];
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kComps; ++c) out[(n * kComps + c) * f_len + f] += sum[c];
+}
+
+// out[n, c] += sum over n's incidences of radial[p, GROUP[c]] (z_recv[n] + z_send[other])
+// geom[p, c], times SIGN[c] for a reversed pair (embedding_kernel's sums), one thread per atom
+// and channel
+template <typename T>
+__global__ void embedding_gather_kernel(const T* __restrict__ radial, const T* __restrict__ z_recv,
+                                        const T* __restrict__ z_send, const T* __restrict__ geom,
+                                        const int64_t* __restrict__ src,
+                                        const int64_t* __restrict__ dst,
+                                        const int64_t* __restrict__ order,
+                                        const int64_t* __restrict__ starts, T* __restrict__ out,
+                                        int64_t pairs, int64_t f_len, int64_t atoms) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len;
+  const T recv = z_recv[n * f_len + f];
+  T sum[kComps];
+#pragma unroll
+  for (int c = 0; c < kComps; ++c) sum[c] = T(0);
+  for (int64_t q = starts[n]; q < starts[n + 1]; ++q) {
+    const Incident e = incident(order[q], src, dst, pairs, atoms);
+    const T s = recv + z_send[e.other * f_len + f];
+    const T r[kParts] = {radial[(e.pair * kParts) * f_len + f] * s,
+                         radial[(e.pair * kParts + 1) * f_len + f] * s,
+                         radial[(e.pair * kParts + 2) * f_len + f] * s};
+#pragma unroll
+    for (int c = 0; c < kComps; ++c) {
+      const T a = e.reversed ? reversed_sign<T>(c) * geom[e.pair * kComps + c]
+                             : geom[e.pair * kComps + c];
+      sum[c] += a * r[group_of(c)];
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < kComps; ++c) out[(n * kComps + c) * f_len + f] += sum[c];
 }
 
 // The embedding's backward per pair and channel: with h_ij[c] = grad[i, c] s_ij and
@@ -1000,6 +1142,44 @@ const T* factors_or_null(const at::Tensor& q) {
   return q.numel() == 0 ? nullptr : q.data_ptr<T>();
 }
 
+// TENSORNET_OPENMM_GATHER_SUMS=0 keeps the scattered (atomic) pair sums at every size
+bool gather_sums_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("TENSORNET_OPENMM_GATHER_SUMS");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled;
+}
+
+bool gathered(int64_t pairs, int64_t f_len) {
+  return pairs * f_len >= kGatherWork && gather_sums_enabled();
+}
+
+// The incidences of a pair list grouped by the atom they add onto, each group in slot order
+// (first the atom's pairs as their first atom, then as their second): (order, starts), see
+// messages_gather_kernel. On the current stream, no host synchronisation.
+std::tuple<at::Tensor, at::Tensor> incidences(const at::Tensor& src, const at::Tensor& dst,
+                                              int64_t atoms, bool half) {
+  const int64_t pairs = src.size(0), count = half ? 2 * pairs : pairs;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor counts = at::zeros({atoms + 1}, src.options());
+  at::Tensor order = at::empty({count}, src.options());
+  incidence_count_kernel<<<blocks_for(count), kThreads, 0, stream>>>(
+      src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), pairs, count, atoms,
+      counts.data_ptr<int64_t>());
+  check_launch();
+  const at::Tensor starts = at::cumsum(counts, 0);
+  at::Tensor cursor = starts.clone();
+  incidence_fill_kernel<<<blocks_for(count), kThreads, 0, stream>>>(
+      src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), pairs, count, cursor.data_ptr<int64_t>(),
+      order.data_ptr<int64_t>());
+  check_launch();
+  incidence_sort_kernel<<<blocks_for(atoms), kThreads, 0, stream>>>(
+      starts.data_ptr<int64_t>(), order.data_ptr<int64_t>(), atoms);
+  check_launch();
+  return {order, starts};
+}
+
 }  // namespace
 
 // ---- Host entry points (inputs checked and made contiguous by pair_ops.cpp) -------------------
@@ -1011,6 +1191,19 @@ void messages_into(const at::Tensor& out, const at::Tensor& y, const at::Tensor&
   const int64_t pairs = filt.size(0), f_len = y.size(2);
   if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (gathered(pairs, f_len)) {
+    const int64_t atoms = y.size(0);
+    at::Tensor order, starts;
+    std::tie(order, starts) = incidences(src, dst, atoms, half);
+    AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_gather_cuda", [&] {
+      messages_gather_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+          y.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
+          dst.data_ptr<int64_t>(), order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+          out.data_ptr<scalar_t>(), pairs, f_len, atoms);
+    });
+    check_launch();
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_cuda", [&] {
     const int run = run_length(pairs, f_len);
     const int blocks = blocks_for(run_threads(pairs, f_len, run));
@@ -1073,6 +1266,19 @@ void embedding_into(const at::Tensor& out, const at::Tensor& radial, const at::T
   const int64_t pairs = radial.size(0), f_len = radial.size(2), atoms = z_recv.size(0);
   if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (gathered(pairs, f_len)) {
+    at::Tensor order, starts;
+    std::tie(order, starts) = incidences(src, dst, atoms, half);
+    AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_gather_cuda", [&] {
+      embedding_gather_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+          radial.data_ptr<scalar_t>(), z_recv.data_ptr<scalar_t>(), z_send.data_ptr<scalar_t>(),
+          geom.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
+          order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs,
+          f_len, atoms);
+    });
+    check_launch();
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_cuda", [&] {
     const int run = run_length(pairs, f_len);
     const int blocks = blocks_for(run_threads(pairs, f_len, run));

@@ -1,12 +1,14 @@
 // The pair sums of pair_ops_cuda.cu run on the CPU (emulate.h), as their launchers run them:
 // messages_kernel (with and without self_messages_kernel first), filter_grad_kernel,
-// embedding_kernel, embedding_grads_kernel, and the pair differences (pair_difference_kernel,
-// difference_grad_fill_kernel, pair_difference_grad_kernel). The sums onto atoms go through
-// atomic adds and take runs of consecutive pairs per thread; here every run length the launcher
-// can pick (1, 2, 3, 8 and run_length's own), pairs in the searches' order (sorted by the first
-// atom, padded with self pairs) and shuffled, half and full lists, channel counts that fill no
-// block exactly. The blocks of a launch run side by side (emulate.h's Schedule; built under
-// ThreadSanitizer too, a plain write that two threads make shows).
+// embedding_kernel, embedding_grads_kernel, the gathered sums of long pair lists
+// (messages_gather_kernel, embedding_gather_kernel, over the launcher's incidences), and the pair
+// differences (pair_difference_kernel, difference_grad_fill_kernel, pair_difference_grad_kernel).
+// The scattered sums onto atoms go through atomic adds and take runs of consecutive pairs per
+// thread; here every run length the launcher can pick (1, 2, 3, 8 and run_length's own), pairs in
+// the searches' order (sorted by the first atom, padded with self pairs) and shuffled, half and
+// full lists, channel counts that fill no block exactly. The blocks of a launch run side by side
+// (emulate.h's Schedule; built under ThreadSanitizer too, a plain write that two threads make
+// shows).
 //
 // Checks, in double and float: the forward sums against a plain loop; each gradient as the
 // adjoint of its forward (every sum is linear in each input, so <gradient, d> must equal the
@@ -86,6 +88,51 @@ Pairs make_pairs(std::mt19937_64& rng, int64_t atoms, bool half, double density,
     p.dst.push_back(k % atoms);
   }
   return p;
+}
+
+// the launcher's incidences (pair_ops_cuda.cu, incidences): its kernels (count, fill, sort per
+// atom) with the prefix sum between them on the host
+struct Incidences {
+  std::vector<int64_t> order, starts;
+};
+Incidences incidences(const Pairs& q) {
+  const int64_t pairs = static_cast<int64_t>(q.src.size()), count = q.half ? 2 * pairs : pairs;
+  const int64_t atoms = q.atoms;
+  std::vector<int64_t> counts(atoms + 1, 0);
+  Incidences r;
+  r.order.assign(count, -1);
+  const unsigned blocks = static_cast<unsigned>(blocks_for(count));
+  emu::launch(emu::Dim3{blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    incidence_count_kernel(q.src.data(), q.dst.data(), pairs, count, atoms, counts.data());
+  }, emu::Schedule::kWorkers);
+  r.starts.resize(atoms + 1);
+  std::partial_sum(counts.begin(), counts.end(), r.starts.begin());
+  std::vector<int64_t> cursor = r.starts;
+  emu::launch(emu::Dim3{blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    incidence_fill_kernel(q.src.data(), q.dst.data(), pairs, count, cursor.data(),
+                          r.order.data());
+  }, emu::Schedule::kWorkers);
+  const unsigned atom_blocks = static_cast<unsigned>(blocks_for(atoms));
+  emu::launch(emu::Dim3{atom_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    incidence_sort_kernel(r.starts.data(), r.order.data(), atoms);
+  }, emu::Schedule::kWorkers);
+  return r;
+}
+
+// the same from a stable sort of [src, dst] (of src for a full list): the kernels' result must
+// be this, entry for entry
+bool incidences_as_sorted(const Pairs& q, const Incidences& got) {
+  std::vector<int64_t> keys = q.src;
+  if (q.half) keys.insert(keys.end(), q.dst.begin(), q.dst.end());
+  std::vector<int64_t> order(keys.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return keys[a] < keys[b]; });
+  std::vector<int64_t> starts;
+  for (int64_t n = 0; n <= q.atoms; ++n) {
+    starts.push_back(std::count_if(keys.begin(), keys.end(), [n](int64_t k) { return k < n; }));
+  }
+  return order == got.order && starts == got.starts;
 }
 
 V random(std::mt19937_64& rng, size_t n) {
@@ -240,8 +287,23 @@ void check_messages(const char* name, const Pairs& q, int64_t f_len, unsigned se
     });
     err_grad = std::max(err_grad, dot_error(dot(g_filt, d), want_dot));
   }
+  // gathered per atom (long lists): onto the self terms, as messages_self's launcher adds
+  const Incidences inc = incidences(q);
+  std::vector<T> gathered(want.size(), T(NAN));
+  const int64_t atom_blocks = blocks_for(atoms * f_len);
+  emu::launch(emu::Dim3{unsigned(blocks_for(atoms * kComps * f_len)), 1, 1},
+              emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    self_messages_kernel<T>(ty.data(), tself.data(), gathered.data(), atoms, f_len);
+  }, kFree);
+  emu::launch(emu::Dim3{unsigned(atom_blocks), 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    messages_gather_kernel<T>(ty.data(), tfilt.data(), q.src.data(), q.dst.data(),
+                              inc.order.data(), inc.starts.data(), gathered.data(), pairs, f_len,
+                              atoms);
+  }, kFree);
   report<T>("messages", name, err);
   report<T>("messages from self", name, err_self);
+  const double err_inc = incidences_as_sorted(q, inc) ? 0.0 : INFINITY;
+  report<T>("messages gathered", name, std::max(err_inc, relative_error(gathered, want_self)));
   report<T>("filter gradient", name, err_grad);
 }
 
@@ -269,7 +331,16 @@ void check_embedding(const char* name, const Pairs& q, int64_t f_len, unsigned s
     });
     err = std::max(err, relative_error(out, want));
   }
+  const Incidences inc = incidences(q);
+  std::vector<T> gathered(want.size(), T(0));
+  const unsigned atom_blocks = static_cast<unsigned>(blocks_for(atoms * f_len));
+  emu::launch(emu::Dim3{atom_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    embedding_gather_kernel<T>(t_radial.data(), t_recv.data(), t_send.data(), t_geom.data(),
+                               q.src.data(), q.dst.data(), inc.order.data(), inc.starts.data(),
+                               gathered.data(), pairs, f_len, atoms);
+  }, kFree);
   report<T>("embedding", name, err);
+  report<T>("embedding gathered", name, relative_error(gathered, want));
   // the gradients: L = sum grad * embedding is linear in radial, in (recv, send) and in geom
   const Dot want_radial = dot(grad, embedding_ref(q, d_radial, recv, send, geom, f_len));
   const Dot want_species = dot(grad, embedding_ref(q, radial, d_recv, d_send, geom, f_len));
