@@ -216,15 +216,15 @@ __global__ void embedding_kernel(const T* __restrict__ radial, const T* __restri
 }
 
 // ---- Pair sums gathered per atom (no atomic adds), for long pair lists ----------------------
-// Above kGatherWork pairs x channels the sums onto atoms are gathered instead of scattered: each
-// (atom, channel) thread runs over the atom's incidences, the pair slots that add onto it, in a
-// fixed order, and writes its sums once. Incidence e < pairs: pair e seen from its first atom
-// (the other atom its second); e >= pairs (half lists): pair e - pairs seen from its second
-// atom, the pair reversed. ``order`` lists the incidences grouped by the atom they add onto,
-// in their own order (as a stable sort of [src, dst] would), ``starts`` (atoms + 1) bounds each
-// atom's group. No atomic
-// adds: the same bits on every run, and the scattered kernels' atomic traffic (one per pair,
-// component and channel on the second atom's side) becomes reads of rows the L2 cache holds.
+// Above kGatherWork pairs x channels (and at least as many pairs as atoms) the sums onto atoms
+// are gathered instead of scattered: each (atom, channel) thread runs over the atom's
+// incidences, the pair slots that add onto it, in a fixed order, and writes its sums once.
+// Incidence e < pairs: pair e seen from its first atom (the other atom its second); e >= pairs
+// (half lists): pair e - pairs seen from its second atom, the pair reversed. ``order`` lists the
+// incidences grouped by the atom they add onto, in their own order (as a stable sort of
+// [src, dst] would), ``starts`` (atoms + 1) bounds each atom's group. No atomic adds: the same
+// bits on every run, and the scattered kernels' atomic traffic (one per pair, component and
+// channel on the second atom's side) becomes reads of rows the L2 cache holds.
 constexpr int64_t kGatherWork = int64_t(1) << 21;
 
 // the atom incidence e adds onto
@@ -1151,8 +1151,10 @@ bool gather_sums_enabled() {
   return enabled;
 }
 
-bool gathered(int64_t pairs, int64_t f_len) {
-  return pairs * f_len >= kGatherWork && gather_sums_enabled();
+// gathered: long lists, and not a low-memory block of a few pairs among many atoms (a gather
+// costs a thread per atom and channel however few the pairs)
+bool gathered(int64_t pairs, int64_t f_len, int64_t atoms) {
+  return pairs * f_len >= kGatherWork && pairs >= atoms && gather_sums_enabled();
 }
 
 // The incidences of a pair list grouped by the atom they add onto, each group in slot order
@@ -1191,7 +1193,7 @@ void messages_into(const at::Tensor& out, const at::Tensor& y, const at::Tensor&
   const int64_t pairs = filt.size(0), f_len = y.size(2);
   if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (gathered(pairs, f_len)) {
+  if (gathered(pairs, f_len, y.size(0))) {
     const int64_t atoms = y.size(0);
     at::Tensor order, starts;
     std::tie(order, starts) = incidences(src, dst, atoms, half);
@@ -1266,7 +1268,7 @@ void embedding_into(const at::Tensor& out, const at::Tensor& radial, const at::T
   const int64_t pairs = radial.size(0), f_len = radial.size(2), atoms = z_recv.size(0);
   if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (gathered(pairs, f_len)) {
+  if (gathered(pairs, f_len, atoms)) {
     at::Tensor order, starts;
     std::tie(order, starts) = incidences(src, dst, atoms, half);
     AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_gather_cuda", [&] {
