@@ -68,7 +68,7 @@ def test_the_marked_parts_hold_the_emulated_kernels():
 HARNESSES = {
     "small_networks": {"address": 13},
     "pair_search": {"address": 6},
-    "pair_sums": {"address": 46, "thread": 16},
+    "pair_sums": {"address": 50, "thread": 17},
 }
 SANITIZER_FLAGS = {
     "address": ["-fsanitize=address", "-fno-omit-frame-pointer"],

@@ -356,6 +356,45 @@ __global__ void embedding_gather_kernel(const T* __restrict__ radial, const T* _
   for (int c = 0; c < kComps; ++c) out[(n * kComps + c) * f_len + f] += sum[c];
 }
 
+// The species terms' gradients of a half list's embedding sums (embedding_grads_kernel's
+// atomic adds onto g_recv and g_send), gathered: with t_ij = sum_c geom[p, c] radial[p,
+// GROUP[c]] grad[i, c] and t_ji the same with SIGN[c] and grad[j, c], a pair adds t_ij to
+// g_recv[i] and g_send[j], t_ji to g_recv[j] and g_send[i]; so an atom's g_recv sums the terms
+// of its own rows over its incidences (signed where it is the second atom) and its g_send the
+// partner's (signed where it is the first). One thread per atom and channel, written once.
+template <typename T>
+__global__ void embedding_species_gather_kernel(
+    const T* __restrict__ grad, const T* __restrict__ radial, const T* __restrict__ geom,
+    const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
+    const int64_t* __restrict__ order, const int64_t* __restrict__ starts, T* __restrict__ g_recv,
+    T* __restrict__ g_send, int64_t pairs, int64_t f_len, int64_t atoms) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len;
+  T own_rows[kComps];
+#pragma unroll
+  for (int c = 0; c < kComps; ++c) own_rows[c] = grad[(n * kComps + c) * f_len + f];
+  T recv = T(0), send = T(0);
+  for (int64_t q = starts[n]; q < starts[n + 1]; ++q) {
+    const Incident e = incident(order[q], src, dst, pairs, atoms);
+    const T r[kParts] = {radial[(e.pair * kParts) * f_len + f],
+                         radial[(e.pair * kParts + 1) * f_len + f],
+                         radial[(e.pair * kParts + 2) * f_len + f]};
+    T own = T(0), partner = T(0);
+#pragma unroll
+    for (int c = 0; c < kComps; ++c) {
+      const T w = geom[e.pair * kComps + c] * r[group_of(c)];
+      const T sign = reversed_sign<T>(c);
+      own += (e.reversed ? sign * w : w) * own_rows[c];
+      partner += (e.reversed ? w : sign * w) * grad[(e.other * kComps + c) * f_len + f];
+    }
+    recv += own;
+    send += partner;
+  }
+  g_recv[n * f_len + f] = recv;
+  g_send[n * f_len + f] = send;
+}
+
 // The embedding's backward per pair and channel: with h_ij[c] = grad[i, c] s_ij and
 // h_ji[c] = SIGN[c] grad[j, c] s_ji, grad_radial[p, g] = sum_{c in g} geom[p, c] (h_ij[c] +
 // h_ji[c]); each side adds t = sum_c a_c radial[p, GROUP[c]] grad[to, c] to z_recv's gradient at
@@ -1311,9 +1350,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
   const int64_t pairs = radial.size(0), f_len = radial.size(2), atoms = z_recv.size(0);
   at::Tensor g_radial, g_recv, g_send, g_geom;
   if (want_radial) g_radial = at::empty_like(radial);  // every entry written once
+  // a half list's species gradients gathered per atom (each entry written once), else atomic
+  const bool gather_species = want_species && half && gathered(pairs, f_len, atoms);
   if (want_species) {
-    g_recv = at::zeros_like(z_recv);
-    g_send = at::zeros_like(z_send);
+    g_recv = gather_species ? at::empty_like(z_recv) : at::zeros_like(z_recv);
+    g_send = gather_species ? at::empty_like(z_send) : at::zeros_like(z_send);
   }
   if (want_geom) g_geom = at::empty_like(geom);
   if (pairs == 0 || f_len == 0 || !(want_radial || want_species || want_geom)) {
@@ -1327,14 +1368,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_grads_cuda", [&] {
     const size_t shared = sizeof(scalar_t) * block.y * kComps;
-    embedding_grads_kernel<scalar_t><<<static_cast<unsigned>(grid), block, shared, stream>>>(
-        grad.data_ptr<scalar_t>(), radial.data_ptr<scalar_t>(), z_recv.data_ptr<scalar_t>(),
-        z_send.data_ptr<scalar_t>(), geom.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
-        dst.data_ptr<int64_t>(), data_or_null<scalar_t>(g_radial),
-        data_or_null<scalar_t>(g_recv), data_or_null<scalar_t>(g_send),
-        data_or_null<scalar_t>(g_geom), pairs, f_len, atoms, half);
+    if (want_radial || want_geom || !gather_species) {
+      at::Tensor scattered_recv = gather_species ? at::Tensor() : g_recv;
+      at::Tensor scattered_send = gather_species ? at::Tensor() : g_send;
+      embedding_grads_kernel<scalar_t><<<static_cast<unsigned>(grid), block, shared, stream>>>(
+          grad.data_ptr<scalar_t>(), radial.data_ptr<scalar_t>(), z_recv.data_ptr<scalar_t>(),
+          z_send.data_ptr<scalar_t>(), geom.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
+          dst.data_ptr<int64_t>(), data_or_null<scalar_t>(g_radial),
+          data_or_null<scalar_t>(scattered_recv), data_or_null<scalar_t>(scattered_send),
+          data_or_null<scalar_t>(g_geom), pairs, f_len, atoms, half);
+      check_launch();
+    }
+    if (gather_species) {
+      at::Tensor order, starts;
+      std::tie(order, starts) = incidences(src, dst, atoms, true);
+      embedding_species_gather_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0,
+                                                  stream>>>(
+          grad.data_ptr<scalar_t>(), radial.data_ptr<scalar_t>(), geom.data_ptr<scalar_t>(),
+          src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
+          starts.data_ptr<int64_t>(), g_recv.data_ptr<scalar_t>(), g_send.data_ptr<scalar_t>(),
+          pairs, f_len, atoms);
+      check_launch();
+    }
   });
-  check_launch();
   return {g_radial, g_recv, g_send, g_geom};
 }
 

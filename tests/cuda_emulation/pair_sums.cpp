@@ -1,14 +1,14 @@
 // The pair sums of pair_ops_cuda.cu run on the CPU (emulate.h), as their launchers run them:
 // messages_kernel (with and without self_messages_kernel first), filter_grad_kernel,
 // embedding_kernel, embedding_grads_kernel, the gathered sums of long pair lists
-// (messages_gather_kernel, embedding_gather_kernel, over the launcher's incidences), and the pair
-// differences (pair_difference_kernel, difference_grad_fill_kernel, pair_difference_grad_kernel).
-// The scattered sums onto atoms go through atomic adds and take runs of consecutive pairs per
-// thread; here every run length the launcher can pick (1, 2, 3, 8 and run_length's own), pairs in
-// the searches' order (sorted by the first atom, padded with self pairs) and shuffled, half and
-// full lists, channel counts that fill no block exactly. The blocks of a launch run side by side
-// (emulate.h's Schedule; built under ThreadSanitizer too, a plain write that two threads make
-// shows).
+// (messages_gather_kernel, embedding_gather_kernel, embedding_species_gather_kernel, over the
+// launcher's incidences), and the pair differences (pair_difference_kernel,
+// difference_grad_fill_kernel, pair_difference_grad_kernel). The scattered sums onto atoms go
+// through atomic adds and take runs of consecutive pairs per thread; here every run length the
+// launcher can pick (1, 2, 3, 8 and run_length's own), pairs in the searches' order (sorted by
+// the first atom, padded with self pairs) and shuffled, half and full lists, channel counts that
+// fill no block exactly. The blocks of a launch run side by side (emulate.h's Schedule; built
+// under ThreadSanitizer too, a plain write that two threads make shows).
 //
 // Checks, in double and float: the forward sums against a plain loop; each gradient as the
 // adjoint of its forward (every sum is linear in each input, so <gradient, d> must equal the
@@ -222,7 +222,7 @@ template <typename T>
 void report(const char* what, const char* name, double err) {
   const bool ok = err <= tolerance<T>();
   failures += ok ? 0 : 1;
-  std::printf("%-4s %-7s %-22s %-44s error %.2e\n", ok ? "ok" : "FAIL",
+  std::printf("%-4s %-7s %-26s %-40s error %.2e\n", ok ? "ok" : "FAIL",
               sizeof(T) == 8 ? "double" : "float", what, name, err);
 }
 
@@ -381,6 +381,18 @@ void check_embedding(const char* name, const Pairs& q, int64_t f_len, unsigned s
     if (w_geom) err_grads = std::max(err_grads, dot_error(dot(g_geom, d_geom), want_geom));
   }
   report<T>("embedding gradients", name, err_grads);
+  if (!q.half) return;  // (the launcher gathers the species gradients of half lists only)
+  // the species gradients gathered, beside the kernel above for the rest (species not asked)
+  std::vector<T> g_recv(recv.size(), T(NAN)), g_send(send.size(), T(NAN));
+  emu::launch(emu::Dim3{atom_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    embedding_species_gather_kernel<T>(t_grad.data(), t_radial.data(), t_geom.data(),
+                                       q.src.data(), q.dst.data(), inc.order.data(),
+                                       inc.starts.data(), g_recv.data(), g_send.data(), pairs,
+                                       f_len, atoms);
+  }, kFree);
+  Dot got = dot(g_recv, d_recv);
+  got.value += dot(g_send, d_send).value;
+  report<T>("species gradients gathered", name, dot_error(got, want_species));
 }
 
 // the pair differences: vectors (in vacuum: scale (pos_i - pos_j), to the last bit; in a box,
