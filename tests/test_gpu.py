@@ -440,7 +440,7 @@ def test_gathered_pair_sums_on_cuda_equal_cpu(half):
     gradients, whose transposed sums gather too), the self messages, the embedding's sums and
     their gradients (a half list's species gradients gathered too) equal the CPU kernels in
     float64, for pairs in the searches' order and shuffled, with padding self pairs; the same
-    bits on a second run; the gather kernels are what ran."""
+    bits on a second run; the gather kernels are what ran; and a CUDA graph captures them."""
     cuda_kernels()
     g = torch.Generator().manual_seed(8)
     n, pairs, f = 700, 17000, 128
@@ -484,6 +484,28 @@ def test_gathered_pair_sums_on_cuda_equal_cpu(half):
             assert k in atomic or torch.equal(a, b), k
         for kernel in ("messages_gather", "embedding_gather", "embedding_species_gather"):
             assert (f"{kernel}_kernel" in names) == (half or kernel != "embedding_species_gather")
+    # captured in a CUDA graph (the incidences' kernels, prefix sum and copy included) and
+    # replayed on new inputs, as OpenMM replays a force's graph
+    i, j = (t.cuda() for t in sorted_pairs)
+    y_c, filt_c = y.cuda(), filt.cuda()
+    emb_in = [t.cuda() for t in (radial, z_recv, z_send, geom)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture
+        ops.messages(y_c, filt_c, i, j, half)
+        ops.embedding_sums(*emb_in, i, j, half)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.messages(y_c, filt_c, i, j, half)
+        emb = ops.embedding_sums(*emb_in, i, j, half)
+    y_c.copy_(2 * y_c)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected_out = ops.messages(2 * y, filt, sorted_pairs[0], sorted_pairs[1], half)
+    torch.testing.assert_close(out.cpu(), expected_out, rtol=1e-12, atol=1e-12)
+    expected_emb = ops.embedding_sums(radial, z_recv, z_send, geom, *sorted_pairs, half)
+    torch.testing.assert_close(emb.cpu(), expected_emb, rtol=1e-12, atol=1e-12)
 
 
 def _cuda_kernel_names(run):
