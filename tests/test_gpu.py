@@ -400,6 +400,14 @@ def test_pair_search_kernel_on_cuda_equals_cpu(water, strategy, dtype):
     assert count > 1000
 
 
+def _random_pairs(g, n, pairs):
+    """Random pairs of n atoms (src, dst) and the order that sorts them by their first atom, as
+    the searches give them."""
+    src = torch.randint(0, n, (pairs,), generator=g)
+    dst = torch.randint(0, n, (pairs,), generator=g)
+    return src, dst, torch.sort(src, stable=True).indices
+
+
 @pytest.mark.parametrize("half", [True, False])
 def test_pair_sums_on_cuda_with_runs_of_pairs_equal_cpu(half):
     """Sums with enough pairs that a GPU thread takes a run of consecutive pairs (from 2^19 pairs
@@ -409,9 +417,7 @@ def test_pair_sums_on_cuda_with_runs_of_pairs_equal_cpu(half):
     cuda_kernels()
     g = torch.Generator().manual_seed(5)
     n, pairs, f = 300, 9000, 128
-    src = torch.randint(0, n, (pairs,), generator=g)
-    dst = torch.randint(0, n, (pairs,), generator=g)
-    order = torch.sort(src, stable=True).indices
+    src, dst, order = _random_pairs(g, n, pairs)
     y = torch.randn(n, 10, f, generator=g, dtype=torch.float64)
     filt = torch.randn(pairs, 3, f, generator=g, dtype=torch.float64)
     radial = torch.randn(pairs, 3, f, generator=g, dtype=torch.float64)
@@ -444,9 +450,7 @@ def test_gathered_pair_sums_on_cuda_equal_cpu(half):
     cuda_kernels()
     g = torch.Generator().manual_seed(8)
     n, pairs, f = 700, 17000, 128
-    src = torch.randint(0, n, (pairs,), generator=g)
-    dst = torch.randint(0, n, (pairs,), generator=g)
-    order = torch.sort(src, stable=True).indices
+    src, dst, order = _random_pairs(g, n, pairs)
     pad = torch.arange(64) % n  # the padding slots' self pairs
     sorted_pairs = (torch.cat((src[order], pad)), torch.cat((dst[order], pad)))
     y = torch.randn(n, 10, f, generator=g, dtype=torch.float64)

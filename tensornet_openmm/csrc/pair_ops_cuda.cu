@@ -277,18 +277,36 @@ __global__ void incidence_sort_kernel(const int64_t* __restrict__ starts,
   }
 }
 
-// the incidence e's pair, the atom it adds onto's partner, and whether it is reversed
+// a gather's pair list (src, dst), its incidences (order, starts) and sizes
+struct GatherList {
+  const int64_t* src = nullptr;
+  const int64_t* dst = nullptr;
+  const int64_t* order = nullptr;
+  const int64_t* starts = nullptr;
+  int64_t pairs = 0, f_len = 0, atoms = 0;
+};
+
+// this thread's atom n and channel f (false past the last)
+__device__ __forceinline__ bool atom_channel(const GatherList& g, int64_t& n, int64_t& f) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= g.atoms * g.f_len) return false;
+  n = t / g.f_len;
+  f = t - n * g.f_len;
+  return true;
+}
+
+// the incidence at q of an atom's group: its pair, the atom it adds onto's partner, and whether
+// it is reversed
 struct Incident {
   int64_t pair, other;
   bool reversed;
 };
-__device__ __forceinline__ Incident incident(int64_t e, const int64_t* __restrict__ src,
-                                             const int64_t* __restrict__ dst, int64_t pairs,
-                                             int64_t atoms) {
-  const bool reversed = e >= pairs;
-  const int64_t p = reversed ? e - pairs : e;
-  const int64_t i = src[p], j = dst[p];
-  check_pair(i, j, atoms);
+__device__ __forceinline__ Incident incident(const GatherList& g, int64_t q) {
+  const int64_t e = g.order[q];
+  const bool reversed = e >= g.pairs;
+  const int64_t p = reversed ? e - g.pairs : e;
+  const int64_t i = g.src[p], j = g.dst[p];
+  check_pair(i, j, g.atoms);
   return {p, reversed ? i : j, reversed};
 }
 
@@ -296,19 +314,15 @@ __device__ __forceinline__ Incident incident(int64_t e, const int64_t* __restric
 // sums), one thread per atom and channel
 template <typename T>
 __global__ void messages_gather_kernel(const T* __restrict__ y, const T* __restrict__ filt,
-                                       const int64_t* __restrict__ src,
-                                       const int64_t* __restrict__ dst,
-                                       const int64_t* __restrict__ order,
-                                       const int64_t* __restrict__ starts, T* __restrict__ out,
-                                       int64_t pairs, int64_t f_len, int64_t atoms) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len;
+                                       GatherList g, T* __restrict__ out) {
+  int64_t n, f;
+  if (!atom_channel(g, n, f)) return;
+  const int64_t f_len = g.f_len;
   T sum[kComps];
 #pragma unroll
   for (int c = 0; c < kComps; ++c) sum[c] = T(0);
-  for (int64_t q = starts[n]; q < starts[n + 1]; ++q) {
-    const Incident e = incident(order[q], src, dst, pairs, atoms);
+  for (int64_t q = g.starts[n]; q < g.starts[n + 1]; ++q) {
+    const Incident e = incident(g, q);
     const T w[kParts] = {filt[(e.pair * kParts) * f_len + f],
                          filt[(e.pair * kParts + 1) * f_len + f],
                          filt[(e.pair * kParts + 2) * f_len + f]};
@@ -327,20 +341,16 @@ __global__ void messages_gather_kernel(const T* __restrict__ y, const T* __restr
 template <typename T>
 __global__ void embedding_gather_kernel(const T* __restrict__ radial, const T* __restrict__ z_recv,
                                         const T* __restrict__ z_send, const T* __restrict__ geom,
-                                        const int64_t* __restrict__ src,
-                                        const int64_t* __restrict__ dst,
-                                        const int64_t* __restrict__ order,
-                                        const int64_t* __restrict__ starts, T* __restrict__ out,
-                                        int64_t pairs, int64_t f_len, int64_t atoms) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len;
+                                        GatherList g, T* __restrict__ out) {
+  int64_t n, f;
+  if (!atom_channel(g, n, f)) return;
+  const int64_t f_len = g.f_len;
   const T recv = z_recv[n * f_len + f];
   T sum[kComps];
 #pragma unroll
   for (int c = 0; c < kComps; ++c) sum[c] = T(0);
-  for (int64_t q = starts[n]; q < starts[n + 1]; ++q) {
-    const Incident e = incident(order[q], src, dst, pairs, atoms);
+  for (int64_t q = g.starts[n]; q < g.starts[n + 1]; ++q) {
+    const Incident e = incident(g, q);
     const T s = recv + z_send[e.other * f_len + f];
     const T r[kParts] = {radial[(e.pair * kParts) * f_len + f] * s,
                          radial[(e.pair * kParts + 1) * f_len + f] * s,
@@ -363,20 +373,19 @@ __global__ void embedding_gather_kernel(const T* __restrict__ radial, const T* _
 // of its own rows over its incidences (signed where it is the second atom) and its g_send the
 // partner's (signed where it is the first). One thread per atom and channel, written once.
 template <typename T>
-__global__ void embedding_species_gather_kernel(
-    const T* __restrict__ grad, const T* __restrict__ radial, const T* __restrict__ geom,
-    const int64_t* __restrict__ src, const int64_t* __restrict__ dst,
-    const int64_t* __restrict__ order, const int64_t* __restrict__ starts, T* __restrict__ g_recv,
-    T* __restrict__ g_send, int64_t pairs, int64_t f_len, int64_t atoms) {
-  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (t >= atoms * f_len) return;
-  const int64_t n = t / f_len, f = t - n * f_len;
+__global__ void embedding_species_gather_kernel(const T* __restrict__ grad,
+                                                const T* __restrict__ radial,
+                                                const T* __restrict__ geom, GatherList g,
+                                                T* __restrict__ g_recv, T* __restrict__ g_send) {
+  int64_t n, f;
+  if (!atom_channel(g, n, f)) return;
+  const int64_t f_len = g.f_len;
   T own_rows[kComps];
 #pragma unroll
   for (int c = 0; c < kComps; ++c) own_rows[c] = grad[(n * kComps + c) * f_len + f];
   T recv = T(0), send = T(0);
-  for (int64_t q = starts[n]; q < starts[n + 1]; ++q) {
-    const Incident e = incident(order[q], src, dst, pairs, atoms);
+  for (int64_t q = g.starts[n]; q < g.starts[n + 1]; ++q) {
+    const Incident e = incident(g, q);
     const T r[kParts] = {radial[(e.pair * kParts) * f_len + f],
                          radial[(e.pair * kParts + 1) * f_len + f],
                          radial[(e.pair * kParts + 2) * f_len + f]};
@@ -1197,28 +1206,36 @@ bool gathered(int64_t pairs, int64_t f_len, int64_t atoms) {
 }
 
 // The incidences of a pair list grouped by the atom they add onto, each group in slot order
-// (first the atom's pairs as their first atom, then as their second): (order, starts), see
-// messages_gather_kernel. On the current stream, no host synchronisation.
-std::tuple<at::Tensor, at::Tensor> incidences(const at::Tensor& src, const at::Tensor& dst,
-                                              int64_t atoms, bool half) {
+// (first the atom's pairs as their first atom, then as their second), with the gathers' view of
+// them (see messages_gather_kernel). On the current stream, no host synchronisation.
+struct Gather {
+  at::Tensor order, starts;  // (kept alive for the launches)
+  GatherList list;
+};
+
+Gather incidences(const at::Tensor& src, const at::Tensor& dst, int64_t atoms, int64_t f_len,
+                  bool half) {
   const int64_t pairs = src.size(0), count = half ? 2 * pairs : pairs;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor counts = at::zeros({atoms + 1}, src.options());
-  at::Tensor order = at::empty({count}, src.options());
+  Gather g;
+  g.order = at::empty({count}, src.options());
   incidence_count_kernel<<<blocks_for(count), kThreads, 0, stream>>>(
       src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), pairs, count, atoms,
       counts.data_ptr<int64_t>());
   check_launch();
-  const at::Tensor starts = at::cumsum(counts, 0);
-  at::Tensor cursor = starts.clone();
+  g.starts = at::cumsum(counts, 0);
+  at::Tensor cursor = g.starts.clone();
   incidence_fill_kernel<<<blocks_for(count), kThreads, 0, stream>>>(
       src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), pairs, count, cursor.data_ptr<int64_t>(),
-      order.data_ptr<int64_t>());
+      g.order.data_ptr<int64_t>());
   check_launch();
   incidence_sort_kernel<<<blocks_for(atoms), kThreads, 0, stream>>>(
-      starts.data_ptr<int64_t>(), order.data_ptr<int64_t>(), atoms);
+      g.starts.data_ptr<int64_t>(), g.order.data_ptr<int64_t>(), atoms);
   check_launch();
-  return {order, starts};
+  g.list = {src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), g.order.data_ptr<int64_t>(),
+            g.starts.data_ptr<int64_t>(), pairs, f_len, atoms};
+  return g;
 }
 
 }  // namespace
@@ -1234,13 +1251,10 @@ void messages_into(const at::Tensor& out, const at::Tensor& y, const at::Tensor&
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (gathered(pairs, f_len, y.size(0))) {
     const int64_t atoms = y.size(0);
-    at::Tensor order, starts;
-    std::tie(order, starts) = incidences(src, dst, atoms, half);
+    const Gather g = incidences(src, dst, atoms, f_len, half);
     AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "tensornet_openmm_messages_gather_cuda", [&] {
       messages_gather_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
-          y.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(), src.data_ptr<int64_t>(),
-          dst.data_ptr<int64_t>(), order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-          out.data_ptr<scalar_t>(), pairs, f_len, atoms);
+          y.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(), g.list, out.data_ptr<scalar_t>());
     });
     check_launch();
     return;
@@ -1308,14 +1322,11 @@ void embedding_into(const at::Tensor& out, const at::Tensor& radial, const at::T
   if (pairs == 0 || f_len == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (gathered(pairs, f_len, atoms)) {
-    at::Tensor order, starts;
-    std::tie(order, starts) = incidences(src, dst, atoms, half);
+    const Gather g = incidences(src, dst, atoms, f_len, half);
     AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_gather_cuda", [&] {
       embedding_gather_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
           radial.data_ptr<scalar_t>(), z_recv.data_ptr<scalar_t>(), z_send.data_ptr<scalar_t>(),
-          geom.data_ptr<scalar_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(),
-          order.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), pairs,
-          f_len, atoms);
+          geom.data_ptr<scalar_t>(), g.list, out.data_ptr<scalar_t>());
     });
     check_launch();
     return;
@@ -1380,14 +1391,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
       check_launch();
     }
     if (gather_species) {
-      at::Tensor order, starts;
-      std::tie(order, starts) = incidences(src, dst, atoms, true);
+      const Gather g = incidences(src, dst, atoms, f_len, true);
       embedding_species_gather_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0,
                                                   stream>>>(
           grad.data_ptr<scalar_t>(), radial.data_ptr<scalar_t>(), geom.data_ptr<scalar_t>(),
-          src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-          starts.data_ptr<int64_t>(), g_recv.data_ptr<scalar_t>(), g_send.data_ptr<scalar_t>(),
-          pairs, f_len, atoms);
+          g.list, g_recv.data_ptr<scalar_t>(), g_send.data_ptr<scalar_t>());
       check_launch();
     }
   });

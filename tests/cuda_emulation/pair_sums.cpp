@@ -94,6 +94,10 @@ Pairs make_pairs(std::mt19937_64& rng, int64_t atoms, bool half, double density,
 // atom) with the prefix sum between them on the host
 struct Incidences {
   std::vector<int64_t> order, starts;
+  GatherList list(const Pairs& q, int64_t f_len) const {
+    return {q.src.data(), q.dst.data(), order.data(), starts.data(),
+            static_cast<int64_t>(q.src.size()), f_len, q.atoms};
+  }
 };
 Incidences incidences(const Pairs& q) {
   const int64_t pairs = static_cast<int64_t>(q.src.size()), count = q.half ? 2 * pairs : pairs;
@@ -296,9 +300,7 @@ void check_messages(const char* name, const Pairs& q, int64_t f_len, unsigned se
     self_messages_kernel<T>(ty.data(), tself.data(), gathered.data(), atoms, f_len);
   }, kFree);
   emu::launch(emu::Dim3{unsigned(atom_blocks), 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
-    messages_gather_kernel<T>(ty.data(), tfilt.data(), q.src.data(), q.dst.data(),
-                              inc.order.data(), inc.starts.data(), gathered.data(), pairs, f_len,
-                              atoms);
+    messages_gather_kernel<T>(ty.data(), tfilt.data(), inc.list(q, f_len), gathered.data());
   }, kFree);
   report<T>("messages", name, err);
   report<T>("messages from self", name, err_self);
@@ -336,8 +338,7 @@ void check_embedding(const char* name, const Pairs& q, int64_t f_len, unsigned s
   const unsigned atom_blocks = static_cast<unsigned>(blocks_for(atoms * f_len));
   emu::launch(emu::Dim3{atom_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
     embedding_gather_kernel<T>(t_radial.data(), t_recv.data(), t_send.data(), t_geom.data(),
-                               q.src.data(), q.dst.data(), inc.order.data(), inc.starts.data(),
-                               gathered.data(), pairs, f_len, atoms);
+                               inc.list(q, f_len), gathered.data());
   }, kFree);
   report<T>("embedding", name, err);
   report<T>("embedding gathered", name, relative_error(gathered, want));
@@ -386,9 +387,7 @@ void check_embedding(const char* name, const Pairs& q, int64_t f_len, unsigned s
   std::vector<T> g_recv(recv.size(), T(NAN)), g_send(send.size(), T(NAN));
   emu::launch(emu::Dim3{atom_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
     embedding_species_gather_kernel<T>(t_grad.data(), t_radial.data(), t_geom.data(),
-                                       q.src.data(), q.dst.data(), inc.order.data(),
-                                       inc.starts.data(), g_recv.data(), g_send.data(), pairs,
-                                       f_len, atoms);
+                                       inc.list(q, f_len), g_recv.data(), g_send.data());
   }, kFree);
   Dot got = dot(g_recv, d_recv);
   got.value += dot(g_send, d_send).value;
