@@ -985,7 +985,6 @@ __global__ void network_backward_kernel(NetArgs<T> a) {
   }
 }
 
-
 // r[p] = scale (pos[src[p]] - pos[dst[p]]), at its minimum image in the box (times the scale)
 // if one is given, one thread per pair; NaN if the box is narrower than min_width
 template <typename T>
