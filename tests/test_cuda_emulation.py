@@ -9,8 +9,9 @@ differences, in double and float; ``pair_search.cpp`` the pair search's kernels 
 loop over the same candidates; ``pair_sums.cpp`` the sums onto atoms (messages, the embedding,
 their gradients, the pair differences' gradient: atomic adds, runs of pairs) against plain loops
 and as adjoints of their forwards, and again under ThreadSanitizer, which reports a plain write
-that two CUDA threads make. Skipped without a C++20 compiler. The GPU runs the same code in
-``tests/test_gpu.py``.
+that two CUDA threads make; ``rows.cpp`` the output head's part norms and a scaled network's
+last layer (strided rows) against plain loops and central differences. Skipped without a C++20
+compiler. The GPU runs the same code in ``tests/test_gpu.py``.
 """
 
 import re
@@ -59,6 +60,10 @@ def test_the_marked_parts_hold_the_emulated_kernels():
         "pair_difference_grad_kernel",
         "messages_gather_kernel",
         "embedding_gather_kernel",
+        "embedding_species_gather_kernel",
+        "incidence_sort_kernel",
+        "part_norms_grad_kernel",
+        "activate_scaled_grad_kernel",
     ):
         assert name in code
     assert "shared_bytes = emu::shared()" in code
@@ -69,6 +74,7 @@ HARNESSES = {
     "small_networks": {"address": 13},
     "pair_search": {"address": 6},
     "pair_sums": {"address": 50, "thread": 17},
+    "rows": {"address": 13},
 }
 SANITIZER_FLAGS = {
     "address": ["-fsanitize=address", "-fno-omit-frame-pointer"],

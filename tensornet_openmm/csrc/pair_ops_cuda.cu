@@ -604,7 +604,6 @@ __device__ __forceinline__ T activation_slope(int activation, T z) {
   return T(1);
 }
 
-// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----
 
 // out[r, f] = act(z[r, f]) scale[r], one thread per value (z's rows ld_z apart)
 template <typename T>
@@ -641,7 +640,6 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
   if (lane == 0 && g_scale != nullptr) g_scale[row] = sum;
 }
 
-// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----
 // ---- A small network in one kernel each way (pair_ops.cpp's mlp and radial_networks) --------
 // For a few rows (a small molecule's atoms and pairs) a network is latency-bound: cuBLAS's
 // products (often with a split-K reduction, an epilogue or a scaling of their own), one
