@@ -124,17 +124,21 @@ void launch(Dim3 grid, Dim3 threads, size_t shared_bytes, const F& kernel,
             Schedule schedule = Schedule::kBlocks) {
   const unsigned size = threads.x * threads.y, blocks_in_grid = grid.x * grid.y;
   Threads pool;
+  // the calling thread becomes thread t of block (bx, by), of block ``own``
+  auto enter = [&](unsigned bx, unsigned by, unsigned t, Block* own) {
+    state.thread = {t % threads.x, t / threads.x, 0};
+    state.block = {bx, by, 0};
+    state.dim = {threads.x, threads.y, 1};
+    state.tid = static_cast<int>(t);
+    state.own = own;
+  };
   if (schedule == Schedule::kWorkers) {
     const uint64_t total = uint64_t(blocks_in_grid) * size;
     for (unsigned w = 0; w < kWorkers; ++w) {
       pool.start([&, w] {
         for (uint64_t k = w; k < total; k += kWorkers) {
           const unsigned b = static_cast<unsigned>(k / size), t = static_cast<unsigned>(k % size);
-          state.thread = {t % threads.x, t / threads.x, 0};
-          state.block = {b % grid.x, b / grid.x, 0};
-          state.dim = {threads.x, threads.y, 1};
-          state.tid = static_cast<int>(t);
-          state.own = nullptr;  // no barriers, shuffles or shared memory
+          enter(b % grid.x, b / grid.x, t, nullptr);  // no barriers, shuffles or shared memory
           kernel();
         }
       });
@@ -154,11 +158,7 @@ void launch(Dim3 grid, Dim3 threads, size_t shared_bytes, const F& kernel,
     b.exchange.assign(size, 0.0);
     for (unsigned t = 0; t < size; ++t) {
       pool.start([&, bx, by, t] {
-        state.thread = {t % threads.x, t / threads.x, 0};
-        state.block = {bx, by, 0};
-        state.dim = {threads.x, threads.y, 1};
-        state.tid = static_cast<int>(t);
-        state.own = &b;
+        enter(bx, by, t, &b);
         kernel();
       });
     }
@@ -174,8 +174,9 @@ void launch(Dim3 grid, Dim3 threads, size_t shared_bytes, const F& kernel,
 
 // the one-dimensional form: gx by gy blocks of ``threads`` threads
 template <typename F>
-void launch(unsigned gx, unsigned gy, unsigned threads, size_t shared_bytes, const F& kernel) {
-  launch(Dim3{gx, gy, 1}, Dim3{threads, 1, 1}, shared_bytes, kernel);
+void launch(unsigned gx, unsigned gy, unsigned threads, size_t shared_bytes, const F& kernel,
+            Schedule schedule = Schedule::kBlocks) {
+  launch(Dim3{gx, gy, 1}, Dim3{threads, 1, 1}, shared_bytes, kernel, schedule);
 }
 
 }  // namespace emu

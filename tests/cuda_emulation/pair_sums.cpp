@@ -106,18 +106,18 @@ Incidences incidences(const Pairs& q) {
   Incidences r;
   r.order.assign(count, -1);
   const unsigned blocks = static_cast<unsigned>(blocks_for(count));
-  emu::launch(emu::Dim3{blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(blocks, 1, kThreads, 0, [&] {
     incidence_count_kernel(q.src.data(), q.dst.data(), pairs, count, atoms, counts.data());
   }, emu::Schedule::kWorkers);
   r.starts.resize(atoms + 1);
   std::partial_sum(counts.begin(), counts.end(), r.starts.begin());
   std::vector<int64_t> cursor = r.starts;
-  emu::launch(emu::Dim3{blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(blocks, 1, kThreads, 0, [&] {
     incidence_fill_kernel(q.src.data(), q.dst.data(), pairs, count, cursor.data(),
                           r.order.data());
   }, emu::Schedule::kWorkers);
   const unsigned atom_blocks = static_cast<unsigned>(blocks_for(atoms));
-  emu::launch(emu::Dim3{atom_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(atom_blocks, 1, kThreads, 0, [&] {
     incidence_sort_kernel(r.starts.data(), r.order.data(), atoms);
   }, emu::Schedule::kWorkers);
   return r;
@@ -241,8 +241,7 @@ std::vector<int> runs_for(int64_t pairs, int64_t f_len) {
 template <typename T>
 void launch_pairs(int64_t pairs, int64_t f_len, int run, const auto& kernel) {
   const int64_t blocks = blocks_for(run_threads(pairs, f_len, run));
-  emu::launch(emu::Dim3{unsigned(blocks), 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, kernel,
-              kFree);
+  emu::launch(blocks, 1, kThreads, 0, kernel, kFree);
 }
 
 // messages (plain and from the self terms) and the filter gradient, every run length
@@ -276,7 +275,7 @@ void check_messages(const char* name, const Pairs& q, int64_t f_len, unsigned se
     // messages_self: the self terms written first (over NaN), then the pair sums
     std::vector<T> self(want.size(), T(NAN));
     const int64_t blocks = blocks_for(atoms * kComps * f_len);
-    emu::launch(emu::Dim3{unsigned(blocks), 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    emu::launch(blocks, 1, kThreads, 0, [&] {
       self_messages_kernel<T>(ty.data(), tself.data(), self.data(), atoms, f_len);
     }, kFree);
     launch_pairs<T>(pairs, f_len, run, [&] {
@@ -295,11 +294,10 @@ void check_messages(const char* name, const Pairs& q, int64_t f_len, unsigned se
   const Incidences inc = incidences(q);
   std::vector<T> gathered(want.size(), T(NAN));
   const int64_t atom_blocks = blocks_for(atoms * f_len);
-  emu::launch(emu::Dim3{unsigned(blocks_for(atoms * kComps * f_len)), 1, 1},
-              emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(blocks_for(atoms * kComps * f_len), 1, kThreads, 0, [&] {
     self_messages_kernel<T>(ty.data(), tself.data(), gathered.data(), atoms, f_len);
   }, kFree);
-  emu::launch(emu::Dim3{unsigned(atom_blocks), 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(atom_blocks, 1, kThreads, 0, [&] {
     messages_gather_kernel<T>(ty.data(), tfilt.data(), inc.list(q, f_len), gathered.data());
   }, kFree);
   report<T>("messages", name, err);
@@ -336,7 +334,7 @@ void check_embedding(const char* name, const Pairs& q, int64_t f_len, unsigned s
   const Incidences inc = incidences(q);
   std::vector<T> gathered(want.size(), T(0));
   const unsigned atom_blocks = static_cast<unsigned>(blocks_for(atoms * f_len));
-  emu::launch(emu::Dim3{atom_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(atom_blocks, 1, kThreads, 0, [&] {
     embedding_gather_kernel<T>(t_radial.data(), t_recv.data(), t_send.data(), t_geom.data(),
                                inc.list(q, f_len), gathered.data());
   }, kFree);
@@ -385,7 +383,7 @@ void check_embedding(const char* name, const Pairs& q, int64_t f_len, unsigned s
   if (!q.half) return;  // (the launcher gathers the species gradients of half lists only)
   // the species gradients gathered, beside the kernel above for the rest (species not asked)
   std::vector<T> g_recv(recv.size(), T(NAN)), g_send(send.size(), T(NAN));
-  emu::launch(emu::Dim3{atom_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(atom_blocks, 1, kThreads, 0, [&] {
     embedding_species_gather_kernel<T>(t_grad.data(), t_radial.data(), t_geom.data(),
                                        inc.list(q, f_len), g_recv.data(), g_send.data());
   }, kFree);
@@ -409,7 +407,7 @@ void check_differences(const char* name, const Pairs& q, unsigned seed) {
   double err = 0;
   for (const T* b : {static_cast<const T*>(nullptr), box.data()}) {
     std::vector<T> out(3 * pairs, T(NAN));
-    emu::launch(emu::Dim3{blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    emu::launch(blocks, 1, kThreads, 0, [&] {
       pair_difference_kernel<T>(pos.data(), q.src.data(), q.dst.data(), scale, b, T(0.5),
                                 out.data(), pairs, atoms);
     }, kFree);
@@ -428,11 +426,11 @@ void check_differences(const char* name, const Pairs& q, unsigned seed) {
   for (const T min_width : {T(0.5), T(30)}) {  // a box wide enough (in nm, scaled), one too narrow
     std::vector<T> g_pos(3 * atoms, T(-7));
     const unsigned fill = static_cast<unsigned>(blocks_for(3 * atoms));
-    emu::launch(emu::Dim3{fill, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    emu::launch(fill, 1, kThreads, 0, [&] {
       difference_grad_fill_kernel<T>(g_pos.data(), 3 * atoms, box.data(), scale, min_width);
     }, kFree);
     const unsigned grad_blocks = static_cast<unsigned>(blocks_for(3 * pairs));
-    emu::launch(emu::Dim3{grad_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+    emu::launch(grad_blocks, 1, kThreads, 0, [&] {
       pair_difference_grad_kernel<T>(grad.data(), q.src.data(), q.dst.data(), scale,
                                      g_pos.data(), pairs);
     }, kFree);

@@ -72,10 +72,10 @@ void check_part_norms(const char* name, int64_t atoms, int64_t f_len, unsigned s
   const std::vector<T> tp(p.begin(), p.end()), tg(g.begin(), g.end());
   std::vector<T> out(atoms * 3 * f_len, T(NAN)), g_p(p.size(), T(NAN));
   const unsigned blocks = static_cast<unsigned>(blocks_for(atoms * f_len));
-  emu::launch(emu::Dim3{blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(blocks, 1, kThreads, 0, [&] {
     part_norms_kernel<T>(tp.data(), out.data(), atoms, f_len);
   }, emu::Schedule::kWorkers);
-  emu::launch(emu::Dim3{blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(blocks, 1, kThreads, 0, [&] {
     part_norms_grad_kernel<T>(tg.data(), tp.data(), g_p.data(), atoms, f_len);
   }, emu::Schedule::kWorkers);
   double err = 0, err_grad = 0;
@@ -128,12 +128,12 @@ void check_activate_scaled(const char* name, int activation, int64_t rows, int64
   for (T& v : g) v = T(normal(rng));
   std::vector<T> out(rows * width, T(NAN)), d(rows * ld_d, T(-7)), g_scale(rows, T(-7));
   const unsigned blocks = static_cast<unsigned>(blocks_for(rows * width));
-  emu::launch(emu::Dim3{blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(blocks, 1, kThreads, 0, [&] {
     activate_scaled_kernel<T>(activation, z.data(), ld_z, scale.data(), out.data(), rows, width);
   }, emu::Schedule::kWorkers);
   const int64_t rows_per_block = kThreads / 32;  // the launcher's: a warp per row
   const unsigned grad_blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
-  emu::launch(emu::Dim3{grad_blocks, 1, 1}, emu::Dim3{kThreads, 1, 1}, 0, [&] {
+  emu::launch(grad_blocks, 1, kThreads, 0, [&] {
     activate_scaled_grad_kernel<T>(activation, g.data(), z.data(), ld_z, scale.data(), d.data(),
                                    ld_d, no_scale_grad ? nullptr : g_scale.data(), rows, width);
   });
