@@ -1,7 +1,39 @@
 """Shared fixtures and the one tolerance table of the test suite."""
 
+import os
+
 import pytest
 import torch
+
+# tests/cuda_emulation/operators.py: the fused operators' CUDA code built for the CPU, registered
+# before tensornet_openmm loads its own, so that CPU tensors take the CUDA route
+EMULATED_CUDA = bool(os.environ.get("TENSORNET_OPENMM_EMULATED_CUDA"))
+if EMULATED_CUDA:
+    torch.ops.load_library(os.environ["TENSORNET_OPENMM_EMULATED_CUDA"])
+    # sums by atomic adds, as on a GPU: the last bits vary from one run to the next; and fast
+    # mode (a random projection of the Jacobian), since every emulated launch runs its threads
+    _gradcheck = torch.autograd.gradcheck
+
+    def _gradcheck_atomic(*args, **kwargs):
+        kwargs.setdefault("nondet_tol", 1e-12)
+        kwargs.setdefault("fast_mode", True)
+        return _gradcheck(*args, **kwargs)
+
+    torch.autograd.gradcheck = _gradcheck_atomic
+
+
+def pytest_sessionfinish(session):
+    """Under the emulated CUDA operators, write their launches by kernel ("name count" lines)
+    where ``TENSORNET_OPENMM_EMULATED_REPORT`` says (tests/test_cuda_emulation.py reads it)."""
+    report = os.environ.get("TENSORNET_OPENMM_EMULATED_REPORT")
+    if EMULATED_CUDA and report:
+        import ctypes
+
+        library = ctypes.CDLL(os.environ["TENSORNET_OPENMM_EMULATED_CUDA"])
+        library.tn_emulated_launches.restype = ctypes.c_char_p
+        with open(report, "wb") as out:
+            out.write(library.tn_emulated_launches())
+
 
 # Relative tolerances by dtype. float64 comparisons with the reference are exact up to
 # summation order; float32 ones are limited by single-precision rounding.

@@ -12,16 +12,26 @@ and as adjoints of their forwards, and again under ThreadSanitizer, which report
 that two CUDA threads make; ``rows.cpp`` the output head's part norms and a scaled network's
 last layer (strided rows) against plain loops and central differences. Skipped without a C++20
 compiler. The GPU runs the same code in ``tests/test_gpu.py``.
+
+``test_cuda_operators_emulated_on_the_cpu`` goes further: the whole .cu, launchers included,
+built with pair_ops.cpp as one CPU library in which CPU tensors take the CUDA route
+(``cuda_emulation/operators.py``; kernels with barriers run as fibers), then the operator and
+force tests of the CPU kernels run against it, in a process of their own, and must launch every
+kernel of the file between them.
 """
 
+import importlib.util
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).parent
+ROOT = HERE.parent
 SOURCE = HERE.parent / "tensornet_openmm" / "csrc" / "pair_ops_cuda.cu"
 BEGIN = "// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----"
 END = "// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----"
@@ -109,3 +119,79 @@ def test_cuda_kernels_emulated_on_the_cpu(tmp_path, harness, sanitizer):
     assert run.returncode == 0 and "0 failures" in run.stdout, run.stdout + run.stderr[-4000:]
     ok = run.stdout.count("\nok ") + run.stdout.startswith("ok ")
     assert ok == HARNESSES[harness][sanitizer], run.stdout
+
+
+# The operator tests run again on the emulated CUDA build (cuda_emulation/operators.py): CPU
+# tensors take the CUDA route through the launchers into the kernels; and the fused force's
+# tests. Left out: what only the CPU build does (its build and cache; its range checks of pair
+# indices, which a GPU asserts on the device instead: the emulation raises that assertion), and
+# results equal to the last bit from call to call (atomic adds, and here the pair sums'
+# gathered or scattered path drawn at each call).
+EMULATED_TESTS = [
+    "tests/test_kernels.py",
+    "tests/test_tables.py",
+    *(
+        f"tests/test_force.py::{test}"
+        for test in (
+            "test_low_memory_force_equals_default",
+            "test_a_small_molecule_pairs_run_as_one_block_without_splitting[fused]",
+            "test_every_pair_slots_fail_loudly_in_a_box_too_small[fused]",
+            *(
+                f"test_a_capacity_for_every_pair_makes_them_the_slots[{case}]"
+                for case in ("vacuum-fused", "box-fused", "box-lowmem-fused", "region-fused")
+            ),
+        )
+    ),
+]
+CPU_ONLY = [
+    "tests/test_kernels.py::test_exported_file_with_kernels_loads_in_a_fresh_process",
+    "tests/test_kernels.py::test_a_failed_build_warns_and_falls_back",
+    "tests/test_kernels.py::test_pair_search_refuses_bad_input_with_the_value",
+]
+# the pair sums gathered per atom (from 2^21 pairs x channels on a GPU) or scattered, by a
+# pseudo-random choice at each sum (cuda_host.h), so that the tests' small systems run both
+GATHER_WORK = "random"
+
+
+def test_cuda_operators_emulated_on_the_cpu(tmp_path):
+    """The fused operators' tests pass with every launcher and kernel of the .cu run on the
+    CPU, and between them they launch every kernel of the file."""
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    build = subprocess.run(
+        [sys.executable, str(HERE / "cuda_emulation" / "operators.py")],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    if build.returncode != 0 and "barrier" in build.stderr and "No such file" in build.stderr:
+        pytest.skip("the C++ library has no <barrier> (C++20)")
+    assert build.returncode == 0, build.stderr[-4000:]
+    library = build.stdout.strip().splitlines()[-1]
+    report = tmp_path / "launches.txt"
+    env = {
+        **os.environ,
+        "TENSORNET_OPENMM_EMULATED_CUDA": library,
+        "TENSORNET_OPENMM_EMULATED_REPORT": str(report),
+        "TN_EMULATED_GATHER_WORK": GATHER_WORK,
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *EMULATED_TESTS]
+        + [f"--deselect={test}" for test in CPU_ONLY],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", run.stdout)
+    assert passed is not None and int(passed.group(1)) >= 90, run.stdout[-2000:]
+    launched = dict(line.split() for line in report.read_text().splitlines())
+    spec = importlib.util.spec_from_file_location(
+        "operators", HERE / "cuda_emulation" / "operators.py"
+    )
+    operators = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(operators)
+    missing = operators.kernel_names(SOURCE.read_text()) - set(launched)
+    assert not missing, f"no emulated test launches {sorted(missing)}"
