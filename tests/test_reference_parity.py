@@ -6,6 +6,7 @@ from helpers import assert_close, energy_forces, random_molecule
 from reference_oracle import load_reference, make_reference, reference_energy_forces
 
 from tensornet_openmm import TensorNet, load_model
+from tensornet_openmm.nn import kernels
 
 
 def _compare(ckpt, z, pos, batch=None, total_charge=None):
@@ -16,6 +17,13 @@ def _compare(ckpt, z, pos, batch=None, total_charge=None):
     assert_close(e, e_ref)
     assert_close(f, f_ref)
     assert f.abs().max() > 1e-3  # the comparison is not between zeros
+    # the same through the fused kernels (their CUDA route too, where the tests run on the
+    # emulated CUDA build: tests/test_cuda_emulation.py)
+    assert kernels.use_fused_kernels(ours)
+    e, f = energy_forces(ours, z, pos, batch, total_charge)
+    assert_close(e, e_ref)
+    assert_close(f, f_ref)
+    kernels.use_fused_kernels(ours, enabled=False)
     return ours
 
 
