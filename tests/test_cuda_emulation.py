@@ -36,6 +36,13 @@ SOURCE = HERE.parent / "tensornet_openmm" / "csrc" / "pair_ops_cuda.cu"
 BEGIN = "// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----"
 END = "// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----"
 
+# the emulated build's rewriting of the .cu (shared memory, launches, kernels' names)
+_spec = importlib.util.spec_from_file_location(
+    "operators", HERE / "cuda_emulation" / "operators.py"
+)
+operators = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(operators)
+
 
 def emulated_parts(text: str) -> str:
     """The code between the markers of the .cu, in order."""
@@ -45,11 +52,7 @@ def emulated_parts(text: str) -> str:
         stop = rest.index(END, start)
         parts.append(rest[start:stop])
         rest = rest[stop + len(END) :]
-    return re.sub(
-        r"extern __shared__ (__align__\(\d+\) )?unsigned char shared_bytes\[\];",
-        "unsigned char* shared_bytes = emu::shared();",
-        "".join(parts),
-    )
+    return operators.SHARED.sub(operators.SHARED_EMULATED, "".join(parts))
 
 
 def test_the_marked_parts_hold_the_emulated_kernels():
@@ -189,10 +192,5 @@ def test_cuda_operators_emulated_on_the_cpu(tmp_path):
     passed = re.search(r"(\d+) passed", run.stdout)
     assert passed is not None and int(passed.group(1)) >= 100, run.stdout[-2000:]
     launched = dict(line.split() for line in report.read_text().splitlines())
-    spec = importlib.util.spec_from_file_location(
-        "operators", HERE / "cuda_emulation" / "operators.py"
-    )
-    operators = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(operators)
     missing = operators.kernel_names(SOURCE.read_text()) - set(launched)
     assert not missing, f"no emulated test launches {sorted(missing)}"
