@@ -156,6 +156,9 @@ class TensorNetForce(nn.Module):
                     f"{f'listed more than once: {twice}' if twice else 'negative ones given'}"
                 )
         self.register_buffer("atoms", index.to(torch.int64))
+        # the System's particles the positions must hold: exactly the ML atoms without
+        # ``atoms``, else at least up to the highest index (checked every call, on the host)
+        self.particles = int(index.max()) + 1
         # the slots' particles among the System's: their vectors come from OpenMM's positions
         # directly, with no selection of the ML atoms to differentiate
         self.register_buffer("pair_particles", self.atoms[self.pair_slots])
@@ -230,6 +233,30 @@ class TensorNetForce(nn.Module):
         # reshape, not [0]: a view's gradient is a view, where select's fills zeros and copies
         return energy.reshape(()), overflow  # kJ/mol: see store_energy_scale
 
+    def check_particles(self, positions: Tensor) -> None:
+        """Refuse positions that are not those of the System the force was made for: a force
+        for n ML atoms without ``atoms`` in a System of more or fewer particles, or one whose
+        ML atom indices reach past the System's particles (shapes only: no synchronisation)."""
+        if positions.dim() != 2 or positions.shape[1] != 3:
+            raise ValueError(
+                "positions must be (particles, 3) in nm; got shape " + str(positions.shape)
+            )
+        count = positions.shape[0]
+        n = self.z.shape[0]
+        if self.use_subset and count < self.particles:
+            raise ValueError(
+                "the ML atoms' particle indices reach " + str(self.particles - 1) + " but the "
+                "System has " + str(count) + " particles: add the force to the System whose "
+                "particle indices were given as atoms"
+            )
+        if not self.use_subset and count != n:
+            raise ValueError(
+                "this force was made for " + str(n) + " ML atoms and no atoms= indices, but "
+                "the System has " + str(count) + " particles: for an ML region of a larger "
+                "System give create_force atoms= (the ML atoms' particle indices), or add the "
+                "force to a System of exactly those " + str(n) + " particles"
+            )
+
     def forward(
         self, positions: Tensor, arg1: Optional[Tensor] = None, arg2: Optional[Tensor] = None
     ) -> tuple[Tensor, Tensor]:
@@ -239,6 +266,7 @@ class TensorNetForce(nn.Module):
             box, scale = arg1, arg2
         else:
             scale = arg1
+        self.check_particles(positions)
         if self.outputs_forces:
             positions = positions.detach().requires_grad_(True)
         energy, failed = self.energy_and_overflow(positions, box)
@@ -363,8 +391,26 @@ def pair_list_fill(module, positions_nm: np.ndarray, box_nm: Optional[np.ndarray
 
 
 def script(module: TensorNetForce) -> torch.jit.ScriptModule:
-    """TorchScript of the module in OpenMM's calling convention."""
-    return torch.jit.script(_returns_tuple(module))
+    """TorchScript of the module in OpenMM's calling convention, its forward inlined
+    (:func:`inline_forward`)."""
+    return inline_forward(torch.jit.script(_returns_tuple(module)))
+
+
+def inline_forward(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """``module``, with every method and function call of its forward inlined (in place).
+
+    openmm-torch freezes the module it loads (``torch::jit::freeze``), which inlines those calls
+    itself and then drops the submodules' methods that the inlined nodes' call stacks still
+    point at. An error raised inside the module (positions of the wrong System, a CUDA
+    out-of-memory error, any operator's check) then crashes the whole process in TorchScript's
+    error report (torch 2.9: a segmentation fault in ``InterpreterStateImpl::callstack``)
+    instead of reaching the caller as an OpenMMException with its message. A forward that calls
+    nothing leaves freezing nothing to inline. The graph is the same computation; TorchScript
+    shares it between modules scripted from the same class and settings, which it leaves
+    equally correct.
+    """
+    torch._C._jit_pass_inline(module.forward.graph)
+    return module
 
 
 def metadata(module: TensorNetForce) -> dict[str, Any]:

@@ -63,6 +63,8 @@ def make_torch_force(
         raise ValueError(f"force_group={force_group} must be between 0 and 31")
     if cuda_graph_warmup_steps < 1:
         raise ValueError(f"cuda_graph_warmup_steps={cuda_graph_warmup_steps} must be >= 1")
+    from .export import inline_forward
+
     if not isinstance(module, torch.jit.ScriptModule):
         module = torch.jit.script(module)
     openmmtorch = _openmmtorch()
@@ -72,7 +74,9 @@ def make_torch_force(
         "useCUDAGraphs": "true" if cuda_graphs else "false",
         "CUDAGraphWarmupSteps": str(int(cuda_graph_warmup_steps)),
     }
-    force = openmmtorch.TorchForce(torch.jit.load(io.BytesIO(buffer.getvalue())), properties)
+    # (inlined, so that an error inside reaches OpenMM as an exception: export.inline_forward)
+    loaded = inline_forward(torch.jit.load(io.BytesIO(buffer.getvalue())))
+    force = openmmtorch.TorchForce(loaded, properties)
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
     force.setOutputsForces(bool(outputs_forces))
     force.setForceGroup(int(force_group))

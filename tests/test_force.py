@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -444,6 +445,84 @@ def test_overflow_and_small_box_fail_loudly():
     assert np.isnan(energy_forces(context, pos)[0])
     with pytest.raises(ValueError, match="at least twice the cutoff"):
         create_force(model, z, periodic=True, box_vectors=np.eye(3) * 0.7)
+
+
+# Run in a process of its own: where the error report crashes (see export.inline_forward) a
+# segmentation fault must fail the test, not end the test session.
+_WRONG_SYSTEM = """
+import json, sys
+import torch
+import numpy as np
+import openmm
+sys.path.insert(0, sys.argv[1])
+from helpers import context_for, small_model
+from tensornet_openmm import create_force
+from tensornet_openmm.export import TensorNetForce, script
+from tensornet_openmm.forces import make_torch_force
+
+z = [8, 1, 1, 6, 1, 1, 1]
+pos = np.random.default_rng(0).uniform(0.0, 0.4, size=(20, 3))
+model = small_model()
+cases = [(5, None), (20, None), (6, list(range(7, 14))), (20, list(range(7, 14)))]
+for particles, atoms in cases:
+    for graphs in (False, True):  # the dynamic pair list, and every pair a slot (fixed on the CPU)
+        force = create_force(model, z, atoms=atoms, cuda_graphs=graphs)
+        context = context_for(force, particles, "Reference")
+        context.setPositions(pos[:particles])
+        try:
+            energy = context.getState(getEnergy=True).getPotentialEnergy()._value
+            print(json.dumps(["ok", particles, energy]), flush=True)
+        except openmm.OpenMMException as error:
+            print(json.dumps(["error", particles, str(error).strip().splitlines()[-1]]), flush=True)
+
+
+class Unchecked(TensorNetForce):
+    def check_particles(self, positions: torch.Tensor) -> None:
+        pass  # so that the model's own operators meet the 20 particles: an error deep inside
+
+
+force = make_torch_force(script(Unchecked(model, z)), outputs_forces=False)
+context = context_for(force, 20, "Reference")
+context.setPositions(pos)
+try:
+    context.getState(getEnergy=True)
+    print(json.dumps(["ok", 20, 0.0]), flush=True)
+except openmm.OpenMMException as error:
+    print(json.dumps(["error", 20, str(error).strip().splitlines()[-1]]), flush=True)
+"""
+
+
+def test_positions_of_another_system_are_refused_with_the_counts(tmp_path):
+    """A force added to a System it was not made for (n ML atoms without ``atoms`` among more
+    or fewer particles, or ML atom indices past the System's end) raises an OpenMMException
+    that names the counts and the fix, where it gave a wrong energy (too few particles) or
+    crashed the process (too many); and an error from deep inside the model (here an operator's
+    check of the pair indices, with the particle check taken out) reaches OpenMM as an exception
+    instead of a segmentation fault in TorchScript's error report (export.inline_forward)."""
+    script_file = tmp_path / "wrong_system.py"  # (TorchScript reads the classes' source)
+    script_file.write_text(_WRONG_SYSTEM)
+    run = subprocess.run(
+        [sys.executable, str(script_file), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(results) == 9, run.stdout
+    for (outcome, particles, message), atoms in zip(
+        results[:8], ["none"] * 4 + ["some"] * 4, strict=True
+    ):
+        if atoms == "none" or particles == 6:
+            assert outcome == "error", (particles, message)
+        if atoms == "none":
+            assert f"made for 7 ML atoms and no atoms= indices, but the System has {particles}" in (
+                message
+            )
+            assert "give create_force atoms=" in message
+        elif particles == 6:
+            assert "indices reach 13 but the System has 6 particles" in message
+        else:
+            assert outcome == "ok" and np.isfinite(message)
+    assert results[8][0] == "error" and "index out of range" in results[8][2]
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
