@@ -157,9 +157,8 @@ CPU_ONLY = [
 GATHER_WORK = "random"
 
 
-def test_cuda_operators_emulated_on_the_cpu(tmp_path):
-    """The fused operators' tests pass with every launcher and kernel of the .cu run on the
-    CPU, and between them they launch every kernel of the file."""
+def _emulated_library() -> str:
+    """The path of the emulated CUDA build (built on first use, then cached by its sources)."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
     build = subprocess.run(
@@ -171,7 +170,13 @@ def test_cuda_operators_emulated_on_the_cpu(tmp_path):
     if build.returncode != 0 and "barrier" in build.stderr and "No such file" in build.stderr:
         pytest.skip("the C++ library has no <barrier> (C++20)")
     assert build.returncode == 0, build.stderr[-4000:]
-    library = build.stdout.strip().splitlines()[-1]
+    return build.stdout.strip().splitlines()[-1]
+
+
+def test_cuda_operators_emulated_on_the_cpu(tmp_path):
+    """The fused operators' tests pass with every launcher and kernel of the .cu run on the
+    CPU, and between them they launch every kernel of the file."""
+    library = _emulated_library()
     report = tmp_path / "launches.txt"
     env = {
         **os.environ,
@@ -194,3 +199,36 @@ def test_cuda_operators_emulated_on_the_cpu(tmp_path):
     launched = dict(line.split() for line in report.read_text().splitlines())
     missing = operators.kernel_names(SOURCE.read_text()) - set(launched)
     assert not missing, f"no emulated test launches {sorted(missing)}"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("TN_EMULATED_GATHER_WORK", "lots"),
+        ("TN_EMULATED_GATHER_WORK", "-1"),
+        ("TN_EMULATED_MULTIPROCESSORS", "0"),
+        ("TN_EMULATED_MULTIPROCESSORS", "12x"),
+    ],
+)
+def test_emulation_settings_refuse_what_they_cannot_read(name, value):
+    """A setting of the emulated build that is not a number it takes (or "random") is an error
+    from the first operator that reads it, naming the variable and the value, where atoll and
+    atoi read it as 0: every pair sum gathered, or no multiprocessor, without a word."""
+    library = _emulated_library()
+    env = {**os.environ, "TENSORNET_OPENMM_EMULATED_CUDA": library, name: value}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
+        + [
+            "tests/test_kernels.py::test_message_kernel_values_and_gradients",  # pair sums
+            # and a small molecule's networks, whose blocks the multiprocessors size
+            "tests/test_force.py::test_a_small_molecule_pairs_run_as_one_block_without_splitting"
+            "[fused]",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert run.returncode != 0, run.stdout[-3000:]
+    assert f"{name}='{value}' is not" in run.stdout, run.stdout[-3000:]

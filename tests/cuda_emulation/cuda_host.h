@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstddef>
 #include <cstdlib>
 #include <limits>
@@ -37,10 +38,25 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 
+namespace emu {
+// the whole number in environment variable `name` (at least `least`), or an error that names
+// the variable, its value and what it takes, where it holds anything else
+inline int64_t env_number(const char* name, const char* value, int64_t least, const char* what) {
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(value, &end, 10);
+  TORCH_CHECK(*value != '\0' && *end == '\0' && errno == 0 && n >= least, name, "='", value,
+              "' is not ", what, ": unset it, or set e.g. ", name, "=", least);
+  return n;
+}
+}  // namespace emu
+
 // TN_EMULATED_MULTIPROCESSORS (default 132, an H100's): how many the launchers see
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
   const char* v = std::getenv("TN_EMULATED_MULTIPROCESSORS");
-  *value = v == nullptr ? 132 : std::atoi(v);
+  *value = v == nullptr ? 132
+                        : static_cast<int>(emu::env_number("TN_EMULATED_MULTIPROCESSORS", v, 1,
+                                                           "a count of multiprocessors"));
   return cudaSuccess;
 }
 
@@ -67,7 +83,10 @@ inline int64_t gather_work(int64_t on_a_gpu) {
   static std::atomic<uint64_t> calls{0};
   const char* v = std::getenv("TN_EMULATED_GATHER_WORK");
   if (v == nullptr) return on_a_gpu;
-  if (std::string(v) != "random") return std::atoll(v);
+  if (std::string(v) != "random") {
+    return env_number("TN_EMULATED_GATHER_WORK", v, 0,
+                      "\"random\" or a whole number of pairs x channels");
+  }
   uint64_t z = (calls++ + 1) * 0x9E3779B97F4A7C15ull;  // splitmix64
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
