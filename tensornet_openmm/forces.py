@@ -379,9 +379,11 @@ def _torch_force_from_xml(node):
 
         contents = base64.b64decode(encoded)  # openmm-torch before 1.5 used base64
     properties = {p.get("name"): p.get("value") for p in node.iterfind("Properties/Property")}
+    from .export import inline_forward
     from .nn.kernels import jit_load
 
-    force = _openmmtorch().TorchForce(jit_load(contents), properties)
+    # (inlined whoever wrote it, so that an error inside reaches OpenMM: export.inline_forward)
+    force = _openmmtorch().TorchForce(inline_forward(jit_load(contents)), properties)
     force.setForceGroup(int(node.get("forceGroup", "0")))
     force.setUsesPeriodicBoundaryConditions(node.get("usesPeriodic", "0") == "1")
     force.setOutputsForces(node.get("outputsForces", "0") == "1")

@@ -458,7 +458,7 @@ sys.path.insert(0, sys.argv[1])
 from helpers import context_for, small_model
 from tensornet_openmm import create_force
 from tensornet_openmm.export import TensorNetForce, script
-from tensornet_openmm.forces import make_torch_force
+from tensornet_openmm.forces import _openmmtorch, load_system, make_torch_force, save_system
 
 z = [8, 1, 1, 6, 1, 1, 1]
 pos = np.random.default_rng(0).uniform(0.0, 0.4, size=(20, 3))
@@ -489,6 +489,25 @@ try:
     print(json.dumps(["ok", 20, 0.0]), flush=True)
 except openmm.OpenMMException as error:
     print(json.dumps(["error", 20, str(error).strip().splitlines()[-1]]), flush=True)
+
+# a System file whose TorchForce holds a module that was not inlined (as an older version, or
+# another tool, wrote it): load_system inlines it too
+raw = torch.jit.script(Unchecked(model, z, outputs_forces=True))
+force = _openmmtorch().TorchForce(raw)
+force.setOutputsForces(True)
+system = openmm.System()
+for _ in range(20):
+    system.addParticle(12.0)
+system.addForce(force)
+save_system(system, sys.argv[2])
+context = openmm.Context(load_system(sys.argv[2]), openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("Reference"))
+context.setPositions(pos)
+try:
+    context.getState(getEnergy=True)
+    print(json.dumps(["ok", 20, 0.0]), flush=True)
+except openmm.OpenMMException as error:
+    print(json.dumps(["error", 20, str(error).strip().splitlines()[-1]]), flush=True)
 """
 
 
@@ -498,16 +517,17 @@ def test_positions_of_another_system_are_refused_with_the_counts(tmp_path):
     that names the counts and the fix, where it gave a wrong energy (too few particles) or
     crashed the process (too many); and an error from deep inside the model (here an operator's
     check of the pair indices, with the particle check taken out) reaches OpenMM as an exception
-    instead of a segmentation fault in TorchScript's error report (export.inline_forward)."""
+    instead of a segmentation fault in TorchScript's error report (export.inline_forward),
+    also from a System file whose module was not inlined."""
     script_file = tmp_path / "wrong_system.py"  # (TorchScript reads the classes' source)
     script_file.write_text(_WRONG_SYSTEM)
     run = subprocess.run(
-        [sys.executable, str(script_file), str(Path(__file__).parent)],
+        [sys.executable, str(script_file), str(Path(__file__).parent), str(tmp_path / "s.xml")],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
-    assert len(results) == 9, run.stdout
+    assert len(results) == 10, run.stdout
     for (outcome, particles, message), atoms in zip(
         results[:8], ["none"] * 4 + ["some"] * 4, strict=True
     ):
@@ -522,7 +542,8 @@ def test_positions_of_another_system_are_refused_with_the_counts(tmp_path):
             assert "indices reach 13 but the System has 6 particles" in message
         else:
             assert outcome == "ok" and np.isfinite(message)
-    assert results[8][0] == "error" and "index out of range" in results[8][2]
+    for outcome, _, message in results[8:]:  # made here; loaded from a System file
+        assert outcome == "error" and "index out of range" in message
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
