@@ -464,16 +464,21 @@ z = [8, 1, 1, 6, 1, 1, 1]
 pos = np.random.default_rng(0).uniform(0.0, 0.4, size=(20, 3))
 model = small_model()
 cases = [(5, None), (20, None), (6, list(range(7, 14))), (20, list(range(7, 14)))]
+
+
+def report(context, particles):  # ["ok", particles, energy] or ["error", particles, message]
+    context.setPositions(pos[:particles])
+    try:
+        energy = context.getState(getEnergy=True).getPotentialEnergy()._value
+        print(json.dumps(["ok", particles, energy]), flush=True)
+    except openmm.OpenMMException as error:
+        print(json.dumps(["error", particles, str(error).strip().splitlines()[-1]]), flush=True)
+
+
 for particles, atoms in cases:
     for graphs in (False, True):  # the dynamic pair list, and every pair a slot (fixed on the CPU)
         force = create_force(model, z, atoms=atoms, cuda_graphs=graphs)
-        context = context_for(force, particles, "Reference")
-        context.setPositions(pos[:particles])
-        try:
-            energy = context.getState(getEnergy=True).getPotentialEnergy()._value
-            print(json.dumps(["ok", particles, energy]), flush=True)
-        except openmm.OpenMMException as error:
-            print(json.dumps(["error", particles, str(error).strip().splitlines()[-1]]), flush=True)
+        report(context_for(force, particles, "Reference"), particles)
 
 
 class Unchecked(TensorNetForce):
@@ -482,13 +487,7 @@ class Unchecked(TensorNetForce):
 
 
 force = make_torch_force(script(Unchecked(model, z)), outputs_forces=False)
-context = context_for(force, 20, "Reference")
-context.setPositions(pos)
-try:
-    context.getState(getEnergy=True)
-    print(json.dumps(["ok", 20, 0.0]), flush=True)
-except openmm.OpenMMException as error:
-    print(json.dumps(["error", 20, str(error).strip().splitlines()[-1]]), flush=True)
+report(context_for(force, 20, "Reference"), 20)
 
 # a System file whose TorchForce holds a module that was not inlined (as an older version, or
 # another tool, wrote it): load_system inlines it too
@@ -500,14 +499,8 @@ for _ in range(20):
     system.addParticle(12.0)
 system.addForce(force)
 save_system(system, sys.argv[2])
-context = openmm.Context(load_system(sys.argv[2]), openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
-context.setPositions(pos)
-try:
-    context.getState(getEnergy=True)
-    print(json.dumps(["ok", 20, 0.0]), flush=True)
-except openmm.OpenMMException as error:
-    print(json.dumps(["error", 20, str(error).strip().splitlines()[-1]]), flush=True)
+report(openmm.Context(load_system(sys.argv[2]), openmm.VerletIntegrator(0.001),
+                     openmm.Platform.getPlatformByName("Reference")), 20)
 """
 
 
