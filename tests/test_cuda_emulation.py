@@ -157,8 +157,10 @@ CPU_ONLY = [
 GATHER_WORK = "random"
 
 
-def _emulated_library() -> str:
-    """The path of the emulated CUDA build (built on first use, then cached by its sources)."""
+@pytest.fixture(scope="module")
+def emulated_library() -> str:
+    """The path of the emulated CUDA build (built on first use, then cached by its sources),
+    asked for once per test module."""
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
     build = subprocess.run(
@@ -173,10 +175,10 @@ def _emulated_library() -> str:
     return build.stdout.strip().splitlines()[-1]
 
 
-def test_cuda_operators_emulated_on_the_cpu(tmp_path):
+def test_cuda_operators_emulated_on_the_cpu(tmp_path, emulated_library):
     """The fused operators' tests pass with every launcher and kernel of the .cu run on the
     CPU, and between them they launch every kernel of the file."""
-    library = _emulated_library()
+    library = emulated_library
     report = tmp_path / "launches.txt"
     env = {
         **os.environ,
@@ -210,12 +212,11 @@ def test_cuda_operators_emulated_on_the_cpu(tmp_path):
         ("TN_EMULATED_MULTIPROCESSORS", "12x"),
     ],
 )
-def test_emulation_settings_refuse_what_they_cannot_read(name, value):
+def test_emulation_settings_refuse_what_they_cannot_read(name, value, emulated_library):
     """A setting of the emulated build that is not a number it takes (or "random") is an error
     from the first operator that reads it, naming the variable and the value, where atoll and
     atoi read it as 0: every pair sum gathered, or no multiprocessor, without a word."""
-    library = _emulated_library()
-    env = {**os.environ, "TENSORNET_OPENMM_EMULATED_CUDA": library, name: value}
+    env = {**os.environ, "TENSORNET_OPENMM_EMULATED_CUDA": emulated_library, name: value}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
         + [
