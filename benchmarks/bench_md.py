@@ -634,11 +634,44 @@ def water_atoms(text: str) -> int:
     )
 
 
+def known_system(text: str) -> str:
+    """An argparse type: a system that :func:`build_system` makes (ala2, ala2-water, water-N)."""
+    if text in ("ala2", "ala2-water"):
+        return text
+    if text.startswith("water-"):
+        size = text.split("-", 1)[1]
+        try:
+            water_atoms(size)
+        except argparse.ArgumentTypeError:
+            pass
+        else:
+            return text
+    raise argparse.ArgumentTypeError(
+        f"unknown system {text!r}: give ala2, ala2-water or water-N (a water box of N atoms, "
+        "N a whole number of at least 3, such as water-5000)"
+    )
+
+
+def bench_system(text: str) -> str:
+    """An argparse type: a system of this benchmark (those of :func:`known_system`, or ``water``,
+    whose sizes come from ``--water-sizes``)."""
+    if text == "water":
+        return text
+    try:
+        return known_system(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(
+            f"{error}; or water for the boxes of --water-sizes"
+        ) from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--serve", help=argparse.SUPPRESS)
-    parser.add_argument("--systems", nargs="+", default=["ala2", "ala2-water", "water"])
+    parser.add_argument(
+        "--systems", nargs="+", type=bench_system, default=["ala2", "ala2-water", "water"]
+    )
     parser.add_argument("--water-sizes", type=water_atoms, nargs="+", default=[648, 1500])
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
     parser.add_argument("--platforms", nargs="+", help="default: CPU, and CUDA when present")

@@ -45,9 +45,9 @@ from pathlib import Path
 import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 try:
-    from bench_md import build_system, reference_module
+    from bench_md import build_system, known_system, reference_module
 except ImportError:  # run as a module from the repository root
-    from benchmarks.bench_md import build_system, reference_module
+    from benchmarks.bench_md import build_system, known_system, reference_module
 
 
 def modules(system_name: str, checkpoint: Path, device: torch.device, routes: list[str]):
@@ -234,7 +234,7 @@ def profile_calls(module, pos, box, device, calls: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--systems", nargs="+", default=["ala2", "water-5000"])
+    parser.add_argument("--systems", nargs="+", type=known_system, default=["ala2", "water-5000"])
     parser.add_argument("--routes", nargs="+", default=["ours", "ours-dynamic", "reference"],
                         choices=["ours", "ours-dynamic", "ours-lowmem", "ours-pytorch",
                                  "ours-tables", "reference"])  # fmt: skip

@@ -31,9 +31,21 @@ from pathlib import Path
 import torch  # before openmm: the openmm-torch plugin needs libtorch loaded
 
 try:
-    from bench_md import MODEL_DEFAULTS, build_system, given_checkpoint, make_checkpoint
+    from bench_md import (
+        MODEL_DEFAULTS,
+        build_system,
+        given_checkpoint,
+        known_system,
+        make_checkpoint,
+    )
 except ImportError:  # run as a module from the repository root
-    from benchmarks.bench_md import MODEL_DEFAULTS, build_system, make_checkpoint
+    from benchmarks.bench_md import (
+        MODEL_DEFAULTS,
+        build_system,
+        given_checkpoint,
+        known_system,
+        make_checkpoint,
+    )
 
 from tensornet_openmm.allocator import keep_freed_memory
 from tensornet_openmm.neighbors import neighbor_pairs
@@ -197,7 +209,9 @@ def profile(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", nargs="+", default=["ala2", "ala2-water", "water-648"])
+    parser.add_argument(
+        "--systems", nargs="+", type=known_system, default=["ala2", "ala2-water", "water-648"]
+    )
     parser.add_argument("--platform", default="CPU")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)

@@ -1,6 +1,7 @@
 """The MD benchmark compares like with like: every ML route computes the same energy."""
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -334,3 +335,98 @@ def test_cpu_memory_cap_fails_a_case_as_out_of_memory(tmp_path, monkeypatch):
     assert bench_md._failure(cpp, 1) == {
         "error": "out of memory: RuntimeError: DefaultCPUAllocator: not enough memory"
     }
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_CHECKS = ROOT / "scripts" / "device" / "checks.sh"
+
+
+def device_check_commands() -> list[tuple[str, list[str]]]:
+    """(stage, words) of every ``python3`` command of the device checks, the shell's line
+    continuations joined, ``"${bench[@]}"`` expanded, ``$out`` and ``$PLATFORMS`` as a lease
+    sets them, and the words cut at the first redirection."""
+    import shlex
+
+    text = re.sub(r"\\\n\s*", " ", DEVICE_CHECKS.read_text())
+    bench = re.search(r"^bench=\((.*?)\)\s*$", text, re.M | re.S)
+    assert bench is not None, "checks.sh has no bench=(...) array"
+    expanded = " ".join(bench.group(1).split())
+    commands, stage = [], None
+    for line in text.splitlines():
+        label = re.fullmatch(r"(\w+|\*)\)", line.strip())
+        if label:
+            stage = label.group(1)
+            continue
+        line = line.strip().replace('"${bench[@]}"', expanded)
+        if line.startswith("#") or "python3" not in line or stage is None:
+            continue
+        line = line.replace("${PLATFORMS:-CUDA}", "CUDA").replace("$out", "/tmp/out")
+        words = shlex.split(line, comments=True)
+        words = words[words.index("python3") + 1 :]
+        for end, word in enumerate(words):
+            if word[:1] in "<>|;&" or word[:2] in ("1>", "2>"):
+                words = words[:end]
+                break
+        commands.append((stage, words))
+    return commands
+
+
+class _Parsed(Exception):
+    """Raised by the patched ``parse_args`` with the namespace it parsed."""
+
+
+def test_device_checks_commands_take_their_arguments(monkeypatch, capsys):
+    """Every command of scripts/device/checks.sh parses its arguments with the script it runs
+    (its parser stops it before anything runs), its tests and files exist, and its inline Python
+    runs here: a lease has minutes, and an option renamed since the last one would spend them on
+    an argparse error. Unknown systems are argparse errors in the benchmarks too."""
+    import argparse
+    import importlib
+
+    commands = device_check_commands()
+    stages = {stage for stage, _ in commands}
+    assert {"tests", "compare", "scan", "profile", "networks", "sums"} <= stages, stages
+    usage = re.search(r"usage: bash scripts/device/checks.sh ([\w|]+)", DEVICE_CHECKS.read_text())
+    assert usage is not None and set(usage.group(1).split("|")) == stages - {"*"}
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise _Parsed(original(self, args, namespace))
+
+    scripts = set()
+    for stage, words in commands:
+        where = f"stage {stage}: python3 {' '.join(words)}"
+        if words[:1] == ["-c"]:  # the kernels' build: it runs here on the CPU build
+            exec(compile(words[1], where, "exec"), {})
+            assert "kernels:" in capsys.readouterr().out, where
+            continue
+        if words[:2] == ["-m", "pytest"]:
+            paths = [w.split("::")[0] for w in words if w.startswith("tests/")]
+            assert paths and all((ROOT / p).is_file() for p in paths), where
+            continue
+        script = Path(words[0])
+        assert script.parent == Path("benchmarks") and (ROOT / script).is_file(), where
+        module = importlib.import_module(script.stem)
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+        try:
+            module.main(words[1:])
+        except _Parsed:
+            scripts.add(script.stem)
+        except SystemExit:
+            pytest.fail(f"{where}\n{capsys.readouterr().err}")
+        else:
+            pytest.fail(f"{where}: its main ran without parsing arguments")
+        finally:
+            monkeypatch.setattr(argparse.ArgumentParser, "parse_args", original)
+    assert scripts == {"bench_md", "kernels", "profile_step", "memory"}
+
+
+@pytest.mark.parametrize("script", ["bench_md", "kernels", "profile_step"])
+def test_an_unknown_system_is_an_argument_error(script, capsys):
+    module = pytest.importorskip(script)
+    argv = ["--systems", "ala2", "water5000"]
+    if script == "kernels":
+        argv += ["--checkpoint", "x.ckpt"]
+    with pytest.raises(SystemExit):
+        module.main(argv)
+    assert "unknown system 'water5000': give ala2, ala2-water or water-N" in capsys.readouterr().err
