@@ -356,6 +356,87 @@ def test_exported_module_makes_no_tensor_on_the_host(strategy, low_memory):
     assert found == []
 
 
+# operators that wait for the device: a CUDA graph capture refuses them (a value read back, a
+# search whose output size depends on the data)
+HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero",
+              "aten::equal", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
+              "aten::unique_consecutive", "aten::repeat_interleave", "aten::allclose",
+              "aten::bincount", "aten::histc", "aten::_assert_async"}  # fmt: skip
+CAPTURED_CASES = {  # periodic, strategy, capacity (None: every pair; "found": the pairs within
+    # the cutoff and a margin, fewer than every pair), ML region, low memory, radial tables, lambda
+    "molecule": (False, "brute", None, False, False, False, False),
+    "molecule-search": (False, "brute", "found", False, False, False, True),
+    "box-brute": (True, "brute", 3000, False, False, False, False),
+    "box-cell": (True, "cell", 3000, False, False, False, False),
+    "box-cell-lowmem": (True, "cell", 3000, False, True, False, False),
+    "box-cell-tables": (True, "cell", 3000, False, False, True, False),
+    "region": (True, "cell", 40, True, False, False, True),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
+@pytest.mark.parametrize(
+    "periodic, strategy, capacity, region, low_memory, tables, scale",
+    CAPTURED_CASES.values(),
+    ids=CAPTURED_CASES.keys(),
+)
+def test_the_captured_route_reads_nothing_back_from_the_device(
+    water, fused, periodic, strategy, capacity, region, low_memory, tables, scale
+):
+    """The module that CUDA graphs capture (a fixed pair capacity) makes no host read in a call,
+    forward and forces: no item(), no nonzero, no data-sized output; a capture refuses each. On
+    the CPU the same module and code run (fixed_on_cpu), and with the emulated CUDA build
+    (tests/test_cuda_emulation.py) the CUDA launchers too, whose host reads go through the same
+    operators. The one exception is the box's inverse (``linalg.inv_ex``): the CPU's LU solve
+    reads a pivot on the host, CUDA's does not (the 4,866-atom box ran captured on the H100)."""
+    if fused and not kernels.load():
+        pytest.skip("no fused kernels here")
+    model = small_model()
+    z, pos = molecule()
+    box, atoms = None, None
+    if periodic:
+        z, pos, box = water
+    if region:  # the first 12 atoms of the box are the ML region
+        atoms, z = list(range(12)), z[:12]
+    every = len(z) * (len(z) - 1) // 2
+    if capacity is None:
+        capacity = every
+    elif capacity == "found":  # the molecule stretched along x: some pairs beyond the cutoff
+        pos = pos * np.array([4.0, 1.0, 1.0])
+        found = int(neighbor_pairs(torch.tensor(pos) * 10, model.cutoff_upper, None).num_pairs)
+        capacity = found // 2 + 8
+        assert capacity < every
+    tables = 1e-4 if tables else None
+    module = TensorNetForce(model, z, atoms=atoms, periodic=periodic, capacity=capacity,
+                            strategy=strategy, cell_capacity=200, fixed_on_cpu=True,
+                            outputs_forces=True, scale_parameter=scale, low_memory=low_memory,
+                            fused_kernels=fused, radial_tables=tables)  # fmt: skip
+    assert module.every_pair == (capacity >= every)
+    call = torch.jit.freeze(script(module).eval())
+    args = [torch.tensor(pos)] + ([torch.tensor(box)] if periodic else [])
+    args += [torch.tensor([0.7], dtype=torch.float64)] if scale else []
+    for _ in range(3):  # TorchScript optimises the graph in the first calls (it compares the
+        call(*args)  # frozen constants then): openmm-torch warms up before it captures, too
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        energy, forces = call(*args)
+    assert torch.isfinite(energy).all() and torch.isfinite(forces).all()
+
+    def inside_box_inverse(event) -> bool:
+        while event is not None:
+            if event.name == "aten::linalg_inv_ex":
+                return True
+            event = event.cpu_parent
+        return False
+
+    reads = sorted(
+        e.name for e in prof.events() if e.name in HOST_READS and not inside_box_inverse(e)
+    )
+    assert reads == []
+    ran = {e.name for e in prof.events()}
+    assert ("tensornet_openmm::pair_difference" in ran or "tensornet_openmm::pair_search" in ran
+            or "tensornet_openmm::messages" in ran) == fused  # fmt: skip
+
+
 EVERY_PAIR_CASES = {  # periodic, low_memory, ML region among other particles, fused kernels
     "vacuum": (False, False, False, False),
     "box": (True, False, False, False),
