@@ -230,6 +230,12 @@ class TensorNetForce(nn.Module):
             energy = (e + (grad * (vectors - fixed)).sum())[None]
         else:
             energy = self.model(self.z, pos, edge_index, vectors, None, charge, 1, half=True)
+        if capacity < 0 and box_nm is None:
+            # nothing can fail here, but a NaN or infinite coordinate would only leave its atom
+            # without pairs (no distance passes the cutoff test) and the energy finite: carry it
+            # into the energy (no gradient, two operators forward); the other routes' pair
+            # vectors or failure term carry it already
+            energy = energy + 0.0 * pos.detach().sum()
         # reshape, not [0]: a view's gradient is a view, where select's fills zeros and copies
         return energy.reshape(()), overflow  # kJ/mol: see store_energy_scale
 

@@ -643,6 +643,60 @@ def test_every_pair_slots_fail_loudly_in_a_box_too_small(fused):
     assert torch.isnan(energy) and torch.isnan(forces).all()
 
 
+NAN_CASES = {  # periodic, capacity (-1: the dynamic list; None: every pair a slot), ML region,
+    # low memory
+    "vacuum": (False, -1, False, False),
+    "vacuum-lowmem": (False, -1, False, True),
+    "vacuum-every-pair": (False, None, False, False),
+    "box": (True, -1, False, False),
+    "box-fixed": (True, 3000, False, False),
+    "region": (False, -1, True, False),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
+@pytest.mark.parametrize(
+    "periodic, capacity, region, low_memory", NAN_CASES.values(), ids=NAN_CASES.keys()
+)
+def test_a_nan_coordinate_makes_the_energy_nan(
+    water, periodic, capacity, region, low_memory, fused
+):
+    """An ML atom with a NaN coordinate (a simulation that blew up) gives a NaN energy in OpenMM
+    on every route, so that reporters, minimisers and the runner's check see it. The dynamic
+    pair list in vacuum once gave a finite energy: the atom only lost its pairs, since no NaN
+    distance passes the cutoff test. A NaN among the MM particles outside the ML region is not
+    the force's to report."""
+    if fused and not kernels.load():
+        pytest.skip("no fused kernels here")
+    model = small_model()
+    if periodic:
+        z, pos, box = water
+    else:
+        (z, pos), box = molecule(), None
+    atoms, particles = None, pos
+    if region:  # an MM particle before the ML atoms and one after
+        atoms = list(range(1, 1 + len(z)))
+        particles = np.concatenate([[[0.9, 0.1, 0.2]], pos, [[1.4, 0.2, 0.9]]])
+    if capacity is None:
+        capacity = len(z) * (len(z) - 1) // 2
+    module = TensorNetForce(model, z, atoms=atoms, periodic=periodic, capacity=capacity,
+                            cell_capacity=200, fixed_on_cpu=True, outputs_forces=True,
+                            low_memory=low_memory, fused_kernels=fused)  # fmt: skip
+    force = make_torch_force(script(module), periodic=periodic, outputs_forces=True)
+    context = context_for(force, len(particles), "Reference", box)
+    energy, _ = energy_forces(context, particles)
+    assert np.isfinite(energy)
+    first = 1 if region else 0  # the first ML atom's particle
+    for bad in ([first], list(range(first, first + len(z)))):
+        broken = particles.copy()
+        broken[bad, 1] = np.nan
+        assert np.isnan(energy_forces(context, broken)[0]), bad
+    if region:  # the MM particles' coordinates are not read
+        broken = particles.copy()
+        broken[[0, -1]] = np.nan
+        assert energy_forces(context, broken)[0] == pytest.approx(energy, rel=1e-12)
+
+
 def test_elements_not_covered_are_a_build_time_error():
     model = small_model()
     with pytest.raises(ValueError, match=r"outside this model's range 1\.\.9"):
