@@ -230,14 +230,21 @@ class TensorNetForce(nn.Module):
             energy = (e + (grad * (vectors - fixed)).sum())[None]
         else:
             energy = self.model(self.z, pos, edge_index, vectors, None, charge, 1, half=True)
-        if capacity < 0 and box_nm is None:
-            # nothing can fail here, but a NaN or infinite coordinate would only leave its atom
-            # without pairs (no distance passes the cutoff test) and the energy finite: carry it
-            # into the energy (no gradient, two operators forward); the other routes' pair
-            # vectors or failure term carry it already
-            energy = energy + 0.0 * pos.detach().sum()
         # reshape, not [0]: a view's gradient is a view, where select's fills zeros and copies
         return energy.reshape(()), overflow  # kJ/mol: see store_energy_scale
+
+    def carry_nan(self, energy: Tensor, positions: Tensor, box: Optional[Tensor]) -> Tensor:
+        """The energy, NaN where an ML atom's coordinate is NaN or infinite, on the dynamic
+        pair list without a box: there nothing can fail, and such an atom would only lose its
+        pairs (no distance passes the cutoff test), the energy staying finite. The other routes
+        carry it already, through the every-pair slots' vectors or the failure term's sum of the
+        coordinates. Applied after the gradient: three operators forward, none back (inside the
+        differentiated graph, six)."""
+        dynamic = self.capacity < 0 or not (positions.is_cuda or self.fixed_on_cpu)
+        if not dynamic or box is not None:
+            return energy
+        ml = positions.index_select(0, self.atoms) if self.use_subset else positions
+        return energy + 0.0 * ml.detach().sum().to(energy.dtype)
 
     def check_particles(self, positions: Tensor) -> None:
         """Refuse positions that are not those of the System the force was made for: a force
@@ -286,8 +293,8 @@ class TensorNetForce(nn.Module):
             energy = energy + nan_or_zero * positions.sum().to(energy.dtype)
         if scale is not None:
             energy = energy * scale.to(energy.dtype)
-        if not self.outputs_forces:
-            return energy, torch.zeros_like(positions)  # dropped by _EnergyOnly (and freezing)
+        if not self.outputs_forces:  # (the zeros dropped by _EnergyOnly and freezing)
+            return self.carry_nan(energy, positions, box), torch.zeros_like(positions)
         # seeded with -1, the gradient is the forces: no negation. openmm-torch differentiates
         # the energy again for the scale's derivative
         seed: list[Optional[Tensor]] = [self.minus_one.expand_as(energy)]
@@ -296,7 +303,7 @@ class TensorNetForce(nn.Module):
         )[0]
         if forces is None:
             forces = torch.zeros_like(positions)
-        return energy, forces
+        return self.carry_nan(energy, positions, box), forces
 
 
 def _returns_tuple(module: TensorNetForce) -> nn.Module:

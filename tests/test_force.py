@@ -356,6 +356,17 @@ def test_exported_module_makes_no_tensor_on_the_host(strategy, low_memory):
     assert found == []
 
 
+def case_atoms(water, periodic: bool, fused: bool):
+    """(atomic numbers, positions nm, box nm or None) of a case: the water box if periodic,
+    else the molecule; a case of the fused kernels is skipped where they are not built."""
+    if fused and not kernels.load():
+        pytest.skip("no fused kernels here")
+    if periodic:
+        return water
+    z, pos = molecule()
+    return z, pos, None
+
+
 # operators that wait for the device: a CUDA graph capture refuses them (a value read back, a
 # search whose output size depends on the data)
 HOST_READS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero",
@@ -389,13 +400,8 @@ def test_the_captured_route_reads_nothing_back_from_the_device(
     (tests/test_cuda_emulation.py) the CUDA launchers too, whose host reads go through the same
     operators. The one exception is the box's inverse (``linalg.inv_ex``): the CPU's LU solve
     reads a pivot on the host, CUDA's does not (the 4,866-atom box ran captured on the H100)."""
-    if fused and not kernels.load():
-        pytest.skip("no fused kernels here")
-    model = small_model()
-    z, pos = molecule()
-    box, atoms = None, None
-    if periodic:
-        z, pos, box = water
+    z, pos, box = case_atoms(water, periodic, fused)
+    model, atoms = small_model(), None
     if region:  # the first 12 atoms of the box are the ML region
         atoms, z = list(range(12)), z[:12]
     every = len(z) * (len(z) - 1) // 2
@@ -644,45 +650,42 @@ def test_every_pair_slots_fail_loudly_in_a_box_too_small(fused):
 
 
 NAN_CASES = {  # periodic, capacity (-1: the dynamic list; None: every pair a slot), ML region,
-    # low memory
-    "vacuum": (False, -1, False, False),
-    "vacuum-lowmem": (False, -1, False, True),
-    "vacuum-every-pair": (False, None, False, False),
-    "box": (True, -1, False, False),
-    "box-fixed": (True, 3000, False, False),
-    "region": (False, -1, True, False),
+    # low memory, forces output (else openmm-torch differentiates the energy)
+    "vacuum": (False, -1, False, False, True),
+    "vacuum-energy-only": (False, -1, False, False, False),
+    "vacuum-lowmem": (False, -1, False, True, True),
+    "vacuum-every-pair": (False, None, False, False, True),
+    "box": (True, -1, False, False, True),
+    "box-fixed": (True, 3000, False, False, True),
+    "region": (False, -1, True, False, True),
 }
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pytorch", "fused"])
 @pytest.mark.parametrize(
-    "periodic, capacity, region, low_memory", NAN_CASES.values(), ids=NAN_CASES.keys()
+    "periodic, capacity, region, low_memory, outputs_forces",
+    NAN_CASES.values(),
+    ids=NAN_CASES.keys(),
 )
 def test_a_nan_coordinate_makes_the_energy_nan(
-    water, periodic, capacity, region, low_memory, fused
+    water, periodic, capacity, region, low_memory, outputs_forces, fused
 ):
     """An ML atom with a NaN coordinate (a simulation that blew up) gives a NaN energy in OpenMM
     on every route, so that reporters, minimisers and the runner's check see it. The dynamic
     pair list in vacuum once gave a finite energy: the atom only lost its pairs, since no NaN
     distance passes the cutoff test. A NaN among the MM particles outside the ML region is not
     the force's to report."""
-    if fused and not kernels.load():
-        pytest.skip("no fused kernels here")
-    model = small_model()
-    if periodic:
-        z, pos, box = water
-    else:
-        (z, pos), box = molecule(), None
-    atoms, particles = None, pos
+    z, pos, box = case_atoms(water, periodic, fused)
+    model, atoms, particles = small_model(), None, pos
     if region:  # an MM particle before the ML atoms and one after
         atoms = list(range(1, 1 + len(z)))
         particles = np.concatenate([[[0.9, 0.1, 0.2]], pos, [[1.4, 0.2, 0.9]]])
     if capacity is None:
         capacity = len(z) * (len(z) - 1) // 2
     module = TensorNetForce(model, z, atoms=atoms, periodic=periodic, capacity=capacity,
-                            cell_capacity=200, fixed_on_cpu=True, outputs_forces=True,
+                            cell_capacity=200, fixed_on_cpu=True, outputs_forces=outputs_forces,
                             low_memory=low_memory, fused_kernels=fused)  # fmt: skip
-    force = make_torch_force(script(module), periodic=periodic, outputs_forces=True)
+    force = make_torch_force(script(module), periodic=periodic, outputs_forces=outputs_forces)
     context = context_for(force, len(particles), "Reference", box)
     energy, _ = energy_forces(context, particles)
     assert np.isfinite(energy)
