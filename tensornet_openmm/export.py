@@ -192,7 +192,7 @@ class TensorNetForce(nn.Module):
         pos = positions.to(self.dtype)
         box_nm: Optional[Tensor] = None if box is None else box.to(self.dtype)
         capacity, cell_capacity = self.capacity, self.cell_capacity
-        if not (pos.is_cuda or self.fixed_on_cpu):
+        if not self.captured(pos):
             capacity, cell_capacity = -1, -1  # nothing to capture: no padding work
         overflow: Optional[Tensor] = None
         if capacity >= 0 and self.every_pair:
@@ -233,6 +233,11 @@ class TensorNetForce(nn.Module):
         # reshape, not [0]: a view's gradient is a view, where select's fills zeros and copies
         return energy.reshape(()), overflow  # kJ/mol: see store_energy_scale
 
+    def captured(self, positions: Tensor) -> bool:
+        """Whether a call may be captured in a CUDA graph (on CUDA, or as if, ``fixed_on_cpu``):
+        the pair list then keeps the fixed capacity, where one is given."""
+        return positions.is_cuda or self.fixed_on_cpu
+
     def carry_nan(self, energy: Tensor, positions: Tensor, box: Optional[Tensor]) -> Tensor:
         """The energy, NaN where an ML atom's coordinate is NaN or infinite, on the dynamic
         pair list without a box: there nothing can fail, and such an atom would only lose its
@@ -240,7 +245,7 @@ class TensorNetForce(nn.Module):
         carry it already, through the every-pair slots' vectors or the failure term's sum of the
         coordinates. Applied after the gradient: three operators forward, none back (inside the
         differentiated graph, six)."""
-        dynamic = self.capacity < 0 or not (positions.is_cuda or self.fixed_on_cpu)
+        dynamic = self.capacity < 0 or not self.captured(positions)
         if not dynamic or box is not None:
             return energy
         ml = positions.index_select(0, self.atoms) if self.use_subset else positions
