@@ -74,7 +74,7 @@ def test_the_marked_parts_hold_the_emulated_kernels():
         "messages_gather_kernel",
         "embedding_gather_kernel",
         "embedding_species_gather_kernel",
-        "incidence_sort_kernel",
+        "incidence_rank_kernel",
         "part_norms_grad_kernel",
         "activate_scaled_grad_kernel",
     ):

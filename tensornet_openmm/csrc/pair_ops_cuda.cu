@@ -241,9 +241,9 @@ __device__ __forceinline__ int64_t add_index(int64_t* address, int64_t value) {
 
 // The incidences grouped by atom in three kernels and a prefix sum (no sort, nothing that a CUDA
 // graph cannot capture): count each atom's (into counts[atom + 1], zeroed), the counts' inclusive
-// sums (starts), each incidence into its atom's group at a slot taken atomically (cursor: a
-// copy of starts), then each group sorted by one thread (a few dozen entries: insertion sort),
-// so that the order is the incidences' own, the same on every run.
+// sums (starts), each incidence into its atom's group at a slot taken atomically (scratch, at
+// cursor: a copy of starts), then each incidence moved to its rank within its group (order), so
+// that the order is the incidences' own, the same on every run.
 __global__ void incidence_count_kernel(const int64_t* __restrict__ src,
                                        const int64_t* __restrict__ dst, int64_t pairs,
                                        int64_t count, int64_t atoms,
@@ -264,17 +264,23 @@ __global__ void incidence_fill_kernel(const int64_t* __restrict__ src,
   order[add_index(cursor + incidence_atom(e, src, dst, pairs), 1)] = e;
 }
 
-__global__ void incidence_sort_kernel(const int64_t* __restrict__ starts,
-                                      int64_t* __restrict__ order, int64_t atoms) {
-  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (n >= atoms) return;
+// One thread per incidence: its rank among its group's (the entries are distinct, so the ranks
+// are a permutation of the group's slots) places it where a stable sort by atom would. A group of
+// k entries costs k reads a thread, read alike by the group's neighbouring threads; the insertion
+// sort by one thread per atom this replaces took some k * k / 4 dependent moves in a row.
+__global__ void incidence_rank_kernel(const int64_t* __restrict__ src,
+                                      const int64_t* __restrict__ dst, int64_t pairs,
+                                      int64_t count, const int64_t* __restrict__ starts,
+                                      const int64_t* __restrict__ scratch,
+                                      int64_t* __restrict__ order) {
+  const int64_t a = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (a >= count) return;
+  const int64_t e = scratch[a];
+  const int64_t n = incidence_atom(e, src, dst, pairs);
   const int64_t begin = starts[n], end = starts[n + 1];
-  for (int64_t a = begin + 1; a < end; ++a) {
-    const int64_t v = order[a];
-    int64_t b = a;
-    for (; b > begin && order[b - 1] > v; --b) order[b] = order[b - 1];
-    order[b] = v;
-  }
+  int64_t rank = 0;
+  for (int64_t b = begin; b < end; ++b) rank += scratch[b] < e;
+  order[begin + rank] = e;
 }
 
 // a gather's pair list (src, dst), its incidences (order, starts) and sizes
@@ -1223,12 +1229,14 @@ Gather incidences(const at::Tensor& src, const at::Tensor& dst, int64_t atoms, i
   check_launch();
   g.starts = at::cumsum(counts, 0);
   at::Tensor cursor = g.starts.clone();
+  const at::Tensor scratch = at::empty({count}, src.options());
   incidence_fill_kernel<<<blocks_for(count), kThreads, 0, stream>>>(
       src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), pairs, count, cursor.data_ptr<int64_t>(),
-      g.order.data_ptr<int64_t>());
+      scratch.data_ptr<int64_t>());
   check_launch();
-  incidence_sort_kernel<<<blocks_for(atoms), kThreads, 0, stream>>>(
-      g.starts.data_ptr<int64_t>(), g.order.data_ptr<int64_t>(), atoms);
+  incidence_rank_kernel<<<blocks_for(count), kThreads, 0, stream>>>(
+      src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), pairs, count,
+      g.starts.data_ptr<int64_t>(), scratch.data_ptr<int64_t>(), g.order.data_ptr<int64_t>());
   check_launch();
   g.list = {src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), g.order.data_ptr<int64_t>(),
             g.starts.data_ptr<int64_t>(), pairs, f_len, atoms};

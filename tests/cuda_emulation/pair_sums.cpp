@@ -90,8 +90,8 @@ Pairs make_pairs(std::mt19937_64& rng, int64_t atoms, bool half, double density,
   return p;
 }
 
-// the launcher's incidences (pair_ops_cuda.cu, incidences): its kernels (count, fill, sort per
-// atom) with the prefix sum between them on the host
+// the launcher's incidences (pair_ops_cuda.cu, incidences): its kernels (count, fill, rank per
+// incidence) with the prefix sum between them on the host
 struct Incidences {
   std::vector<int64_t> order, starts;
   GatherList list(const Pairs& q, int64_t f_len) const {
@@ -111,14 +111,14 @@ Incidences incidences(const Pairs& q) {
   }, emu::Schedule::kWorkers);
   r.starts.resize(atoms + 1);
   std::partial_sum(counts.begin(), counts.end(), r.starts.begin());
-  std::vector<int64_t> cursor = r.starts;
+  std::vector<int64_t> cursor = r.starts, scratch(count, -1);
   emu::launch(blocks, 1, kThreads, 0, [&] {
     incidence_fill_kernel(q.src.data(), q.dst.data(), pairs, count, cursor.data(),
-                          r.order.data());
+                          scratch.data());
   }, emu::Schedule::kWorkers);
-  const unsigned atom_blocks = static_cast<unsigned>(blocks_for(atoms));
-  emu::launch(atom_blocks, 1, kThreads, 0, [&] {
-    incidence_sort_kernel(r.starts.data(), r.order.data(), atoms);
+  emu::launch(blocks, 1, kThreads, 0, [&] {
+    incidence_rank_kernel(q.src.data(), q.dst.data(), pairs, count, r.starts.data(),
+                          scratch.data(), r.order.data());
   }, emu::Schedule::kWorkers);
   return r;
 }
