@@ -25,6 +25,7 @@ from tensornet_openmm.cli import main
 from tensornet_openmm.export import TensorNetForce, script
 from tensornet_openmm.neighbors import neighbor_pairs
 from tensornet_openmm.nn import kernels
+from tensornet_openmm.systems import LAMBDA
 
 pytestmark = pytest.mark.gpu
 
@@ -179,6 +180,46 @@ def test_mixed_system_on_cuda_equals_the_model():
     assert np.all(ml_forces[22:] == 0.0)
     total, forces = energy_forces(context, test.positions)
     assert np.isfinite(total) and np.isfinite(forces).all() and total != ml_energy
+
+
+def interpolation_follows_lambda(platform, properties):
+    """An interpolated ML/MM System whose TorchForce is captured at lambda = 1 and then asked at
+    other values: the ML force's energy and forces must be lambda times the model's, and
+    dE/dlambda the model's energy, at every value set after the capture (openmm-torch hands
+    the module its global parameters as tensors; a graph that kept the captured value, or read
+    a freed one, would fail here)."""
+    test = quiet_testsystems().AlanineDipeptideExplicit()
+    model = small_model(cutoff=5.0)
+    system = create_mixed_system(
+        test.topology, test.system, list(range(22)), model, interpolate=True,
+        positions=test.positions, cuda_graphs=True, cuda_graph_warmup_steps=1,
+    )  # fmt: skip
+    for force in system.getForces():
+        force.setForceGroup(1 if force.getName() == "TensorNet" else 0)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.0005), platform, properties)
+    context.setPositions(test.positions)
+    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
+    z = [a.element.atomic_number for a in test.topology.atoms()][:22]
+    ref_energy, ref_forces = eager(model, z, pos[:22])
+    for _ in range(3):  # warm-up and capture, forces and energy alone, at lambda = 1
+        energy_forces(context, test.positions, groups={1})
+        context.getState(getEnergy=True, getParameterDerivatives=True, groups={1})
+    for lam in (0.3, 1.0, 0.0, 0.75):
+        context.setParameter(LAMBDA, lam)
+        energy, forces = energy_forces(context, test.positions, groups={1})
+        assert energy == pytest.approx(lam * ref_energy, rel=1e-8, abs=1e-9)
+        np.testing.assert_allclose(
+            forces[:22], lam * ref_forces, atol=1e-7 * np.abs(ref_forces).max()
+        )
+        state = context.getState(getEnergy=True, getParameterDerivatives=True, groups={1})
+        assert state.getEnergyParameterDerivatives()[LAMBDA] == pytest.approx(ref_energy, rel=1e-8)
+        assert state.getPotentialEnergy().value_in_unit(u.kilojoule_per_mole) == pytest.approx(
+            lam * ref_energy, rel=1e-8, abs=1e-9
+        )
+
+
+def test_interpolation_on_cuda_follows_lambda_after_capture():
+    interpolation_follows_lambda(cuda_platform(), {"Precision": "double"})
 
 
 def test_runner_on_cuda(tmp_path):
