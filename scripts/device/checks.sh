@@ -5,7 +5,7 @@
 #   . scripts/device/stack.sh > $OUT/stack.log 2>&1 || exit 3; bash scripts/device/checks.sh STAGE
 #
 #   STAGE    carry                    what it runs                                            about
-#   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; the GPU tests; the 22-   5 min
+#   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; the GPU tests; the 22-   6 min
 #                                     atom step's graph alone (profile_step); kernels per
 #                                     force call; ours on alanine dipeptide and a 5,000-atom
 #                                     box, graphs on/off
@@ -32,7 +32,7 @@
 # TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the later stages' commands with them.
 #
 # A session has 15 minutes of device time, the machine's start (1-3 minutes) included, so the
-# order is what matters most first: tests, warp2, compare is about 13 minutes with the start.
+# order is what matters most first: tests, warp2, compare is about 14 minutes with the start.
 # Call them back to back: a machine is given back 30 s after a call ends, and the warp parts
 # collect in its /tmp. Logs and CSVs go to $OUT (the device tool's output folder, at most 8
 # files come back: the stages write few).
