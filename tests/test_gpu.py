@@ -156,25 +156,33 @@ def test_overflow_on_cuda_is_nan_not_a_truncated_energy():
     assert np.all(np.isnan(forces) | (np.abs(forces) > 1e9))
 
 
+def alanine_in_water(platform, properties, **options):
+    """Alanine dipeptide in water with its 22 atoms ML (``create_mixed_system`` with
+    ``options``), the TensorNet force in group 1, everything else in group 0: the test
+    system, a Context on ``platform`` and the eager model's energy and forces of the ML atoms."""
+    test = quiet_testsystems().AlanineDipeptideExplicit()
+    model = small_model(cutoff=5.0)
+    system = create_mixed_system(
+        test.topology, test.system, list(range(22)), model, positions=test.positions, **options
+    )
+    for force in system.getForces():
+        force.setForceGroup(1 if force.getName() == "TensorNet" else 0)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.0005), platform, properties)
+    context.setPositions(test.positions)
+    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
+    z = [a.element.atomic_number for a in test.topology.atoms()][:22]
+    return test, context, eager(model, z, pos[:22])
+
+
 def test_mixed_system_on_cuda_equals_the_model():
     """ML/MM on CUDA: the TensorNet force of the ML atoms is the model's, PME and all around it.
 
     (openmm-torch's CPU kernels do not run against the GPU machine's newer torch, so the
     comparison is with the eager model, not with the CPU platform.)"""
-    test = quiet_testsystems().AlanineDipeptideExplicit()
-    model = small_model(cutoff=5.0)
-    system = create_mixed_system(
-        test.topology, test.system, list(range(22)), model, positions=test.positions
+    test, context, (ref_energy, ref_forces) = alanine_in_water(
+        cuda_platform(), {"Precision": "double"}
     )
-    for force in system.getForces():
-        force.setForceGroup(1 if force.getName() == "TensorNet" else 0)
-    context = openmm.Context(
-        system, openmm.VerletIntegrator(0.0005), cuda_platform(), {"Precision": "double"}
-    )
-    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
     ml_energy, ml_forces = energy_forces(context, test.positions, groups={1})
-    z = [a.element.atomic_number for a in test.topology.atoms()][:22]
-    ref_energy, ref_forces = eager(model, z, pos[:22])
     assert ml_energy == pytest.approx(ref_energy, rel=1e-8)
     np.testing.assert_allclose(ml_forces[:22], ref_forces, atol=1e-7 * np.abs(ref_forces).max())
     assert np.all(ml_forces[22:] == 0.0)
@@ -188,19 +196,9 @@ def interpolation_follows_lambda(platform, properties):
     dE/dlambda the model's energy, at every value set after the capture (openmm-torch hands
     the module its global parameters as tensors; a graph that kept the captured value, or read
     a freed one, would fail here)."""
-    test = quiet_testsystems().AlanineDipeptideExplicit()
-    model = small_model(cutoff=5.0)
-    system = create_mixed_system(
-        test.topology, test.system, list(range(22)), model, interpolate=True,
-        positions=test.positions, cuda_graphs=True,
-    )  # fmt: skip
-    for force in system.getForces():
-        force.setForceGroup(1 if force.getName() == "TensorNet" else 0)
-    context = openmm.Context(system, openmm.VerletIntegrator(0.0005), platform, properties)
-    context.setPositions(test.positions)
-    pos = np.asarray(test.positions.value_in_unit(u.nanometer))
-    z = [a.element.atomic_number for a in test.topology.atoms()][:22]
-    ref_energy, ref_forces = eager(model, z, pos[:22])
+    test, context, (ref_energy, ref_forces) = alanine_in_water(
+        platform, properties, interpolate=True, cuda_graphs=True
+    )
     # openmm-torch's first call of each kind (forces, energy alone) warms up (10 calls: a
     # frozen module's second call still compares its constants, which capture refuses) and
     # captures, at lambda = 1
