@@ -362,6 +362,15 @@ def test_stored_constants_give_the_same_energy_and_forces(fused):
     lean = stored.energy_and_gradient(z, all_pairs(torch.zeros_like(z)), _vectors(z, pos))
     assert torch.equal(lean[0], lean_ref[0])
     torch.testing.assert_close(lean[1], lean_ref[1], rtol=1e-12, atol=1e-14)
+    # with the fused kernels the per-atom algebra goes a chunk of atoms at a time (here 4, as a
+    # box of more than 204 atoms at 128 channels does): each chunk takes its rows of the stored
+    # terms (the self pairs' were once taken whole, which failed)
+    edges = all_pairs(torch.zeros_like(z))
+    chunked_ref = model.energy_and_gradient(z, edges, _vectors(z, pos), None, False, 4)
+    chunked = stored.energy_and_gradient(z, edges, _vectors(z, pos), None, False, 4)
+    assert torch.equal(chunked[0], chunked_ref[0])
+    torch.testing.assert_close(chunked[1], chunked_ref[1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(chunked[1], lean_ref[1], rtol=1e-12, atol=1e-14)
     z2, pos2 = random_molecule(7)
     with pytest.raises(RuntimeError, match="another molecule's species terms"):
         energy_forces(stored, z2, pos2)

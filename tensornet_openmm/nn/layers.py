@@ -310,9 +310,11 @@ class TensorEmbedding(_RadialLayer):
 
     def self_pair_terms(self, z_recv: Tensor, z_send: Tensor, self_basis: Tensor) -> Tensor:
         """Each atom's self pair term of I, (z_i^recv + z_i^send) f_I(0), (n, F): stored with
-        the species terms (:meth:`TensorNet.store_species_terms`), else computed."""
-        if self.stored_species.shape[1] > 0:  # the atoms' count checked by species_terms
-            return self.stored_species[2]
+        the species terms (:meth:`TensorNet.store_species_terms`), else computed. For a chunk of
+        the atoms (the low-memory forces' per-atom algebra), whose rows of the species terms
+        are given, computed for those rows (the same numbers: elementwise)."""
+        if self.stored_species.shape[1] > 0 and self.stored_species.shape[1] == z_recv.shape[0]:
+            return self.stored_species[2]  # the atoms' count checked by species_terms
         return (z_recv + z_send) * self.self_radial_functions(self_basis)[0, 0]
 
     def species_terms(self, z: Tensor) -> tuple[Tensor, Tensor]:
