@@ -932,8 +932,10 @@ def test_cpu_silu_kernels_at_every_width_and_at_the_extremes(dtype):
     one layer of identity weights makes the network SiLU(x) * scale itself. Values and both
     gradients against SiLU in float64 (sigmoid and 1 - sigmoid as sigmoid(x) and sigmoid(-x),
     without cancellation), for widths 1 to 40 (every remainder of 16 floats and 8 doubles) and
-    inputs from -1e4 to 1e4, 0 and -0 included: no NaN, nothing off by more than a few ulp of
-    the terms (values below 1e-25 absolutely: the kernels cap |x| at 87 in float)."""
+    inputs from -1e4 to 1e4, 0 and -0 included: no NaN, nothing off by more than 16 ulp of the
+    size of the terms (values below 1e-25 absolutely: the kernels cap |x| at 87 in float). The
+    gradient takes some ten roundings in a row: 8.4 ulp were seen in double in the emulated
+    CUDA build (other compiler flags); a wrong polynomial coefficient is off by 1e-3."""
     fused = torch.ops.tensornet_openmm.mlp
     ulp = torch.finfo(dtype).eps
     g = torch.Generator().manual_seed(5)
@@ -960,7 +962,7 @@ def test_cpu_silu_kernels_at_every_width_and_at_the_extremes(dtype):
         for got, expected, size in checks:
             assert torch.isfinite(got).all(), width
             error = ((got.double() - expected).abs() / size.clamp_min(1e-25)).max().item()
-            assert error < 8 * ulp, (width, error / ulp)
+            assert error < 16 * ulp, (width, error / ulp)
 
 
 def test_mlp_kernel_refuses_bad_input():
