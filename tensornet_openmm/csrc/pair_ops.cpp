@@ -1821,10 +1821,10 @@ at::Tensor packed_square_add_op(const at::Tensor& x, const at::Tensor& d, const 
 // 7 in float, 13 in double) and 2^n made in the exponent's bits. From t = exp(-|x|) come
 // sigmoid(x) and 1 - sigmoid(x) without cancellation, 1 / (1 + t) and t / (1 + t) in the order
 // the sign of x gives. |x| is capped where exp(-|x|) is still a normal number (87 in float, 708
-// in double), so that nothing goes subnormal (a microcode assist per value); SiLU there is within
-// 2e-36 of its value in float. Within 4 ulp of SiLU in float and double (ATen's vectorised exp
-// is within 1); the scale's gradient is summed in a vector of partial sums per row. tanh stays
-// with ATen.
+// in double), so that nothing goes subnormal (a microcode assist per value); beyond it SiLU(x) is
+// x e^-87 (float: 1.6e-38 |x|, -1.6e-34 at x = -1e4) where it is smaller still. Within 4 ulp of
+// SiLU in float and double elsewhere (ATen's vectorised exp is within 1); the scale's gradient
+// is summed in a vector of partial sums per row. tanh stays with ATen.
 
 // Bytes of T as one GCC vector: a register of the CPU the code is compiled for (64 bytes for
 // AVX-512, 32 for AVX2, 16 for the baseline's SSE2). Vectors wider than the registers came out
@@ -2037,11 +2037,15 @@ int64_t layer_activation(int64_t code, int64_t l, int64_t layers) {
   return (code & kLinearLast) != 0 && l == layers - 1 ? kIdentity : code & ~kLinearLast;
 }
 
+// a CPU tensor of a dtype the fused CPU activation kernels have
+bool cpu_float_or_double(const at::Tensor& t) {
+  return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+}
+
 // Whether the fused CPU activation kernels (run_silu, run_silu_grad) take t: a CPU matrix of
 // float or double like z, each row's columns adjacent (rows any distance apart)
 bool cpu_rows(const at::Tensor& t, const at::Tensor& z) {
-  return t.defined() && t.device().is_cpu() && t.dim() == 2 &&
-         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) &&
+  return t.defined() && cpu_float_or_double(t) && t.dim() == 2 &&
          t.scalar_type() == z.scalar_type() && t.sizes() == z.sizes() &&
          (t.stride(1) == 1 || t.size(1) <= 1);
 }
@@ -2055,8 +2059,7 @@ bool cpu_scale(const at::Tensor& scale, const at::Tensor& z) {
 
 // A scaled last layer's activation that those kernels run: SiLU or none
 bool cpu_fused_last(int64_t activation, const at::Tensor& z) {
-  return (activation == kSiLU || activation == kIdentity) && z.device().is_cpu() &&
-         (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble);
+  return (activation == kSiLU || activation == kIdentity) && cpu_float_or_double(z);
 }
 
 // a scale of one value per row as a vector ((rows, 1) or (rows,))
