@@ -922,6 +922,42 @@ def test_mlp_kernel_values_and_gradients(act, two_threads):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=MLP_GRAD_ATOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlp_kernel_projection_times_the_scale_with_constant_weights(dtype, two_threads):
+    """One layer without activation, times the scale, constant weights: the embedding's distance
+    projections in a force, which the CPU runs as one product with the scale folded into its
+    columns (and keeps nothing pair-sized). Values and the basis' and scale's gradients against
+    PyTorch, with and without autograd, for 0, 7 and 3,000 rows; gradcheck in float64."""
+    reference = kernels.PairKernels(dtype)
+    fused = torch.ops.tensornet_openmm.mlp
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    for pairs in (0, 7, 3000):
+        inputs = _radial_inputs(pairs, [32, 96], seed=4)
+        basis, cut = (t.detach().to(dtype).requires_grad_() for t in inputs[:2])
+        w, b = [inputs[2][0].detach().to(dtype)], [inputs[3][0].detach().to(dtype)]
+        out = fused(basis, cut, w, b, 2)
+        expected = reference.mlp(basis, cut, w, b, 2)
+        assert out.shape == (pairs, 96)
+        torch.testing.assert_close(out, expected, **tol)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(basis, cut, w, b, 2), expected, **tol)
+        if pairs == 0:
+            continue
+        seed = torch.randn(pairs, 96, dtype=dtype)
+        actual = torch.autograd.grad(out, [basis, cut], seed)
+        wanted = torch.autograd.grad(expected, [basis, cut], seed)
+        for a, e in zip(actual, wanted, strict=True):
+            torch.testing.assert_close(a, e, **tol)
+        # the scale's gradient alone, and the basis' alone
+        (g_cut,) = torch.autograd.grad(fused(basis, cut, w, b, 2), [cut], seed)
+        torch.testing.assert_close(g_cut, wanted[1], **tol)
+        (g_basis,) = torch.autograd.grad(fused(basis, cut.detach(), w, b, 2), [basis], seed)
+        torch.testing.assert_close(g_basis, wanted[0], **tol)
+    basis, cut, weights, biases = _radial_inputs(7, [5, 12], seed=5)
+    frozen = [weights[0].detach()], [biases[0].detach()]
+    assert torch.autograd.gradcheck(lambda x, c: fused(x, c, *frozen, 2), (basis, cut))
+
+
 @MLP_CODES
 def test_mlp_kernel_without_scale(act, two_threads):
     """An empty scale (the per-atom networks: embedding gates, output head) scales nothing:
