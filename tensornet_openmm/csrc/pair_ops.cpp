@@ -2340,7 +2340,8 @@ void tn_cuda_network_backward(const at::Tensor& scale, const at::Tensor& w0, int
 // One layer without activation, times a scale per row (the embedding's distance projections of a
 // block of pairs: 32 -> 3 x 128, times the cutoff), with constant weights (a force) on the CPU:
 // out = [scale x, scale] [W^T; b], one matrix product with the scale folded into its 33 columns,
-// keeping nothing pair-sized for the backward pass. mlp_forward took a product into z, a copy of
+// keeping nothing pair-sized of its own for the backward pass (the basis and the cutoff, which it
+// keeps, the layers keep anyway). mlp_forward took a product into z, a copy of
 // the bias before it and a pass for the scale, and kept z (pairs x 384) for the scale's
 // gradient: 2.7 ms a block of 6,553 pairs (1,443-atom water box, float, 2 threads), now 1.6,
 // and a force call's peak memory 9% less (349 -> 317 KB per added atom).
@@ -2535,8 +2536,8 @@ class Mlp : public torch::autograd::Function<Mlp> {
 at::Tensor mlp_kernel(const at::Tensor& basis, const at::Tensor& cut,
                                  at::TensorList weights, at::TensorList biases,
                                  int64_t activation) {
-  mlp_checked(basis, cut, weights, biases, activation);
   if (cpu_projection(basis, cut, weights, activation, false)) {
+    mlp_checked(basis, cut, weights, biases, activation);
     return cpu_projection_forward(basis, cut, weights[0], biases[0]);
   }
   std::vector<at::Tensor> z, a;
