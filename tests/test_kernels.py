@@ -5,6 +5,7 @@ instead of silently running the slower PyTorch code everywhere else.
 """
 
 import copy
+import itertools
 import os
 import shutil
 import subprocess
@@ -168,6 +169,121 @@ def test_sums_added_in_place_equal_the_sums(half):
         ops.embedding_sums_add(strided, radial, z_recv, z_send, geom, src, dst, half)
     with pytest.raises(RuntimeError, match=r"embedding_pair_grads: grad must be \(9, 10, 6\)"):
         ops.embedding_pair_grads(seed[:, :3], radial, z_recv, z_send, geom, src, dst, half)
+
+
+@pytest.mark.parametrize("half", [True, False])
+@pytest.mark.parametrize("sizes", [(23,), (7, 7, 9), (0, 23), (10, 0, 13)], ids=str)
+def test_sums_over_blocks_of_pairs(half, sizes):
+    """message_blocks and embedding_blocks (kernel and PyTorch): the sums of pairs in blocks,
+    block b's radial functions for the next sizes[b] pairs, equal the one-block operators on the
+    whole list (values and every gradient, float64), with and without each block's tap (through
+    which the radial functions' gradients then flow); gradcheck of each input; blocks or taps
+    that do not match the pair list refused with the counts."""
+    src, dst = _pairs(seed=3)
+    f64 = {"dtype": torch.float64, "requires_grad": True}
+    y, filters, f0 = (
+        torch.randn(9, 10, 6, **f64),
+        torch.randn(23, 3, 6, **f64),
+        torch.randn(3, 6, **f64),
+    )
+    radial, geom = torch.randn(23, 3, 6, **f64), torch.randn(23, 10, **f64)
+    z_recv, z_send = torch.randn(9, 6, **f64), torch.randn(9, 6, **f64)
+    ops = torch.ops.tensornet_openmm
+    seed = torch.randn(9, 10, 6, dtype=torch.float64)
+
+    def close(got, expected, inputs):
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+        for a, e in zip(
+            torch.autograd.grad(got, inputs, seed), torch.autograd.grad(expected, inputs, seed),
+            strict=True,
+        ):  # fmt: skip
+            torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+
+    for kind, tapped in itertools.product((kernels.FusedPairKernels, kernels.PairKernels), (0, 1)):
+        k = kind(torch.float64)
+        pieces = (src.split(sizes), dst.split(sizes))
+        blocks = list(filters.split(sizes))
+        taps = [
+            k.message_filter_tap(b, y, i, j, half) for b, i, j in zip(blocks, *pieces, strict=True)
+        ]
+        got = k.message_blocks(y, blocks, src, dst, half, f0, taps if tapped else [])
+        close(got, ops.messages_self(y, filters, src, dst, half, f0), (y, filters, f0))
+        blocks = list(radial.split(sizes))
+
+        def embedding_taps(k=k, blocks=blocks, tapped=tapped):  # (a graph per call)
+            if not tapped:
+                return []
+            pieces = zip(blocks, geom.split(sizes), src.split(sizes), dst.split(sizes), strict=True)
+            return [k.embedding_tap(b, g, z_recv, z_send, i, j, half) for b, g, i, j in pieces]
+
+        inputs = (radial, z_recv, z_send, geom)
+        got = k.embedding_blocks(blocks, z_recv, z_send, geom, src, dst, half, embedding_taps())
+        close(got, ops.embedding_sums(*inputs, src, dst, half), inputs)
+        # the species terms are constants in a force: the other gradients alone
+        got = k.embedding_blocks(blocks, z_recv.detach(), z_send.detach(), geom, src, dst, half,
+                                 embedding_taps())  # fmt: skip
+        expected = ops.embedding_sums(radial, z_recv.detach(), z_send.detach(), geom, src, dst,
+                                      half)  # fmt: skip
+        close(got, expected, (radial, geom))
+
+    def messages(y, f0, *blocks):
+        return ops.message_blocks(y, list(blocks), src, dst, half, f0, [])
+
+    def embedding(z_recv, z_send, geom, *blocks):
+        return ops.embedding_blocks(list(blocks), z_recv, z_send, geom, src, dst, half, [])
+
+    def leaves(t):  # each block a leaf of its own (gradcheck takes no empty ones)
+        return [b.clone().requires_grad_(b.numel() > 0) for b in t.detach().split(sizes)]
+
+    assert torch.autograd.gradcheck(messages, (y, f0, *leaves(filters)))
+    assert torch.autograd.gradcheck(embedding, (z_recv, z_send, geom, *leaves(radial)))
+    with pytest.raises(
+        RuntimeError, match=r"message_blocks: the blocks hold 22 pairs, the pair list \[23\]"
+    ):
+        ops.message_blocks(y, [filters[:10], filters[10:22]], src, dst, half, f0, [])
+    with pytest.raises(RuntimeError, match=r"message_blocks: give one tap per block \(1\)"):
+        ops.message_blocks(y, [filters], src, dst, half, f0, [y, y])
+    with pytest.raises(RuntimeError, match=r"taps must be shaped as the sums \[9, 10, 6\]"):
+        ops.message_blocks(y, [filters], src, dst, half, f0, [y[:3]])
+    with pytest.raises(RuntimeError, match="embedding_blocks: give at least one block of pairs"):
+        ops.embedding_blocks([], z_recv, z_send, geom, src, dst, half, [])
+    with pytest.raises(RuntimeError, match=r"embedding_blocks: geometry must be \(23, 10\)"):
+        ops.embedding_blocks([radial], z_recv, z_send, geom[:5], src, dst, half, [])
+
+
+def test_block_taps_make_one_block_gradient_at_a_time():
+    """Each block's tap made right after its radial functions: autograd runs a block's tap (its
+    filter gradient made) and then its network before the next block's tap, blocks last to
+    first, so one block's filter gradient exists at a time. Taps made after every block's
+    network would all run first (what the layers avoid)."""
+    src, dst = _pairs(seed=5)
+    y = torch.randn(9, 10, 6, dtype=torch.float64, requires_grad=True)
+    f0 = torch.randn(3, 6, dtype=torch.float64)
+    sizes = (8, 8, 7)
+    ops = torch.ops.tensornet_openmm
+    orders = {}
+    for placement in ("after each", "after all"):
+        order, blocks, taps = [], [], []
+
+        def tap(b, filters, order=order):
+            t = ops.message_filter_tap(filters, y, src.split(sizes)[b], dst.split(sizes)[b], True)
+            t.grad_fn.register_hook(lambda *_: order.append(f"tap {b}"))
+            return t
+
+        for b, rows in enumerate(sizes):
+            x = torch.randn(rows, 3, 6, dtype=torch.float64, requires_grad=True)
+            x.register_hook(lambda g, b=b, o=order: o.append(f"network {b}"))
+            blocks.append(torch.tanh(x))  # a block's network
+            if placement == "after each":
+                taps.append(tap(b, blocks[-1]))
+        if placement == "after all":
+            taps = [tap(b, filters) for b, filters in enumerate(blocks)]
+        ops.message_blocks(y, blocks, src, dst, True, f0, taps).backward(torch.ones(9, 10, 6))
+        orders[placement] = order
+    assert orders["after each"] == [
+        "tap 2", "network 2", "tap 1", "network 1", "tap 0", "network 0"
+    ]  # fmt: skip
+    assert orders["after all"][:3] == ["tap 2", "tap 1", "tap 0"]
 
 
 @pytest.mark.parametrize("half", [True, False])
@@ -553,7 +669,8 @@ OTHER_MODEL = {
 )
 def test_model_with_fused_kernels_equals_pytorch(half, blocks, options, monkeypatch):
     """Energies and forces of a charged molecule, float64: fused kernels, the PyTorch versions
-    of the same sums, and the model's default code; with several pair blocks too."""
+    of the same sums, and the model's default code; with several pair blocks too (summed by
+    message_blocks and embedding_blocks with a graph, added in place without one)."""
     if blocks:
         for name in ("_block_elements", "_fused_block_elements"):  # 7 pairs per block
             monkeypatch.setattr(layers, name, lambda: 10 * 32 * 7)
@@ -562,11 +679,15 @@ def test_model_with_fused_kernels_equals_pytorch(half, blocks, options, monkeypa
     pairs = neighbor_pairs(pos, model.cutoff_upper, half=half)
     charge = torch.tensor([-1.0], dtype=torch.float64)
     results = []
-    for variant in (model, _with(model, kernels.FusedPairKernels), _with(model, _TorchEverywhere)):
+    variants = (model, _with(model, kernels.FusedPairKernels), _with(model, _TorchEverywhere))
+    for variant in variants:
         v = pairs.vectors.detach().clone().requires_grad_(True)
         energy = variant(z, pos, pairs.edge_index, v, None, charge, 1, half)
         (grad,) = torch.autograd.grad(energy.sum(), v)
         results.append((energy.detach(), grad))
+        with torch.no_grad():
+            plain = variant(z, pos, pairs.edge_index, pairs.vectors, None, charge, 1, half)
+        torch.testing.assert_close(plain, results[-1][0], rtol=1e-13, atol=1e-13)
     assert pairs.num_pairs > 7
     for energy, grad in results[1:]:
         # the kernels sum the O(3) product as packed(M Y) + packed(Y M): other rounding

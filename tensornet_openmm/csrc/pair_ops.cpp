@@ -850,6 +850,56 @@ class Messages : public torch::autograd::Function<Messages> {
   }
 };
 
+// embedding_sums()'s vector-Jacobian products for the gradient ``grad`` of its sums: those of
+// radial, of the species terms (both) and of geom, each where wanted (else undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
+    const at::Tensor& grad_in, const at::Tensor& radial_in, const at::Tensor& z_recv_in,
+    const at::Tensor& z_send_in, const at::Tensor& geom_in, const at::Tensor& src_in,
+    const at::Tensor& dst_in, bool half, bool want_radial, bool want_species, bool want_geom) {
+  const at::Tensor radial = radial_in.contiguous(), z_recv = z_recv_in.contiguous(),
+                   z_send = z_send_in.contiguous(), geom = geom_in.contiguous();
+  const at::Tensor src = src_in.contiguous(), dst = dst_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+#ifdef TN_WITH_CUDA
+  if (radial.is_cuda()) {
+    return tn_cuda::embedding_grads(grad, radial, z_recv, z_send, geom, src, dst, half,
+                                    want_radial, want_species, want_geom);
+  }
+#endif
+  // each kernel zeroes its own rows of its outputs (in cache, in its thread) before adding
+  at::Tensor g_radial, g_recv, g_send, g_geom;
+  if (want_radial) g_radial = at::empty_like(radial);
+  if (want_species) {
+    g_recv = at::empty_like(z_recv);
+    g_send = at::empty_like(z_send);
+  }
+  if (want_geom) g_geom = at::empty_like(geom);
+  const int64_t pairs = radial.size(0), f_len = radial.size(2);
+  AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_backward", [&] {
+    const scalar_t *gp = grad.data_ptr<scalar_t>(), *rp = radial.data_ptr<scalar_t>(),
+                   *zr = z_recv.data_ptr<scalar_t>(), *zs = z_send.data_ptr<scalar_t>(),
+                   *geo = geom.data_ptr<scalar_t>();
+    const int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
+    scalar_t *g_rad = data_or_null<scalar_t>(g_radial), *g_geo = data_or_null<scalar_t>(g_geom);
+    if (g_rad != nullptr || g_geo != nullptr) {
+      split(pairs, kPairGrain, pair_work(pairs, f_len, half), [&](int64_t p0, int64_t p1) {
+        std::vector<scalar_t> s_ij(f_len), s_ji(f_len);
+        run_embedding_pair_grads(gp, rp, zr, zs, geo, sp, dp, g_rad, g_geo, f_len, half, p0, p1,
+                                 s_ij.data(), s_ji.data());
+      });
+    }
+    if (want_species) {
+      scalar_t *g_r = g_recv.data_ptr<scalar_t>(), *g_s = g_send.data_ptr<scalar_t>();
+      split(z_recv.size(0), kAtomGrain, pair_work(pairs, f_len, half), [&](int64_t a0, int64_t a1) {
+        std::vector<scalar_t> t(f_len);
+        run_embedding_species_grads(gp, rp, geo, sp, dp, g_r, g_s, pairs, f_len, half, a0, a1,
+                                    t.data());
+      });
+    }
+  });
+  return {g_radial, g_recv, g_send, g_geom};
+}
+
 class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& radial,
@@ -864,56 +914,15 @@ class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor radial = saved[0].contiguous(), z_recv = saved[1].contiguous(),
-                     z_send = saved[2].contiguous(), geom = saved[3].contiguous();
-    const at::Tensor src = saved[4].contiguous(), dst = saved[5].contiguous();
     const bool half = ctx->saved_data["half"].toBool();
     if (!grads[0].defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    const at::Tensor grad = grads[0].contiguous();
-    const bool want_species = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     at::Tensor g_radial, g_recv, g_send, g_geom;
-#ifdef TN_WITH_CUDA
-    if (radial.is_cuda()) {
-      std::tie(g_radial, g_recv, g_send, g_geom) = tn_cuda::embedding_grads(
-          grad, radial, z_recv, z_send, geom, src, dst, half, ctx->needs_input_grad(0),
-          want_species, ctx->needs_input_grad(3));
-      if (!ctx->needs_input_grad(1)) g_recv = at::Tensor();
-      if (!ctx->needs_input_grad(2)) g_send = at::Tensor();
-      return {g_radial, g_recv, g_send, g_geom, at::Tensor(), at::Tensor(), at::Tensor()};
-    }
-#endif
-    // each kernel zeroes its own rows of its outputs (in cache, in its thread) before adding
-    if (ctx->needs_input_grad(0)) g_radial = at::empty_like(radial);
-    if (want_species) {
-      g_recv = at::empty_like(z_recv);
-      g_send = at::empty_like(z_send);
-    }
-    if (ctx->needs_input_grad(3)) g_geom = at::empty_like(geom);
-    const int64_t pairs = radial.size(0), f_len = radial.size(2);
-    AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_backward", [&] {
-      const scalar_t *gp = grad.data_ptr<scalar_t>(), *rp = radial.data_ptr<scalar_t>(),
-                     *zr = z_recv.data_ptr<scalar_t>(), *zs = z_send.data_ptr<scalar_t>(),
-                     *geo = geom.data_ptr<scalar_t>();
-      const int64_t *sp = src.data_ptr<int64_t>(), *dp = dst.data_ptr<int64_t>();
-      scalar_t *g_rad = data_or_null<scalar_t>(g_radial), *g_geo = data_or_null<scalar_t>(g_geom);
-      if (g_rad != nullptr || g_geo != nullptr) {
-        split(pairs, kPairGrain, pair_work(pairs, f_len, half), [&](int64_t p0, int64_t p1) {
-          std::vector<scalar_t> s_ij(f_len), s_ji(f_len);
-          run_embedding_pair_grads(gp, rp, zr, zs, geo, sp, dp, g_rad, g_geo, f_len, half, p0, p1,
-                                   s_ij.data(), s_ji.data());
-        });
-      }
-      if (want_species) {
-        scalar_t *g_r = g_recv.data_ptr<scalar_t>(), *g_s = g_send.data_ptr<scalar_t>();
-        split(z_recv.size(0), kAtomGrain, pair_work(pairs, f_len, half), [&](int64_t a0, int64_t a1) {
-          std::vector<scalar_t> t(f_len);
-          run_embedding_species_grads(gp, rp, geo, sp, dp, g_r, g_s, pairs, f_len, half, a0, a1,
-                                      t.data());
-        });
-      }
-    });
+    std::tie(g_radial, g_recv, g_send, g_geom) = embedding_grads(
+        grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], half,
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1) || ctx->needs_input_grad(2),
+        ctx->needs_input_grad(3));
     if (!ctx->needs_input_grad(1)) g_recv = at::Tensor();
     if (!ctx->needs_input_grad(2)) g_send = at::Tensor();
     return {g_radial, g_recv, g_send, g_geom, at::Tensor(), at::Tensor(), at::Tensor()};
@@ -971,6 +980,297 @@ at::Tensor embedding_sums(const at::Tensor& radial, const at::Tensor& z_recv,
                           const at::Tensor& z_send, const at::Tensor& geom,
                           const at::Tensor& src, const at::Tensor& dst, bool half) {
   return EmbeddingSums::apply(radial, z_recv, z_send, geom, src, dst, half);
+}
+
+// ---- Sums over blocks of pairs ------------------------------------------------------------
+// A CPU system of more than one block of pairs (layers.py pair_block: each block's radial
+// networks stay cache-sized) made each block's sums as an atom-sized tensor of its own and added
+// them, and autograd added each block's gradient of the atoms' features to the others': 15
+// atom-sized additions forward and 14 backward a force call of a 1,443-atom water box (18 of 385
+// ms, float, 2 threads). message_blocks and embedding_blocks take every block's radial functions
+// at once (block b: the next blocks[b].size(0) pairs of src and dst) and sum all blocks into one
+// tensor each way: the first block's kernel writes it, the others' add onto it (as the
+// low-memory forces' messages_add and embedding_sums_add).
+//
+// Their backward would make every block's gradient of its radial functions at once, (pairs, 3,
+// F) in all, where the blocks' own nodes made one block's at a time (a force call's peak memory
+// 8% more). So each block may come with a tap (message_filter_tap, embedding_tap): a node of its
+// own between the block's radial functions and the sums, whose output (atom-sized, stride 0, no
+// memory) the sums take only for the edge. The sums' backward hands each tap the sums' gradient
+// itself, and each tap makes its block's gradients when autograd reaches it, just before that
+// block's network: one block's at a time. With taps, the radial functions' gradients flow
+// through the taps alone.
+
+// The first pair of each block, and their total, checked against the pair list's length.
+std::vector<int64_t> block_starts(const char* name, at::TensorList blocks, const at::Tensor& src) {
+  TORCH_CHECK(!blocks.empty(), name, ": give at least one block of pairs");
+  std::vector<int64_t> starts{0};
+  for (const at::Tensor& b : blocks) {
+    TORCH_CHECK(b.dim() >= 1, name, ": each block's radial functions must be (pairs, 3, channels)");
+    starts.push_back(starts.back() + b.size(0));
+  }
+  TORCH_CHECK(src.dim() == 1 && starts.back() == src.size(0), name, ": the blocks hold ",
+              starts.back(), " pairs, the pair list ", src.sizes());
+  return starts;
+}
+
+at::Tensor block_rows(const at::Tensor& t, const std::vector<int64_t>& starts, size_t b) {
+  return t.narrow(0, starts[b], starts[b + 1] - starts[b]);
+}
+
+void check_taps(const char* name, at::TensorList taps, size_t blocks, at::IntArrayRef sizes) {
+  TORCH_CHECK(taps.empty() || taps.size() == blocks, name, ": give one tap per block (",
+              blocks, ") or none, got ", taps.size());
+  for (const at::Tensor& t : taps) {
+    TORCH_CHECK(t.sizes() == sizes, name, ": taps must be shaped as the sums ", sizes, ", got ",
+                t.sizes());
+  }
+}
+
+// messages_self() of every block (its self pair's messages once)
+at::Tensor message_blocks_kernel(const at::Tensor& y, at::TensorList filters,
+                                 const at::Tensor& src, const at::Tensor& dst, bool half,
+                                 const at::Tensor& self_filt, at::TensorList taps) {
+  const std::vector<int64_t> starts = block_starts("message_blocks", filters, src);
+  check_taps("message_blocks", taps, filters.size(), y.sizes());
+  at::Tensor out = messages_self_kernel(y, filters[0], block_rows(src, starts, 0),
+                                        block_rows(dst, starts, 0), half, self_filt);
+  for (size_t b = 1; b < filters.size(); ++b) {
+    messages_add_kernel(out, y, filters[b], block_rows(src, starts, b), block_rows(dst, starts, b),
+                        half);
+  }
+  return out;
+}
+
+// embedding_sums() of every block; geom (all pairs, 10)
+at::Tensor embedding_blocks_kernel(at::TensorList radial, const at::Tensor& z_recv,
+                                   const at::Tensor& z_send, const at::Tensor& geom,
+                                   const at::Tensor& src, const at::Tensor& dst, bool half,
+                                   at::TensorList taps) {
+  const std::vector<int64_t> starts = block_starts("embedding_blocks", radial, src);
+  TORCH_CHECK(geom.dim() == 2 && geom.size(0) == src.size(0), "embedding_blocks: geometry must ",
+              "be (", src.size(0), ", 10), got ", geom.sizes());
+  at::Tensor out = embedding_kernel(radial[0], z_recv, z_send, block_rows(geom, starts, 0),
+                                    block_rows(src, starts, 0), block_rows(dst, starts, 0), half);
+  check_taps("embedding_blocks", taps, radial.size(), out.sizes());
+  for (size_t b = 1; b < radial.size(); ++b) {
+    embedding_add_kernel(out, radial[b], z_recv, z_send, block_rows(geom, starts, b),
+                         block_rows(src, starts, b), block_rows(dst, starts, b), half);
+  }
+  return out;
+}
+
+// A tap's output: shaped as the sums, one zero in memory
+at::Tensor tap_output(const at::Tensor& like, at::IntArrayRef sizes) {
+  return at::zeros({1, 1, 1}, like.options()).expand(sizes);
+}
+
+// Inputs filters (a block's), y (detached), src, dst (the block's), half: the messages' gradient
+// with respect to the block's filters, from the sums' gradient.
+class MessageFilterTap : public torch::autograd::Function<MessageFilterTap> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& filt, const at::Tensor& y,
+                            const at::Tensor& src, const at::Tensor& dst, bool half) {
+    check_messages("message_filter_tap", y, filt);
+    ctx->save_for_backward({y, src, dst});
+    ctx->saved_data["half"] = half;
+    ctx->saved_data["pairs"] = filt.size(0);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return tap_output(y, y.sizes());
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    variable_list out(5);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return out;
+    out[0] = filter_grad_kernel(grads[0].contiguous(), saved[0], saved[1].contiguous(),
+                                saved[2].contiguous(), ctx->saved_data["pairs"].toInt(),
+                                ctx->saved_data["half"].toBool());
+    return out;
+  }
+};
+
+// Inputs radial, geom (a block's), z_recv, z_send (detached), src, dst, half: the embedding's
+// gradients with respect to the block's radial functions and geometry.
+class EmbeddingTap : public torch::autograd::Function<EmbeddingTap> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& radial, const at::Tensor& geom,
+                            const at::Tensor& z_recv, const at::Tensor& z_send,
+                            const at::Tensor& src, const at::Tensor& dst, bool half) {
+    check_embedding("embedding_tap", radial, z_recv, z_send, geom);
+    ctx->save_for_backward({radial, geom, z_recv, z_send, src, dst});
+    ctx->saved_data["half"] = half;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return tap_output(radial, {z_recv.size(0), kComps, radial.size(2)});
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    variable_list out(7);
+    if (!grads[0].defined()) return out;
+    at::Tensor g_radial, g_geom;
+    std::tie(g_radial, std::ignore, std::ignore, g_geom) = embedding_grads(
+        grads[0], saved[0], saved[2], saved[3], saved[1], saved[4], saved[5],
+        ctx->saved_data["half"].toBool(), ctx->needs_input_grad(0), false,
+        ctx->needs_input_grad(1));
+    out[0] = g_radial;
+    out[1] = g_geom;
+    return out;
+  }
+};
+
+// Inputs y, filters (B), src, dst, half, self_filt, taps (B or none); the gradient of y is the
+// same operator on the sums' gradient with the pairs reversed (for a half list the same pairs,
+// as in Messages); each tap's, the sums' gradient itself.
+class MessageBlocks : public torch::autograd::Function<MessageBlocks> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, at::TensorList filters,
+                            const at::Tensor& src, const at::Tensor& dst, bool half,
+                            const at::Tensor& self_filt, at::TensorList taps) {
+    std::vector<at::Tensor> keep{y, src, dst, self_filt};
+    keep.insert(keep.end(), filters.begin(), filters.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["half"] = half;
+    ctx->saved_data["taps"] = static_cast<int64_t>(taps.size());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return message_blocks_kernel(y, filters, src, dst, half, self_filt, taps);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &y = saved[0], &src = saved[1], &dst = saved[2], &self_filt = saved[3];
+    const std::vector<at::Tensor> filters(saved.begin() + 4, saved.end());
+    const size_t blocks = filters.size(), taps = ctx->saved_data["taps"].toInt();
+    const bool half = ctx->saved_data["half"].toBool();
+    // y, each block's filters, src, dst, half, self_filt, taps
+    variable_list out(blocks + 5 + taps);
+    if (!grads[0].defined()) return out;
+    const at::Tensor grad = grads[0].contiguous();
+    if (ctx->needs_input_grad(0)) {
+      out[0] = half ? message_blocks_kernel(grad, filters, src, dst, half, self_filt, {})
+                    : message_blocks_kernel(grad, filters, dst, src, half, self_filt, {});
+    }
+    const std::vector<int64_t> starts = block_starts("message_blocks", filters, src);
+    for (size_t b = 0; b < blocks; ++b) {
+      if (!ctx->needs_input_grad(1 + b)) continue;  // (never with taps: filters detached)
+      out[1 + b] = filter_grad_kernel(grad, y, block_rows(src, starts, b).contiguous(),
+                                      block_rows(dst, starts, b).contiguous(),
+                                      filters[b].size(0), half);
+    }
+    if (ctx->needs_input_grad(blocks + 3)) {  // tensors y, filters, src, dst, self_filt, taps
+      const at::Tensor group = at::tensor(
+          std::vector<int64_t>(kGroup, kGroup + kComps), at::TensorOptions().dtype(at::kLong));
+      out[blocks + 4] =
+          at::zeros_like(self_filt).index_add_(0, group.to(y.device()), (grad * y).sum(0));
+    }
+    for (size_t t = 0; t < taps; ++t) out[blocks + 5 + t] = grad;
+    return out;
+  }
+};
+
+// Inputs radial (B), z_recv, z_send, geom, src, dst, half, taps (B or none); without taps each
+// block's gradients from embedding_grads (the species terms' summed, geom's joined).
+class EmbeddingBlocks : public torch::autograd::Function<EmbeddingBlocks> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList radial, const at::Tensor& z_recv,
+                            const at::Tensor& z_send, const at::Tensor& geom,
+                            const at::Tensor& src, const at::Tensor& dst, bool half,
+                            at::TensorList taps) {
+    std::vector<at::Tensor> keep{z_recv, z_send, geom, src, dst};
+    keep.insert(keep.end(), radial.begin(), radial.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["half"] = half;
+    ctx->saved_data["taps"] = static_cast<int64_t>(taps.size());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return embedding_blocks_kernel(radial, z_recv, z_send, geom, src, dst, half, taps);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &z_recv = saved[0], &z_send = saved[1], &geom = saved[2], &src = saved[3],
+                     &dst = saved[4];
+    const std::vector<at::Tensor> radial(saved.begin() + 5, saved.end());
+    const size_t blocks = radial.size(), taps = ctx->saved_data["taps"].toInt();
+    const bool half = ctx->saved_data["half"].toBool();
+    // each block's radial, z_recv, z_send, geom, src, dst, half, taps
+    variable_list out(blocks + 6 + taps);
+    if (!grads[0].defined()) return out;
+    const bool want_species = ctx->needs_input_grad(blocks) || ctx->needs_input_grad(blocks + 1);
+    const bool want_geom = ctx->needs_input_grad(blocks + 2);  // (never with taps: detached)
+    const std::vector<int64_t> starts = block_starts("embedding_blocks", radial, src);
+    std::vector<at::Tensor> g_geom;
+    for (size_t b = 0; b < blocks; ++b) {
+      if (!ctx->needs_input_grad(b) && !want_species && !want_geom) continue;
+      at::Tensor g_radial, g_recv, g_send, g_geo;
+      std::tie(g_radial, g_recv, g_send, g_geo) = embedding_grads(
+          grads[0], radial[b], z_recv, z_send, block_rows(geom, starts, b),
+          block_rows(src, starts, b), block_rows(dst, starts, b), half, ctx->needs_input_grad(b),
+          want_species, want_geom);
+      out[b] = g_radial;
+      if (want_species) {
+        out[blocks] = b == 0 ? g_recv : out[blocks] + g_recv;
+        out[blocks + 1] = b == 0 ? g_send : out[blocks + 1] + g_send;
+      }
+      if (want_geom) g_geom.push_back(g_geo);
+    }
+    if (!ctx->needs_input_grad(blocks)) out[blocks] = at::Tensor();
+    if (!ctx->needs_input_grad(blocks + 1)) out[blocks + 1] = at::Tensor();
+    if (want_geom) out[blocks + 2] = at::cat(g_geom);
+    for (size_t t = 0; t < taps; ++t) out[blocks + 6 + t] = grads[0];
+    return out;
+  }
+};
+
+// tensors: each one detached
+std::vector<at::Tensor> detached(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : tensors) out.push_back(t.detach());
+  return out;
+}
+
+at::Tensor message_blocks(const at::Tensor& y, at::TensorList filters, const at::Tensor& src,
+                          const at::Tensor& dst, bool half, const at::Tensor& self_filt,
+                          at::TensorList taps) {
+  if (taps.empty()) return MessageBlocks::apply(y, filters, src, dst, half, self_filt, taps);
+  const std::vector<at::Tensor> constant = detached(filters);
+  return MessageBlocks::apply(y, at::TensorList(constant), src, dst, half, self_filt, taps);
+}
+
+at::Tensor embedding_blocks(at::TensorList radial, const at::Tensor& z_recv,
+                            const at::Tensor& z_send, const at::Tensor& geom,
+                            const at::Tensor& src, const at::Tensor& dst, bool half,
+                            at::TensorList taps) {
+  if (taps.empty()) {
+    return EmbeddingBlocks::apply(radial, z_recv, z_send, geom, src, dst, half, taps);
+  }
+  const std::vector<at::Tensor> constant = detached(radial);
+  return EmbeddingBlocks::apply(at::TensorList(constant), z_recv, z_send, geom.detach(), src, dst,
+                                half, taps);
+}
+
+at::Tensor message_filter_tap(const at::Tensor& filt, const at::Tensor& y, const at::Tensor& src,
+                              const at::Tensor& dst, bool half) {
+  return MessageFilterTap::apply(filt, y.detach(), src, dst, half);
+}
+
+at::Tensor embedding_tap(const at::Tensor& radial, const at::Tensor& geom,
+                         const at::Tensor& z_recv, const at::Tensor& z_send,
+                         const at::Tensor& src, const at::Tensor& dst, bool half) {
+  return EmbeddingTap::apply(radial, geom, z_recv.detach(), z_send.detach(), src, dst, half);
+}
+
+// The taps' values alone (no autograd: nothing to tap), checked as with it
+at::Tensor message_filter_tap_kernel(const at::Tensor& filt, const at::Tensor& y,
+                                     const at::Tensor&, const at::Tensor&, bool) {
+  check_messages("message_filter_tap", y, filt);
+  return tap_output(y, y.sizes());
+}
+
+at::Tensor embedding_tap_kernel(const at::Tensor& radial, const at::Tensor& geom,
+                                const at::Tensor& z_recv, const at::Tensor& z_send,
+                                const at::Tensor&, const at::Tensor&, bool) {
+  check_embedding("embedding_tap", radial, z_recv, z_send, geom);
+  return tap_output(radial, {z_recv.size(0), kComps, radial.size(2)});
 }
 
 
@@ -3365,6 +3665,19 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def(
       "embedding_sums(Tensor radial, Tensor z_recv, Tensor z_send, Tensor geom, Tensor src, "
       "Tensor dst, bool half) -> Tensor");
+  // the sums of pairs in blocks, each block's radial functions a tensor of the list
+  m.def(
+      "message_blocks(Tensor y, Tensor[] filters, Tensor src, Tensor dst, bool half, "
+      "Tensor self_filters, Tensor[] taps) -> Tensor");
+  m.def(
+      "embedding_blocks(Tensor[] radial, Tensor z_recv, Tensor z_send, Tensor geom, Tensor src, "
+      "Tensor dst, bool half, Tensor[] taps) -> Tensor");
+  m.def(
+      "message_filter_tap(Tensor filters, Tensor y, Tensor src, Tensor dst, bool half) -> "
+      "Tensor");
+  m.def(
+      "embedding_tap(Tensor radial, Tensor geom, Tensor z_recv, Tensor z_send, Tensor src, "
+      "Tensor dst, bool half) -> Tensor");
   // the low-memory forces' block by block sums and products (no autograd)
   m.def(
       "messages_add(Tensor(a!) out, Tensor y, Tensor filters, Tensor src, Tensor dst, "
@@ -3405,6 +3718,10 @@ TORCH_LIBRARY(tensornet_openmm, m) {
 }
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
+  m.impl("message_blocks", message_blocks_kernel);
+  m.impl("embedding_blocks", embedding_blocks_kernel);
+  m.impl("message_filter_tap", message_filter_tap_kernel);
+  m.impl("embedding_tap", embedding_tap_kernel);
   m.impl("messages", messages_kernel);
   m.impl("messages_self", messages_self_kernel);
   m.impl("message_filter_grad", message_filter_grad_kernel);
@@ -3431,6 +3748,10 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
 #ifdef TN_WITH_CUDA
 // The channel mixing is PyTorch's batched product (kernels.py); mlp's ATen calls run CUDA's.
 TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
+  m.impl("message_blocks", message_blocks_kernel);
+  m.impl("embedding_blocks", embedding_blocks_kernel);
+  m.impl("message_filter_tap", message_filter_tap_kernel);
+  m.impl("embedding_tap", embedding_tap_kernel);
   m.impl("messages", messages_kernel);
   m.impl("messages_self", messages_self_kernel);
   m.impl("message_filter_grad", message_filter_grad_kernel);
@@ -3455,6 +3776,10 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
 #endif
 
 TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
+  m.impl("message_blocks", message_blocks);
+  m.impl("embedding_blocks", embedding_blocks);
+  m.impl("message_filter_tap", message_filter_tap);
+  m.impl("embedding_tap", embedding_tap);
   m.impl("messages", messages);
   m.impl("messages_self", messages_self);
   m.impl("embedding_sums", embedding_sums);

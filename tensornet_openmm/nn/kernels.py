@@ -394,6 +394,78 @@ class PairKernels(nn.Module):
         """out += :meth:`embedding_sums` (no autograd), as :meth:`messages_add`."""
         out.add_(self.embedding_sums(radial, z_recv, z_send, geom, src, dst, half))
 
+    def message_blocks(
+        self,
+        y: Tensor,
+        filters: list[Tensor],
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+        self_filters: Tensor,
+        taps: list[Tensor],
+    ) -> Tensor:
+        """:meth:`messages_self` of pairs in blocks, block b's filters ``filters[b]`` for the
+        next ``filters[b].shape[0]`` pairs of ``src`` and ``dst``: one sum over every block (the
+        self pair's messages once), a layer's whole message sum. ``taps``: none, or each block's
+        :meth:`message_filter_tap`, through which the operator's filter gradients flow (PyTorch
+        differentiates the filters here, whatever the taps)."""
+        out = y * self_filters.index_select(0, self.group)
+        start = 0
+        for block in filters:
+            rows = block.shape[0]
+            out = out + self.messages(
+                y, block, src.narrow(0, start, rows), dst.narrow(0, start, rows), half
+            )
+            start += rows
+        return out
+
+    def embedding_blocks(
+        self,
+        radial: list[Tensor],
+        z_recv: Tensor,
+        z_send: Tensor,
+        geom: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+        taps: list[Tensor],
+    ) -> Tensor:
+        """:meth:`embedding_sums` of pairs in blocks (as :meth:`message_blocks`; ``geom`` that of
+        every pair, ``taps`` :meth:`embedding_tap`), summed over the blocks."""
+        out = z_recv.new_zeros((z_recv.shape[0], 10, z_recv.shape[1]))
+        start = 0
+        for block in radial:
+            rows = block.shape[0]
+            out = out + self.embedding_sums(
+                block, z_recv, z_send, geom.narrow(0, start, rows), src.narrow(0, start, rows),
+                dst.narrow(0, start, rows), half,
+            )  # fmt: skip
+            start += rows
+        return out
+
+    def message_filter_tap(
+        self, filters: Tensor, y: Tensor, src: Tensor, dst: Tensor, half: bool
+    ) -> Tensor:
+        """A block's tap for :meth:`message_blocks` (``filters``, ``src`` and ``dst`` the
+        block's), made right after the block's filters: an atom-sized tensor of stride 0 whose
+        gradient, the sums', the operator's tap turns into the block's filter gradient when
+        autograd reaches it, one block's at a time. Here nothing to tap."""
+        return y.new_zeros((1, 1, 1)).expand(y.shape)
+
+    def embedding_tap(
+        self,
+        radial: Tensor,
+        geom: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+    ) -> Tensor:
+        """:meth:`message_filter_tap` for :meth:`embedding_blocks` (a block's radial functions
+        and geometry)."""
+        return radial.new_zeros((1, 1, 1)).expand(z_recv.shape[0], 10, radial.shape[2])
+
     def embedding_pair_grads(
         self,
         grad: Tensor,
@@ -719,6 +791,54 @@ class FusedPairKernels(PairKernels):
     ) -> None:
         torch.ops.tensornet_openmm.embedding_sums_add(
             out, radial, z_recv, z_send, geom, src, dst, half
+        )
+
+    def message_blocks(
+        self,
+        y: Tensor,
+        filters: list[Tensor],
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+        self_filters: Tensor,
+        taps: list[Tensor],
+    ) -> Tensor:
+        return torch.ops.tensornet_openmm.message_blocks(
+            y, filters, src, dst, half, self_filters, taps
+        )
+
+    def message_filter_tap(
+        self, filters: Tensor, y: Tensor, src: Tensor, dst: Tensor, half: bool
+    ) -> Tensor:
+        return torch.ops.tensornet_openmm.message_filter_tap(filters, y, src, dst, half)
+
+    def embedding_tap(
+        self,
+        radial: Tensor,
+        geom: Tensor,
+        z_recv: Tensor,
+        z_send: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+    ) -> Tensor:
+        return torch.ops.tensornet_openmm.embedding_tap(
+            radial, geom, z_recv, z_send, src, dst, half
+        )
+
+    def embedding_blocks(
+        self,
+        radial: list[Tensor],
+        z_recv: Tensor,
+        z_send: Tensor,
+        geom: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        half: bool,
+        taps: list[Tensor],
+    ) -> Tensor:
+        return torch.ops.tensornet_openmm.embedding_blocks(
+            radial, z_recv, z_send, geom, src, dst, half, taps
         )
 
     def embedding_pair_grads(

@@ -60,10 +60,11 @@ def pair_block(num_pairs: int, channels: int, device: torch.device, fused: bool 
 
     ``fused``: the loops of the fused kernels, which make no (block, 10, channels) tensors (their
     largest per-pair ones are the filters and the radial networks' activations, (block, 3
-    channels)) but give each block an atom-sized output and gradient to fill and add: blocks 8
-    times larger (:func:`_fused_block_elements`). Force calls of water boxes, CPU, 2 threads
-    (throwaway timings): 624 atoms 203 -> 181 ms, 1,443 atoms 588 -> 467 ms; with radial tables
-    91 -> 70 ms and 300 -> 188 ms; larger blocks than that were no faster.
+    channels)): blocks 8 times larger (:func:`_fused_block_elements`). Force calls of water
+    boxes, CPU, 2 threads (throwaway timings): 624 atoms 203 -> 181 ms, 1,443 atoms 588 -> 467
+    ms; with radial tables 91 -> 70 ms and 300 -> 188 ms; larger blocks than that were no
+    faster (every pair as one block: 1,443 atoms 460 against 375 ms). The blocks' sums are one
+    operator each way (:func:`_summed_blocks`), with no atom-sized result per block.
     """
     if device.type != "cpu":
         return max(num_pairs, 1)
@@ -182,6 +183,17 @@ def _chunks(t: Tensor, block: int) -> list[Tensor]:
     if t.shape[0] <= block:
         return [t]
     return t.split(block)
+
+
+def _summed_blocks(pairs: int, block: int) -> bool:
+    """Whether the fused kernels sum every block of pairs with one operator each way
+    (``message_blocks``, ``embedding_blocks``, each block with its tap): more than one block,
+    and a graph to make. Without a graph each block's sums add in place onto the first's, its
+    radial functions freed before the next block's are made. With one, the radial functions are
+    kept for the backward pass anyway, and the one operator saves an atom-sized sum per block
+    forward and the accumulation of its gradient backward (1,443-atom water box, CPU, 2 threads:
+    a force call 395 -> 369 ms, the same peak memory)."""
+    return pairs > block and torch.is_grad_enabled()
 
 
 def _blocks(vec: Optional[Tensor], pairs: int, block: int) -> list[Optional[Tensor]]:
@@ -449,8 +461,8 @@ class TensorEmbedding(_RadialLayer):
         half: bool,
         vec: Optional[Tensor] = None,
     ) -> None:
-        """out += :meth:`fused_sums` (no graph): the low-memory forces' pair sums, block by
-        block, without an atom-sized result per block."""
+        """out += :meth:`fused_sums` (no graph), without an atom-sized result per block: the
+        low-memory forces' pair sums, and the embedding's without a graph."""
         radial = self._pair_radial(cut, basis, vec, True)
         self.pair_kernels.embedding_sums_add(out, radial, z_recv, z_send, geom, i, j, half)
 
@@ -549,15 +561,37 @@ class TensorEmbedding(_RadialLayer):
             _one_block(radial, src.shape[0], block)
             if geom is None:
                 geom = algebra.packed_geometry(rhat)
+            if _summed_blocks(src.shape[0], block):  # every block at once, one operator each way
+                radials: list[Tensor] = []
+                taps: list[Tensor] = []
+                for i, j, cut_b, basis_b, geom_b, vec_b in zip(  # noqa: B905
+                    _chunks(src, block), _chunks(dst, block), _chunks(cut, block),
+                    _chunks(basis, block), _chunks(geom, block), _blocks(vec, src.shape[0], block),
+                ):  # fmt: skip
+                    radial_b = self._pair_radial(cut_b, basis_b, vec_b, True)
+                    radials.append(radial_b)  # its tap right after it: see message_filter_tap
+                    taps.append(
+                        self.pair_kernels.embedding_tap(
+                            radial_b, geom_b, z_recv, z_send, i, j, half
+                        )
+                    )
+                packed = self.pair_kernels.embedding_blocks(
+                    radials, z_recv, z_send, geom, src, dst, half, taps
+                )
+                return self.fused_finish(z_recv, z_send, packed, self_basis)
             packed: Optional[Tensor] = None  # the first block's sums start it: no zeros to add
             for i, j, cut_b, basis_b, geom_b, vec_b in zip(  # noqa: B905 (TorchScript's zip...)
                 _chunks(src, block), _chunks(dst, block), _chunks(cut, block),
                 _chunks(basis, block), _chunks(geom, block), _blocks(vec, src.shape[0], block),
             ):  # fmt: skip
-                sums = self.fused_sums(
-                    i, j, cut_b, basis_b, geom_b, z_recv, z_send, half, vec_b, radial
-                )
-                packed = sums if packed is None else packed + sums
+                if packed is None:
+                    packed = self.fused_sums(
+                        i, j, cut_b, basis_b, geom_b, z_recv, z_send, half, vec_b, radial
+                    )
+                else:  # no graph (else summed above): added in place
+                    self.fused_sums_add(
+                        packed, i, j, cut_b, basis_b, geom_b, z_recv, z_send, half, vec_b
+                    )
             if packed is None:
                 packed = z_recv.new_zeros((z_recv.shape[0], 10, self.hidden_channels))
             return self.fused_finish(z_recv, z_send, packed, self_basis)
@@ -722,9 +756,21 @@ class Interaction(_RadialLayer):
         channel mixing and 3x3 products each one operator."""
         x, y = self.fused_prepare(x)
         f0 = self.self_radial_functions(self_basis)[0]  # the self pair's filters, (3, F)
-        msg: Optional[Tensor] = None
         block = pair_block(src.shape[0], self.hidden_channels, x.device, True)
         _one_block(radial, src.shape[0], block)
+        if _summed_blocks(src.shape[0], block):  # every block at once, one operator each way
+            blocks: list[Tensor] = []
+            taps: list[Tensor] = []
+            for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
+                _chunks(src, block), _chunks(dst, block), _chunks(cut, block),
+                _chunks(basis, block), _blocks(vec, src.shape[0], block),
+            ):  # fmt: skip
+                filters_b = self._pair_radial(cut_b, basis_b, vec_b, True)
+                blocks.append(filters_b)  # its tap right after it: see message_filter_tap
+                taps.append(self.pair_kernels.message_filter_tap(filters_b, y, i, j, half))
+            summed = self.pair_kernels.message_blocks(y, blocks, src, dst, half, f0, taps)
+            return self.fused_finish(x, y, summed, charge_factor)
+        msg: Optional[Tensor] = None
         for i, j, cut_b, basis_b, vec_b in zip(  # noqa: B905 (TorchScript's zip has no strict)
             _chunks(src, block), _chunks(dst, block), _chunks(cut, block), _chunks(basis, block),
             _blocks(vec, src.shape[0], block),
@@ -734,8 +780,8 @@ class Interaction(_RadialLayer):
                 if filters is None:
                     filters = self._pair_radial(cut_b, basis_b, vec_b, True)
                 msg = self.pair_kernels.messages_self(y, filters, i, j, half, f0)
-            else:
-                msg = msg + self.fused_messages(y, i, j, cut_b, basis_b, half, vec_b)
+            else:  # no graph (else summed above): added in place
+                self.fused_messages_add(msg, y, i, j, cut_b, basis_b, half, vec_b)
         if msg is None:  # not reached (_chunks gives one block even of no pairs): for TorchScript
             msg = self.fused_self_messages(y, self_basis)
         return self.fused_finish(x, y, msg, charge_factor)
@@ -750,21 +796,6 @@ class Interaction(_RadialLayer):
         f0 = self.self_radial_functions(self_basis)
         return y * f0.index_select(1, self.pair_kernels.group)
 
-    def fused_messages(
-        self,
-        y: Tensor,
-        i: Tensor,
-        j: Tensor,
-        cut: Tensor,
-        basis: Tensor,
-        half: bool,
-        vec: Optional[Tensor] = None,
-    ) -> Tensor:
-        """sum_j f(ij) Y_j over one block of pairs (i, j) (and f(ij) Y_i onto j if ``half``),
-        packed (n, 10, F)."""
-        filters = self._pair_radial(cut, basis, vec, True)
-        return self.pair_kernels.messages(y, filters, i, j, half)
-
     def fused_messages_add(
         self,
         out: Tensor,
@@ -776,8 +807,9 @@ class Interaction(_RadialLayer):
         half: bool,
         vec: Optional[Tensor] = None,
     ) -> None:
-        """out += :meth:`fused_messages` (no graph): the low-memory forces' pair sums, block
-        by block, without an atom-sized result per block."""
+        """out += sum_j f(ij) Y_j over one block of pairs (i, j) (and f(ij) Y_i onto j if
+        ``half``), packed (n, 10, F), without a graph or an atom-sized result per block: the
+        low-memory forces' pair sums, and the layer's without a graph."""
         filters = self._pair_radial(cut, basis, vec, True)
         self.pair_kernels.messages_add(out, y, filters, i, j, half)
 
@@ -793,7 +825,7 @@ class Interaction(_RadialLayer):
         adj_y: Tensor,
         vec: Optional[Tensor] = None,
     ) -> tuple[Tensor, Tensor]:
-        """The vector-Jacobian products of :meth:`fused_messages` for one block of pairs with
+        """The vector-Jacobian products of the message sums of one block of pairs with
         the gradient ``adj`` (n, 10, F) of its sums: the one with respect to Y added onto
         ``adj_y`` (n, 10, F); and the block's filters (B, 3, F) (a graph back to ``cut``,
         ``basis`` and ``vec``) with the gradient to seed them with. The messages' own backward,
