@@ -2202,10 +2202,11 @@ TN_INLINE void store_row(const V& v, T* p, int64_t count) {
   std::memcpy(p, &v, count * sizeof(T));
 }
 
-// a = silu(z) * scale over rows (scale per row; none: 1), or without SiLU z * scale
+// a = silu(z) * scale over rows (scale per row; none: 1), or without SiLU z * scale; with a bias
+// (per column; none: 0) z + bias in place of z (a layer's product made without its bias)
 template <typename T, int Bytes>
-TN_INLINE void silu_rows(bool silu, const T* z, int64_t ldz, const T* scale, T* a, int64_t lda,
-                         int64_t rows, int64_t n) {
+TN_INLINE void silu_rows(bool silu, const T* z, int64_t ldz, const T* bias, const T* scale, T* a,
+                         int64_t lda, int64_t rows, int64_t n) {
   typedef typename ActLanes<T, Bytes>::type V;
   for (int64_t row = 0; row < rows; ++row) {
     const T* zr = z + row * ldz;
@@ -2214,6 +2215,11 @@ TN_INLINE void silu_rows(bool silu, const T* z, int64_t ldz, const T* scale, T* 
     row_lanes<T, Bytes>(n, [&](int64_t f, int64_t count) TN_LAMBDA_INLINE {
       V x, s, sc;
       load_row(zr + f, count, x);
+      if (bias != nullptr) {
+        V b;
+        load_row(bias + f, count, b);
+        x += b;
+      }
       if (silu) sigmoids<T, Bytes>(x, s, sc);
       store_row(silu ? x * s * c : x * c, ar + f, count);
     });
@@ -2222,11 +2228,11 @@ TN_INLINE void silu_rows(bool silu, const T* z, int64_t ldz, const T* scale, T* 
 
 // d = g * scale * silu'(z) over rows (scale per row; none: 1; without SiLU d = g * scale), with
 // silu'(x) = s (1 + x (1 - s)); where g_scale is given, g_scale[row * ldgs] = sum of g * silu(z)
-// over the row (the scale's gradient). d may be g.
+// over the row (the scale's gradient). d may be g. A bias as in silu_rows.
 template <typename T, int Bytes>
 TN_INLINE void silu_grad_rows(bool silu, const T* g, int64_t ldg, const T* z, int64_t ldz,
-                              const T* scale, T* g_scale, int64_t ldgs, T* d, int64_t ldd,
-                              int64_t rows, int64_t n) {
+                              const T* bias, const T* scale, T* g_scale, int64_t ldgs, T* d,
+                              int64_t ldd, int64_t rows, int64_t n) {
   typedef typename ActLanes<T, Bytes>::type V;
   for (int64_t row = 0; row < rows; ++row) {
     const T *gr = g + row * ldg, *zr = z + row * ldz;
@@ -2236,6 +2242,11 @@ TN_INLINE void silu_grad_rows(bool silu, const T* g, int64_t ldg, const T* z, in
     row_lanes<T, Bytes>(n, [&](int64_t f, int64_t count) TN_LAMBDA_INLINE {
       V x, gv, s, sc;
       load_row(zr + f, count, x);
+      if (bias != nullptr) {
+        V b;
+        load_row(bias + f, count, b);
+        x += b;
+      }
       load_row(gr + f, count, gv);
       if (silu) {
         sigmoids<T, Bytes>(x, s, sc);
@@ -2277,41 +2288,41 @@ int activation_bytes() {
 // one entry point per dtype, taking the CPU's width (as TN_CLONES, which cannot pick a vector
 // width per clone)
 #define TN_ACTIVATION_WIDTH(T, NAME, BYTES, TARGET)                                              \
-  TARGET void run_silu_##NAME(bool silu, const T* z, int64_t ldz, const T* scale, T* a,         \
-                              int64_t lda, int64_t rows, int64_t n) {                           \
-    silu_rows<T, BYTES>(silu, z, ldz, scale, a, lda, rows, n);                                  \
+  TARGET void run_silu_##NAME(bool silu, const T* z, int64_t ldz, const T* bias, const T* scale, \
+                              T* a, int64_t lda, int64_t rows, int64_t n) {                     \
+    silu_rows<T, BYTES>(silu, z, ldz, bias, scale, a, lda, rows, n);                            \
   }                                                                                             \
   TARGET void run_silu_grad_##NAME(bool silu, const T* g, int64_t ldg, const T* z, int64_t ldz, \
-                                   const T* scale, T* g_scale, int64_t ldgs, T* d, int64_t ldd, \
-                                   int64_t rows, int64_t n) {                                   \
-    silu_grad_rows<T, BYTES>(silu, g, ldg, z, ldz, scale, g_scale, ldgs, d, ldd, rows, n);      \
+                                   const T* bias, const T* scale, T* g_scale, int64_t ldgs,     \
+                                   T* d, int64_t ldd, int64_t rows, int64_t n) {                \
+    silu_grad_rows<T, BYTES>(silu, g, ldg, z, ldz, bias, scale, g_scale, ldgs, d, ldd, rows, n); \
   }
 
 #define TN_ACTIVATION_INSTANCES(T)                                                              \
   TN_ACTIVATION_WIDTH(T, avx512, 64, TN_TARGET_AVX512)                                          \
   TN_ACTIVATION_WIDTH(T, avx2, 32, TN_TARGET_AVX2)                                              \
   TN_ACTIVATION_WIDTH(T, base, 16, )                                                            \
-  void run_silu(bool silu, const T* z, int64_t ldz, const T* scale, T* a, int64_t lda,          \
-                int64_t rows, int64_t n) {                                                      \
+  void run_silu(bool silu, const T* z, int64_t ldz, const T* bias, const T* scale, T* a,        \
+                int64_t lda, int64_t rows, int64_t n) {                                         \
     const int bytes = activation_bytes();                                                       \
     if (bytes == 64) {                                                                          \
-      run_silu_avx512(silu, z, ldz, scale, a, lda, rows, n);                                    \
+      run_silu_avx512(silu, z, ldz, bias, scale, a, lda, rows, n);                              \
     } else if (bytes == 32) {                                                                   \
-      run_silu_avx2(silu, z, ldz, scale, a, lda, rows, n);                                      \
+      run_silu_avx2(silu, z, ldz, bias, scale, a, lda, rows, n);                                \
     } else {                                                                                    \
-      run_silu_base(silu, z, ldz, scale, a, lda, rows, n);                                      \
+      run_silu_base(silu, z, ldz, bias, scale, a, lda, rows, n);                                \
     }                                                                                           \
   }                                                                                             \
   void run_silu_grad(bool silu, const T* g, int64_t ldg, const T* z, int64_t ldz,               \
-                     const T* scale, T* g_scale, int64_t ldgs, T* d, int64_t ldd, int64_t rows, \
-                     int64_t n) {                                                               \
+                     const T* bias, const T* scale, T* g_scale, int64_t ldgs, T* d,             \
+                     int64_t ldd, int64_t rows, int64_t n) {                                    \
     const int bytes = activation_bytes();                                                       \
     if (bytes == 64) {                                                                          \
-      run_silu_grad_avx512(silu, g, ldg, z, ldz, scale, g_scale, ldgs, d, ldd, rows, n);        \
+      run_silu_grad_avx512(silu, g, ldg, z, ldz, bias, scale, g_scale, ldgs, d, ldd, rows, n);  \
     } else if (bytes == 32) {                                                                   \
-      run_silu_grad_avx2(silu, g, ldg, z, ldz, scale, g_scale, ldgs, d, ldd, rows, n);          \
+      run_silu_grad_avx2(silu, g, ldg, z, ldz, bias, scale, g_scale, ldgs, d, ldd, rows, n);    \
     } else {                                                                                    \
-      run_silu_grad_base(silu, g, ldg, z, ldz, scale, g_scale, ldgs, d, ldd, rows, n);          \
+      run_silu_grad_base(silu, g, ldg, z, ldz, bias, scale, g_scale, ldgs, d, ldd, rows, n);    \
     }                                                                                           \
   }
 
@@ -2372,51 +2383,74 @@ const T* scale_data(const at::Tensor& scale) {
   return scale.defined() && scale.numel() > 0 ? scale.data_ptr<T>() : nullptr;
 }
 
-// out = act(z) * scale (per row; undefined or empty: 1), act SiLU (silu) or none
-void cpu_activate(bool silu, const at::Tensor& z, const at::Tensor& scale, const at::Tensor& out) {
+// out = act(z + bias) * scale (per row; undefined or empty: 1; bias per column, undefined: 0), act
+// SiLU (silu) or none
+void cpu_activate(bool silu, const at::Tensor& z, const at::Tensor& bias, const at::Tensor& scale,
+                  const at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "silu", [&] {
-    run_silu(silu, z.data_ptr<scalar_t>(), z.stride(0), scale_data<scalar_t>(scale),
-             out.data_ptr<scalar_t>(), out.stride(0), z.size(0), z.size(1));
+    run_silu(silu, z.data_ptr<scalar_t>(), z.stride(0), scale_data<scalar_t>(bias),
+             scale_data<scalar_t>(scale), out.data_ptr<scalar_t>(), out.stride(0), z.size(0),
+             z.size(1));
   });
 }
 
-// d = g * scale * act'(z), and where g_scale is defined the sum over each row of g * act(z)
-// into it ((rows, 1)); act SiLU (silu) or none. d may be g.
+// d = g * scale * act'(z + bias), and where g_scale is defined the sum over each row of
+// g * act(z + bias) into it ((rows, 1)); act SiLU (silu) or none. d may be g.
 void cpu_activation_grad(bool silu, const at::Tensor& g, const at::Tensor& z,
-                         const at::Tensor& scale, const at::Tensor& g_scale, const at::Tensor& d) {
+                         const at::Tensor& bias, const at::Tensor& scale,
+                         const at::Tensor& g_scale, const at::Tensor& d) {
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "silu_grad", [&] {
     run_silu_grad(silu, g.data_ptr<scalar_t>(), g.stride(0), z.data_ptr<scalar_t>(), z.stride(0),
-                  scale_data<scalar_t>(scale),
+                  scale_data<scalar_t>(bias), scale_data<scalar_t>(scale),
                   g_scale.defined() ? g_scale.data_ptr<scalar_t>() : nullptr,
                   g_scale.defined() ? g_scale.stride(0) : 0, d.data_ptr<scalar_t>(), d.stride(0),
                   z.size(0), z.size(1));
   });
 }
 
-void activate(int64_t activation, const at::Tensor& z, at::Tensor& a) {
+// z + bias (a layer's pre-activation made without its bias, see bias_in_activation), or z where
+// the bias is undefined
+at::Tensor with_bias(const at::Tensor& z, const at::Tensor& bias) {
+  return bias.defined() ? z + bias : z;
+}
+
+// a = act(z + bias) (bias undefined: act(z))
+void activate(int64_t activation, const at::Tensor& z, at::Tensor& a,
+              const at::Tensor& bias = at::Tensor()) {
   if (activation == kSiLU && cpu_rows(z, z) && cpu_rows(a, z)) {
-    cpu_activate(true, z, at::Tensor(), a);
+    cpu_activate(true, z, bias, at::Tensor(), a);
   } else if (activation == kSiLU) {
-    at::silu_out(a, z);
+    at::silu_out(a, with_bias(z, bias));
   } else if (activation == kTanh) {
-    at::tanh_out(a, z);
+    at::tanh_out(a, with_bias(z, bias));
   } else {
-    a.copy_(z);
+    a.copy_(with_bias(z, bias));
   }
 }
 
-// The gradient through the activation: for SiLU from z, for tanh from a = tanh(z). With
+// The gradient through the activation: for SiLU from z (+ bias), for tanh from a = tanh(z). With
 // in_place, into grad where it can (a gradient nothing else reads).
 at::Tensor activation_backward(int64_t activation, const at::Tensor& grad, const at::Tensor& z,
-                               const at::Tensor& a, bool in_place = false) {
+                               const at::Tensor& a, bool in_place = false,
+                               const at::Tensor& bias = at::Tensor()) {
   if (activation == kSiLU && cpu_rows(z, z) && cpu_rows(grad, z)) {
     const at::Tensor d = in_place ? grad : at::empty(z.sizes(), z.options());
-    cpu_activation_grad(true, grad, z, at::Tensor(), at::Tensor(), d);
+    cpu_activation_grad(true, grad, z, bias, at::Tensor(), at::Tensor(), d);
     return d;
   }
-  if (activation == kSiLU) return at::silu_backward(grad, z);
+  if (activation == kSiLU) return at::silu_backward(grad, with_bias(z, bias));
   if (activation == kTanh) return at::tanh_backward(grad, a);
   return grad;
+}
+
+// Whether a network's layer with this activation makes its product on the CPU without the bias,
+// which its activation pass adds (z then lacks the bias: the backward adds it again where it reads
+// z). The bias had taken a pass of its own, a broadcast copy into z before the product (addmm):
+// 1.4 ms of a 3.8 ms 3,277 x 256 x 384 product (a thread's half of a block of a 1,443-atom water
+// box's radial network, float, 2 threads), memory traffic the activation pass, which reads z
+// anyway, does without. SiLU only (tanh's backward reads its activations, not z).
+bool bias_in_activation(int64_t activation, const at::Tensor& x) {
+  return activation == kSiLU && cpu_float_or_double(x);
 }
 
 // A scaled network's last layer, act(z) * scale, and its backward are one step: on a GPU one
@@ -2428,11 +2462,14 @@ bool scaled_on_gpu(const at::Tensor& basis, const at::Tensor& scale) {
   return basis.is_cuda() && scale.numel() > 0;
 }
 
+// (bias: see bias_in_activation; the CPU's only)
 void last_layer_forward(int64_t activation, const at::Tensor& z, at::Tensor& a,
-                        const at::Tensor& scale, at::Tensor out, bool fused) {
+                        const at::Tensor& scale, at::Tensor out, bool fused,
+                        const at::Tensor& bias = at::Tensor()) {
   RECORD_FUNCTION("tensornet_openmm::activate_scaled", std::vector<c10::IValue>());
 #ifdef TN_WITH_CUDA
   if (fused) {
+    TORCH_CHECK(!bias.defined(), "mlp: the GPU's products keep their bias");
     tn_cuda::activate_scaled(activation, z, scale, out);
     return;
   }
@@ -2440,13 +2477,15 @@ void last_layer_forward(int64_t activation, const at::Tensor& z, at::Tensor& a,
   TORCH_CHECK(!fused, "mlp: no CUDA kernels built");
   if (cpu_fused_last(activation, z) && cpu_rows(z, z) && cpu_rows(out, z) &&
       cpu_scale(per_row(scale), z)) {
-    cpu_activate(activation == kSiLU, z, per_row(scale), out);  // one pass
-    if (a.defined() && !a.is_same(z)) activate(activation, z, a);  // where it is kept
+    cpu_activate(activation == kSiLU, z, bias, per_row(scale), out);  // one pass
+    if (a.defined() && !a.is_same(z)) activate(activation, z, a, bias);  // where it is kept
     return;
   }
   // (a undefined: not kept, made here)
-  at::Tensor act = activation == kIdentity ? z : a.defined() ? a : at::empty_like(z);
-  if (activation != kIdentity) activate(activation, z, act);
+  at::Tensor act = activation == kIdentity ? with_bias(z, bias)
+                   : a.defined()           ? a
+                                           : at::empty_like(z);
+  if (activation != kIdentity) activate(activation, z, act, bias);
   at::mul_out(out, act, scale);
 }
 
@@ -2455,7 +2494,8 @@ void last_layer_forward(int64_t activation, const at::Tensor& z, at::Tensor& a,
 // (into d_out, rows of unit stride, if it is defined; z's rows may be strided too)
 at::Tensor last_layer_backward(int64_t activation, const at::Tensor& g, const at::Tensor& z,
                                const at::Tensor& a, const at::Tensor& scale, at::Tensor g_scale,
-                               bool fused, at::Tensor d_out = at::Tensor()) {
+                               bool fused, at::Tensor d_out = at::Tensor(),
+                               const at::Tensor& bias = at::Tensor()) {
   RECORD_FUNCTION("tensornet_openmm::activate_scaled_backward", std::vector<c10::IValue>());
 #ifdef TN_WITH_CUDA
   if (fused) {  // the scale's gradient written in place (one kernel, no copy after it)
@@ -2473,17 +2513,17 @@ at::Tensor last_layer_backward(int64_t activation, const at::Tensor& g, const at
       (!d_out.defined() || cpu_rows(d_out, z)) && cpu_scale(per_row(scale), z)) {
     // one pass, act(z) made again from z
     const at::Tensor d = d_out.defined() ? d_out : at::empty(z.sizes(), z.options());
-    cpu_activation_grad(activation == kSiLU, g, z, per_row(scale), g_scale, d);
+    cpu_activation_grad(activation == kSiLU, g, z, bias, per_row(scale), g_scale, d);
     return d;
   }
   if (g_scale.defined()) {  // (a undefined: not kept, made again here)
     const at::Tensor act = a.defined()               ? a
-                           : activation == kSiLU     ? at::silu(z)
-                           : activation == kTanh     ? at::tanh(z)
-                                                     : z;
+                           : activation == kSiLU     ? at::silu(with_bias(z, bias))
+                           : activation == kTanh     ? at::tanh(with_bias(z, bias))
+                                                     : with_bias(z, bias);
     at::sum_out(g_scale, g * act, {1}, true);
   }
-  at::Tensor d = activation_backward(activation, g * scale, z, a, true);
+  at::Tensor d = activation_backward(activation, g * scale, z, a, true, bias);
   if (!d_out.defined()) return d;
   d_out.copy_(d);
   return d_out;
@@ -2535,8 +2575,8 @@ int64_t mlp_checked(const at::Tensor& basis, const at::Tensor& cut, at::TensorLi
   return work;
 }
 
-// Forward: returns the filters and fills z (pre-activations) and a (activations, before the cut)
-// of every layer. An empty scale (a per-atom network) scales nothing: the output is then the
+// Forward: returns the filters and fills z (pre-activations; on the CPU without the bias where
+// bias_in_activation) and a (activations, before the cut) of every layer. An empty scale (a per-atom network) scales nothing: the output is then the
 // last layer's activations themselves, a.back().
 at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
                           at::TensorList weights, at::TensorList biases, int64_t activation,
@@ -2560,14 +2600,19 @@ at::Tensor mlp_forward(const at::Tensor& basis_in, const at::Tensor& cut_in,
     for (int64_t l = 0; l < layers; ++l) {
       at::Tensor zl = (*z)[l].narrow(0, lo, hi - lo);
       at::Tensor al = (*a)[l].defined() ? (*a)[l].narrow(0, lo, hi - lo) : at::Tensor();
-      at::addmm_out(zl, biases[l], h, weights[l].t());
       const int64_t act = layer_activation(activation, l, layers);
+      const at::Tensor bias = bias_in_activation(act, basis) ? biases[l] : at::Tensor();
+      if (bias.defined()) {
+        at::mm_out(zl, h, weights[l].t());
+      } else {
+        at::addmm_out(zl, biases[l], h, weights[l].t());
+      }
       if (scaled && l == layers - 1) {  // the last activation and the scale: one step
         last_layer_forward(act, zl, al, cut.narrow(0, lo, hi - lo), out.narrow(0, lo, hi - lo),
-                           fused_last);
+                           fused_last, bias);
         break;
       }
-      if (act != kIdentity) activate(act, zl, al);
+      if (act != kIdentity) activate(act, zl, al, bias);
       h = al;
     }
   });
@@ -2734,6 +2779,7 @@ class Mlp : public torch::autograd::Function<Mlp> {
     saved.insert(saved.end(), weights.begin(), weights.end());
     saved.insert(saved.end(), z.begin(), z.end());
     saved.insert(saved.end(), a.begin(), a.end());
+    saved.insert(saved.end(), biases.begin(), biases.end());  // (z without them: see mlp_forward)
     ctx->save_for_backward(saved);
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
@@ -2758,6 +2804,12 @@ class Mlp : public torch::autograd::Function<Mlp> {
     auto weight = [&](int64_t l) -> const at::Tensor& { return saved[2 + l]; };
     auto z = [&](int64_t l) -> const at::Tensor& { return saved[2 + layers + l]; };
     auto a = [&](int64_t l) -> const at::Tensor& { return saved[2 + 2 * layers + l]; };
+    // the bias to add to z(l) where its product was made without it (mlp_forward), else undefined
+    auto bias = [&](int64_t l) -> at::Tensor {
+      return bias_in_activation(layer_activation(activation, l, layers), basis)
+                 ? saved[2 + 3 * layers + l]
+                 : at::Tensor();
+    };
     variable_list result(2 + 2 * layers + 1);  // basis, cut, weights, biases, activation
     if (!grads[0].defined()) return result;
     const int64_t pairs = basis.size(0);
@@ -2807,10 +2859,12 @@ class Mlp : public torch::autograd::Function<Mlp> {
           const int64_t act = layer_activation(activation, l, layers);
           if (scaled && l == layers - 1) {
             d = last_layer_backward(act, g, z(l).narrow(0, lo, n), a_rows, cut.narrow(0, lo, n),
-                                    want_cut ? g_cut.narrow(0, lo, n) : at::Tensor(), fused_last);
+                                    want_cut ? g_cut.narrow(0, lo, n) : at::Tensor(), fused_last,
+                                    at::Tensor(), bias(l));
           } else {
             // (d: the output's gradient itself at the last layer, else a product's result)
-            d = activation_backward(act, d, z(l).narrow(0, lo, n), a_rows, l < layers - 1);
+            d = activation_backward(act, d, z(l).narrow(0, lo, n), a_rows, l < layers - 1,
+                                    bias(l));
           }
           if (want_params) delta[l].narrow(0, lo, n).copy_(d);
           if (l == 0 && !want_basis) break;
@@ -2922,7 +2976,7 @@ void activate_into(int64_t activation, const at::Tensor& z, at::Tensor a) { acti
 void activation_backward_into(int64_t activation, at::Tensor out, const at::Tensor& grad,
                               const at::Tensor& z, const at::Tensor& a) {
   if (activation == kSiLU && cpu_rows(z, z) && cpu_rows(grad, z) && cpu_rows(out, z)) {
-    cpu_activation_grad(true, grad, z, at::Tensor(), at::Tensor(), out);
+    cpu_activation_grad(true, grad, z, at::Tensor(), at::Tensor(), at::Tensor(), out);
   } else if (activation == kSiLU) {
     at::silu_backward_out(out, grad, z);
   } else {
