@@ -2448,9 +2448,10 @@ at::Tensor activation_backward(int64_t activation, const at::Tensor& grad, const
 // z). The bias had taken a pass of its own, a broadcast copy into z before the product (addmm):
 // 1.4 ms of a 3.8 ms 3,277 x 256 x 384 product (a thread's half of a block of a 1,443-atom water
 // box's radial network, float, 2 threads), memory traffic the activation pass, which reads z
-// anyway, does without. SiLU only (tanh's backward reads its activations, not z).
+// anyway, does without. SiLU only (tanh's backward reads its activations, not z). (Not is_cuda:
+// the emulated CUDA build's CPU tensors take the GPU's route, whose products keep their bias.)
 bool bias_in_activation(int64_t activation, const at::Tensor& x) {
-  return activation == kSiLU && cpu_float_or_double(x);
+  return activation == kSiLU && !x.is_cuda() && cpu_float_or_double(x);
 }
 
 // A scaled network's last layer, act(z) * scale, and its backward are one step: on a GPU one
