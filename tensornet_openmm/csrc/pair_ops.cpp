@@ -773,83 +773,6 @@ void embedding_add_kernel(const at::Tensor& out, const at::Tensor& radial_in,
   embedding_cpu(out, radial, z_recv, z_send, geom, s, d, half, true);
 }
 
-// The gradients of embedding_sums() with respect to radial and geom alone, for the gradient
-// ``grad`` (atoms, 10, F) of its sums (no autograd): the low-memory forces' vector-Jacobian
-// product for a block of pairs, without making the block's atom-sized sums.
-std::tuple<at::Tensor, at::Tensor> embedding_pair_grads_kernel(
-    const at::Tensor& grad_in, const at::Tensor& radial_in, const at::Tensor& z_recv_in,
-    const at::Tensor& z_send_in, const at::Tensor& geom_in, const at::Tensor& src,
-    const at::Tensor& dst, bool half) {
-  check_embedding("embedding_pair_grads", radial_in, z_recv_in, z_send_in, geom_in);
-  TORCH_CHECK(grad_in.dim() == 3 && grad_in.size(0) == z_recv_in.size(0) &&
-                  grad_in.size(1) == kComps && grad_in.size(2) == radial_in.size(2) &&
-                  grad_in.scalar_type() == radial_in.scalar_type(),
-              "embedding_pair_grads: grad must be (", z_recv_in.size(0), ", 10, ",
-              radial_in.size(2), ") ", radial_in.scalar_type(), ", got ", grad_in.sizes(), " ",
-              grad_in.scalar_type());
-  [[maybe_unused]] const bool cuda =
-      on_cuda("embedding_pair_grads", {grad_in, radial_in, z_recv_in, z_send_in, geom_in});
-  const at::Tensor grad = grad_in.contiguous(), radial = radial_in.contiguous(),
-                   z_recv = z_recv_in.contiguous(), z_send = z_send_in.contiguous(),
-                   geom = geom_in.contiguous();
-  at::Tensor s, d;
-  std::tie(s, d) = checked_pairs(src, dst, radial.size(0), z_recv.size(0), radial.device());
-#ifdef TN_WITH_CUDA
-  if (cuda) {
-    const auto grads =
-        tn_cuda::embedding_grads(grad, radial, z_recv, z_send, geom, s, d, half, true, false, true);
-    return {std::get<0>(grads), std::get<3>(grads)};
-  }
-#endif
-  at::Tensor g_radial = at::empty_like(radial), g_geom = at::empty_like(geom);  // zeroed there
-  const int64_t pairs = radial.size(0), f_len = radial.size(2);
-  AT_DISPATCH_FLOATING_TYPES(radial.scalar_type(), "tensornet_openmm_embedding_pair_grads", [&] {
-    const scalar_t *gp = grad.data_ptr<scalar_t>(), *rp = radial.data_ptr<scalar_t>(),
-                   *zr = z_recv.data_ptr<scalar_t>(), *zs = z_send.data_ptr<scalar_t>(),
-                   *geo = geom.data_ptr<scalar_t>();
-    const int64_t *sp = s.data_ptr<int64_t>(), *dp = d.data_ptr<int64_t>();
-    scalar_t *g_rad = g_radial.data_ptr<scalar_t>(), *g_geo = g_geom.data_ptr<scalar_t>();
-    split(pairs, kPairGrain, pair_work(pairs, f_len, half), [&](int64_t p0, int64_t p1) {
-      std::vector<scalar_t> s_ij(f_len), s_ji(f_len);
-      run_embedding_pair_grads(gp, rp, zr, zs, geo, sp, dp, g_rad, g_geo, f_len, half, p0, p1,
-                               s_ij.data(), s_ji.data());
-    });
-  });
-  return {g_radial, g_geom};
-}
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-class Messages : public torch::autograd::Function<Messages> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& filt,
-                            const at::Tensor& src, const at::Tensor& dst, bool half) {
-    ctx->save_for_backward({y, filt, src, dst});
-    ctx->saved_data["half"] = half;
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return messages_kernel(y, filt, src, dst, half);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &y = saved[0], &filt = saved[1];
-    const at::Tensor src = saved[2].contiguous(), dst = saved[3].contiguous();
-    const bool half = ctx->saved_data["half"].toBool();
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    const at::Tensor grad = grads[0].contiguous();
-    at::Tensor g_y, g_filt;
-    // the transpose (for a half list the same sums: the pairs stay in their order, sorted by
-    // first atom, which the CUDA kernel's runs of pairs use)
-    if (ctx->needs_input_grad(0)) {
-      g_y = half ? messages_kernel(grad, filt, src, dst, half)
-                 : messages_kernel(grad, filt, dst, src, half);
-    }
-    if (ctx->needs_input_grad(1)) g_filt = filter_grad_kernel(grad, y, src, dst, filt.size(0), half);
-    return {g_y, g_filt, at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
 // embedding_sums()'s vector-Jacobian products for the gradient ``grad`` of its sums: those of
 // radial, of the species terms (both) and of geom, each where wanted (else undefined).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
@@ -900,6 +823,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_grads(
   return {g_radial, g_recv, g_send, g_geom};
 }
 
+// The gradients of embedding_sums() with respect to radial and geom alone, for the gradient
+// ``grad`` (atoms, 10, F) of its sums (no autograd): the low-memory forces' vector-Jacobian
+// product for a block of pairs, without making the block's atom-sized sums.
+std::tuple<at::Tensor, at::Tensor> embedding_pair_grads_kernel(
+    const at::Tensor& grad_in, const at::Tensor& radial_in, const at::Tensor& z_recv_in,
+    const at::Tensor& z_send_in, const at::Tensor& geom_in, const at::Tensor& src,
+    const at::Tensor& dst, bool half) {
+  check_embedding("embedding_pair_grads", radial_in, z_recv_in, z_send_in, geom_in);
+  TORCH_CHECK(grad_in.dim() == 3 && grad_in.size(0) == z_recv_in.size(0) &&
+                  grad_in.size(1) == kComps && grad_in.size(2) == radial_in.size(2) &&
+                  grad_in.scalar_type() == radial_in.scalar_type(),
+              "embedding_pair_grads: grad must be (", z_recv_in.size(0), ", 10, ",
+              radial_in.size(2), ") ", radial_in.scalar_type(), ", got ", grad_in.sizes(), " ",
+              grad_in.scalar_type());
+  on_cuda("embedding_pair_grads", {grad_in, radial_in, z_recv_in, z_send_in, geom_in});
+  at::Tensor s, d;
+  std::tie(s, d) =
+      checked_pairs(src, dst, radial_in.size(0), z_recv_in.size(0), radial_in.device());
+  const auto grads = embedding_grads(grad_in, radial_in, z_recv_in, z_send_in, geom_in, s, d, half,
+                                     true, false, true);
+  return {std::get<0>(grads), std::get<3>(grads)};
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class Messages : public torch::autograd::Function<Messages> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& filt,
+                            const at::Tensor& src, const at::Tensor& dst, bool half) {
+    ctx->save_for_backward({y, filt, src, dst});
+    ctx->saved_data["half"] = half;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return messages_kernel(y, filt, src, dst, half);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &y = saved[0], &filt = saved[1];
+    const at::Tensor src = saved[2].contiguous(), dst = saved[3].contiguous();
+    const bool half = ctx->saved_data["half"].toBool();
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const at::Tensor grad = grads[0].contiguous();
+    at::Tensor g_y, g_filt;
+    // the transpose (for a half list the same sums: the pairs stay in their order, sorted by
+    // first atom, which the CUDA kernel's runs of pairs use)
+    if (ctx->needs_input_grad(0)) {
+      g_y = half ? messages_kernel(grad, filt, src, dst, half)
+                 : messages_kernel(grad, filt, dst, src, half);
+    }
+    if (ctx->needs_input_grad(1)) g_filt = filter_grad_kernel(grad, y, src, dst, filt.size(0), half);
+    return {g_y, g_filt, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 class EmbeddingSums : public torch::autograd::Function<EmbeddingSums> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& radial,
@@ -934,6 +912,14 @@ at::Tensor messages(const at::Tensor& y, const at::Tensor& filt, const at::Tenso
   return Messages::apply(y, filt, src, dst, half);
 }
 
+// The gradient of the self pair's filters (3, F) for the sums' gradient: per part, grad * y summed
+// over the atoms and the part's components
+at::Tensor self_filter_grad(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& self_filt) {
+  const at::Tensor group = at::tensor(std::vector<int64_t>(kGroup, kGroup + kComps),
+                                      at::TensorOptions().dtype(at::kLong));
+  return at::zeros_like(self_filt).index_add_(0, group.to(y.device()), (grad * y).sum(0));
+}
+
 // The messages' backward with the self pair's term: that to y is the same operator on the
 // gradient with the pairs reversed (the self term is its own transpose); that to the self
 // pair's filters (never needed by a force, whose filters are constants) sums grad * y over the
@@ -963,9 +949,7 @@ class MessagesSelf : public torch::autograd::Function<MessagesSelf> {
     }
     if (ctx->needs_input_grad(1)) out[1] = filter_grad_kernel(grad, y, src, dst, filt.size(0), half);
     if (ctx->needs_input_grad(4)) {  // tensors y, filt, src, dst, self_filt
-      const at::Tensor group = at::tensor(
-          std::vector<int64_t>(kGroup, kGroup + kComps), at::TensorOptions().dtype(at::kLong));
-      out[5] = at::zeros_like(self_filt).index_add_(0, group.to(y.device()), (grad * y).sum(0));
+      out[5] = self_filter_grad(grad, y, self_filt);
     }
     return out;
   }
@@ -1158,10 +1142,7 @@ class MessageBlocks : public torch::autograd::Function<MessageBlocks> {
                                       filters[b].size(0), half);
     }
     if (ctx->needs_input_grad(blocks + 3)) {  // tensors y, filters, src, dst, self_filt, taps
-      const at::Tensor group = at::tensor(
-          std::vector<int64_t>(kGroup, kGroup + kComps), at::TensorOptions().dtype(at::kLong));
-      out[blocks + 4] =
-          at::zeros_like(self_filt).index_add_(0, group.to(y.device()), (grad * y).sum(0));
+      out[blocks + 4] = self_filter_grad(grad, y, self_filt);
     }
     for (size_t t = 0; t < taps; ++t) out[blocks + 5 + t] = grad;
     return out;
