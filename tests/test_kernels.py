@@ -245,6 +245,13 @@ def test_sums_over_blocks_of_pairs(half, sizes):
         ops.message_blocks(y, [filters], src, dst, half, f0, [y, y])
     with pytest.raises(RuntimeError, match=r"taps must be shaped as the sums \[9, 10, 6\]"):
         ops.message_blocks(y, [filters], src, dst, half, f0, [y[:3]])
+    # a tap's pairs are checked where it is made (its backward indexes with them)
+    with pytest.raises(RuntimeError, match="pair indices must be two vectors of 23 entries"):
+        ops.message_filter_tap(filters, y, src[:5], dst[:5], half)
+    bad = dst.clone()
+    bad[4] = 40
+    with pytest.raises(RuntimeError, match=r"pair 4 is \(\d+, 40\): atom indices must lie in"):
+        ops.embedding_tap(radial, geom, z_recv, z_send, src, bad, half)
     with pytest.raises(RuntimeError, match="embedding_blocks: give at least one block of pairs"):
         ops.embedding_blocks([], z_recv, z_send, geom, src, dst, half, [])
     with pytest.raises(RuntimeError, match=r"embedding_blocks: geometry must be \(23, 10\)"):

@@ -1049,18 +1049,36 @@ at::Tensor tap_output(const at::Tensor& like, at::IntArrayRef sizes) {
   return at::zeros({1, 1, 1}, like.options()).expand(sizes);
 }
 
+// The taps' values, their inputs checked: the block's pairs too, which the tap's backward
+// indexes with (no kernel reads them before it)
+at::Tensor message_filter_tap_kernel(const at::Tensor& filt, const at::Tensor& y,
+                                     const at::Tensor& src, const at::Tensor& dst, bool) {
+  check_messages("message_filter_tap", y, filt);
+  on_cuda("message_filter_tap", {y, filt});
+  checked_pairs(src, dst, filt.size(0), y.size(0), y.device());
+  return tap_output(y, y.sizes());
+}
+
+at::Tensor embedding_tap_kernel(const at::Tensor& radial, const at::Tensor& geom,
+                                const at::Tensor& z_recv, const at::Tensor& z_send,
+                                const at::Tensor& src, const at::Tensor& dst, bool) {
+  check_embedding("embedding_tap", radial, z_recv, z_send, geom);
+  on_cuda("embedding_tap", {radial, geom, z_recv, z_send});
+  checked_pairs(src, dst, radial.size(0), z_recv.size(0), radial.device());
+  return tap_output(radial, {z_recv.size(0), kComps, radial.size(2)});
+}
+
 // Inputs filters (a block's), y (detached), src, dst (the block's), half: the messages' gradient
 // with respect to the block's filters, from the sums' gradient.
 class MessageFilterTap : public torch::autograd::Function<MessageFilterTap> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& filt, const at::Tensor& y,
                             const at::Tensor& src, const at::Tensor& dst, bool half) {
-    check_messages("message_filter_tap", y, filt);
     ctx->save_for_backward({y, src, dst});
     ctx->saved_data["half"] = half;
     ctx->saved_data["pairs"] = filt.size(0);
     at::AutoDispatchBelowADInplaceOrView guard;
-    return tap_output(y, y.sizes());
+    return message_filter_tap_kernel(filt, y, src, dst, half);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -1081,11 +1099,10 @@ class EmbeddingTap : public torch::autograd::Function<EmbeddingTap> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& radial, const at::Tensor& geom,
                             const at::Tensor& z_recv, const at::Tensor& z_send,
                             const at::Tensor& src, const at::Tensor& dst, bool half) {
-    check_embedding("embedding_tap", radial, z_recv, z_send, geom);
     ctx->save_for_backward({radial, geom, z_recv, z_send, src, dst});
     ctx->saved_data["half"] = half;
     at::AutoDispatchBelowADInplaceOrView guard;
-    return tap_output(radial, {z_recv.size(0), kComps, radial.size(2)});
+    return embedding_tap_kernel(radial, geom, z_recv, z_send, src, dst, half);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -1238,20 +1255,6 @@ at::Tensor embedding_tap(const at::Tensor& radial, const at::Tensor& geom,
                          const at::Tensor& z_recv, const at::Tensor& z_send,
                          const at::Tensor& src, const at::Tensor& dst, bool half) {
   return EmbeddingTap::apply(radial, geom, z_recv.detach(), z_send.detach(), src, dst, half);
-}
-
-// The taps' values alone (no autograd: nothing to tap), checked as with it
-at::Tensor message_filter_tap_kernel(const at::Tensor& filt, const at::Tensor& y,
-                                     const at::Tensor&, const at::Tensor&, bool) {
-  check_messages("message_filter_tap", y, filt);
-  return tap_output(y, y.sizes());
-}
-
-at::Tensor embedding_tap_kernel(const at::Tensor& radial, const at::Tensor& geom,
-                                const at::Tensor& z_recv, const at::Tensor& z_send,
-                                const at::Tensor&, const at::Tensor&, bool) {
-  check_embedding("embedding_tap", radial, z_recv, z_send, geom);
-  return tap_output(radial, {z_recv.size(0), kComps, radial.size(2)});
 }
 
 
