@@ -77,6 +77,43 @@ def test_block_by_block_ratios_pair_the_routes_blocks():
     assert bench_md.paired_ratios(broken, rows[1]) == (pytest.approx(math.nan, nan_ok=True), "")
 
 
+def test_best_graphs_run_each_route_as_it_runs_best_and_compare_with_the_fastest(tmp_path):
+    """--graphs best (the lease's compare stage, where device minutes are few): ours decides by
+    size as create_force does by default ("auto"), the reference runs with graphs, PythonForce
+    as always; an ours row with "auto" is compared with the reference's fastest row."""
+    import argparse
+
+    import openmmtorch
+
+    args = argparse.Namespace(allocator="tuned", omp_spin="short", systems=["ala2"],
+                              water_sizes=[], routes=["ours", "ours-tables", "reference",
+                              "pythonforce"], graphs="best")  # fmt: skip
+    settings = {c["route"]: c["graphs"] for c in bench_md.cases(args, ["CUDA"])}
+    assert settings == {"ours": "auto", "ours-tables": "auto", "reference": "on",
+                        "pythonforce": "-"}  # fmt: skip
+    assert {c["graphs"] for c in bench_md.cases(args, ["CPU"])} == {"-"}
+    # "auto" is create_force's default: graphs for a 22-atom molecule
+    checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
+    topology, positions, mm_system, ml_atoms = bench_md.build_system("ala2")
+    for route, graphs, captured in (("ours", "auto", "true"), ("ours", "off", "false"),
+                                    ("reference", "on", "true")):  # fmt: skip
+        spec = {"checkpoint": str(checkpoint), "graphs": graphs}
+        system = bench_md.route_system(route, spec, topology, positions, mm_system, ml_atoms)
+        (force,) = [openmmtorch.TorchForce.cast(f) for f in system.getForces()
+                    if openmmtorch.TorchForce.isinstance(f)]  # fmt: skip
+        assert force.getProperties()["useCUDAGraphs"] == captured, (route, graphs)
+
+    where = {"platform": "CUDA", "system": "ala2", "allocator": "tuned", "spin": "short"}
+    rows = [{**where, "route": route, "graphs": graphs, "ms_per_step": ms}
+            for route, graphs, ms in (("ours", "auto", 0.5), ("ours", "on", 0.6),
+                                      ("reference", "on", 1.5), ("reference", "off", 20.0),
+                                      ("pythonforce", "-", 2.0))]  # fmt: skip
+    bench_md.speedups(rows)
+    assert rows[0]["vs_reference"] == pytest.approx(3.0)  # the reference's fastest: on
+    assert rows[1]["vs_reference"] == pytest.approx(2.5)  # like with like
+    assert rows[0]["vs_pythonforce"] == pytest.approx(4.0)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--rounds", "0"], "'0' rounds: give a whole number of at least 1"),
