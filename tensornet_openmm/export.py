@@ -249,7 +249,8 @@ class TensorNetForce(nn.Module):
         if not dynamic or box is not None:
             return energy
         ml = positions.index_select(0, self.atoms) if self.use_subset else positions
-        return energy + 0.0 * ml.detach().sum().to(energy.dtype)
+        # a + 0 b in one operator (a product and a sum would be an autodiff subgraph)
+        return torch.add(energy, ml.detach().sum().to(energy.dtype), alpha=0.0)
 
     def check_particles(self, positions: Tensor) -> None:
         """Refuse positions that are not those of the System the force was made for: a force
@@ -295,7 +296,8 @@ class TensorNetForce(nn.Module):
             # NaN times every particle's coordinates on failure, zero otherwise: then the energy
             # and all forces are NaN (one term, five kernels in a CUDA graph)
             nan_or_zero = torch.where(failed, math.nan, 0.0).to(energy.dtype)
-            energy = energy + nan_or_zero * positions.sum().to(energy.dtype)
+            # (one addcmul: a product and a sum would be an autodiff subgraph of TorchScript's)
+            energy = torch.addcmul(energy, nan_or_zero, positions.sum().to(energy.dtype))
         if scale is not None:
             energy = energy * scale.to(energy.dtype)
         if not self.outputs_forces:  # (the zeros dropped by _EnergyOnly and freezing)

@@ -336,15 +336,22 @@ def candidate_ranges(
             f"a compiled pair search takes 'auto', 'brute' or 'cell', not '{strategy}'"
         )
     order = torch.arange(n, device=positions.device)
-    start = order[:, None] + 1 if half else torch.zeros_like(order)[:, None]
+    # (arange, not order + 1: two operators in a row that TorchScript's executor would make an
+    # autodiff subgraph of, at a cost per call, though nothing here has a gradient)
+    start = torch.arange(1, n + 1, device=positions.device)[:, None] if half else order[:, None] * 0
     return order, start, torch.full_like(start, n)
 
 
-def searched_pairs(positions: Tensor, pairs: Tensor, shift: Tensor, count: Tensor) -> PairList:
+def searched_pairs(
+    positions: Tensor, pairs: Tensor, shift: Optional[Tensor], count: Tensor
+) -> PairList:
     """The :class:`PairList` of a compiled search's pairs, lattice shifts (constants: padding
-    slots' included) and count: vectors pos[i] - pos[j] + shift, differentiable in the positions,
-    the numbers of :func:`_displacements` and :func:`_slot_vectors`."""
-    vectors = _difference(positions, pairs[0], pairs[1]) + shift
+    slots' included; None where all are zeros: a dynamic list without a box) and count: vectors
+    pos[i] - pos[j] + shift, differentiable in the positions, the numbers of
+    :func:`_displacements` and :func:`_slot_vectors`."""
+    vectors = _difference(positions, pairs[0], pairs[1])
+    if shift is not None:
+        vectors = vectors + shift
     return PairList(pairs, vectors, torch.linalg.vector_norm(vectors, dim=-1), count)
 
 

@@ -1008,7 +1008,11 @@ class FusedPairKernels(PairKernels):
         pairs, shift, count = torch.ops.tensornet_openmm.pair_search(
             fixed, order, start, end, cutoff, periodic, capacity, half
         )
-        return searched_pairs(positions, pairs, shift, count)
+        # a dynamic list without a box has zero shifts (a fixed capacity's padding slots have
+        # shifts past the cutoff): no addition then, nor TorchScript's autodiff subgraph of the
+        # difference and it, a cost per call
+        zero_shifts = box is None and capacity < 0
+        return searched_pairs(positions, pairs, None if zero_shifts else shift, count)
 
     def radial_table(
         self,

@@ -344,12 +344,13 @@ class TensorNet(nn.Module):
             )  # fmt: skip
         else:
             energy = self.output_network(self.act(self.linear(h)))
-        energy = energy.squeeze(1)
         if not self.std_folded:
             energy = energy * self.std
         if self.use_atomref:
-            energy = energy + self.atomref[z]
-        return energy
+            energy = energy + self.atomref.unsqueeze(1).index_select(0, z)
+        # (n, 1) -> (n,) last, by reshape: a squeeze before the addition made two operators in a
+        # row that TorchScript's executor runs as an autodiff subgraph, at a cost per call
+        return energy.reshape(-1)
 
     @torch.jit.export
     def energy_and_gradient(
