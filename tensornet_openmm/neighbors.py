@@ -338,7 +338,10 @@ def candidate_ranges(
     order = torch.arange(n, device=positions.device)
     # (arange, not order + 1: two operators in a row that TorchScript's executor would make an
     # autodiff subgraph of, at a cost per call, though nothing here has a gradient)
-    start = torch.arange(1, n + 1, device=positions.device)[:, None] if half else order[:, None] * 0
+    if half:
+        start = torch.arange(1, n + 1, device=positions.device)[:, None]
+    else:
+        start = torch.zeros_like(order)[:, None]
     return order, start, torch.full_like(start, n)
 
 
