@@ -42,8 +42,9 @@ def molecule(n=12, seed=1):
             return rng.choice([1, 6, 7, 8], size=n).tolist(), pos
 
 
+@pytest.mark.parametrize("periodic", [False, True], ids=["molecule", "box"])
 @pytest.mark.parametrize("capacity", [-1, 200], ids=["dynamic", "fixed"])
-def test_a_force_call_runs_no_autodiff_subgraph_of_torchscript(capacity):
+def test_a_force_call_runs_no_autodiff_subgraph_of_torchscript(capacity, periodic):
     """TorchScript's executor makes an autodiff subgraph (a graph of its own with a symbolic
     backward, run through another executor each call, each way) of two differentiable operators
     in a row, such as a squeeze and an addition; a molecule's force call with the fused kernels
@@ -51,19 +52,22 @@ def test_a_force_call_runs_no_autodiff_subgraph_of_torchscript(capacity):
     none. (The plain-PyTorch route, fused_kernels=False, has many, in its pair and tensor
     algebra.)"""
     z, pos = molecule()
+    box = np.eye(3) * 0.9  # nm: the molecule's 12 atoms in a periodic box twice the cutoff
+    args = [torch.tensor(pos)] + ([torch.tensor(box)] if periodic else [])
     model = small_model(atomref_size=10)
     model.atomref.uniform_(-1.0, 1.0)
-    module = TensorNetForce(model, z, capacity=capacity, fixed_on_cpu=capacity >= 0,
-                            outputs_forces=True, fused_kernels=True)  # fmt: skip
+    module = TensorNetForce(model, z, periodic=periodic, capacity=capacity,
+                            fixed_on_cpu=capacity >= 0, outputs_forces=True,
+                            fused_kernels=True)  # fmt: skip
     call = torch.jit.freeze(script(module).eval())
     for _ in range(3):  # the executor profiles, then optimises
-        energy, forces = call(torch.tensor(pos))
+        energy, forces = call(*args)
     graph = str(torch.jit.last_executed_optimized_graph())
     assert "prim::RequiresGradCheck" not in graph, [
         line for line in graph.splitlines() if "DifferentiableGraph_" in line and "=" in line
     ]
-    eager = TensorNetForce(model, z, outputs_forces=True, fused_kernels=False)
-    expected_energy, expected_forces = eager(torch.tensor(pos))
+    eager = TensorNetForce(model, z, periodic=periodic, outputs_forces=True, fused_kernels=False)
+    expected_energy, expected_forces = eager(*args)
     assert torch.allclose(energy, expected_energy, rtol=1e-12, atol=1e-9)
     assert torch.allclose(forces, expected_forces, rtol=1e-9, atol=1e-9)
 
