@@ -36,8 +36,8 @@
 # with the start, and the 600,000-atom box comes last (a run cut by the session's device time
 # still returns what it wrote, and compare.csv is written before the box starts). Give the
 # compare call a timeout_s of 600 or what is left. Call them back to back: a machine is given
-# back 30 s after a call ends, and the warp parts collect in its /tmp. Logs and CSVs go to $OUT (the device tool's output folder, at most 8
-# files come back: the stages write few).
+# back 30 s after a call ends, and the warp parts collect in its /tmp. Logs and CSVs go to $OUT
+# (the device tool's output folder, at most 8 files come back: the stages write few).
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -82,7 +82,7 @@ compare)
     # minutes run out here has its target ratios already written (compare.csv). Sessions 26-27
     # ran it in the tests stage, before compare, which then no longer fitted in 15 minutes
     left=$((540 - SECONDS))  # (the stack's set-up before this script counts too)
-    stage=scan
+    stage=scan  # the lines after the case report the box's log, scan.log
     if [ "$left" -gt 90 ]; then
         timeout "$left" "${bench[@]}" --systems water --water-sizes 600000 \
             --routes ours-lowmem --graphs off --seconds 1 --warmup 2 --timeout 190 \
