@@ -277,6 +277,31 @@ def _reset_peak() -> None:
         handle.write("5")  # resets VmHWM to the current resident set
 
 
+PROGRESS = "bench_md progress: "
+"""How a worker's ``--progress`` lines on stderr begin (the parent passes them on as they come)."""
+_STARTED = time.perf_counter()
+
+
+def _progress(spec: dict, text: str) -> None:
+    """With ``--progress``: one stage of a case's set-up or timing on stderr, as it happens, with
+    the seconds since the worker started, torch's peak CUDA memory so far and the device's
+    memory in use (OpenMM's too), so that a case cut short by a time limit (a lease's last
+    minutes) still says how far it got."""
+    if not spec.get("progress"):
+        return
+    memory = ""
+    if spec["platform"] == "CUDA" and torch.cuda.is_initialized():
+        free, total = torch.cuda.mem_get_info()
+        memory = (f", torch peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB, device "
+                  f"{(total - free) / 1e9:.2f} GB in use")  # fmt: skip
+    print(
+        f"{PROGRESS}{spec['system']} {spec['route']} graphs {spec['graphs']}: {text} "
+        f"({time.perf_counter() - _STARTED:.1f} s{memory})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _prepared(spec: dict) -> dict:
     """A case's System and Context, built and warmed up, with its timers (a worker's state)."""
     import openmm
@@ -297,10 +322,13 @@ def _prepared(spec: dict) -> dict:
             torch.cuda.set_per_process_memory_fraction(fraction)
     _reset_peak()
     base_mb = _vm_hwm_mb()
+    _progress(spec, "building the system")
     topology, positions, mm_system, ml_atoms = build_system(spec["system"])
+    _progress(spec, f"{topology.getNumAtoms():,} atoms built")
     build_start = time.perf_counter()
     system = route_system(spec["route"], spec, topology, positions, mm_system, ml_atoms)
     build_s = time.perf_counter() - build_start
+    _progress(spec, "route's System made")
     properties = {"Threads": str(spec["threads"])} if spec["platform"] == "CPU" else {}
     if cuda:
         properties = {"Precision": spec["precision"]}
@@ -315,8 +343,10 @@ def _prepared(spec: dict) -> dict:
         context.setPositions(positions)
         context.setVelocitiesToTemperature(300 * u.kelvin, SEED)
 
+    _progress(spec, "Context made")
     start()
     e0 = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(u.kilojoule_per_mole)
+    _progress(spec, f"first energy {e0:.3f} kJ/mol")
 
     def steps(n: int) -> float:
         start = time.perf_counter()
@@ -325,6 +355,7 @@ def _prepared(spec: dict) -> dict:
         return time.perf_counter() - start
 
     warmup_s = steps(spec["warmup"])
+    _progress(spec, f"{spec['warmup']} warm-up steps in {warmup_s:.2f} s")
     return {"context": context, "system": system, "ml_atoms": ml_atoms, "start": start,
             "steps": steps, "e0": e0, "base_mb": base_mb, "build_s": build_s,
             "warmup_s": warmup_s, "cuda": cuda}  # fmt: skip
@@ -346,6 +377,9 @@ def worker(spec: dict) -> dict:
     for _ in range(3):
         case["start"]()
         blocks.append(case["steps"](n) / n)
+        _progress(
+            spec, f"timed block {len(blocks)} of 3: {n} steps, {1e3 * blocks[-1]:.2f} ms/step"
+        )
     return _report(spec, case, 1e3 * statistics.median(blocks), 3 * n)
 
 
@@ -364,6 +398,7 @@ def serve(spec: dict) -> None:
         timed += n
         case["start"]()
         blocks.append(1e3 * case["steps"](n) / n)
+        _progress(spec, f"timed block {len(blocks)}: {n} steps, {blocks[-1]:.2f} ms/step")
         print(json.dumps({"ms": blocks[-1]}), flush=True)
     ms = statistics.median(blocks) if blocks else math.nan
     print(json.dumps({**_report(spec, case, ms, timed), "blocks_ms": blocks}), flush=True)
@@ -475,14 +510,35 @@ def _worker_env(spec: dict) -> dict:
 def _serve(spec: dict) -> subprocess.Popen:
     """A serving worker (``--serve``) for ``spec``, its stdout read line by line into
     ``proc.lines`` by a thread (so that :func:`_answer` can wait with a time limit)."""
-    stderr = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", json.dumps(spec)], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=stderr, text=True, env=_worker_env(spec),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env(spec),
     )  # fmt: skip
-    proc.stderr_file = stderr
+    _relay_stderr(proc)
     _read_lines(proc)
     return proc
+
+
+def _relay_stderr(proc) -> None:
+    """Read a worker's stderr by a thread: its ``--progress`` lines passed on to ours as they
+    come, every line kept for :func:`_said` (a worker that fails says why there)."""
+    proc.said = []
+
+    def pump():
+        for line in proc.stderr:
+            proc.said.append(line)
+            if line.startswith(PROGRESS):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    proc.relay = threading.Thread(target=pump, daemon=True)
+    proc.relay.start()
+
+
+def _said(proc) -> str:
+    """All a worker wrote to stderr, once it has ended."""
+    proc.relay.join(timeout=10)
+    return "".join(proc.said)
 
 
 def _read_lines(proc) -> None:
@@ -509,8 +565,7 @@ def _answer(proc, timeout: float) -> dict:
             return {"error": f"time limit ({timeout:.0f} s)"}
         if line is None:
             proc.wait()
-            proc.stderr_file.seek(0)
-            return _failure(proc.stderr_file.read(), proc.returncode)
+            return _failure(_said(proc), proc.returncode)
         if line.startswith("{"):
             return json.loads(line)
 
@@ -562,7 +617,6 @@ def run_interleaved(specs: list[dict], blocks: int, timeout: float = 900.0) -> l
         with contextlib.suppress(OSError):
             proc.stdin.close()
         proc.wait()
-        proc.stderr_file.close()
         result = results[i]
         if "error" in result:
             rows.append(result)
@@ -574,15 +628,23 @@ def run_interleaved(specs: list[dict], blocks: int, timeout: float = 900.0) -> l
 
 def run_case(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    env = _worker_env(spec)
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"time limit ({timeout:.0f} s)"}
-    for line in reversed(done.stdout.splitlines()):
+    with tempfile.TemporaryFile(mode="w+") as stdout:
+        proc = subprocess.Popen(
+            cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=_worker_env(spec)
+        )
+        _relay_stderr(proc)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {"error": f"time limit ({timeout:.0f} s)"}
+        stdout.seek(0)
+        lines = stdout.read().splitlines()
+    for line in reversed(lines):
         if line.startswith("{"):
             return json.loads(line)
-    return _failure(done.stderr, done.returncode)
+    return _failure(_said(proc), proc.returncode)
 
 
 def cases(args, platforms):
@@ -733,6 +795,11 @@ def main(argv=None):
                         help="cap each case's process at this many GB of heap (RLIMIT_DATA): "
                         "a box too large for it fails as out of memory, larger ones are "
                         "skipped (the largest box that fits, on a shared machine)")  # fmt: skip
+    parser.add_argument("--progress", action="store_true",
+                        help="print each case's stages on stderr as they happen (system built, "
+                        "Context made, first energy, warm-up, timed blocks; seconds and torch's "
+                        "CUDA peak), so that a case stopped by a time limit says how far it "
+                        "got")  # fmt: skip
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args(argv)
     if args.checkpoint is not None and not args.checkpoint.is_file():
@@ -770,7 +837,7 @@ def main(argv=None):
                     "precision": args.precision, "seconds": args.seconds,
                     "gpu_memory_gb": args.gpu_memory_gb,
                     "cpu_memory_gb": args.cpu_memory_gb,
-                    "warmup": args.warmup}  # fmt: skip
+                    "warmup": args.warmup, "progress": args.progress}  # fmt: skip
 
         if args.interleave is not None:
             rows_by_case: dict[int, dict] = {}

@@ -207,17 +207,41 @@ def test_a_serving_worker_past_its_time_limit_is_stopped():
     and its row names the limit (lines that are not answers, such as banners, are skipped)."""
     import subprocess
     import sys
-    import tempfile
 
     proc = subprocess.Popen(
         [sys.executable, "-c", "import time; print('a banner', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    proc.stderr_file = tempfile.TemporaryFile(mode="w+")
+    bench_md._relay_stderr(proc)
     bench_md._read_lines(proc)
     assert bench_md._answer(proc, 1.0) == {"error": "time limit (1 s)"}
     assert proc.poll() is not None  # killed, not left running
-    proc.stderr_file.close()
+
+
+def test_progress_says_how_far_a_case_got_before_its_time_limit(tmp_path, capsys):
+    """--progress: a case's stages reach our stderr as they happen, so that a case stopped by
+    its time limit (here in a warm-up too long for it) still says how far it got; its row names
+    the limit, and the CSV keeps it."""
+    import csv
+
+    checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
+    out = tmp_path / "md.csv"
+    bench_md.main(["--checkpoint", str(checkpoint), "--systems", "ala2", "--platforms", "CPU",
+                   "--routes", "ours", "--warmup", "10000000", "--timeout", "40", "--progress",
+                   "--csv", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    said = [line.removeprefix(bench_md.PROGRESS) for line in err.splitlines()
+            if line.startswith(bench_md.PROGRESS)]  # fmt: skip
+    stages = ["building the system", "22 atoms built", "route's System made", "Context made",
+              "first energy"]  # fmt: skip
+    assert len(said) == len(stages), err
+    for line, stage in zip(said, stages, strict=True):
+        assert line.startswith(f"ala2 ours graphs -: {stage}"), line
+        assert re.search(r"\(\d+\.\d s\)$", line), line  # seconds since the worker started
+    assert "FAILED: time limit (40 s)" in err
+    with out.open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["error"] == "time limit (40 s)"
 
 
 def test_interleaved_water_boxes_skip_a_route_after_it_failed(tmp_path, monkeypatch):
@@ -422,7 +446,7 @@ def test_device_checks_commands_take_their_arguments(monkeypatch, capsys):
 
     commands = device_check_commands()
     stages = {stage for stage, _ in commands}
-    assert {"tests", "compare", "scan", "profile", "networks", "sums"} <= stages, stages
+    assert {"tests", "compare", "box", "scan", "profile", "networks", "sums"} <= stages, stages
     usage = re.search(r"usage: bash scripts/device/checks.sh ([\w|]+)", DEVICE_CHECKS.read_text())
     assert usage is not None and set(usage.group(1).split("|")) == stages - {"*"}
     original = argparse.ArgumentParser.parse_args

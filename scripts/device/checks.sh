@@ -10,9 +10,11 @@
 #   (none)   .dev/warp2               a bare call (`true`): warp's second part arrives        0.5 min
 #   compare  .dev/warp3               the targets: ours (exact, tables) against the reference 5 min
 #                                     and PythonForce, same run, each route as it runs best
-#                                     (--graphs best); then, in what is left of the call
-#                                     (until 540 s), ours low_memory on a 600,000-atom box   +4 min
-#                                     within 80 GB (the largest-box target, not yet reached)
+#                                     (--graphs best); then the box stage in what is left of
+#                                     the call (until UNTIL_S, 540 s unless given)           +4 min
+#   box      (none)                   ours low_memory on a 600,000-atom box within 80 GB     4 min
+#                                     (the largest-box target, not yet measured), until
+#                                     UNTIL_S; --progress: a box cut short says how far it got
 #   -- only with device time left after compare --
 #   scan     (none)                   largest water box within 80 GB: ours low_memory at      5 min
 #                                     1,000,000 atoms, the reference at 30,000 and 45,000
@@ -33,11 +35,14 @@
 #
 # A session has 15 minutes of device time, the machine's start (1-3 minutes) included, so the
 # order is what matters most first: tests, warp2 and compare's targets take about 12 minutes
-# with the start, and the 600,000-atom box comes last (a run cut by the session's device time
-# still returns what it wrote, and compare.csv is written before the box starts). Give the
-# compare call a timeout_s of 600 or what is left. Call them back to back: a machine is given
-# back 30 s after a call ends, and the warp parts collect in its /tmp. Logs and CSVs go to $OUT
-# (the device tool's output folder, at most 8 files come back: the stages write few).
+# with the start (on the H200, 2026-11-28: 390 s for the first call, start included, then 7 s,
+# then compare's bench about 240 s), and the 600,000-atom box comes last (a run cut by the
+# session's device time still returns what it wrote, and compare.csv is written before the box
+# starts). Give the compare call a timeout_s of 600 or what is left, and UNTIL_S=<that less 40>
+# before `bash` (the stack's set-up comes before this script's clock starts). Call them back to
+# back: a machine is given back 30 s after a call ends, and the warp parts collect in its /tmp.
+# Logs and CSVs go to $OUT (the device tool's output folder, at most 8 files come back: the
+# stages write few).
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -45,6 +50,7 @@ export PYTHONUNBUFFERED=1
 bench=(python3 benchmarks/bench_md.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt
        --platforms "${PLATFORMS:-CUDA}")
 stage=${1:-}
+until=${UNTIL_S:-540}  # the seconds this script may run (the box stops then)
 case "$stage" in
 tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -77,19 +83,25 @@ compare)
         --timeout 80 --csv "$out/compare.csv" >"$out/compare.log" 2>&1
     echo "compare: benchmark rc=$?"
     tail -12 "$out/compare.log" | cut -c1-170
-    # then the largest-box target (20x the reference's 28,872 atoms of an earlier lease:
-    # 577,440): ours low_memory at 600,000 atoms within 80 GB, in what is left of this call
-    # (the box's build about 9 s per 100,000 atoms). Last in the lease's order: a lease whose
+    # then the box stage in what is left of this call. Last in the lease's order: a lease whose
     # minutes run out here has its target ratios already written (compare.csv). Sessions 26-27
-    # ran it in the tests stage, before compare, which then no longer fitted in 15 minutes
-    left=$((540 - SECONDS))  # (the stack's set-up before this script counts too)
-    stage=scan  # the lines after the case report the box's log, scan.log
+    # ran it in the tests stage, before compare, which then no longer fitted in 15 minutes; on
+    # the H200 (2026-11-28) the call's timeout cut it before its first row, and its log was
+    # empty: hence --progress
+    UNTIL_S=$((until - SECONDS)) bash "$0" box
+    exit
+    ;;
+box)
+    # the largest-box target (20x the reference's 28,872 atoms of an earlier lease: 577,440):
+    # ours low_memory at 600,000 atoms within 80 GB, until UNTIL_S (the box's build about 9 s
+    # per 100,000 atoms); each stage of the case in box.log as it happens (--progress)
+    left=$((until - SECONDS))
     if [ "$left" -gt 90 ]; then
         timeout "$left" "${bench[@]}" --systems water --water-sizes 600000 \
-            --routes ours-lowmem --graphs off --seconds 1 --warmup 2 --timeout 190 \
-            --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
+            --routes ours-lowmem --graphs off --seconds 1 --warmup 2 --timeout 190 --progress \
+            --gpu-memory-gb 80 --csv "$out/box.csv" >"$out/box.log" 2>&1
     else
-        echo "no time left for the 600,000-atom box ($left s)" >"$out/scan.log"
+        echo "no time left for the 600,000-atom box ($left s)" >"$out/box.log"
     fi
     ;;
 scan)
@@ -105,9 +117,9 @@ scan)
         --routes reference --graphs off --seconds 1 --warmup 2 --timeout 70 \
         --gpu-memory-gb 80 --csv "$out/scan_reference.csv" >"$out/scan_reference.log" 2>&1
     tail -4 "$out/scan_reference.log" | cut -c1-170
-    # (600,000 atoms: the compare stage, after its targets)
+    # (600,000 atoms: the box stage)
     timeout 200 "${bench[@]}" --systems water --water-sizes 1000000 \
-        --routes ours-lowmem --graphs off --seconds 1 --warmup 2 --timeout 190 \
+        --routes ours-lowmem --graphs off --seconds 1 --warmup 2 --timeout 190 --progress \
         --gpu-memory-gb 80 --csv "$out/scan.csv" >"$out/scan.log" 2>&1
     ;;
 profile)
@@ -147,7 +159,7 @@ sums)
     done
     ;;
 *)
-    echo "usage: bash scripts/device/checks.sh tests|compare|scan|profile|networks|sums" >&2
+    echo "usage: bash scripts/device/checks.sh tests|compare|box|scan|profile|networks|sums" >&2
     exit 2
     ;;
 esac
