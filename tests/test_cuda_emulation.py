@@ -84,7 +84,7 @@ def test_the_marked_parts_hold_the_emulated_kernels():
 
 # harness: the cases it prints under each sanitizer (ThreadSanitizer runs a subset)
 HARNESSES = {
-    "small_networks": {"address": 13},
+    "small_networks": {"address": 26},  # each case with backward blocks of 256 and 1024
     "pair_search": {"address": 6},
     "pair_sums": {"address": 50, "thread": 17},
     "rows": {"address": 13},
@@ -223,12 +223,15 @@ def test_cuda_operators_emulated_on_the_cpu(tmp_path, emulated_library):
         ("TN_EMULATED_GATHER_WORK", "-1"),
         ("TN_EMULATED_MULTIPROCESSORS", "0"),
         ("TN_EMULATED_MULTIPROCESSORS", "12x"),
+        ("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS", "300"),  # the .cu's own setting
+        ("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS", "1k"),
     ],
 )
 def test_emulation_settings_refuse_what_they_cannot_read(name, value, emulated_library):
     """A setting of the emulated build that is not a number it takes (or "random") is an error
     from the first operator that reads it, naming the variable and the value, where atoll and
-    atoi read it as 0: every pair sum gathered, or no multiprocessor, without a word."""
+    atoi read it as 0: every pair sum gathered, or no multiprocessor, without a word. So is a
+    block size of the small networks' backward that the launcher does not take."""
     env = {**os.environ, "TENSORNET_OPENMM_EMULATED_CUDA": emulated_library, name: value}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]

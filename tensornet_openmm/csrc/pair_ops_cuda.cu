@@ -658,6 +658,13 @@ __global__ void activate_scaled_grad_kernel(int activation, const T* __restrict_
 // pre-activations. Above kNetworkRows rows cuBLAS is faster and the ATen path runs.
 constexpr int kNetLayers = tn_math::kNetLayers;  // further layers of all networks, at most
 constexpr size_t kNetworkShared = 48 * 1024;  // bytes of shared memory a block may take
+// Threads of a backward block. Its layers are latency-bound: a thread sums its input's terms
+// over the layer's outputs one after another, each a read of the weights from L2, so a block of
+// kThreads takes 384 reads in turn for a 256 -> 384 layer; a block of 1024 splits the outputs
+// between four groups of threads (dense_backward) and waits a quarter as long, with four times
+// the warps to overlap. The kernel is compiled for it (__launch_bounds__: at most 64 registers
+// a thread); TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256 or 512 launches fewer.
+constexpr int kNetBackwardThreads = 1024;
 
 template <typename T>
 struct NetArgs {
@@ -698,8 +705,8 @@ size_t forward_shared(const NetShape& s, int r, size_t bytes) {
   return bytes * (r * (s.k + s.first + 2 * s.mid) + warps * kt * 33);
 }
 
-size_t backward_shared(const NetShape& s, int r, size_t bytes) {
-  return bytes * (r * (s.t0 + 2 * s.widest + kThreads + kThreads / 32));
+size_t backward_shared(const NetShape& s, int r, size_t bytes, int threads) {
+  return bytes * (r * (s.t0 + 2 * s.widest + threads + threads / 32));
 }
 
 // the forward's blocks of last-layer outputs per network (blockDim.x = kThreads each)
@@ -880,7 +887,7 @@ __global__ void network_forward_kernel(NetArgs<T> a) {
 // layers' (R x widest each), the groups' partial sums (R x blockDim.x), the scale's gradient
 // per warp (R x warps).
 template <typename T, int R>
-__global__ void network_backward_kernel(NetArgs<T> a) {
+__global__ void __launch_bounds__(kNetBackwardThreads) network_backward_kernel(NetArgs<T> a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* d0 = reinterpret_cast<T*>(shared_bytes);
   T* d[2] = {d0 + R * a.t0, d0 + R * a.t0 + R * a.widest};
@@ -1687,12 +1694,36 @@ int64_t multiprocessors() {
   return counts[device];
 }
 
+// TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS: 256, 512 or 1024 (the default, kNetBackwardThreads)
+int backward_threads_setting() {
+  static const int threads = [] {
+    const char* v = std::getenv("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS");
+    if (v == nullptr || *v == '\0') return kNetBackwardThreads;
+    const std::string text(v);
+    TORCH_CHECK(text == "256" || text == "512" || text == "1024",
+                "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS='", text,
+                "' is not a block size of the small networks' backward: give 256, 512 or 1024, "
+                "or leave it unset for ", kNetBackwardThreads);
+    return std::stoi(text);
+  }();
+  return threads;
+}
+
+// A backward block's threads: the setting's, or kThreads where a row's shared memory at that
+// setting would not fit (the widest networks in double)
+int backward_threads(const NetShape& s, size_t bytes) {
+  const int threads = backward_threads_setting();
+  return backward_shared(s, 1, bytes, threads) <= kNetworkShared ? threads : kThreads;
+}
+
 // Rows per block: the most (up to 8) that still give half the GPU's multiprocessors a block,
 // within the shared memory; 0 if not even one row fits.
 int rows_per_block(const NetShape& s, int64_t columns, bool backward, size_t bytes) {
   const int64_t sms = multiprocessors();
+  const int threads = backward ? backward_threads(s, bytes) : kThreads;
   for (int r : {8, 4, 2, 1}) {
-    const size_t shared = backward ? backward_shared(s, r, bytes) : forward_shared(s, r, bytes);
+    const size_t shared =
+        backward ? backward_shared(s, r, bytes, threads) : forward_shared(s, r, bytes);
     if (shared > kNetworkShared) continue;
     if (r == 1 || (s.rows + r - 1) / r * columns >= (sms + 1) / 2) return r;
   }
@@ -1727,11 +1758,12 @@ NetArgs<T> net_args(const NetShape& s, int64_t activation, const at::Tensor& sca
 }
 
 template <typename T, int R>
-void launch_network(const NetArgs<T>& a, bool backward, int64_t columns, size_t shared) {
+void launch_network(const NetArgs<T>& a, bool backward, int64_t columns, size_t shared,
+                    int threads) {
   const dim3 grid(static_cast<unsigned>((a.rows + R - 1) / R), static_cast<unsigned>(columns));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if (backward) {
-    network_backward_kernel<T, R><<<grid, kThreads, shared, stream>>>(a);
+    network_backward_kernel<T, R><<<grid, threads, shared, stream>>>(a);
   } else {
     network_forward_kernel<T, R><<<grid, kThreads, shared, stream>>>(a);
   }
@@ -1741,13 +1773,14 @@ void launch_network(const NetArgs<T>& a, bool backward, int64_t columns, size_t 
 template <typename T>
 void launch_network_rows(const NetArgs<T>& a, const NetShape& s, bool backward, int64_t columns) {
   const int r = rows_per_block(s, columns, backward, sizeof(T));
+  const int threads = backward ? backward_threads(s, sizeof(T)) : kThreads;
   const size_t shared =
-      backward ? backward_shared(s, r, sizeof(T)) : forward_shared(s, r, sizeof(T));
+      backward ? backward_shared(s, r, sizeof(T), threads) : forward_shared(s, r, sizeof(T));
   switch (r) {
-    case 8: launch_network<T, 8>(a, backward, columns, shared); break;
-    case 4: launch_network<T, 4>(a, backward, columns, shared); break;
-    case 2: launch_network<T, 2>(a, backward, columns, shared); break;
-    default: launch_network<T, 1>(a, backward, columns, shared); break;
+    case 8: launch_network<T, 8>(a, backward, columns, shared, threads); break;
+    case 4: launch_network<T, 4>(a, backward, columns, shared, threads); break;
+    case 2: launch_network<T, 2>(a, backward, columns, shared, threads); break;
+    default: launch_network<T, 1>(a, backward, columns, shared, threads); break;
   }
 }
 

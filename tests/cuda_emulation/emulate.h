@@ -471,6 +471,7 @@ void launch(unsigned gx, unsigned gy, unsigned threads, size_t shared_bytes, con
 }  // namespace emu
 
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __host__
 #define __forceinline__ inline

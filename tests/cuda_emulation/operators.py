@@ -53,7 +53,9 @@ def closing(text: str, start: int, opening: str, closing_: str) -> int:
 def device_functions(text: str) -> dict[str, str]:
     """Every ``__global__`` and ``__device__`` function's body, by name (overloads joined)."""
     bodies: dict[str, str] = {}
-    for match in re.finditer(r"__(?:global|device)__[^;{(]*?\b(\w+)\s*\(", text):
+    for match in re.finditer(
+        r"__(?:global|device)__[^;{(]*?(?:__launch_bounds__\s*\([^)]*\)\s*)?\b(\w+)\s*\(", text
+    ):
         close = closing(text, match.end() - 1, "(", ")")
         rest = text[close + 1 :]
         head = re.match(r"\s*(const\s*)?\{", rest)
@@ -68,7 +70,9 @@ def device_functions(text: str) -> dict[str, str]:
 
 def kernel_names(text: str) -> set[str]:
     """The ``__global__`` functions of a .cu."""
-    return set(re.findall(r"__global__\s+void\s+(\w+)\s*\(", text))
+    return set(
+        re.findall(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(", text)
+    )
 
 
 def barrier_kernels(text: str) -> set[str]:

@@ -68,6 +68,8 @@ std::vector<double> reference(const Net<double>& n, const std::vector<double>& x
   return all;
 }
 
+int backward_threads = kThreads;  // the backward's block size under test (main sets it)
+
 template <typename T>
 struct Result {
   std::vector<T> out, g_x, g_scale;
@@ -131,7 +133,12 @@ Result<T> kernels(const Net<T>& n, const std::vector<T>& g, bool no_proj, int no
   }
   a.g_x = result.g_x.data();
   a.g_scale = n.scaled ? result.g_scale.data() : nullptr;
-  emu::launch(blocks, 1, kThreads, backward_shared(s, R, sizeof(T)),
+  // the backward's block: the size under test, or kThreads where its shared memory would not
+  // fit (as the launcher chooses)
+  const int threads = backward_shared(s, R, sizeof(T), backward_threads) <= kNetworkShared
+                          ? backward_threads
+                          : kThreads;
+  emu::launch(blocks, 1, static_cast<unsigned>(threads), backward_shared(s, R, sizeof(T), threads),
               [&] { network_backward_kernel<T, R>(a); });
   return result;
 }
@@ -248,13 +255,15 @@ void check(const char* name, int64_t rows, int64_t k, int64_t proj, int64_t netw
   }
   const bool ok = err <= 1e-12 * size && g_err <= 1e-6 * g_size && f_err <= 1e-4;
   failures += ok ? 0 : 1;
-  std::printf("%-4s R=%d %-40s outputs %.1e of %.1e, gradients %.1e of %.1e, float32 %.1e\n",
-              ok ? "ok" : "FAIL", R, name, err, size, g_err, g_size, f_err);
+  std::printf("%-4s %4d R=%d %-40s outputs %.1e of %.1e, gradients %.1e of %.1e, float32 %.1e\n",
+              ok ? "ok" : "FAIL", backward_threads, R, name, err, size, g_err, g_size, f_err);
 }
 
 }  // namespace
 
 int main() {
+  for (int threads : {kThreads, kNetBackwardThreads}) {  // the backward's blocks, both sizes
+  backward_threads = threads;
   // mlp's chains (no projection, one network): rows, k, 0, 1, first layer, further layers
   check<1>("one row 13-50-37 SiLU scaled", 1, 13, 0, 1, 50, {37}, 0, true, false, -1, 1);
   check<2>("5 rows 13-50-37 SiLU scaled", 5, 13, 0, 1, 50, {37}, 0, true, false, -1, 2);
@@ -276,6 +285,7 @@ int main() {
            10);
   check<4>("9 rows 8: 16 + 2 x 12-20, gradients 0 apart", 9, 8, 16, 2, 12, {20}, 1, true, false,
            -1, 13, false, true);
+  }
   std::printf("%d failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
