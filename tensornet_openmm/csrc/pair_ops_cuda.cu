@@ -698,10 +698,13 @@ struct NetShape {
   int64_t rows, k, t0, proj, first, networks, depth, mid, widest, last;
 };
 
+// the bytes of a weight row a warp stages at a time in the forward (see TileK)
+constexpr size_t kTileRowBytes = 128;
+
 // the bytes of shared memory a block of r rows takes (elements of ``bytes`` each), as the
 // kernels below lay it out, forward and backward
 size_t forward_shared(const NetShape& s, int r, size_t bytes) {
-  const int warps = kThreads / 32, kt = static_cast<int>(64 / bytes);
+  const int warps = kThreads / 32, kt = static_cast<int>(kTileRowBytes / bytes);
   return bytes * (r * (s.k + s.first + 2 * s.mid) + warps * kt * 33);
 }
 
@@ -714,10 +717,13 @@ int64_t forward_chunks(const NetShape& s) { return (s.last + kThreads - 1) / kTh
 
 // Each warp stages 32 weight rows by TileK<T>::value columns in shared memory, transposed (a
 // column's 32 rows 33 entries apart, against bank conflicts): the weight's rows read in pieces
-// by neighbouring lanes, then each lane runs its output's sum down its row of the tile
+// by neighbouring lanes, then each lane runs its output's sum down its row of the tile. A layer
+// is a chain of such stages, each waiting for its reads from L2, so the wider a stage the
+// shorter the chain: 128 bytes of a row (float: 32 columns; 64 bytes until session 29), a
+// warp's tile 4.2 KB with the padding, a block's 8 warps' 34 KB of the 48
 template <typename T>
 struct TileK {
-  static constexpr int value = static_cast<int>(64 / sizeof(T));
+  static constexpr int value = static_cast<int>(kTileRowBytes / sizeof(T));
 };
 
 // acc[r] = b[o] + sum_k w[o, k] h[r, k] for the block's R rows and outputs o in [o_begin,
