@@ -225,6 +225,7 @@ def test_cuda_operators_emulated_on_the_cpu(tmp_path, emulated_library):
         ("TN_EMULATED_MULTIPROCESSORS", "12x"),
         ("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS", "300"),  # the .cu's own setting
         ("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS", "1k"),
+        ("TENSORNET_OPENMM_NETWORK_TILE_BYTES", "96"),
     ],
 )
 def test_emulation_settings_refuse_what_they_cannot_read(name, value, emulated_library):

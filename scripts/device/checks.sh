@@ -21,11 +21,11 @@
 #   profile  (none)                   the 22- and 4,866-atom steps' pieces and a PyTorch      4 min
 #                                     graph replay (profile_step); kernels per force call,
 #                                     ours and the reference (kernels.py)
-#   networks (none)                   the 22-atom step with the small-network kernels, their  4 min
-#                                     backward in blocks of 1024 threads and of 256, and
-#                                     without them (TENSORNET_OPENMM_SMALL_NETWORKS=0:
-#                                     cuBLAS), ours and tables, graphs on; each setting's
-#                                     kernel times (kernels.py)
+#   networks (none)                   the 22-atom step with the small-network kernels as      4 min
+#                                     session 29 left them, with the backward as before,
+#                                     with both as before, and without them
+#                                     (TENSORNET_OPENMM_SMALL_NETWORKS=0: cuBLAS), ours and
+#                                     tables, graphs on; each setting's kernel times
 #   sums     (none)                   the 4,866-atom step with the gathered pair sums and     2 min
 #                                     without (TENSORNET_OPENMM_GATHER_SUMS=0: atomic adds),
 #                                     ours, graphs off
@@ -136,17 +136,21 @@ profile)
     grep "per call" "$out/kernels.log"
     ;;
 networks)
-    # the small-network kernels (session 19) with the backward in blocks of 1024 threads (session
-    # 29, the default), in blocks of 256 as before, and cuBLAS with an activation kernel per
+    # the small-network kernels (session 19) as session 29 left them (the backward in blocks of
+    # 1024 threads, the forward's weight tiles 128 bytes of a row: the defaults), the backward
+    # in blocks of 256, both as before (256, 64 bytes), and cuBLAS with an activation kernel per
     # layer instead (at b7b30d5 the networks' products and cuBLAS's helpers were 56 of 203
     # kernels, 0.22 ms); on the H200 (2026-11-28) exact and tables differed by 0.18 ms a step at
     # 22 atoms, the radial networks' kernels. In turns, each setting in fresh processes
-    settings=(TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=1024
-              TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256 TENSORNET_OPENMM_SMALL_NETWORKS=0)
+    settings=("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=1024"
+              "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256"
+              "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256 TENSORNET_OPENMM_NETWORK_TILE_BYTES=64"
+              "TENSORNET_OPENMM_SMALL_NETWORKS=0")
     for round in 1 2; do
         for setting in "${settings[@]}"; do
             echo "== round $round, $setting" >>"$out/networks.log"
-            env "$setting" timeout 60 "${bench[@]}" --systems ala2 --routes ours ours-tables \
+            # shellcheck disable=SC2086  # (a setting may be two variables)
+            env $setting timeout 60 "${bench[@]}" --systems ala2 --routes ours ours-tables \
                 --graphs on --seconds 1.5 --timeout 40 >>"$out/networks.log" 2>&1
             grep "^CUDA .*ala2" "$out/networks.log" | tail -2 | cut -c1-120
         done
@@ -154,7 +158,8 @@ networks)
     # each kernel's own time per force call, by setting (the network kernels' lines)
     for setting in "${settings[@]}"; do
         echo "== $setting" >>"$out/networks_kernels.log"
-        env "$setting" timeout 60 python3 benchmarks/kernels.py \
+        # shellcheck disable=SC2086
+        env $setting timeout 50 python3 benchmarks/kernels.py \
             --checkpoint /tmp/tensornet-dev/tensornet.ckpt --systems ala2 --routes ours \
             --top 12 >>"$out/networks_kernels.log" 2>&1
     done

@@ -698,13 +698,14 @@ struct NetShape {
   int64_t rows, k, t0, proj, first, networks, depth, mid, widest, last;
 };
 
-// the bytes of a weight row a warp stages at a time in the forward (see TileK)
+// the bytes of a weight row a warp stages at a time in the forward (see dense_forward); 64 by
+// TENSORNET_OPENMM_NETWORK_TILE_BYTES=64 (session 19's)
 constexpr size_t kTileRowBytes = 128;
 
 // the bytes of shared memory a block of r rows takes (elements of ``bytes`` each), as the
 // kernels below lay it out, forward and backward
-size_t forward_shared(const NetShape& s, int r, size_t bytes) {
-  const int warps = kThreads / 32, kt = static_cast<int>(kTileRowBytes / bytes);
+size_t forward_shared(const NetShape& s, int r, size_t bytes, size_t tile_bytes = kTileRowBytes) {
+  const int warps = kThreads / 32, kt = static_cast<int>(tile_bytes / bytes);
   return bytes * (r * (s.k + s.first + 2 * s.mid) + warps * kt * 33);
 }
 
@@ -715,25 +716,19 @@ size_t backward_shared(const NetShape& s, int r, size_t bytes, int threads) {
 // the forward's blocks of last-layer outputs per network (blockDim.x = kThreads each)
 int64_t forward_chunks(const NetShape& s) { return (s.last + kThreads - 1) / kThreads; }
 
-// Each warp stages 32 weight rows by TileK<T>::value columns in shared memory, transposed (a
-// column's 32 rows 33 entries apart, against bank conflicts): the weight's rows read in pieces
-// by neighbouring lanes, then each lane runs its output's sum down its row of the tile. A layer
-// is a chain of such stages, each waiting for its reads from L2, so the wider a stage the
-// shorter the chain: 128 bytes of a row (float: 32 columns; 64 bytes until session 29), a
-// warp's tile 4.2 KB with the padding, a block's 8 warps' 34 KB of the 48
-template <typename T>
-struct TileK {
-  static constexpr int value = static_cast<int>(kTileRowBytes / sizeof(T));
-};
-
 // acc[r] = b[o] + sum_k w[o, k] h[r, k] for the block's R rows and outputs o in [o_begin,
 // o_end), a warp per 32 outputs; epilogue(o, acc) for each. Warp-synchronous only.
-template <typename T, int R, typename Epilogue>
+// Each warp stages 32 weight rows by KT columns in shared memory, transposed (a column's 32 rows
+// 33 entries apart, against bank conflicts): the weight's rows read in pieces by neighbouring
+// lanes, then each lane runs its output's sum down its row of the tile. A layer is a chain of
+// such stages, each waiting for its reads from L2, so the wider a stage the shorter the chain:
+// KT of 128 bytes of a row (float: 32 columns; 64 bytes until session 29), a warp's tile 4.2 KB
+// with the padding, a block's 8 warps' 34 KB of the 48
+template <typename T, int R, int KT, typename Epilogue>
 __device__ __forceinline__ void dense_forward(const T* __restrict__ w, const T* __restrict__ b,
                                               int64_t in, int64_t o_begin, int64_t o_end,
                                               const T* h, int64_t ldh, T* tiles,
                                               Epilogue epilogue) {
-  constexpr int KT = TileK<T>::value;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   T* tile = tiles + warp * KT * 33;
   for (int64_t o0 = o_begin + 32 * int64_t(warp); o0 < o_end; o0 += 32 * int64_t(warps)) {
@@ -743,14 +738,26 @@ __device__ __forceinline__ void dense_forward(const T* __restrict__ w, const T* 
     T acc[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[r] = bias;
-    for (int64_t k0 = 0; k0 < in; k0 += KT) {
+    // a stage's reads into registers: lanes read KT-long pieces of 32 / KT rows at a time; the
+    // next stage's are issued before this one is summed, so that their wait overlaps the sums
+    T v[KT];
+    auto read = [&](int64_t k0) {
 #pragma unroll
-      for (int m = 0; m < KT; ++m) {  // lanes read KT-long pieces of 32 / KT rows at a time
+      for (int m = 0; m < KT; ++m) {
         const int e = lane + 32 * m, oo = e / KT, kk = e % KT;
         const int64_t row = o0 + oo, col = k0 + kk;
-        tile[kk * 33 + oo] = row < o_end && col < in ? w[row * in + col] : T(0);
+        v[m] = row < o_end && col < in ? w[row * in + col] : T(0);
+      }
+    };
+    read(0);
+    for (int64_t k0 = 0; k0 < in; k0 += KT) {
+#pragma unroll
+      for (int m = 0; m < KT; ++m) {
+        const int e = lane + 32 * m;
+        tile[(e % KT) * 33 + e / KT] = v[m];
       }
       __syncwarp();
+      if (k0 + KT < in) read(k0 + KT);
       const int kn = in - k0 < KT ? static_cast<int>(in - k0) : KT;
       for (int kk = 0; kk < kn; ++kk) {
         const T wk = tile[kk * 33 + lane];
@@ -784,6 +791,7 @@ __device__ __forceinline__ void dense_backward(const T* __restrict__ w, int64_t 
     for (int r = 0; r < R; ++r) acc[r] = T(0);
     if (g < groups && i < in) {
       const int64_t o_end = (g + 1) * per < out ? (g + 1) * per : out;
+#pragma unroll 4  // four reads of the weights in flight at a time
       for (int64_t o = g * per; o < o_end; ++o) {
         const T wo = w[o * in + i];
 #pragma unroll
@@ -812,7 +820,7 @@ __device__ __forceinline__ void dense_backward(const T* __restrict__ w, int64_t 
 // layer's outputs this block makes (blockDim.x of them), the layers before it made by each.
 // Shared: the input rows (R x k), the first layer's activations of network n (R x first), two
 // hidden layers' (R x mid each), the warps' weight tiles.
-template <typename T, int R>
+template <typename T, int R, int KT>
 __global__ void network_forward_kernel(NetArgs<T> a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* xs = reinterpret_cast<T*>(shared_bytes);
@@ -828,7 +836,7 @@ __global__ void network_forward_kernel(NetArgs<T> a) {
   }
   __syncthreads();
   if (n == 0 && chunk == 0 && a.proj > 0) {  // the projection: no activation, times the scale
-    dense_forward<T, R>(a.w0, a.b0, a.k, 0, a.proj, xs, a.k, tiles,
+    dense_forward<T, R, KT>(a.w0, a.b0, a.k, 0, a.proj, xs, a.k, tiles,
                         [&](int64_t o, const T(&acc)[R]) {
 #pragma unroll
                           for (int r = 0; r < R; ++r) {
@@ -841,7 +849,7 @@ __global__ void network_forward_kernel(NetArgs<T> a) {
                         });
   }
   const int64_t col0 = a.proj + n * a.first;  // network n's columns of the first layer
-  dense_forward<T, R>(a.w0, a.b0, a.k, col0, col0 + a.first, xs, a.k, tiles,
+  dense_forward<T, R, KT>(a.w0, a.b0, a.k, col0, col0 + a.first, xs, a.k, tiles,
                       [&](int64_t o, const T(&acc)[R]) {
 #pragma unroll
                         for (int r = 0; r < R; ++r) {
@@ -858,7 +866,7 @@ __global__ void network_forward_kernel(NetArgs<T> a) {
     T* zq = a.z[q];
     if (l + 1 < a.depth) {  // a hidden layer, into shared memory (every chunk's block makes it)
       T* next = hidden[l % 2];
-      dense_forward<T, R>(a.w[q], a.b[q], width_in, 0, width, h, width_in, tiles,
+      dense_forward<T, R, KT>(a.w[q], a.b[q], width_in, 0, width, h, width_in, tiles,
                           [&](int64_t o, const T(&acc)[R]) {
 #pragma unroll
                             for (int r = 0; r < R; ++r) {
@@ -873,7 +881,7 @@ __global__ void network_forward_kernel(NetArgs<T> a) {
       const int64_t o_begin = chunk * int64_t(blockDim.x);
       const int64_t o_end = o_begin + blockDim.x < width ? o_begin + blockDim.x : width;
       T* out = a.out[n];
-      dense_forward<T, R>(a.w[q], a.b[q], width_in, o_begin, o_end, h, width_in, tiles,
+      dense_forward<T, R, KT>(a.w[q], a.b[q], width_in, o_begin, o_end, h, width_in, tiles,
                           [&](int64_t o, const T(&acc)[R]) {
 #pragma unroll
                             for (int r = 0; r < R; ++r) {
@@ -1715,6 +1723,20 @@ int backward_threads_setting() {
   return threads;
 }
 
+// TENSORNET_OPENMM_NETWORK_TILE_BYTES: 64 or 128 (the default, kTileRowBytes)
+size_t tile_bytes_setting() {
+  static const size_t bytes = [] {
+    const char* v = std::getenv("TENSORNET_OPENMM_NETWORK_TILE_BYTES");
+    if (v == nullptr || *v == '\0') return kTileRowBytes;
+    const std::string text(v);
+    TORCH_CHECK(text == "64" || text == "128", "TENSORNET_OPENMM_NETWORK_TILE_BYTES='", text,
+                "' is not a width of the small networks' weight tiles: give 64 or 128, or leave "
+                "it unset for ", kTileRowBytes);
+    return static_cast<size_t>(std::stoi(text));
+  }();
+  return bytes;
+}
+
 // A backward block's threads: the setting's, or kThreads where a row's shared memory at that
 // setting would not fit (the widest networks in double)
 int backward_threads(const NetShape& s, size_t bytes) {
@@ -1728,8 +1750,8 @@ int rows_per_block(const NetShape& s, int64_t columns, bool backward, size_t byt
   const int64_t sms = multiprocessors();
   const int threads = backward ? backward_threads(s, bytes) : kThreads;
   for (int r : {8, 4, 2, 1}) {
-    const size_t shared =
-        backward ? backward_shared(s, r, bytes, threads) : forward_shared(s, r, bytes);
+    const size_t shared = backward ? backward_shared(s, r, bytes, threads)
+                                   : forward_shared(s, r, bytes, tile_bytes_setting());
     if (shared > kNetworkShared) continue;
     if (r == 1 || (s.rows + r - 1) / r * columns >= (sms + 1) / 2) return r;
   }
@@ -1768,10 +1790,14 @@ void launch_network(const NetArgs<T>& a, bool backward, int64_t columns, size_t 
                     int threads) {
   const dim3 grid(static_cast<unsigned>((a.rows + R - 1) / R), static_cast<unsigned>(columns));
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kNarrow = static_cast<int>(64 / sizeof(T));  // a tile's columns
+  constexpr int kWide = static_cast<int>(kTileRowBytes / sizeof(T));
   if (backward) {
     network_backward_kernel<T, R><<<grid, threads, shared, stream>>>(a);
+  } else if (tile_bytes_setting() == 64) {
+    network_forward_kernel<T, R, kNarrow><<<grid, kThreads, shared, stream>>>(a);
   } else {
-    network_forward_kernel<T, R><<<grid, kThreads, shared, stream>>>(a);
+    network_forward_kernel<T, R, kWide><<<grid, kThreads, shared, stream>>>(a);
   }
   check_launch();
 }
@@ -1780,8 +1806,8 @@ template <typename T>
 void launch_network_rows(const NetArgs<T>& a, const NetShape& s, bool backward, int64_t columns) {
   const int r = rows_per_block(s, columns, backward, sizeof(T));
   const int threads = backward ? backward_threads(s, sizeof(T)) : kThreads;
-  const size_t shared =
-      backward ? backward_shared(s, r, sizeof(T), threads) : forward_shared(s, r, sizeof(T));
+  const size_t shared = backward ? backward_shared(s, r, sizeof(T), threads)
+                                 : forward_shared(s, r, sizeof(T), tile_bytes_setting());
   switch (r) {
     case 8: launch_network<T, 8>(a, backward, columns, shared, threads); break;
     case 4: launch_network<T, 4>(a, backward, columns, shared, threads); break;

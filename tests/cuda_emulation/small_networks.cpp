@@ -68,7 +68,8 @@ std::vector<double> reference(const Net<double>& n, const std::vector<double>& x
   return all;
 }
 
-int backward_threads = kThreads;  // the backward's block size under test (main sets it)
+int backward_threads = kThreads;  // the backward's block size under test (main sets it), and
+                                  // with it the forward's tiles (see kernels)
 
 template <typename T>
 struct Result {
@@ -116,8 +117,19 @@ Result<T> kernels(const Net<T>& n, const std::vector<T>& g, bool no_proj, int no
     a.out[q] = outs[q].data();
   }
   const unsigned blocks = static_cast<unsigned>((s.rows + R - 1) / R);
+  // the forward's weight tiles: 64 bytes of a row with backward blocks of 256 (session 19's
+  // kernels), 128 with the others (session 29's)
+  const size_t tile_bytes = backward_threads == kThreads ? 64 : kTileRowBytes;
+  constexpr int narrow = static_cast<int>(64 / sizeof(T));
+  constexpr int wide = static_cast<int>(kTileRowBytes / sizeof(T));
   emu::launch(blocks, static_cast<unsigned>(s.networks * a.chunks), kThreads,
-              forward_shared(s, R, sizeof(T)), [&] { network_forward_kernel<T, R>(a); });
+              forward_shared(s, R, sizeof(T), tile_bytes), [&] {
+                if (tile_bytes == 64) {
+                  network_forward_kernel<T, R, narrow>(a);
+                } else {
+                  network_forward_kernel<T, R, wide>(a);
+                }
+              });
   Result<T> result;
   result.out = out_proj;
   for (const auto& o : outs) result.out.insert(result.out.end(), o.begin(), o.end());
@@ -262,7 +274,8 @@ void check(const char* name, int64_t rows, int64_t k, int64_t proj, int64_t netw
 }  // namespace
 
 int main() {
-  for (int threads : {kThreads, kNetBackwardThreads}) {  // the backward's blocks, both sizes
+  // session 19's kernels (backward blocks of 256, forward tiles of 64 bytes), then session 29's
+  for (int threads : {kThreads, kNetBackwardThreads}) {
   backward_threads = threads;
   // mlp's chains (no projection, one network): rows, k, 0, 1, first layer, further layers
   check<1>("one row 13-50-37 SiLU scaled", 1, 13, 0, 1, 50, {37}, 0, true, false, -1, 1);
