@@ -250,3 +250,31 @@ def test_emulation_settings_refuse_what_they_cannot_read(name, value, emulated_l
     )
     assert run.returncode != 0, run.stdout[-3000:]
     assert f"{name}='{value}' is not" in run.stdout, run.stdout[-3000:]
+
+
+def test_nvrtc_check_takes_the_marked_parts_and_reads_ptxas():
+    """scripts/nvrtc_check.py (a compile check of the kernels with NVRTC, no GPU): its source is
+    the .cu's marked parts with every network kernel instantiated as the launchers run them,
+    and it reads ptxas's report of registers and spills by kernel."""
+    spec = importlib.util.spec_from_file_location("nvrtc_check", ROOT / "scripts/nvrtc_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    source = check.device_source(SOURCE.read_text(), (SOURCE.parent / "packed_math.h").read_text())
+    assert emulated_parts(SOURCE.read_text()).strip()[:200] in source
+    for line in (
+        "template __global__ void network_forward_kernel<float, 4, 32>(NetArgs<float>);",
+        "template __global__ void network_forward_kernel<double, 8, 8>(NetArgs<double>);",
+        "template __global__ void network_backward_kernel<float, 2>(NetArgs<float>);",
+    ):
+        assert line in source
+    report = """ptxas info    : Compiling entry function '_ZN7tn_cuda22network_forward_kernelIfLi4ELi32EEEvNS_7NetArgsIT_EE' for 'sm_90a'
+ptxas info    : Function properties for _ZN7tn_cuda22network_forward_kernelIfLi4ELi32EEEvNS_7NetArgsIT_EE
+    16 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 1280 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN7tn_cuda21incidence_fill_kernelEPKllPll' for 'sm_90a'
+ptxas info    : Used 14 registers, 416 bytes cmem[0]
+"""  # noqa: E501
+    assert check.kernel_resources(report) == [
+        ("network_forward_kernel<f,4,32>", 128, 4),
+        ("incidence_fill_kernel", 14, 0),
+    ]

@@ -820,8 +820,11 @@ __device__ __forceinline__ void dense_backward(const T* __restrict__ w, int64_t 
 // layer's outputs this block makes (blockDim.x of them), the layers before it made by each.
 // Shared: the input rows (R x k), the first layer's activations of network n (R x first), two
 // hidden layers' (R x mid each), the warps' weight tiles.
+// (at most 128 registers a thread: two blocks to a multiprocessor. Unbounded, a block of 4 rows
+// with 32-column tiles took 166, so the radial networks' 232 blocks at alanine dipeptide's 231
+// pairs would have run in two waves; ptxas -v of NVRTC's PTX, scripts/nvrtc_check.py)
 template <typename T, int R, int KT>
-__global__ void network_forward_kernel(NetArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, 2) network_forward_kernel(NetArgs<T> a) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* xs = reinterpret_cast<T*>(shared_bytes);
   T* a0 = xs + R * a.k;
