@@ -54,15 +54,22 @@ typedef unsigned long size_t;
 """
 
 
-def device_source(cu: str, math: str) -> str:
-    """The .cu's marked parts after packed_math.h, in the kernels' namespace, with the network
-    kernels instantiated for every row count and tile the launchers use."""
+def marked_parts(cu: str) -> list[str]:
+    """The code between the .cu's emulation markers, in order (tests/test_cuda_emulation.py
+    emulates the same)."""
     parts, rest = [], cu
     while BEGIN in rest:
         start = rest.index(BEGIN) + len(BEGIN)
         stop = rest.index(END, start)
         parts.append(rest[start:stop])
         rest = rest[stop + len(END) :]
+    return parts
+
+
+def device_source(cu: str, math: str) -> str:
+    """The .cu's marked parts after packed_math.h, in the kernels' namespace, with the network
+    kernels instantiated for every row count and tile the launchers use."""
+    parts = marked_parts(cu)
     if not parts:
         raise SystemExit(f"no '{BEGIN}' marker in the source")
     instances = []

@@ -33,8 +33,6 @@ import pytest
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 SOURCE = HERE.parent / "tensornet_openmm" / "csrc" / "pair_ops_cuda.cu"
-BEGIN = "// ---- emulated on the CPU by tests/test_cuda_emulation.py: from here ----"
-END = "// ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----"
 
 # the emulated build's rewriting of the .cu (shared memory, launches, kernels' names)
 _spec = importlib.util.spec_from_file_location(
@@ -42,17 +40,15 @@ _spec = importlib.util.spec_from_file_location(
 )
 operators = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(operators)
+# the compile check with NVRTC, which reads the same marked parts
+_spec = importlib.util.spec_from_file_location("nvrtc_check", ROOT / "scripts" / "nvrtc_check.py")
+nvrtc_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(nvrtc_check)
 
 
 def emulated_parts(text: str) -> str:
     """The code between the markers of the .cu, in order."""
-    parts, rest = [], text
-    while BEGIN in rest:
-        start = rest.index(BEGIN) + len(BEGIN)
-        stop = rest.index(END, start)
-        parts.append(rest[start:stop])
-        rest = rest[stop + len(END) :]
-    return operators.SHARED.sub(operators.SHARED_EMULATED, "".join(parts))
+    return operators.SHARED.sub(operators.SHARED_EMULATED, "".join(nvrtc_check.marked_parts(text)))
 
 
 def test_the_marked_parts_hold_the_emulated_kernels():
@@ -256,9 +252,7 @@ def test_nvrtc_check_takes_the_marked_parts_and_reads_ptxas():
     """scripts/nvrtc_check.py (a compile check of the kernels with NVRTC, no GPU): its source is
     the .cu's marked parts with every network kernel instantiated as the launchers run them,
     and it reads ptxas's report of registers and spills by kernel."""
-    spec = importlib.util.spec_from_file_location("nvrtc_check", ROOT / "scripts/nvrtc_check.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = nvrtc_check
     source = check.device_source(SOURCE.read_text(), (SOURCE.parent / "packed_math.h").read_text())
     assert emulated_parts(SOURCE.read_text()).strip()[:200] in source
     for line in (
