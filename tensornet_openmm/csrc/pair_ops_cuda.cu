@@ -704,7 +704,7 @@ constexpr size_t kTileRowBytes = 128;
 
 // the bytes of shared memory a block of r rows takes (elements of ``bytes`` each), as the
 // kernels below lay it out, forward and backward
-size_t forward_shared(const NetShape& s, int r, size_t bytes, size_t tile_bytes = kTileRowBytes) {
+size_t forward_shared(const NetShape& s, int r, size_t bytes, size_t tile_bytes) {
   const int warps = kThreads / 32, kt = static_cast<int>(tile_bytes / bytes);
   return bytes * (r * (s.k + s.first + 2 * s.mid) + warps * kt * 33);
 }
@@ -1740,22 +1740,26 @@ size_t tile_bytes_setting() {
   return bytes;
 }
 
-// A backward block's threads: the setting's, or kThreads where a row's shared memory at that
-// setting would not fit (the widest networks in double)
-int backward_threads(const NetShape& s, size_t bytes) {
+// A block's threads: the forward's kThreads; the backward's setting, or kThreads where a row's
+// shared memory at that setting would not fit (the widest networks in double)
+int block_threads(const NetShape& s, bool backward, size_t bytes) {
+  if (!backward) return kThreads;
   const int threads = backward_threads_setting();
   return backward_shared(s, 1, bytes, threads) <= kNetworkShared ? threads : kThreads;
+}
+
+// the shared memory of a block of r rows, as launched
+size_t block_shared(const NetShape& s, int r, bool backward, size_t bytes) {
+  return backward ? backward_shared(s, r, bytes, block_threads(s, true, bytes))
+                  : forward_shared(s, r, bytes, tile_bytes_setting());
 }
 
 // Rows per block: the most (up to 8) that still give half the GPU's multiprocessors a block,
 // within the shared memory; 0 if not even one row fits.
 int rows_per_block(const NetShape& s, int64_t columns, bool backward, size_t bytes) {
   const int64_t sms = multiprocessors();
-  const int threads = backward ? backward_threads(s, bytes) : kThreads;
   for (int r : {8, 4, 2, 1}) {
-    const size_t shared = backward ? backward_shared(s, r, bytes, threads)
-                                   : forward_shared(s, r, bytes, tile_bytes_setting());
-    if (shared > kNetworkShared) continue;
+    if (block_shared(s, r, backward, bytes) > kNetworkShared) continue;
     if (r == 1 || (s.rows + r - 1) / r * columns >= (sms + 1) / 2) return r;
   }
   return 0;
@@ -1808,9 +1812,8 @@ void launch_network(const NetArgs<T>& a, bool backward, int64_t columns, size_t 
 template <typename T>
 void launch_network_rows(const NetArgs<T>& a, const NetShape& s, bool backward, int64_t columns) {
   const int r = rows_per_block(s, columns, backward, sizeof(T));
-  const int threads = backward ? backward_threads(s, sizeof(T)) : kThreads;
-  const size_t shared = backward ? backward_shared(s, r, sizeof(T), threads)
-                                 : forward_shared(s, r, sizeof(T), tile_bytes_setting());
+  const int threads = block_threads(s, backward, sizeof(T));
+  const size_t shared = block_shared(s, r, backward, sizeof(T));
   switch (r) {
     case 8: launch_network<T, 8>(a, backward, columns, shared, threads); break;
     case 4: launch_network<T, 4>(a, backward, columns, shared, threads); break;
