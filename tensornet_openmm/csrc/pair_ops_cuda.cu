@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -1711,32 +1712,36 @@ int64_t multiprocessors() {
   return counts[device];
 }
 
+// A launcher's setting, read from the environment: one of ``allowed`` (unset or empty: the
+// default); any other value is an error that names the variable, the value and the choices
+int64_t setting(const char* name, std::initializer_list<int64_t> allowed, int64_t fallback,
+                const char* what) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  const std::string text(v);
+  std::string choices;
+  for (const int64_t choice : allowed) {
+    if (text == std::to_string(choice)) return choice;
+    choices += (choices.empty() ? "" : ", ") + std::to_string(choice);
+  }
+  TORCH_CHECK(false, name, "='", text, "' is not ", what, ": give one of ", choices,
+              ", or leave it unset for ", fallback);
+  return fallback;  // (not reached: TORCH_CHECK throws)
+}
+
 // TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS: 256, 512 or 1024 (the default, kNetBackwardThreads)
 int backward_threads_setting() {
-  static const int threads = [] {
-    const char* v = std::getenv("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS");
-    if (v == nullptr || *v == '\0') return kNetBackwardThreads;
-    const std::string text(v);
-    TORCH_CHECK(text == "256" || text == "512" || text == "1024",
-                "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS='", text,
-                "' is not a block size of the small networks' backward: give 256, 512 or 1024, "
-                "or leave it unset for ", kNetBackwardThreads);
-    return std::stoi(text);
-  }();
+  static const int threads = static_cast<int>(
+      setting("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS", {256, 512, 1024}, kNetBackwardThreads,
+              "a block size of the small networks' backward"));
   return threads;
 }
 
 // TENSORNET_OPENMM_NETWORK_TILE_BYTES: 64 or 128 (the default, kTileRowBytes)
 size_t tile_bytes_setting() {
-  static const size_t bytes = [] {
-    const char* v = std::getenv("TENSORNET_OPENMM_NETWORK_TILE_BYTES");
-    if (v == nullptr || *v == '\0') return kTileRowBytes;
-    const std::string text(v);
-    TORCH_CHECK(text == "64" || text == "128", "TENSORNET_OPENMM_NETWORK_TILE_BYTES='", text,
-                "' is not a width of the small networks' weight tiles: give 64 or 128, or leave "
-                "it unset for ", kTileRowBytes);
-    return static_cast<size_t>(std::stoi(text));
-  }();
+  static const size_t bytes = static_cast<size_t>(
+      setting("TENSORNET_OPENMM_NETWORK_TILE_BYTES", {64, 128}, kTileRowBytes,
+              "a width of the small networks' weight tiles"));
   return bytes;
 }
 
