@@ -58,7 +58,7 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
     from tensornet_openmm.export import TensorNetForce, pair_capacity, script
     from tensornet_openmm.nn.kernels import wanted
 
-    topology, positions, _, ml_atoms = build_system(system_name)
+    topology, positions, _, ml_atoms = build_system(system_name, mm=False)
     atoms = list(ml_atoms) if ml_atoms is not None else list(range(topology.getNumAtoms()))
     z_all = [a.element.atomic_number for a in topology.atoms()]
     z = [z_all[i] for i in atoms]

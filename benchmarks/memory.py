@@ -107,7 +107,7 @@ def measure(size: int, routes: list[str], checkpoint: Path, device: torch.device
 
     import tensornet_openmm as tn
 
-    topology, positions, _, _ = build_system(f"water-{size}")
+    topology, positions, _, _ = build_system(f"water-{size}", mm=False)
     z = [a.element.atomic_number for a in topology.atoms()]
     pos = torch.tensor(positions.value_in_unit(u.nanometer), dtype=torch.float32, device=device)
     vectors = topology.getPeriodicBoxVectors().value_in_unit(u.nanometer)

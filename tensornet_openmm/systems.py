@@ -95,8 +95,12 @@ def create_ml_system(
     atoms = list(range(topology.getNumAtoms()))
     numbers = _atomic_numbers(topology, atoms)
     system = openmm.System()
+    daltons = {}  # each element's mass once: units cost microseconds a particle
     for atom in topology.atoms():
-        system.addParticle(atom.element.mass)
+        mass = daltons.get(atom.element)
+        if mass is None:
+            mass = daltons[atom.element] = atom.element.mass.value_in_unit(u.dalton)
+        system.addParticle(mass)
     box = _box_nm(topology)
     if box is not None:
         system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])

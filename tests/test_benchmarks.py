@@ -305,6 +305,38 @@ def test_csv_keeps_the_rows_of_a_run_stopped_midway(tmp_path, monkeypatch):
         assert [row["error"] for row in csv.DictReader(handle)] == ["first round"]
 
 
+def test_a_tiled_water_box_is_the_small_box_copied_with_its_bonds_and_system():
+    """Boxes above TILE_ABOVE atoms are a small openmmtools box repeated k^3 times: every copy's
+    atoms, bonds and positions are the small box's (shifted by whole box edges), the MM System
+    (TIP3P, rigid water) only when asked for."""
+    import numpy as np
+    import openmm.unit as u
+
+    size = bench_md.TILE_ABOVE + 1000  # two copies a side
+    topology, positions, system, ml_atoms = bench_md.build_system(f"water-{size}")
+    small, small_positions, _, _ = bench_md.build_system(f"water-{size // 8}")
+    n = small.getNumAtoms()
+    assert ml_atoms is None and topology.getNumAtoms() == 8 * n
+    assert topology.getNumBonds() == 8 * small.getNumBonds() == 8 * 2 * n // 3
+    for a, b in topology.bonds():  # each water's O-H bonds, within its residue and copy
+        assert a.residue is b.residue and {a.element.symbol, b.element.symbol} == {"O", "H"}
+        assert a.index // n == b.index // n
+    names = [(a.name, a.residue.name) for a in topology.atoms()]
+    assert names == 8 * [(a.name, a.residue.name) for a in small.atoms()]
+    xyz = np.asarray(positions.value_in_unit(u.nanometer)).reshape(8, n, 3)
+    base = np.asarray(small_positions.value_in_unit(u.nanometer))
+    edge = np.asarray(small.getPeriodicBoxVectors().value_in_unit(u.nanometer)).diagonal()
+    shifts = (xyz - base) / edge
+    assert np.allclose(shifts, np.round(shifts), atol=1e-9)
+    assert {tuple(s) for s in np.round(shifts[:, 0]).astype(int)} == {
+        (i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)
+    }
+    big_edge = topology.getPeriodicBoxVectors().value_in_unit(u.nanometer)
+    assert np.allclose(np.asarray(big_edge).diagonal(), 2 * edge)
+    assert system.getNumParticles() == 8 * n and system.getNumConstraints() == 8 * n
+    assert bench_md.build_system(f"water-{size}", mm=False)[2] is None
+
+
 def test_graph_nodes_reads_a_cuda_graph_dump():
     """profile_step's summary of a CUDA graph's DOT dump: node count and kernel names (cut at
     their template arguments; anonymous namespaces kept)."""
