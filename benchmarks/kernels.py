@@ -10,7 +10,8 @@ gradient), after warm-up, under torch.profiler:
   sizing from the starting positions); ``ours-dynamic``: the exact dynamic pair list, as without
   graphs; ``ours-lowmem``: fixed capacity with ``low_memory=True``; ``ours-pytorch``: fixed
   capacity without the fused kernels (plain PyTorch); ``ours-tables``: fixed capacity with radial
-  tables (``radial_tables=True``);
+  tables (``radial_tables=True``); ``ours-dynamic-tables``: the dynamic list with radial tables
+  (as a large box runs them, without graphs);
 - ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 slots), if it is installed.
 
     python benchmarks/kernels.py --checkpoint CKPT [--systems ala2 water-5000] [--platform CUDA]
@@ -76,7 +77,7 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
             except ImportError:
                 continue
         else:
-            fixed = route != "ours-dynamic"
+            fixed = route not in ("ours-dynamic", "ours-dynamic-tables")
             module = script(
                 TensorNetForce(
                     model, z, periodic=periodic, capacity=capacity if fixed else -1,
@@ -84,7 +85,7 @@ def modules(system_name: str, checkpoint: Path, device: torch.device, routes: li
                     fixed_on_cpu=fixed, low_memory=route == "ours-lowmem",
                     outputs_forces=True,  # as create_force
                     fused_kernels=wanted() and route != "ours-pytorch",  # as create_force
-                    radial_tables=1e-6 if route == "ours-tables" else None,
+                    radial_tables=1e-6 if route.endswith("-tables") else None,
                 )
             )  # fmt: skip
         if device.type == "cpu":  # the channel mixing as a GPU runs it (FusedPairKernels.mix)
@@ -237,7 +238,8 @@ def main(argv=None):
     parser.add_argument("--systems", nargs="+", type=known_system, default=["ala2", "water-5000"])
     parser.add_argument("--routes", nargs="+", default=["ours", "ours-dynamic", "reference"],
                         choices=["ours", "ours-dynamic", "ours-lowmem", "ours-pytorch",
-                                 "ours-tables", "reference"])  # fmt: skip
+                                 "ours-tables", "ours-dynamic-tables", "reference"],
+                        )  # fmt: skip
     parser.add_argument("--platform", default="CUDA" if torch.cuda.is_available() else "CPU")
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--top", type=int, default=12)

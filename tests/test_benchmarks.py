@@ -137,10 +137,10 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
     kernels = pytest.importorskip("kernels")
     checkpoint, _ = bench_md.make_checkpoint(tmp_path, channels=16, layers=1, rbf=8, cutoff=5.0)
     kernels.main(["--checkpoint", str(checkpoint), "--systems", "ala2", "--platform", "CPU",
-                  "--routes", "ours", "ours-lowmem", "ours-tables", "reference", "--calls",
-                  "2"])  # fmt: skip
+                  "--routes", "ours", "ours-lowmem", "ours-tables", "ours-dynamic-tables",
+                  "reference", "--calls", "2"])  # fmt: skip
     out = capsys.readouterr().out
-    routes = ("ours", "ours-lowmem", "ours-tables", "reference")
+    routes = ("ours", "ours-lowmem", "ours-tables", "ours-dynamic-tables", "reference")
     for route in routes:
         assert f"ala2 {route}: " in out
     counts = {
@@ -157,7 +157,7 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
 
     events = {}
     for route, module, pos, box in kernels.modules(
-        "ala2", checkpoint, torch.device("cpu"), ["ours", "ours-tables"]
+        "ala2", checkpoint, torch.device("cpu"), ["ours", "ours-tables", "ours-dynamic-tables"]
     ):
         events[route] = kernels.profile_calls(module, pos, box, torch.device("cpu"), 1)
         assert not set(events[route]) & kernels.NO_LAUNCH
@@ -170,6 +170,10 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
         # networks, each layer's table read instead
         assert events["ours"][small][0] == 3 and events["ours-tables"][small][0] == 2
         assert "tensornet_openmm::radial_table" in events["ours-tables"]
+        # the dynamic list's tables: the pair search each call, and no network over the pairs
+        dynamic = events["ours-dynamic-tables"]
+        assert "tensornet_openmm::pair_search" in dynamic and dynamic[small][0] == 2
+        assert "tensornet_openmm::pair_search" not in events["ours-tables"]
 
 
 def test_interleaved_routes_take_turns_in_one_run(tmp_path, capsys):

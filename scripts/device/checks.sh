@@ -6,13 +6,16 @@
 #
 #   STAGE    carry                    what it runs                                            about
 #   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; the GPU tests; ours on   5 min
-#                                     alanine dipeptide and a 5,000-atom box, graphs on/off
+#                                     alanine dipeptide and a 5,000-atom box, graphs on/off;
+#                                     then the box stage in what is left of the call (until
+#                                     UNTIL_S, 540 s unless given)                          +1.5 min
 #   (none)   .dev/warp2               a bare call (`true`): warp's second part arrives        0.5 min
 #   compare  .dev/warp3               the targets: ours (exact, tables) against the reference 5 min
 #                                     and PythonForce, same run, each route as it runs best
-#                                     (--graphs best); then the box stage in what is left of
-#                                     the call (until UNTIL_S, 540 s unless given)           +4 min
-#   box      (none)                   ours low_memory on a 600,000-atom box within 80 GB     4 min
+#                                     (--graphs best); then, until UNTIL_S, each kernel's
+#                                     time in a force call of the 4,866-atom box (kernels.py),
+#                                     ours and tables                                        +1 min
+#   box      (none)                   ours low_memory on a 600,000-atom box within 80 GB     1.5 min
 #                                     (the largest-box target, not yet measured), until
 #                                     UNTIL_S; --progress: a box cut short says how far it got
 #   -- only with device time left after compare --
@@ -36,12 +39,13 @@
 # TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the later stages' commands with them.
 #
 # A session has 15 minutes of device time, the machine's start (1-3 minutes) included, so the
-# order is what matters most first: tests, warp2 and compare's targets take about 12 minutes
-# with the start (on the H200, 2026-11-28: 390 s for the first call, start included, then 7 s,
-# then compare's bench about 240 s), and the 600,000-atom box comes last (a run cut by the
-# session's device time still returns what it wrote, and compare.csv is written before the box
-# starts). Give the compare call a timeout_s of 600 or what is left, and UNTIL_S=<that less 40>
-# before `bash` (the stack's set-up comes before this script's clock starts). Call them back to
+# order is what matters most first: tests (with the box), warp2 and compare's targets take
+# about 13 minutes with the start (on the H200, 2026-11-28: 390 s for the first call, start
+# included, then 7 s, then compare's bench about 240 s). The box's set-up takes about 20 s
+# since session 30 (it was about two minutes: the tiled box's bonds and the module's stored
+# species terms), so it ends the tests call; a run cut by the call's limit still returns what
+# it wrote. Give each call a timeout_s (600 or what is left) and UNTIL_S=<that less 40> before
+# `bash` (the stack's set-up comes before this script's clock starts). Call them back to
 # back: a machine is given back 30 s after a call ends, and the warp parts collect in its /tmp.
 # Logs and CSVs go to $OUT (the device tool's output folder, at most 8 files come back: the
 # stages write few).
@@ -73,6 +77,9 @@ print('kernels:', kernels.description() or 'none')" >"$out/build.log" 2>&1
         --routes ours --graphs both --seconds 1.5 --timeout 40 \
         --csv "$out/tests.csv" >"$out/tests.log" 2>&1
     grep -E "^CUDA " "$out/tests.log" | cut -c1-120
+    # then the largest box, in what is left of this call
+    UNTIL_S=$((until - SECONDS)) bash "$0" box
+    exit
     ;;
 compare)
     grep -i "warp" "$out/stack.log"
@@ -85,18 +92,22 @@ compare)
         --timeout 80 --csv "$out/compare.csv" >"$out/compare.log" 2>&1
     echo "compare: benchmark rc=$?"
     tail -12 "$out/compare.log" | cut -c1-170
-    # then the box stage in what is left of this call. Last in the lease's order: a lease whose
-    # minutes run out here has its target ratios already written (compare.csv). Sessions 26-27
-    # ran it in the tests stage, before compare, which then no longer fitted in 15 minutes; on
-    # the H200 (2026-11-28) the call's timeout cut it before its first row, and its log was
-    # empty: hence --progress
-    UNTIL_S=$((until - SECONDS)) bash "$0" box
-    exit
+    # then where the 4,866-atom step goes, kernel by kernel (no lease has timed the box's
+    # kernels since the fused ones: on the H200, 2026-11-28, ours took 11.08 ms a step without
+    # graphs and 7.73 with radial tables, so 7 ms or more are outside the radial networks)
+    left=$((until - SECONDS))
+    if [ "$left" -gt 40 ]; then
+        timeout "$left" python3 benchmarks/kernels.py --checkpoint \
+            /tmp/tensornet-dev/tensornet.ckpt --systems water-5000 --routes ours-dynamic \
+            ours-dynamic-tables --top 30 >"$out/water_kernels.log" 2>&1
+        grep -E "per call" "$out/water_kernels.log"
+    fi
     ;;
 box)
     # the largest-box target (20x the reference's 28,872 atoms of an earlier lease: 577,440):
-    # ours low_memory at 600,000 atoms within 80 GB, until UNTIL_S (the box's build about 9 s
-    # per 100,000 atoms); each stage of the case in box.log as it happens (--progress)
+    # ours low_memory at 600,000 atoms within 80 GB, until UNTIL_S (on the 2-core CPU of the
+    # sessions: built in 4 s, its System in 11 s); each stage of the case in box.log as it
+    # happens (--progress: on the H200, 2026-11-28, a box cut short left an empty log)
     left=$((until - SECONDS))
     if [ "$left" -gt 90 ]; then
         timeout "$left" "${bench[@]}" --systems water --water-sizes 600000 \
