@@ -68,7 +68,7 @@ def marked_parts(cu: str) -> list[str]:
 
 def device_source(cu: str, math: str) -> str:
     """The .cu's marked parts after packed_math.h, in the kernels' namespace, with the network
-    kernels instantiated for every row count and tile the launchers use."""
+    kernels instantiated for every row count and tile the launchers use, and the small mix."""
     parts = marked_parts(cu)
     if not parts:
         raise SystemExit(f"no '{BEGIN}' marker in the source")
@@ -83,6 +83,9 @@ def device_source(cu: str, math: str) -> str:
     body = "".join(parts)
     if "network_forward_kernel" not in body:
         instances = []
+    if "small_mix_kernel" in body:  # the channel mixing of a few atoms
+        instances += [f"template __global__ void small_mix_kernel<{t}>(MixArgs<{t}>);"
+                      for t in ("float", "double")]  # fmt: skip
     return (PRELUDE + math + "\nnamespace tn_cuda {\n" + body + "\n" + "\n".join(instances)
             + "\n}  // namespace tn_cuda\n")  # fmt: skip
 

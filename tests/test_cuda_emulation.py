@@ -48,7 +48,7 @@ _spec.loader.exec_module(nvrtc_check)
 
 def emulated_parts(text: str) -> str:
     """The code between the markers of the .cu, in order."""
-    return operators.SHARED.sub(operators.SHARED_EMULATED, "".join(nvrtc_check.marked_parts(text)))
+    return operators.emulated_shared("".join(nvrtc_check.marked_parts(text)))
 
 
 def test_the_marked_parts_hold_the_emulated_kernels():
@@ -73,6 +73,7 @@ def test_the_marked_parts_hold_the_emulated_kernels():
         "incidence_rank_kernel",
         "part_norms_grad_kernel",
         "activate_scaled_grad_kernel",
+        "small_mix_kernel",
     ):
         assert name in code
     assert "shared_bytes = emu::shared()" in code

@@ -678,6 +678,38 @@ def test_small_network_kernels_on_cuda_equal_cpu(dtype):
         assert "network_forward_kernel" in names and "network_backward_kernel" in names, case
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_mix_kernel_on_cuda_equals_cpu(dtype):
+    """component_mix of at most 512 atoms runs as small_mix_kernel (pair_ops_cuda.cu) each way,
+    of more as cuBLAS's batched product, and both give the CPU's values and the gradient of p
+    (float64: to 1e-12; float32: to its rounding), for tiles cut short in atoms, inputs and
+    outputs, and the weights both as the model passes them (a transposed view) and contiguous."""
+    cuda_kernels()
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+    g = torch.Generator().manual_seed(11)
+    op = torch.ops.tensornet_openmm.component_mix
+    for atoms, f_in, f_out, transposed in ((22, 128, 128, True), (45, 20, 7, False),
+                                            (300, 70, 33, True), (600, 16, 16, False)):  # fmt: skip
+        p = torch.randn(atoms, 10, f_in, generator=g, dtype=torch.float64)
+        w = torch.randn(10, f_out, f_in, generator=g, dtype=torch.float64).transpose(1, 2)
+        w = w if transposed else w.contiguous()
+        seed = torch.randn(atoms, 10, f_out, generator=g, dtype=torch.float64)
+        expected_p = p.clone().requires_grad_(True)
+        expected = op(expected_p, w)
+        (expected_grad,) = torch.autograd.grad(expected, expected_p, seed)
+        got_p = p.to("cuda", dtype).requires_grad_(True)
+        got = []
+
+        def run(got_p=got_p, w=w, seed=seed, got=got):
+            out = op(got_p, w.to("cuda", dtype))
+            got.extend([out, *torch.autograd.grad(out, got_p, seed.to("cuda", dtype))])
+
+        names = _cuda_kernel_names(run)
+        assert ("small_mix_kernel" in names) == (atoms <= 512), (atoms, names)
+        for a, e in zip(got, (expected, expected_grad), strict=True):
+            torch.testing.assert_close(a.double().cpu(), e.detach(), **tol, msg=f"{atoms} atoms")
+
+
 @pytest.mark.parametrize("half", [True, False])
 def test_message_filter_grad_on_cuda_equals_cpu(half):
     """The low-memory forces' message_filter_grad (no autograd of its own) on the GPU equals the

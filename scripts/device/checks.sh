@@ -24,17 +24,19 @@
 #   profile  (none)                   the 22- and 4,866-atom steps' pieces and a PyTorch      4 min
 #                                     graph replay (profile_step); kernels per force call,
 #                                     ours and the reference (kernels.py)
-#   networks (none)                   the 22-atom step with the small-network kernels as      4 min
+#   networks (none)                   the 22-atom step with the small-network kernels as      5 min
 #                                     session 29 left them, with the backward as before,
 #                                     with both as before, and without them
-#                                     (TENSORNET_OPENMM_SMALL_NETWORKS=0: cuBLAS), ours and
-#                                     tables, graphs on; each setting's kernel times
+#                                     (TENSORNET_OPENMM_SMALL_NETWORKS=0: cuBLAS), and the
+#                                     channel mixing through cuBLAS (..._SMALL_MIX=0), ours
+#                                     and tables, graphs on; each setting's kernel times
 #   sums     (none)                   the 4,866-atom step with the gathered pair sums and     2 min
 #                                     without (TENSORNET_OPENMM_GATHER_SUMS=0: atomic adds),
 #                                     ours, graphs off
 #
 # If a stage's GPU tests fail: TENSORNET_OPENMM_SMALL_NETWORKS=0 runs the networks through
 # cuBLAS again (the small-network kernels off, the other fused kernels on),
+# TENSORNET_OPENMM_SMALL_MIX=0 a small molecule's channel mixing,
 # TENSORNET_OPENMM_GATHER_SUMS=0 the long lists' pair sums through atomic adds again, and
 # TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the later stages' commands with them.
 #
@@ -152,11 +154,13 @@ networks)
     # in blocks of 256, both as before (256, 64 bytes), and cuBLAS with an activation kernel per
     # layer instead (at b7b30d5 the networks' products and cuBLAS's helpers were 56 of 203
     # kernels, 0.22 ms); on the H200 (2026-11-28) exact and tables differed by 0.18 ms a step at
-    # 22 atoms, the radial networks' kernels. In turns, each setting in fresh processes
+    # 22 atoms, the radial networks' kernels. Last, the channel mixing through cuBLAS's batched
+    # product instead of small_mix_kernel (session 30). In turns, each setting in fresh processes
     settings=("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=1024"
               "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256"
               "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256 TENSORNET_OPENMM_NETWORK_TILE_BYTES=64"
-              "TENSORNET_OPENMM_SMALL_NETWORKS=0")
+              "TENSORNET_OPENMM_SMALL_NETWORKS=0"
+              "TENSORNET_OPENMM_SMALL_MIX=0")
     for round in 1 2; do
         for setting in "${settings[@]}"; do
             echo "== round $round, $setting" >>"$out/networks.log"

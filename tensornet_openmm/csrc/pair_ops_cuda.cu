@@ -1120,6 +1120,77 @@ __global__ void pair_padding_kernel(const int64_t* __restrict__ ends, int64_t at
   shift[3 * k + 1] = shift[3 * k + 2] = T(0);
 }
 
+// ---- Channel mixing of a few atoms (component_mix) ---------------------------------------------
+// out[n, c, o] = sum_k p[n, c, k] w[c, k, o] for packed p (atoms, 10, f_in) and one weight per
+// component, w (10, f_in, f_out) at any strides (the backward's is the forward's transposed).
+// cuBLAS's batched product of a small molecule (alanine dipeptide: 10 products of 22 x 128 by
+// 128 x 128) took about 5 us a call on the H100 (2026-11-26), ten calls a step: a tile of 32
+// outputs by 32 atoms per block, kMixK inputs a stage, is some 40 blocks of a few hundred
+// multiply-adds a thread. Atoms up to kSmallMixAtoms (the launcher's rule); above, cuBLAS.
+constexpr int kMixOut = 32;                         // a block's outputs: a warp's lanes
+constexpr int kMixAtoms = 32;                       // a block's atoms: each warp every 8th
+constexpr int kMixK = 64;                           // the inputs of a stage
+constexpr int kMixWeightTile = kMixK * (kMixOut + 1);  // (padded against bank conflicts)
+constexpr int kMixInputTile = kMixAtoms * (kMixK + 1);
+
+template <typename T>
+struct MixArgs {
+  const T* p = nullptr;  // (atoms, 10, f_in), contiguous
+  const T* w = nullptr;  // w[c, k, o] at c * ws_c + k * ws_k + o * ws_o
+  T* out = nullptr;      // (atoms, 10, f_out), contiguous
+  int64_t atoms = 0, f_in = 0, f_out = 0, ws_c = 0, ws_k = 0, ws_o = 0;
+};
+
+// block (32 atoms times 10 components, 32 outputs), kThreads threads: lane = output, warp =
+// the atoms warp, warp + 8, ... of the block's
+template <typename T>
+__global__ void small_mix_kernel(MixArgs<T> a) {
+  __shared__ T ws[kMixWeightTile];
+  __shared__ T ps[kMixInputTile];
+  const int c = static_cast<int>(blockIdx.x % kComps);
+  const int64_t o0 = blockIdx.y * int64_t(kMixOut);
+  const int64_t n0 = (blockIdx.x / kComps) * int64_t(kMixAtoms);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  constexpr int kWarps = kThreads / 32, kPerThread = kMixAtoms / kWarps;  // (launched so)
+  // the weights' tile read along their unit stride (the forward's inputs, the backward's
+  // outputs), so that neighbouring threads read neighbouring addresses
+  const bool inputs_fastest = a.ws_k < a.ws_o;
+  T acc[kPerThread];
+#pragma unroll
+  for (int m = 0; m < kPerThread; ++m) acc[m] = T(0);
+  for (int64_t k0 = 0; k0 < a.f_in; k0 += kMixK) {
+    for (int e = threadIdx.x; e < kMixK * kMixOut; e += blockDim.x) {
+      const int kk = inputs_fastest ? e % kMixK : e / kMixOut;
+      const int oo = inputs_fastest ? e / kMixK : e % kMixOut;
+      const int64_t k = k0 + kk, o = o0 + oo;
+      ws[kk * (kMixOut + 1) + oo] =
+          k < a.f_in && o < a.f_out ? a.w[c * a.ws_c + k * a.ws_k + o * a.ws_o] : T(0);
+    }
+    for (int e = threadIdx.x; e < kMixAtoms * kMixK; e += blockDim.x) {
+      const int nn = e / kMixK, kk = e % kMixK;
+      const int64_t n = n0 + nn, k = k0 + kk;
+      ps[nn * (kMixK + 1) + kk] = n < a.atoms && k < a.f_in ? a.p[(n * kComps + c) * a.f_in + k]
+                                                            : T(0);
+    }
+    __syncthreads();
+    for (int kk = 0; kk < kMixK; ++kk) {
+      const T wk = ws[kk * (kMixOut + 1) + lane];
+#pragma unroll
+      for (int m = 0; m < kPerThread; ++m) {
+        acc[m] += ps[(warp + kWarps * m) * (kMixK + 1) + kk] * wk;
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t o = o0 + lane;
+  if (o >= a.f_out) return;
+#pragma unroll
+  for (int m = 0; m < kPerThread; ++m) {
+    const int64_t n = n0 + warp + kWarps * m;
+    if (n < a.atoms) a.out[(n * kComps + c) * a.f_out + o] = acc[m];
+  }
+}
+
 // ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----
 
 template <typename T>
@@ -1898,6 +1969,54 @@ void network_backward(const at::Tensor& scale_in, const at::Tensor& w0, int64_t 
     a.g_scale = g_scale.defined() ? g_scale.data_ptr<scalar_t>() : nullptr;
     launch_network_rows(a, s, true, 1);
   });
+}
+
+// ---- Channel mixing of a few atoms: launcher ---------------------------------------------------
+namespace {
+constexpr int64_t kSmallMixAtoms = 512;  // (cuBLAS's tiles fill the GPU from a few thousand)
+
+bool small_mix_enabled() {  // TENSORNET_OPENMM_SMALL_MIX=0: cuBLAS's batched product instead
+  static const bool enabled = [] {
+    const char* v = std::getenv("TENSORNET_OPENMM_SMALL_MIX");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled;
+}
+}  // namespace
+
+// Whether component_mix of p (atoms, 10, F) runs as small_mix_kernel: CUDA, float or double,
+// at most kSmallMixAtoms atoms (a small molecule, whose products are latency-bound)
+bool small_mix(const at::Tensor& p) {
+  return p.is_cuda() && small_mix_enabled() && p.dim() == 3 && p.size(0) <= kSmallMixAtoms &&
+         (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble);
+}
+
+// out (atoms, 10, w.size(2)) with out[:, c] = p[:, c] @ w[c]: w any (10, F, F') view
+at::Tensor mix(const at::Tensor& p_in, const at::Tensor& w) {
+  const c10::cuda::CUDAGuard guard(p_in.device());
+  const at::Tensor p = p_in.contiguous();
+  const int64_t atoms = p.size(0), f_in = p.size(2), f_out = w.size(2);
+  at::Tensor out = at::empty({atoms, kComps, f_out}, p.options());
+  if (atoms == 0 || f_out == 0) return out;
+  const int64_t atom_blocks = (atoms + kMixAtoms - 1) / kMixAtoms;
+  const dim3 grid(static_cast<unsigned>(kComps * atom_blocks),
+                  static_cast<unsigned>((f_out + kMixOut - 1) / kMixOut));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tensornet_openmm_mix_cuda", [&] {
+    MixArgs<scalar_t> a;
+    a.p = p.data_ptr<scalar_t>();
+    a.w = w.data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>();
+    a.atoms = atoms;
+    a.f_in = f_in;
+    a.f_out = f_out;
+    a.ws_c = w.stride(0);
+    a.ws_k = w.stride(1);
+    a.ws_o = w.stride(2);
+    small_mix_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(a);
+  });
+  check_launch();
+  return out;
 }
 
 at::Tensor pair_difference(const at::Tensor& pos, const at::Tensor& src, const at::Tensor& dst,

@@ -32,6 +32,14 @@ SHARED_EMULATED = "unsigned char* shared_bytes = emu::shared();"
 STATIC_SHARED = re.compile(r"__shared__ (\w+) (\w+)\[(\w+)\];")
 """A static shared array, ``__shared__ T name[n];``."""
 
+
+def emulated_shared(code: str) -> str:
+    """``code`` with its shared memory as emulate.h gives it: the dynamic (``emu::shared()``)
+    and each static array (``emu::static_shared``)."""
+    code = SHARED.sub(SHARED_EMULATED, code)
+    return STATIC_SHARED.sub(r"\1* \2 = emu::static_shared<\1>(\3);", code)
+
+
 CUDA_INCLUDES = re.compile(r"#include <(cuda_runtime\.h|c10/cuda/[A-Za-z]+\.h)>\n")
 GATHER_WORK = "constexpr int64_t kGatherWork = int64_t(1) << 21;"
 BARRIERS = ("__syncthreads", "__syncwarp", "__shfl", "__ballot", "shared_bytes")
@@ -158,8 +166,7 @@ def emulated_sources() -> dict[str, str]:
             "pair_ops_cuda.cu's CUDA includes or kGatherWork changed: mend operators.py"
         )
     cu = cu.replace(GATHER_WORK, "#define kGatherWork (emu::gather_work(int64_t(1) << 21))")
-    cu = SHARED.sub(SHARED_EMULATED, cu)
-    cu = '#include "cuda_host.h"\n' + STATIC_SHARED.sub(r"\1* \2 = emu::static_shared<\1>(\3);", cu)
+    cu = '#include "cuda_host.h"\n' + emulated_shared(cu)
     cu += '\nextern "C" const char* tn_emulated_launches() { return emu::launch_report(); }\n'
     return {
         "pair_ops.cpp": cpp.replace(".is_cuda()", ".is_cpu()"),
