@@ -24,7 +24,7 @@
 #   profile  (none)                   the 22- and 4,866-atom steps' pieces and a PyTorch      4 min
 #                                     graph replay (profile_step); kernels per force call,
 #                                     ours and the reference (kernels.py)
-#   networks (none)                   the 22-atom step with the small-network kernels as      5 min
+#   networks (none)                   the 22-atom step with the small-network kernels as      4 min
 #                                     session 29 left them, with the backward as before,
 #                                     with both as before, and without them
 #                                     (TENSORNET_OPENMM_SMALL_NETWORKS=0: cuBLAS), and the
@@ -155,20 +155,19 @@ networks)
     # layer instead (at b7b30d5 the networks' products and cuBLAS's helpers were 56 of 203
     # kernels, 0.22 ms); on the H200 (2026-11-28) exact and tables differed by 0.18 ms a step at
     # 22 atoms, the radial networks' kernels. Last, the channel mixing through cuBLAS's batched
-    # product instead of small_mix_kernel (session 30). In turns, each setting in fresh processes
+    # product instead of small_mix_kernel (session 30). Each setting in a fresh process, one
+    # round (five settings: two rounds and the kernel times took more than 6 minutes)
     settings=("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=1024"
               "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256"
               "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256 TENSORNET_OPENMM_NETWORK_TILE_BYTES=64"
               "TENSORNET_OPENMM_SMALL_NETWORKS=0"
               "TENSORNET_OPENMM_SMALL_MIX=0")
-    for round in 1 2; do
-        for setting in "${settings[@]}"; do
-            echo "== round $round, $setting" >>"$out/networks.log"
-            # shellcheck disable=SC2086  # (a setting may be two variables)
-            env $setting timeout 60 "${bench[@]}" --systems ala2 --routes ours ours-tables \
-                --graphs on --seconds 1.5 --timeout 40 >>"$out/networks.log" 2>&1
-            grep "^CUDA .*ala2" "$out/networks.log" | tail -2 | cut -c1-120
-        done
+    for setting in "${settings[@]}"; do
+        echo "== $setting" >>"$out/networks.log"
+        # shellcheck disable=SC2086  # (a setting may be two variables)
+        env $setting timeout 60 "${bench[@]}" --systems ala2 --routes ours ours-tables \
+            --graphs on --seconds 1.5 --timeout 40 >>"$out/networks.log" 2>&1
+        grep "^CUDA .*ala2" "$out/networks.log" | tail -2 | cut -c1-120
     done
     # each kernel's own time per force call, by setting (the network kernels' lines)
     for setting in "${settings[@]}"; do
@@ -176,9 +175,9 @@ networks)
         # shellcheck disable=SC2086
         env $setting timeout 50 python3 benchmarks/kernels.py \
             --checkpoint /tmp/tensornet-dev/tensornet.ckpt --systems ala2 --routes ours \
-            --top 12 >>"$out/networks_kernels.log" 2>&1
+            --top 60 >>"$out/networks_kernels.log" 2>&1
     done
-    grep -E "^==|per call|network|gemm|Kernel" "$out/networks_kernels.log" | cut -c1-120
+    grep -E "^==|per call|network|gemm|Kernel|mix" "$out/networks_kernels.log" | cut -c1-120
     ;;
 sums)
     # session 20's gathered pair sums (no atomic adds, from 2^21 pairs x channels) against the
