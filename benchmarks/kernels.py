@@ -15,6 +15,7 @@ gradient), after warm-up, under torch.profiler:
 - ``reference``: TorchMD-Net 3.1.0's TensorNet (static shapes, 64 slots), if it is installed.
 
     python benchmarks/kernels.py --checkpoint CKPT [--systems ala2 water-5000] [--platform CUDA]
+        [--by-operator]  # on CUDA also: each operator of the CPU count, with its kernels' time
 
 On the CPU it counts the launches a GPU would make, for work on a machine without one: the
 operators called from the module or from autograd (not those inside another operator), less the
@@ -187,9 +188,28 @@ def _launches(events) -> list:
     return found
 
 
-def profile_calls(module, pos, box, device, calls: int):
+def _kernels_under(e) -> int:
+    """The device kernels ``e`` and the operators under it launched."""
+    return len(e.kernels) + sum(_kernels_under(child) for child in e.cpu_children)
+
+
+def operator_kernels(events, calls: int) -> dict[str, list[float]]:
+    """{operator: (kernels, device ms)} per call, from the CPU events of a profile that also
+    recorded CUDA: each operator of the CPU count (:func:`_launches`) with the kernels that it
+    and the operators under it launched."""
+    found: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in _launches(events):
+        found[e.name][0] += _kernels_under(e) / calls
+        found[e.name][1] += e.device_time_total / 1e3 / calls
+    return found
+
+
+def profile_calls(module, pos, box, device, calls: int, by_operator: bool = False):
     """Per call: events (kernels on CUDA; on the CPU the operators that would launch one, see
-    the module docstring) as {name: (count, ms)}."""
+    the module docstring) as {name: (count, ms)}. ``by_operator`` on CUDA: the operators of
+    the CPU count instead, each with the kernels it and the operators under it launched, and
+    their device time (where cuBLAS's and ATen's kernels come from: which operator a
+    ``gemm`` serves)."""
     from torch.profiler import ProfilerActivity, profile
 
     x = pos.to(torch.float32).requires_grad_(True)  # as OpenMM's mixed precision passes them
@@ -212,6 +232,8 @@ def profile_calls(module, pos, box, device, calls: int):
     for _ in range(5):  # profiling runs and optimisation of the TorchScript executor
         call()
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    if cuda and by_operator:
+        activities.append(ProfilerActivity.CPU)
     if cuda:
         torch.cuda.synchronize()
     with profile(activities=activities) as prof:
@@ -221,6 +243,8 @@ def profile_calls(module, pos, box, device, calls: int):
             torch.cuda.synchronize()
     torch.set_num_threads(threads)
     events: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    if cuda and by_operator:
+        return operator_kernels([e for e in prof.events() if e.device_type.name == "CPU"], calls)
     if cuda:
         chosen = [e for e in prof.events() if e.device_type.name == "CUDA"]
     else:
@@ -243,18 +267,27 @@ def main(argv=None):
     parser.add_argument("--platform", default="CUDA" if torch.cuda.is_available() else "CPU")
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument(
+        "--by-operator",
+        action="store_true",
+        help="on CUDA also: each operator's kernels and their device time",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.platform == "CUDA" else "cpu")
     what = "kernels" if device.type == "cuda" else "launches (counted on the CPU)"
     for name in args.systems:
         for route, module, pos, box in modules(name, args.checkpoint, device, args.routes):
-            events = profile_calls(module, pos, box, device, args.calls)
-            count = sum(c for c, _ in events.values())
-            total = sum(t for _, t in events.values())
-            print(f"\n{name} {route}: {count:.0f} {what} per call, {total:.3f} ms of them")
-            top = sorted(events.items(), key=lambda kv: -kv[1][1])[: args.top]
-            for event, (n, ms) in top:
-                print(f"  {ms:8.3f} ms {n:6.1f}x  {event[:100]}")
+            tables = [(what, profile_calls(module, pos, box, device, args.calls))]
+            if args.by_operator and device.type == "cuda":
+                operators = profile_calls(module, pos, box, device, args.calls, by_operator=True)
+                tables.append(("kernels, by the operator that launched them", operators))
+            for kind, events in tables:
+                count = sum(c for c, _ in events.values())
+                total = sum(t for _, t in events.values())
+                print(f"\n{name} {route}: {count:.0f} {kind} per call, {total:.3f} ms of them")
+                top = sorted(events.items(), key=lambda kv: -kv[1][1])[: args.top]
+                for event, (n, ms) in top:
+                    print(f"  {ms:8.3f} ms {n:6.1f}x  {event[:100]}")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,30 @@ def test_kernel_counts_cover_every_route(tmp_path, capsys):
         assert "tensornet_openmm::pair_search" not in events["ours-tables"]
 
 
+def test_kernels_by_operator_count_what_each_operator_launched():
+    """kernels.py --by-operator: the operators of the CPU count, each with the kernels that it
+    and the operators under it launched and their device time (on a GPU: which operator a
+    cuBLAS kernel serves). Fake profiler events: an operator of ours, an autograd node of ours
+    whose ATen product launches a gemm and a reduction, a view that launches nothing."""
+    from types import SimpleNamespace
+
+    kernels = pytest.importorskip("kernels")
+
+    def event(name, kernels_=0, device_us=0.0, children=()):
+        e = SimpleNamespace(name=name, kernels=[object()] * kernels_, cpu_parent=None,
+                            cpu_children=list(children), device_time_total=device_us)  # fmt: skip
+        for child in children:
+            child.cpu_parent = e
+        return e
+
+    mm = event("aten::mm", kernels_=2, device_us=30.0)
+    backward = event("torch::autograd::CppNode<(anonymous namespace)::Mlp>", 0, 30.0, [mm])
+    ours = event("tensornet_openmm::geometry", kernels_=1, device_us=8.0)
+    view = event("aten::view")
+    found = kernels.operator_kernels([ours, backward, mm, view], calls=2)
+    assert dict(found) == {"tensornet_openmm::geometry": [0.5, 0.004], "aten::mm": [1.0, 0.015]}
+
+
 def test_interleaved_routes_take_turns_in_one_run(tmp_path, capsys):
     """--interleave: the routes of a system set up side by side and time their blocks in turns;
     each row is the median over its blocks, with the same energy as a plain run. Blocks this

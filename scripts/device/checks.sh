@@ -8,7 +8,7 @@
 #   tests    .dev/base .dev/warp1     builds the fused CUDA kernels; the GPU tests; ours on   5 min
 #                                     alanine dipeptide and a 5,000-atom box, graphs on/off;
 #                                     then the box stage in what is left of the call (until
-#                                     UNTIL_S, 540 s unless given)                          +1.5 min
+#                                     UNTIL_S, 540 s unless given)                        +1.5 min
 #   (none)   .dev/warp2               a bare call (`true`): warp's second part arrives        0.5 min
 #   compare  .dev/warp3               the targets: ours (exact, tables) against the reference 5 min
 #                                     and PythonForce, same run, each route as it runs best
@@ -94,14 +94,15 @@ compare)
         --timeout 80 --csv "$out/compare.csv" >"$out/compare.log" 2>&1
     echo "compare: benchmark rc=$?"
     tail -12 "$out/compare.log" | cut -c1-170
-    # then where the 4,866-atom step goes, kernel by kernel (no lease has timed the box's
-    # kernels since the fused ones: on the H200, 2026-11-28, ours took 11.08 ms a step without
-    # graphs and 7.73 with radial tables, so 7 ms or more are outside the radial networks)
+    # then where the 4,866-atom step goes, kernel by kernel and operator by operator (each
+    # with the kernels it launched: --by-operator), ours and tables. No lease has timed the
+    # box's kernels since the fused ones: on the H200, 2026-11-28, ours took 11.08 ms a step
+    # without graphs and 7.73 with radial tables, so 7 ms or more are outside the networks
     left=$((until - SECONDS))
     if [ "$left" -gt 40 ]; then
         timeout "$left" python3 benchmarks/kernels.py --checkpoint \
             /tmp/tensornet-dev/tensornet.ckpt --systems water-5000 --routes ours-dynamic \
-            ours-dynamic-tables --top 30 >"$out/water_kernels.log" 2>&1
+            ours-dynamic-tables --top 30 --by-operator >"$out/water_kernels.log" 2>&1
         grep -E "per call" "$out/water_kernels.log"
     fi
     ;;
@@ -145,7 +146,8 @@ profile)
         --repeats 10 --checkpoint /tmp/tensornet-dev/tensornet.ckpt >"$out/profile.log" 2>&1
     tail -4 "$out/profile.log" | cut -c1-170
     timeout 70 python3 benchmarks/kernels.py --checkpoint /tmp/tensornet-dev/tensornet.ckpt \
-        --systems ala2 water-5000 --routes ours ours-tables reference >"$out/kernels.log" 2>&1
+        --systems ala2 water-5000 --routes ours ours-tables reference --by-operator \
+        >"$out/kernels.log" 2>&1
     grep "per call" "$out/kernels.log"
     ;;
 networks)
