@@ -83,9 +83,11 @@ def device_source(cu: str, math: str) -> str:
     body = "".join(parts)
     if "network_forward_kernel" not in body:
         instances = []
-    if "small_mix_kernel" in body:  # the channel mixing of a few atoms
-        instances += [f"template __global__ void small_mix_kernel<{t}>(MixArgs<{t}>);"
-                      for t in ("float", "double")]  # fmt: skip
+    if "small_mix_kernel" in body:  # the channel mixing of a few atoms, and its gates' gradient
+        for t in ("float", "double"):
+            instances.append(f"template __global__ void small_mix_kernel<{t}>(MixArgs<{t}>);")
+            instances.append(f"template __global__ void gate_grad_kernel<{t}>(const {t}*, "
+                             f"const {t}*, {t}*, int64_t, int64_t);")  # fmt: skip
     return (PRELUDE + math + "\nnamespace tn_cuda {\n" + body + "\n" + "\n".join(instances)
             + "\n}  // namespace tn_cuda\n")  # fmt: skip
 

@@ -301,10 +301,10 @@ def test_self_pair_terms_are_computed_once_at_export(fused):
     not fold them: TensorNetForce computes them once, on its own copy of the model, and the
     force calls read them. Same energy and forces to the last bit; the stored values are what
     runs (changing them changes the energy); no cosine is left in a fused force call. With
-    them, the embedding's gates come per packed component from its stored weights (no
-    selection of the parts' gates: one index_select fewer forward and backward), and the pair
-    networks' first linears stored as one run all the networks in one operator: the same
-    energy to the last bit, the forces to rounding (the gradient sums in another order)."""
+    them, the pair networks' first linears stored as one run all the networks in one
+    operator: the same energy to the last bit, the forces to rounding (the gradient sums in
+    another order). Either way the fused embedding gates its mixing in one operator
+    (gated_mix, the three parts' gates: no selection of them)."""
     model = small_model()
     z, pos = molecule()
     x = torch.tensor(pos, dtype=torch.float64)
@@ -312,8 +312,6 @@ def test_self_pair_terms_are_computed_once_at_export(fused):
     assert stored.model.self_basis.shape == (1, model.config.num_rbf)
     for layer in [stored.model.tensor_embedding, *stored.model.layers]:
         assert layer.self_radial.shape == (1, 3, model.config.hidden_channels)
-    f = model.config.hidden_channels
-    assert stored.model.tensor_embedding.stored_gate_weight.shape == (10 * f, 2 * f)
     assert model.self_basis.numel() == 0  # the caller's model is left alone
     computed = TensorNetForce(model, z, outputs_forces=True, fused_kernels=fused)
     computed.model.clear_self_pair_terms()
@@ -324,15 +322,13 @@ def test_self_pair_terms_are_computed_once_at_export(fused):
     assert torch.equal(e_stored, e_computed)
     torch.testing.assert_close(f_stored, f_computed, rtol=1e-12, atol=1e-12)
     if fused:  # the pairs' cutoffs are the geometry operator's: any cosine is a self pair's
-        selections = []
         for run in (call, computed_call):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 run(x)
             names = [event.name for event in prof.events()]
-            selections.append(names.count("aten::index_select"))
             # every pair network in one operator where their first linears are stored
             assert ("tensornet_openmm::radial_networks" in names) == (run is call)
-        assert selections[0] < selections[1]
+            assert "tensornet_openmm::gated_mix" in names
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             call(x)
         assert "aten::cos" not in {event.name for event in prof.events()}

@@ -275,6 +275,7 @@ def _fused_cases(channels):
     cases.append(("normalize", ops.packed_normalize, [rand(n, 10, f)]))
     cases.append(("part-norms", ops.packed_part_norms, [rand(n, 10, f)]))
     cases.append(("component-mix", ops.component_mix, [rand(n, 10, f), rand(10, f, 7)]))
+    cases.append(("gated-mix", ops.gated_mix, [rand(n, 10, f), rand(10, f, 7), rand(n, 3, 7)]))
     cases.append(("embedding-prepare", _embedding_prepare, [rand(n, 10, f), rand(n, f)]))
     for factors in (rand(0), rand(n).abs() + 0.5):  # no charge factors, and some
         label = "-charged" if factors.numel() else ""
@@ -678,35 +679,46 @@ def test_small_network_kernels_on_cuda_equal_cpu(dtype):
         assert "network_forward_kernel" in names and "network_backward_kernel" in names, case
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["component_mix", "gated_mix"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_small_mix_kernel_on_cuda_equals_cpu(dtype):
-    """component_mix of at most 512 atoms runs as small_mix_kernel (pair_ops_cuda.cu) each way,
-    of more as cuBLAS's batched product, and both give the CPU's values and the gradient of p
-    (float64: to 1e-12; float32: to its rounding), for tiles cut short in atoms, inputs and
-    outputs, and the weights both as the model passes them (a transposed view) and contiguous."""
+def test_small_mix_kernel_on_cuda_equals_cpu(dtype, gated):
+    """component_mix and gated_mix of at most 512 atoms run as small_mix_kernel
+    (pair_ops_cuda.cu) each way (gated_mix's gates' gradient as gate_grad_kernel), of more as
+    cuBLAS's batched product, and both give the CPU's values and the gradients of p (and the
+    gates) (float64: to 1e-12; float32: to its rounding), for tiles cut short in atoms, inputs
+    and outputs, and the weights both as the model passes them (a transposed view) and
+    contiguous."""
     cuda_kernels()
     tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
     g = torch.Generator().manual_seed(11)
-    op = torch.ops.tensornet_openmm.component_mix
+    ops = torch.ops.tensornet_openmm
     for atoms, f_in, f_out, transposed in ((22, 128, 128, True), (45, 20, 7, False),
                                             (300, 70, 33, True), (600, 16, 16, False)):  # fmt: skip
         p = torch.randn(atoms, 10, f_in, generator=g, dtype=torch.float64)
         w = torch.randn(10, f_out, f_in, generator=g, dtype=torch.float64).transpose(1, 2)
         w = w if transposed else w.contiguous()
+        gates = torch.randn(atoms, 3, f_out, generator=g, dtype=torch.float64)
         seed = torch.randn(atoms, 10, f_out, generator=g, dtype=torch.float64)
-        expected_p = p.clone().requires_grad_(True)
-        expected = op(expected_p, w)
-        (expected_grad,) = torch.autograd.grad(expected, expected_p, seed)
-        got_p = p.to("cuda", dtype).requires_grad_(True)
+
+        def call(p, w, gates):
+            return ops.gated_mix(p, w, gates) if gated else ops.component_mix(p, w)
+
+        inputs = [p.clone().requires_grad_(True), gates.clone().requires_grad_(gated)]
+        expected = call(inputs[0], w, inputs[1])
+        wanted = inputs if gated else inputs[:1]
+        expected_grads = torch.autograd.grad(expected, wanted, seed)
+        got_inputs = [t.to("cuda", dtype).requires_grad_(t.requires_grad) for t in inputs]
         got = []
 
-        def run(got_p=got_p, w=w, seed=seed, got=got):
-            out = op(got_p, w.to("cuda", dtype))
-            got.extend([out, *torch.autograd.grad(out, got_p, seed.to("cuda", dtype))])
+        def run(got_inputs=got_inputs, w=w, seed=seed, got=got):
+            out = call(got_inputs[0], w.to("cuda", dtype), got_inputs[1])
+            wanted = got_inputs if gated else got_inputs[:1]
+            got.extend([out, *torch.autograd.grad(out, wanted, seed.to("cuda", dtype))])
 
         names = _cuda_kernel_names(run)
         assert ("small_mix_kernel" in names) == (atoms <= 512), (atoms, names)
-        for a, e in zip(got, (expected, expected_grad), strict=True):
+        assert ("gate_grad_kernel" in names) == (gated and atoms <= 512), (atoms, names)
+        for a, e in zip(got, (expected, *expected_grads), strict=True):
             torch.testing.assert_close(a.double().cpu(), e.detach(), **tol, msg=f"{atoms} atoms")
 
 

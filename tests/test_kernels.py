@@ -373,6 +373,37 @@ def test_component_mix_operator_values_gradients_and_errors():
         op(p[:, :9], w)
 
 
+@pytest.mark.parametrize("atoms", [5, 40])
+def test_gated_mix_operator_values_gradients_and_errors(atoms):
+    """gated_mix(p, w, gates) = component_mix(p, w) times gates (atoms, 3, F') part by part
+    (component c by gates[:, GROUP[c]]): values, gradcheck of all three inputs, the gradient of
+    p and of the gates alone (a GPU's small molecule takes its own kernels for those), and bad
+    gates named. 40 atoms: two blocks of atoms on a GPU."""
+    g = torch.Generator().manual_seed(9)
+    f64 = {"dtype": torch.float64, "generator": g}
+    p = torch.randn(atoms, 10, 6, **f64).requires_grad_(True)
+    w = torch.randn(10, 6, 4, **f64).requires_grad_(True)
+    gates = torch.randn(atoms, 3, 4, **f64).requires_grad_(True)
+    op = torch.ops.tensornet_openmm.gated_mix
+    group = torch.tensor(kernels.GROUP)
+
+    def expected(p, w, gates):
+        return torch.einsum("ncf,cfg->ncg", p, w) * gates.index_select(1, group)
+
+    out = op(p, w, gates)
+    assert out.shape == (atoms, 10, 4) and out.is_contiguous()
+    torch.testing.assert_close(out, expected(p, w, gates), rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(op, (p, w, gates))
+    seed = torch.randn(10, atoms, 4, **f64).transpose(0, 1)  # a gradient that is not contiguous
+    for inputs in ((p, w, gates), (p,), (gates,), (p, gates)):
+        got = torch.autograd.grad(op(p, w, gates), inputs, seed)
+        want = torch.autograd.grad(expected(p, w, gates), inputs, seed)
+        for a, e in zip(got, want, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+    with pytest.raises(RuntimeError, match=rf"gates must be \({atoms}, 3, 4\)"):
+        op(p, w, gates[:, :2])
+
+
 GEOMETRIES = {
     "expnorm": {},
     "gauss-lower": {"rbf_type": "gauss", "cutoff_lower": 0.5},

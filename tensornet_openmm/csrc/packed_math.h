@@ -574,4 +574,9 @@ TN_MATH bool small_network_shape(int64_t rows, int64_t further, int64_t networks
          further <= kNetLayers && further % networks == 0;
 }
 
+// The channel mixing (component_mix, gated_mix) of at most this many atoms runs as the CUDA
+// file's small_mix_kernel (cuBLAS's batched product above); the CPU marks such a gated_mix's
+// backward as the GPU's two launches for benchmarks/kernels.py's count.
+constexpr int64_t kSmallMixAtoms = 512;
+
 }  // namespace tn_math

@@ -20,8 +20,8 @@
 //
 // Built with -DTN_WITH_CUDA (tensornet_openmm/nn/kernels.py does so where a CUDA device and nvcc
 // exist), every operator but packed_mix also takes CUDA tensors: their checks and autograd
-// functions here, their kernels in pair_ops_cuda.cu (mlp, radial_networks and component_mix call
-// ATen's there).
+// functions here, their kernels in pair_ops_cuda.cu (mlp, radial_networks, component_mix and
+// gated_mix call ATen's there).
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -112,7 +112,9 @@ void network_backward(const at::Tensor& scale, const at::Tensor& w0, int64_t pro
                       at::TensorList g_outs, const at::Tensor& g_x, const at::Tensor& g_scale,
                       int64_t k);
 bool small_mix(const at::Tensor& p);
-at::Tensor mix(const at::Tensor& p, const at::Tensor& w);
+at::Tensor mix(const at::Tensor& p, const at::Tensor& w, const at::Tensor& gate_in,
+               const at::Tensor& gate_out, at::Tensor* plain);
+at::Tensor gate_grad(const at::Tensor& grad, const at::Tensor& plain);
 }  // namespace tn_cuda
 #endif
 
@@ -1610,6 +1612,20 @@ std::tuple<at::Tensor, at::Tensor> embedding_prepare_op(const at::Tensor& s, con
   return {out[0], out[1]};
 }
 
+// Where a GPU would run something as one kernel of ours (a small network each way, as
+// tn_math::small_network_shape says with weights as wide as the bench model's, whose shared
+// memory fits; gated_mix's backward of a small molecule), the CPU runs its ATen calls under one
+// profiler scope, which benchmarks/kernels.py counts as the GPU's one launch.
+template <typename F>
+void marked_small(bool mark, const char* name, const F& run) {
+  if (mark) {
+    RECORD_FUNCTION(name, std::vector<c10::IValue>());
+    run();
+  } else {
+    run();
+  }
+}
+
 // ---- Channel mixing as one batched product written in atom-major order ------------------------
 // out[:, c] = p[:, c] @ w[c] for packed p (atoms, 10, F) and one weight per component,
 // w (10, F, F'): the components are the batch of one batched matrix product that reads p and
@@ -1636,7 +1652,7 @@ void check_component_mix(const at::Tensor& p, const at::Tensor& w) {
 at::Tensor atom_major_bmm(const at::Tensor& a, const at::Tensor& b) {
 #ifdef TN_WITH_CUDA
   const at::Tensor atom_major = a.transpose(0, 1);  // (rows, 10, k)
-  if (tn_cuda::small_mix(atom_major)) return tn_cuda::mix(atom_major, b);
+  if (tn_cuda::small_mix(atom_major)) return tn_cuda::mix(atom_major, b, {}, {}, nullptr);
 #endif
   at::Tensor out = at::empty({a.size(1), kComps, b.size(2)}, a.options());
   at::Tensor batches = out.transpose(0, 1);
@@ -1671,6 +1687,116 @@ class ComponentMix : public torch::autograd::Function<ComponentMix> {
 
 at::Tensor component_mix_op(const at::Tensor& p, const at::Tensor& w) {
   return ComponentMix::apply(p, w);
+}
+
+// ---- Channel mixing times the embedding's gates ------------------------------------------------
+// gated_mix(p, w, gates) = component_mix(p, w) times gates (atoms, 3, F') part by part: component
+// c's rows by gates[:, GROUP[c]]. The embedding's mixing and gating in one operator each way,
+// where a product and its two gradients followed the mixing; and its gates' network makes the
+// three parts' gates, where it made all ten components' (a last layer of 10 F rows of which
+// 7 F repeat the others: on a GPU the longest chain of the small networks' backward). A small
+// molecule's on a GPU: small_mix_kernel with the gates in its epilogue (forward) or as its
+// input is read (backward), and gate_grad_kernel for the gates' gradient.
+
+void check_gated_mix(const at::Tensor& p, const at::Tensor& w, const at::Tensor& gates) {
+  check_component_mix(p, w);
+  TORCH_CHECK(gates.dim() == 3 && gates.size(0) == p.size(0) && gates.size(1) == kParts &&
+                  gates.size(2) == w.size(2),
+              "gated_mix: gates must be (", p.size(0), ", 3, ", w.size(2), "), got ",
+              gates.sizes());
+  TORCH_CHECK(gates.scalar_type() == p.scalar_type() && gates.device() == p.device(),
+              "gated_mix: the gates must have p's dtype and device");
+}
+
+// (atoms, 3, F) -> (atoms, 10, F): each component's part (GROUP: 0 | 1 1 1 | 2 x 6)
+at::Tensor component_gates(const at::Tensor& gates) {
+  const int64_t n = gates.size(0), f = gates.size(2);
+  return at::cat({gates.narrow(1, 0, 1), gates.narrow(1, 1, 1).expand({n, 3, f}),
+                  gates.narrow(1, 2, 1).expand({n, 6, f})},
+                 1);
+}
+
+// (atoms, 10, F) -> (atoms, 3, F): each part's components summed
+at::Tensor part_sums(const at::Tensor& t) {
+  return at::cat(
+      {t.narrow(1, 0, 1), t.narrow(1, 1, 3).sum(1, true), t.narrow(1, 4, 6).sum(1, true)}, 1);
+}
+
+bool small_gated_mix(const at::Tensor& p) {
+#ifdef TN_WITH_CUDA
+  return tn_cuda::small_mix(p);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// the mixing before the gates (plain) and after them (the result)
+std::pair<at::Tensor, at::Tensor> gated_mix_forward(const at::Tensor& p, const at::Tensor& w,
+                                                    const at::Tensor& gates) {
+  check_gated_mix(p, w, gates);
+  at::Tensor plain;
+#ifdef TN_WITH_CUDA
+  if (small_gated_mix(p)) {
+    at::Tensor out = tn_cuda::mix(p, w, {}, gates.contiguous(), &plain);
+    return {plain, out};
+  }
+#endif
+  plain = p.is_cuda() ? atom_major_bmm(p.transpose(0, 1), w)
+                      : at::bmm(p.transpose(0, 1), w).transpose(0, 1).contiguous();
+  return {plain, plain * component_gates(gates)};
+}
+
+at::Tensor gated_mix_kernel(const at::Tensor& p, const at::Tensor& w, const at::Tensor& gates) {
+  return gated_mix_forward(p, w, gates).second;
+}
+
+class GatedMix : public torch::autograd::Function<GatedMix> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& p, const at::Tensor& w,
+                            const at::Tensor& gates) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [plain, out] = gated_mix_forward(p, w, gates);
+    ctx->save_for_backward({p, w, gates, plain});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list result(3);
+    if (!grads[0].defined()) return result;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &p = saved[0], &w = saved[1], &gates = saved[2], &plain = saved[3];
+    const at::Tensor g = grads[0].contiguous();
+    const bool small = small_gated_mix(p);
+    // where a GPU would take its two kernels, the CPU's ATen calls as two launches for
+    // benchmarks/kernels.py's count (as the small networks')
+    const bool mark = !p.is_cuda() && p.size(0) <= tn_math::kSmallMixAtoms;
+    if (ctx->needs_input_grad(2)) {
+#ifdef TN_WITH_CUDA
+      if (small) result[2] = tn_cuda::gate_grad(g, plain);
+#endif
+      if (!small) {
+        marked_small(mark, "tensornet_openmm::gate_grad",
+                     [&] { result[2] = part_sums(g * plain); });
+      }
+    }
+    if (ctx->needs_input_grad(0) && small && !ctx->needs_input_grad(1)) {
+#ifdef TN_WITH_CUDA
+      result[0] = tn_cuda::mix(g, w.transpose(1, 2), gates.contiguous(), {}, nullptr);
+#endif
+    } else if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      marked_small(mark && !ctx->needs_input_grad(1), "tensornet_openmm::small_mix_backward", [&] {
+        const at::Tensor gated_t = (g * component_gates(gates)).transpose(0, 1);  // (10, n, F')
+        if (ctx->needs_input_grad(0)) result[0] = atom_major_bmm(gated_t, w.transpose(1, 2));
+        if (ctx->needs_input_grad(1)) result[1] = at::bmm(p.permute({1, 2, 0}), gated_t);
+      });
+    }
+    return result;
+  }
+};
+
+at::Tensor gated_mix_op(const at::Tensor& p, const at::Tensor& w, const at::Tensor& gates) {
+  return GatedMix::apply(p, w, gates);
 }
 
 // ---- Normalisation X / (|X|^2 + 1) of packed tensors ------------------------------------------
@@ -2631,19 +2757,6 @@ bool small_network(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& 
 #else
   return false;
 #endif
-}
-
-// Where a GPU would run networks as its small-network kernels (tn_math::small_network_shape, with
-// weights as wide as the bench model's, whose shared memory fits), the CPU runs them under one
-// profiler scope each way, which benchmarks/kernels.py counts as the GPU's one launch.
-template <typename F>
-void marked_small(bool mark, const char* name, const F& run) {
-  if (mark) {
-    RECORD_FUNCTION(name, std::vector<c10::IValue>());
-    run();
-  } else {
-    run();
-  }
 }
 
 void tn_cuda_network_forward(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& w0,
@@ -3738,6 +3851,7 @@ TORCH_LIBRARY(tensornet_openmm, m) {
   m.def("packed_product(Tensor a, Tensor b, bool symmetric=False) -> Tensor");
   m.def("packed_mix(Tensor p, Tensor w) -> Tensor");
   m.def("component_mix(Tensor p, Tensor w) -> Tensor");
+  m.def("gated_mix(Tensor p, Tensor w, Tensor gates) -> Tensor");
   m.def("packed_normalize(Tensor p) -> Tensor");
   m.def("packed_part_norms(Tensor p) -> Tensor");
   m.def("embedding_prepare(Tensor sums, Tensor self_terms) -> (Tensor, Tensor)");
@@ -3782,6 +3896,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("packed_part_norms", part_norms_kernel);
   m.impl("embedding_prepare", embedding_prepare_kernel);
   m.impl("component_mix", component_mix_kernel);
+  m.impl("gated_mix", gated_mix_kernel);
   m.impl("packed_product_normalize", product_normalize_kernel);
   m.impl("packed_square_add", square_add_kernel);
   m.impl("mlp", mlp_kernel);
@@ -3811,6 +3926,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("packed_part_norms", part_norms_kernel);
   m.impl("embedding_prepare", embedding_prepare_kernel);
   m.impl("component_mix", component_mix_kernel);
+  m.impl("gated_mix", gated_mix_kernel);
   m.impl("packed_product_normalize", product_normalize_kernel);
   m.impl("packed_square_add", square_add_kernel);
   m.impl("geometry", geometry_kernel);
@@ -3836,6 +3952,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("packed_part_norms", packed_part_norms_op);
   m.impl("embedding_prepare", embedding_prepare_op);
   m.impl("component_mix", component_mix_op);
+  m.impl("gated_mix", gated_mix_op);
   m.impl("packed_product_normalize", packed_product_normalize_op);
   m.impl("packed_square_add", packed_square_add_op);
   m.impl("mlp", mlp_op);

@@ -1126,7 +1126,8 @@ __global__ void pair_padding_kernel(const int64_t* __restrict__ ends, int64_t at
 // cuBLAS's batched product of a small molecule (alanine dipeptide: 10 products of 22 x 128 by
 // 128 x 128) took about 5 us a call on the H100 (2026-11-26), ten calls a step: a tile of 32
 // outputs by 32 atoms per block, kMixK inputs a stage, is some 40 blocks of a few hundred
-// multiply-adds a thread. Atoms up to kSmallMixAtoms (the launcher's rule); above, cuBLAS.
+// multiply-adds a thread. Atoms up to tn_math::kSmallMixAtoms (the launcher's rule); above,
+// cuBLAS.
 constexpr int kMixOut = 32;                         // a block's outputs: a warp's lanes
 constexpr int kMixAtoms = 32;                       // a block's atoms: each warp every 8th
 constexpr int kMixK = 64;                           // the inputs of a stage
@@ -1139,6 +1140,12 @@ struct MixArgs {
   const T* w = nullptr;  // w[c, k, o] at c * ws_c + k * ws_k + o * ws_o
   T* out = nullptr;      // (atoms, 10, f_out), contiguous
   int64_t atoms = 0, f_in = 0, f_out = 0, ws_c = 0, ws_k = 0, ws_o = 0;
+  // gated_mix's gates per part (atoms, 3, F), or null: p's entries times gate_in[n, GROUP[c],
+  // k] as they are read (its backward); the outputs times gate_out[n, GROUP[c], o], and before
+  // that into plain (its forward)
+  const T* gate_in = nullptr;
+  const T* gate_out = nullptr;
+  T* plain = nullptr;
 };
 
 // block (32 atoms times 10 components, 32 outputs), kThreads threads: lane = output, warp =
@@ -1169,8 +1176,12 @@ __global__ void small_mix_kernel(MixArgs<T> a) {
     for (int e = threadIdx.x; e < kMixAtoms * kMixK; e += blockDim.x) {
       const int nn = e / kMixK, kk = e % kMixK;
       const int64_t n = n0 + nn, k = k0 + kk;
-      ps[nn * (kMixK + 1) + kk] = n < a.atoms && k < a.f_in ? a.p[(n * kComps + c) * a.f_in + k]
-                                                            : T(0);
+      T v = T(0);
+      if (n < a.atoms && k < a.f_in) {
+        v = a.p[(n * kComps + c) * a.f_in + k];
+        if (a.gate_in != nullptr) v *= a.gate_in[(n * kParts + group_of(c)) * a.f_in + k];
+      }
+      ps[nn * (kMixK + 1) + kk] = v;
     }
     __syncthreads();
     for (int kk = 0; kk < kMixK; ++kk) {
@@ -1187,8 +1198,30 @@ __global__ void small_mix_kernel(MixArgs<T> a) {
 #pragma unroll
   for (int m = 0; m < kPerThread; ++m) {
     const int64_t n = n0 + warp + kWarps * m;
-    if (n < a.atoms) a.out[(n * kComps + c) * a.f_out + o] = acc[m];
+    if (n >= a.atoms) continue;
+    const int64_t at = (n * kComps + c) * a.f_out + o;
+    if (a.plain != nullptr) a.plain[at] = acc[m];
+    const int64_t gate = (n * kParts + group_of(c)) * a.f_out + o;
+    a.out[at] = a.gate_out != nullptr ? acc[m] * a.gate_out[gate] : acc[m];
   }
+}
+
+// g_gates[n, g, f] = sum over the components c of part g of grad[n, c, f] plain[n, c, f]: the
+// gradient of gated_mix's gates (one thread per atom and channel)
+template <typename T>
+__global__ void gate_grad_kernel(const T* __restrict__ grad, const T* __restrict__ plain,
+                                 T* __restrict__ g_gates, int64_t atoms, int64_t f_len) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (t >= atoms * f_len) return;
+  const int64_t n = t / f_len, f = t - n * f_len;
+  T sum[kParts] = {T(0), T(0), T(0)};
+#pragma unroll
+  for (int c = 0; c < kComps; ++c) {
+    const int64_t at = (n * kComps + c) * f_len + f;
+    sum[group_of(c)] += grad[at] * plain[at];
+  }
+#pragma unroll
+  for (int g = 0; g < kParts; ++g) g_gates[(n * kParts + g) * f_len + f] = sum[g];
 }
 
 // ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----
@@ -1973,8 +2006,6 @@ void network_backward(const at::Tensor& scale_in, const at::Tensor& w0, int64_t 
 
 // ---- Channel mixing of a few atoms: launcher ---------------------------------------------------
 namespace {
-constexpr int64_t kSmallMixAtoms = 512;  // (cuBLAS's tiles fill the GPU from a few thousand)
-
 bool small_mix_enabled() {  // TENSORNET_OPENMM_SMALL_MIX=0: cuBLAS's batched product instead
   static const bool enabled = [] {
     const char* v = std::getenv("TENSORNET_OPENMM_SMALL_MIX");
@@ -1985,18 +2016,24 @@ bool small_mix_enabled() {  // TENSORNET_OPENMM_SMALL_MIX=0: cuBLAS's batched pr
 }  // namespace
 
 // Whether component_mix of p (atoms, 10, F) runs as small_mix_kernel: CUDA, float or double,
-// at most kSmallMixAtoms atoms (a small molecule, whose products are latency-bound)
+// at most tn_math::kSmallMixAtoms atoms (a small molecule, whose products are latency-bound;
+// cuBLAS's tiles fill the GPU from a few thousand)
 bool small_mix(const at::Tensor& p) {
-  return p.is_cuda() && small_mix_enabled() && p.dim() == 3 && p.size(0) <= kSmallMixAtoms &&
+  return p.is_cuda() && small_mix_enabled() && p.dim() == 3 &&
+         p.size(0) <= tn_math::kSmallMixAtoms &&
          (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble);
 }
 
-// out (atoms, 10, w.size(2)) with out[:, c] = p[:, c] @ w[c]: w any (10, F, F') view
-at::Tensor mix(const at::Tensor& p_in, const at::Tensor& w) {
+// out (atoms, 10, w.size(2)) with out[:, c] = p[:, c] @ w[c]: w any (10, F, F') view. With
+// gates (atoms, 3, F), contiguous: gate_in multiplies p's rows by them (part by part), or
+// gate_out the outputs, whose values before it go into plain (made here)
+at::Tensor mix(const at::Tensor& p_in, const at::Tensor& w, const at::Tensor& gate_in,
+               const at::Tensor& gate_out, at::Tensor* plain) {
   const c10::cuda::CUDAGuard guard(p_in.device());
   const at::Tensor p = p_in.contiguous();
   const int64_t atoms = p.size(0), f_in = p.size(2), f_out = w.size(2);
   at::Tensor out = at::empty({atoms, kComps, f_out}, p.options());
+  if (plain != nullptr) *plain = at::empty_like(out);
   if (atoms == 0 || f_out == 0) return out;
   const int64_t atom_blocks = (atoms + kMixAtoms - 1) / kMixAtoms;
   const dim3 grid(static_cast<unsigned>(kComps * atom_blocks),
@@ -2013,7 +2050,27 @@ at::Tensor mix(const at::Tensor& p_in, const at::Tensor& w) {
     a.ws_c = w.stride(0);
     a.ws_k = w.stride(1);
     a.ws_o = w.stride(2);
+    a.gate_in = gate_in.defined() ? gate_in.data_ptr<scalar_t>() : nullptr;
+    a.gate_out = gate_out.defined() ? gate_out.data_ptr<scalar_t>() : nullptr;
+    a.plain = plain != nullptr ? plain->data_ptr<scalar_t>() : nullptr;
     small_mix_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(a);
+  });
+  check_launch();
+  return out;
+}
+
+// gated_mix's gradient of its gates (atoms, 3, F) from the outputs' (atoms, 10, F) and the
+// values before the gates (plain), both contiguous
+at::Tensor gate_grad(const at::Tensor& grad, const at::Tensor& plain) {
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t atoms = grad.size(0), f_len = grad.size(2);
+  at::Tensor out = at::empty({atoms, kParts, f_len}, grad.options());
+  if (atoms * f_len == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "tensornet_openmm_gate_grad_cuda", [&] {
+    gate_grad_kernel<scalar_t><<<blocks_for(atoms * f_len), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), plain.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), atoms,
+        f_len);
   });
   check_launch();
   return out;

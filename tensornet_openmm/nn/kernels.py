@@ -535,6 +535,11 @@ class PairKernels(nn.Module):
         out[:, c] = p[:, c] @ w[GROUP[c]]^T."""
         return self._torch_mix(p, w)
 
+    def gated_mix(self, p: Tensor, w: Tensor, gates: Tensor) -> Tensor:
+        """:meth:`mix` times gates (n, 3, F) part by part: out[:, c] = (p[:, c] @
+        w[GROUP[c]]^T) * gates[:, GROUP[c]] (the embedding's last step)."""
+        return self._torch_mix(p, w) * gates.index_select(1, self.group)
+
     def mlp(
         self, x: Tensor, scale: Tensor, weights: list[Tensor], biases: list[Tensor], act: int
     ) -> Tensor:
@@ -902,6 +907,15 @@ class FusedPairKernels(PairKernels):
         if self.applies(p):
             return self._batched_mix(p, w)
         return self._torch_mix(p, w)
+
+    def gated_mix(self, p: Tensor, w: Tensor, gates: Tensor) -> Tensor:
+        """One ``gated_mix`` operator each way (the ``component_mix`` product with the gates
+        in it; on a GPU up to 512 atoms one kernel each way, and one more for the gates'
+        gradient), where the product and its two gradients took three more."""
+        if self.applies(p):
+            weights = w.index_select(0, self.group).transpose(1, 2)  # as _batched_mix's
+            return torch.ops.tensornet_openmm.gated_mix(p, weights, gates)
+        return self._torch_mix(p, w) * gates.index_select(1, self.group)
 
     def _batched_mix(self, p: Tensor, w: Tensor) -> Tensor:
         """:meth:`mix` as one batched matrix product over the 10 components, each with its

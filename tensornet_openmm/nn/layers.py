@@ -293,12 +293,6 @@ class TensorEmbedding(_RadialLayer):
             "stored_weight", torch.zeros((0, num_rbf), dtype=dtype), persistent=False
         )
         self.register_buffer("stored_bias", torch.zeros(0, dtype=dtype), persistent=False)
-        # the gates' last linear with each part's rows once per component of the part (10 F
-        # outputs): the gates come out per component, with no selection to make and differentiate
-        self.register_buffer(
-            "stored_gate_weight", torch.zeros((0, 2 * f), dtype=dtype), persistent=False
-        )
-        self.register_buffer("stored_gate_bias", torch.zeros(0, dtype=dtype), persistent=False)
 
     def _projection(self) -> tuple[Tensor, Tensor]:
         """Weight (3F, K) and bias (3F,) of the three distance projections at once: stored
@@ -494,41 +488,16 @@ class TensorEmbedding(_RadialLayer):
         self, z_recv: Tensor, z_send: Tensor, packed: Tensor, self_basis: Tensor
     ) -> Tensor:
         """:meth:`finish` from packed pair sums (n, 10, F): the self pair term, the trace and
-        the norm in one operator (:meth:`PairKernels.embedding_prepare`), the mixing in
-        another."""
+        the norm in one operator (:meth:`PairKernels.embedding_prepare`), the gates' network in
+        another (:meth:`_gates`: the three parts' gates), the mixing times the gates in a third
+        (:meth:`PairKernels.gated_mix`)."""
         kernels = self.pair_kernels
         own = self.self_pair_terms(z_recv, z_send, self_basis)
         x, norm = kernels.embedding_prepare(packed, own)
         lin = self.linears_tensor
         weights = torch.stack((lin[0].weight, lin[1].weight, lin[2].weight))
-        return kernels.mix(x, weights) * self._component_gates(self.init_norm(norm))
-
-    def component_gate_weights(self) -> tuple[Tensor, Tensor]:
-        """The gates' last linear repeated per packed component: weight (10 F, 2 F), bias
-        (10 F,), rows of component c those of its part GROUP[c] (for
-        :meth:`TensorNet.store_self_pair_terms`)."""
-        last = self.linears_scalar[1]
-        f = self.hidden_channels
-        group = self.pair_kernels.group
-        weight = last.weight.reshape(3, f, -1).index_select(0, group).reshape(10 * f, -1)
-        return weight, last.bias.reshape(3, f).index_select(0, group).reshape(10 * f)
-
-    def _component_gates(self, h: Tensor) -> Tensor:
-        """The gates of each packed component, (n, 10, F): with the stored per-component
-        weights one ``mlp`` operator each way; else the three parts' gates, selected."""
-        n, f = h.shape[0], self.hidden_channels
-        first = self.linears_scalar[0]
-        if (
-            self.stored_gate_bias.numel() > 0
-            and self.mlp_activation >= 0
-            and self.pair_kernels.applies(h)
-        ):
-            gates = self.pair_kernels.mlp(
-                h, h.new_empty(0), [first.weight, self.stored_gate_weight],
-                [first.bias, self.stored_gate_bias], self.mlp_activation,
-            )  # fmt: skip
-            return gates.reshape(n, 10, f)
-        return self._gates(h).reshape(n, 3, f).index_select(1, self.pair_kernels.group)
+        gates = self._gates(self.init_norm(norm)).reshape(x.shape[0], 3, self.hidden_channels)
+        return kernels.gated_mix(x, weights, gates)
 
     def new_sums(self, like: Tensor) -> list[Tensor]:
         """Zeroed pair sums for ``like``'s atoms: (n, F), (n, 3, F), (n, 6, F)."""

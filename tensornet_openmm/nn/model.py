@@ -136,9 +136,8 @@ class TensorNet(nn.Module):
         that only runs inference: the OpenMM forces do this. ``torch.jit.freeze`` does not fold
         them, so every force call would repeat them: seven linears, three cosines and their
         elementwise operators, on a GPU as many kernels. Also kept: the embedding's distance
-        projections concatenated, its gates' last linear per packed component
-        (:meth:`TensorEmbedding.component_gate_weights`), and the first linears of every pair
-        network as one matrix (:meth:`radial_networks`). The buffers are not saved with the
+        projections concatenated, and the first linears of every pair network as one matrix
+        (:meth:`radial_networks`). The buffers are not saved with the
         weights; they go stale if the weights change (:meth:`clear_self_pair_terms`)."""
         self.clear_self_pair_terms()
         emb = self.tensor_embedding
@@ -148,7 +147,6 @@ class TensorNet(nn.Module):
                 layer.self_radial = layer.self_radial_functions(basis)
             self.self_basis = basis
             emb.stored_weight, emb.stored_bias = emb._projection()
-            emb.stored_gate_weight, emb.stored_gate_bias = emb.component_gate_weights()
             firsts = [layer.linears_scalar[0] for layer in self.layers]
             self.stored_first_weight = torch.cat([emb.stored_weight] + [f.weight for f in firsts])
             self.stored_first_bias = torch.cat([emb.stored_bias] + [f.bias for f in firsts])
@@ -207,8 +205,6 @@ class TensorNet(nn.Module):
             layer.self_radial = layer.self_radial.new_zeros((0, 3, 0))
         emb = self.tensor_embedding
         emb.stored_weight, emb.stored_bias = emb.stored_weight[:0], emb.stored_bias[:0]
-        emb.stored_gate_weight = emb.stored_gate_weight[:0]
-        emb.stored_gate_bias = emb.stored_gate_bias[:0]
         self.stored_first_weight = self.stored_first_weight[:0]
         self.stored_first_bias = self.stored_first_bias[:0]
         emb.stored_species = emb.stored_species[:, :0]
