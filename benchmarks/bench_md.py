@@ -162,11 +162,11 @@ def tiled(topology, positions, reps: int, cutoff_nm: float, mm: bool = True):
     box = np.array([v.value_in_unit(u.nanometer) for v in topology.getPeriodicBoxVectors()])
     xyz = tile(np.asarray(positions.value_in_unit(u.nanometer)), box, reps)
     residues = list(topology.residues())
+    place = {atom: k for residue in residues for k, atom in enumerate(residue.atoms())}
     bonds = [[] for _ in residues]  # each residue's bonds, by its atoms' places in it
     for a, b in topology.bonds():
         if a.residue is not b.residue:
             raise ValueError(f"tiled: a bond between residues ({a} - {b}); only water tiles")
-        place = {atom: k for k, atom in enumerate(a.residue.atoms())}
         bonds[a.residue.index].append((place[a], place[b]))
     big = app.Topology()
     chain = big.addChain()

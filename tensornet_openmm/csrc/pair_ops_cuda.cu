@@ -1214,14 +1214,13 @@ __global__ void gate_grad_kernel(const T* __restrict__ grad, const T* __restrict
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t >= atoms * f_len) return;
   const int64_t n = t / f_len, f = t - n * f_len;
-  T sum[kParts] = {T(0), T(0), T(0)};
+  T g[kComps], v[kComps], sum[kParts] = {T(0), T(0), T(0)};
+  tn_math::load(grad + n * kComps * f_len + f, f_len, g);
+  tn_math::load(plain + n * kComps * f_len + f, f_len, v);
 #pragma unroll
-  for (int c = 0; c < kComps; ++c) {
-    const int64_t at = (n * kComps + c) * f_len + f;
-    sum[group_of(c)] += grad[at] * plain[at];
-  }
+  for (int c = 0; c < kComps; ++c) sum[group_of(c)] += g[c] * v[c];
 #pragma unroll
-  for (int g = 0; g < kParts; ++g) g_gates[(n * kParts + g) * f_len + f] = sum[g];
+  for (int k = 0; k < kParts; ++k) g_gates[(n * kParts + k) * f_len + f] = sum[k];
 }
 
 // ---- emulated on the CPU by tests/test_cuda_emulation.py: to here ----

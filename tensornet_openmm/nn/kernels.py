@@ -913,9 +913,13 @@ class FusedPairKernels(PairKernels):
         in it; on a GPU up to 512 atoms one kernel each way, and one more for the gates'
         gradient), where the product and its two gradients took three more."""
         if self.applies(p):
-            weights = w.index_select(0, self.group).transpose(1, 2)  # as _batched_mix's
-            return torch.ops.tensornet_openmm.gated_mix(p, weights, gates)
+            return torch.ops.tensornet_openmm.gated_mix(p, self._component_weights(w), gates)
         return self._torch_mix(p, w) * gates.index_select(1, self.group)
+
+    def _component_weights(self, w: Tensor) -> Tensor:
+        """The part weights w (3, F, F) per packed component, transposed: (10, F, F), entry c
+        W[GROUP[c]]^T (the component_mix and gated_mix operators' weights)."""
+        return w.index_select(0, self.group).transpose(1, 2)
 
     def _batched_mix(self, p: Tensor, w: Tensor) -> Tensor:
         """:meth:`mix` as one batched matrix product over the 10 components, each with its
@@ -928,7 +932,7 @@ class FusedPairKernels(PairKernels):
         GPU, for :mod:`benchmarks.kernels`' count). MKL's batched product splits the components
         between the threads, which beats splitting the atoms between them (the ``packed_mix``
         operator, used before); the same values to the last bit either way."""
-        weights = w.index_select(0, self.group).transpose(1, 2)  # (10, F, F): W[GROUP[c]]^T
+        weights = self._component_weights(w)
         if p.is_cuda or self.strided_mix:
             return torch.ops.tensornet_openmm.component_mix(p, weights)
         return torch.bmm(p.transpose(0, 1), weights).transpose(0, 1).contiguous()
