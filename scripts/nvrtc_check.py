@@ -68,7 +68,8 @@ def marked_parts(cu: str) -> list[str]:
 
 def device_source(cu: str, math: str) -> str:
     """The .cu's marked parts after packed_math.h, in the kernels' namespace, with the network
-    kernels instantiated for every row count and tile the launchers use, and the small mix."""
+    kernels instantiated for every row count and tile the launchers use (the tangent forward
+    too), and the small mix and the tangent forward's gradient."""
     parts = marked_parts(cu)
     if not parts:
         raise SystemExit(f"no '{BEGIN}' marker in the source")
@@ -80,12 +81,18 @@ def device_source(cu: str, math: str) -> str:
             for tile in (64, 128):  # the forward's tile widths (bytes of a row)
                 instances.append(f"template __global__ void network_forward_kernel<{t}, {r}, "
                                  f"{tile // size}>(NetArgs<{t}>);")  # fmt: skip
+                if r <= 4:  # the tangent forward (tangent_radial_networks): 2 r rows a block
+                    instances.append(f"template __global__ void network_forward_kernel<{t}, "
+                                     f"{r}, {tile // size}, true>(NetArgs<{t}>);")  # fmt: skip
     body = "".join(parts)
     if "network_forward_kernel" not in body:
         instances = []
     if "small_mix_kernel" in body:  # the channel mixing of a few atoms, and its gates' gradient
         for t in ("float", "double"):
             instances.append(f"template __global__ void small_mix_kernel<{t}>(MixArgs<{t}>);")
+            if "tangent_grad_kernel" in body:
+                instances.append(f"template __global__ void tangent_grad_kernel<{t}>"
+                                 f"(TangentArgs<{t}>);")  # fmt: skip
             instances.append(f"template __global__ void gate_grad_kernel<{t}>(const {t}*, "
                              f"const {t}*, {t}*, int64_t, int64_t);")  # fmt: skip
     return (PRELUDE + math + "\nnamespace tn_cuda {\n" + body + "\n" + "\n".join(instances)
@@ -149,10 +156,10 @@ def readable(mangled: str) -> str:
     length = int(match.group(1))
     start = match.end()
     name = mangled[start : start + length]
-    args = re.match(r"I([fd])((?:Li\d+E)*)E", mangled[start + length :])
+    args = re.match(r"I([fd])((?:L[ib]\d+E)*)E", mangled[start + length :])
     if args is None:
         return name
-    numbers = re.findall(r"Li(\d+)E", args.group(2))
+    numbers = re.findall(r"L[ib](\d+)E", args.group(2))
     return f"{name}<{','.join([args.group(1), *numbers])}>"
 
 

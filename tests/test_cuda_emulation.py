@@ -135,6 +135,7 @@ EMULATED_TESTS = [
         f"tests/test_force.py::{test}"
         for test in (
             "test_low_memory_force_equals_default",
+            "test_radial_networks_differentiated_forward_give_the_same_force[molecule]",
             "test_a_small_molecule_pairs_run_as_one_block_without_splitting[fused]",
             "test_every_pair_slots_fail_loudly_in_a_box_too_small[fused]",
             *(

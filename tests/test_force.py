@@ -1,6 +1,7 @@
 """The exported module and create_force: OpenMM Contexts against the eager model."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -334,6 +335,45 @@ def test_self_pair_terms_are_computed_once_at_export(fused):
         assert "aten::cos" not in {event.name for event in prof.events()}
     stored.model.layers[0].self_radial.mul_(1.5)
     assert not torch.equal(torch.jit.freeze(script(stored).eval())(x)[0], e_stored)
+
+
+@pytest.mark.parametrize("periodic", [False, True], ids=["molecule", "water"])
+def test_radial_networks_differentiated_forward_give_the_same_force(periodic, monkeypatch):
+    """TENSORNET_OPENMM_TANGENT_NETWORKS: 1 runs every pair network differentiated forward in r
+    (tangent_radial_networks, the GPU's default; here forced on the CPU), 0 and unset (on the
+    CPU) the reverse mode (radial_networks): the same energy and forces to float64's rounding,
+    a molecule and a periodic water box; each run names its operator (profiler); another value
+    is refused by name. (On the emulated CUDA build, unset is the forward mode, as on a GPU.)"""
+    model = small_model(dtype=torch.float64)
+    if periodic:
+        z, pos_nm, box_nm = water_box_nm(1.0)
+        x = torch.tensor(pos_nm, dtype=torch.float64)
+        box = torch.tensor(box_nm, dtype=torch.float64)
+        force = TensorNetForce(model, z, outputs_forces=True, fused_kernels=True, periodic=True)
+        args = (x, box)
+    else:
+        z, pos = molecule()
+        force = TensorNetForce(model, z, outputs_forces=True, fused_kernels=True)
+        args = (torch.tensor(pos, dtype=torch.float64),)
+    call = torch.jit.freeze(script(force).eval())
+    gpu = bool(os.environ.get("TENSORNET_OPENMM_EMULATED_CUDA"))  # (CPU tensors as a GPU's)
+    results = {}
+    for setting in ("", "0", "1"):
+        monkeypatch.setenv("TENSORNET_OPENMM_TANGENT_NETWORKS", setting)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            results[setting] = call(*args)
+        names = {event.name for event in prof.events()}
+        tangent = setting == "1" or (setting == "" and gpu)
+        assert ("tensornet_openmm::tangent_radial_networks" in names) == tangent, setting
+        assert ("tensornet_openmm::radial_networks" in names) == (not tangent), setting
+    for setting in ("", "1"):
+        energy, forces = results[setting]
+        torch.testing.assert_close(energy, results["0"][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(forces, results["0"][1], rtol=1e-10, atol=1e-10)
+        assert forces.abs().max() > 1e-3
+    monkeypatch.setenv("TENSORNET_OPENMM_TANGENT_NETWORKS", "yes")
+    with pytest.raises(RuntimeError, match="_TANGENT_NETWORKS='yes' is not a choice"):
+        call(*args)
 
 
 @pytest.mark.parametrize("low_memory", [False, True], ids=["default", "low_memory"])

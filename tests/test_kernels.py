@@ -555,6 +555,93 @@ def test_radial_networks_operator_equals_the_networks_one_by_one(act, two_thread
         op(basis, cut, w0, b0, 3 * f, 2, weights, biases, 2)
 
 
+def _tangent_case(
+    rbf_type, act, pairs=41, f=6, networks=2, seed=3, dtype=torch.float64, functions=8
+):
+    """Pair vectors (some beyond the cutoff, one inside the lower one), the basis parameters of
+    a small model and radial networks over ``networks`` networks: the arguments of
+    tangent_radial_networks, and of geometry + radial_networks for the same outputs."""
+    model = small_model(5.0, dtype, num_rbf=functions, rbf_type=rbf_type, cutoff_lower=0.3)
+    kind, centers, widths, alpha, basis_lower = model.distance_expansion.fused_parameters()
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.randn(pairs, 3, generator=g, dtype=dtype)
+    lengths = torch.rand(pairs, generator=g, dtype=dtype) * 5.6 + 0.2
+    vec = (directions / directions.norm(dim=1, keepdim=True) * lengths[:, None]).requires_grad_()
+    _, _, w0, b0, weights, biases = _network_inputs(seed, pairs, functions, f, networks)
+    geo = (centers, widths, kind, alpha, basis_lower, model.cutoff_lower, model.cutoff_upper)
+    def scaled(w):  # (values of order one, as a trained network's)
+        return (w / w.shape[1] ** 0.5).to(dtype)
+
+    nets = (scaled(w0), b0.to(dtype), 3 * f, networks, [scaled(w) for w in weights],
+            [b.to(dtype) for b in biases], act)  # fmt: skip
+    return vec, geo, nets
+
+
+@pytest.mark.parametrize("act", [0, 1], ids=["silu", "tanh"])
+@pytest.mark.parametrize("rbf_type", ["expnorm", "gauss"])
+def test_tangent_radial_networks_equal_the_reverse_mode(rbf_type, act, two_threads):
+    """tangent_radial_networks (the radial networks of the pair vectors, differentiated forward
+    in r) against geometry + radial_networks (reverse mode) in float64 (on a GPU: the small
+    networks' kernel with the derivatives as more rows): the same outputs, the same
+    vectors' gradients for every output seeded and for some outputs unused, gradcheck (central
+    differences), pairs beyond the cutoff with no gradient; weights to train refused."""
+    vec, geo, nets = _tangent_case(rbf_type, act)
+    ops = torch.ops.tensornet_openmm
+
+    def reverse(v):
+        cut, _, basis = ops.geometry(v, *geo)
+        return ops.radial_networks(basis, cut, *nets)
+
+    def tangent(v):
+        return ops.tangent_radial_networks(v, *geo, *nets)
+
+    got, expected = tangent(vec), reverse(vec)
+    assert [t.shape for t in got] == [(41, 18)] * 3
+    for a, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
+    g = torch.Generator().manual_seed(4)
+    seeds = [torch.randn(e.shape, generator=g, dtype=torch.float64) for e in expected]
+    (actual,) = torch.autograd.grad(got, vec, seeds)
+    (wanted,) = torch.autograd.grad(expected, vec, seeds)
+    torch.testing.assert_close(actual, wanted, rtol=1e-11, atol=1e-12)
+    beyond = vec.detach().norm(dim=1) >= 5.0
+    assert beyond.any() and (actual[beyond] == 0).all()
+    (actual,) = torch.autograd.grad(tangent(vec)[2].sum(), vec)  # the others unused
+    (wanted,) = torch.autograd.grad(reverse(vec)[2].sum(), vec)
+    torch.testing.assert_close(actual, wanted, rtol=1e-11, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda v: tangent(v), (vec,))
+    w0, b0, proj, networks, weights, biases, act_ = nets
+    trained = [w.clone().requires_grad_() for w in weights]
+    with pytest.raises(RuntimeError, match="tangent_radial_networks: no gradients for the weights"):
+        ops.tangent_radial_networks(vec, *geo, w0, b0, proj, networks, trained, biases, act_)
+    with pytest.raises(RuntimeError, match="network 1 layer 2 has weight \\[18, 11\\]"):
+        bad = weights[:3] + [weights[3][:, :11]]
+        ops.tangent_radial_networks(vec, *geo, w0, b0, proj, networks, bad, biases, act_)
+
+
+@pytest.mark.parametrize(
+    "pairs, f, functions", [(2100, 16, 8), (231, 128, 32)], ids=["products", "bench-shape"]
+)
+def test_tangent_radial_networks_in_float32_are_the_reverse_modes_to_rounding(pairs, f, functions):
+    """In float32 (a force's precision) the tangent operator's outputs are the reverse mode's and
+    its gradients agree to float32's rounding: 2,100 pairs (on a GPU above the small-network
+    kernels: products and tangent_activate_kernel), and the bench model's networks at alanine
+    dipeptide's 231 pairs (on a GPU the tangent forward kernel at 4 rows a block, in 56 KB of
+    shared memory: the kernel's limit raised above the default 48 KB)."""
+    vec, geo, nets = _tangent_case(
+        "expnorm", 0, pairs=pairs, f=f, dtype=torch.float32, functions=functions
+    )
+    ops = torch.ops.tensornet_openmm
+    cut, _, basis = ops.geometry(vec, *geo)
+    expected = ops.radial_networks(basis, cut, *nets)
+    got = ops.tangent_radial_networks(vec, *geo, *nets)
+    for a, e in zip(got, expected, strict=True):  # (the CPU's reverse mode adds its biases apart)
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    (wanted,) = torch.autograd.grad(sum(e.sum() for e in expected), vec)
+    (actual,) = torch.autograd.grad(sum(a.sum() for a in got), vec)
+    torch.testing.assert_close(actual, wanted, rtol=1e-4, atol=1e-4 * wanted.abs().max().item())
+
+
 @pytest.mark.parametrize("periodic", [False, True], ids=["vacuum", "triclinic"])
 def test_pair_difference_values_gradients_and_errors(periodic):
     """pair_difference(pos, src, dst, scale, box) = scale (pos[src] - pos[dst]), at its minimum

@@ -28,8 +28,11 @@
 #                                     session 29 left them, with the backward as before,
 #                                     with both as before, and without them
 #                                     (TENSORNET_OPENMM_SMALL_NETWORKS=0: cuBLAS), and the
-#                                     channel mixing through cuBLAS (..._SMALL_MIX=0), ours
-#                                     and tables, graphs on; each setting's kernel times
+#                                     channel mixing through cuBLAS (..._SMALL_MIX=0), and
+#                                     the radial networks in reverse mode
+#                                     (..._TANGENT_NETWORKS=0), ours and tables, graphs on;
+#                                     each setting's kernel times; then the 4,866-atom step
+#                                     in forward and in reverse mode
 #   sums     (none)                   the 4,866-atom step with the gathered pair sums and     2 min
 #                                     without (TENSORNET_OPENMM_GATHER_SUMS=0: atomic adds),
 #                                     ours, graphs off
@@ -37,6 +40,7 @@
 # If a stage's GPU tests fail: TENSORNET_OPENMM_SMALL_NETWORKS=0 runs the networks through
 # cuBLAS again (the small-network kernels off, the other fused kernels on),
 # TENSORNET_OPENMM_SMALL_MIX=0 a small molecule's channel mixing,
+# TENSORNET_OPENMM_TANGENT_NETWORKS=0 the radial networks in reverse mode (radial_networks),
 # TENSORNET_OPENMM_GATHER_SUMS=0 the long lists' pair sums through atomic adds again, and
 # TENSORNET_OPENMM_FUSED=0 runs plain PyTorch; prefix the later stages' commands with them.
 #
@@ -157,9 +161,13 @@ networks)
     # layer instead (at b7b30d5 the networks' products and cuBLAS's helpers were 56 of 203
     # kernels, 0.22 ms); on the H200 (2026-11-28) exact and tables differed by 0.18 ms a step at
     # 22 atoms, the radial networks' kernels. Last, the channel mixing through cuBLAS's batched
-    # product instead of small_mix_kernel (session 30). Each setting in a fresh process, one
-    # round (five settings: two rounds and the kernel times took more than 6 minutes)
+    # product instead of small_mix_kernel (session 30). Second, the radial networks in reverse
+    # mode (radial_networks: session 29's backward kernel) instead of forward mode (session 31's
+    # default on a GPU: the derivatives d/dr in the forward kernel, no backward through the
+    # layers). Each setting in a fresh process, one round (five settings: two rounds and the
+    # kernel times took more than 6 minutes)
     settings=("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=1024"
+              "TENSORNET_OPENMM_TANGENT_NETWORKS=0"
               "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256"
               "TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=256 TENSORNET_OPENMM_NETWORK_TILE_BYTES=64"
               "TENSORNET_OPENMM_SMALL_NETWORKS=0"
@@ -179,7 +187,15 @@ networks)
             --checkpoint /tmp/tensornet-dev/tensornet.ckpt --systems ala2 --routes ours \
             --top 60 >>"$out/networks_kernels.log" 2>&1
     done
-    grep -E "^==|per call|network|gemm|Kernel|mix" "$out/networks_kernels.log" | cut -c1-120
+    grep -E "^==|per call|network|tangent|gemm|Kernel|mix" "$out/networks_kernels.log" | cut -c1-120
+    # forward mode against reverse mode at 4,866 atoms (the networks through cuBLAS, the
+    # derivatives as a second product per layer), in turns
+    for setting in TENSORNET_OPENMM_TANGENT_NETWORKS= TENSORNET_OPENMM_TANGENT_NETWORKS=0; do
+        echo "== $setting" >>"$out/networks_box.log"
+        env "$setting" timeout 60 "${bench[@]}" --systems water --water-sizes 5000 \
+            --routes ours --graphs off --seconds 1.5 --timeout 45 >>"$out/networks_box.log" 2>&1
+        grep "^CUDA .*water" "$out/networks_box.log" | tail -1 | cut -c1-120
+    done
     ;;
 sums)
     # session 20's gathered pair sums (no atomic adds, from 2^21 pairs x channels) against the

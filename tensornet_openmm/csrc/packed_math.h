@@ -417,6 +417,21 @@ TN_MATH void geometry(const GeometryParams<T>& g, const T* v, T* cut, T* geom, T
   }
 }
 
+// The radial networks' inputs differentiated forward (tangent_radial_networks): the cutoff and
+// the basis (the same values as geometry's) and their derivatives d/dr, of one pair vector v
+template <typename T>
+TN_MATH void radial_tangent(const GeometryParams<T>& g, const T* v, T* cut, T* cut_slope,
+                            T* basis, T* basis_slope) {
+  const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  *cut = cosine_cut(r, g.lower, g.upper, cut_slope);
+  T c0 = T(1), c0_slope = T(0), e = T(0);
+  if (g.kind == kExpNormal) {
+    c0 = cosine_cut(r, T(0), g.upper, &c0_slope);
+    e = exp(g.alpha * (g.basis_lower - r));
+  }
+  for (int64_t k = 0; k < g.k; ++k) basis[k] = basis_value(g, k, r, c0, c0_slope, e, basis_slope + k);
+}
+
 // The gradient with respect to v (3) from those of cut, geom and basis (each may be null).
 template <typename T>
 TN_MATH void geometry_grad(const GeometryParams<T>& g, const T* v, const T* g_cut,

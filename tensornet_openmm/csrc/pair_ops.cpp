@@ -115,6 +115,22 @@ bool small_mix(const at::Tensor& p);
 at::Tensor mix(const at::Tensor& p, const at::Tensor& w, const at::Tensor& gate_in,
                const at::Tensor& gate_out, at::Tensor* plain);
 at::Tensor gate_grad(const at::Tensor& grad, const at::Tensor& plain);
+bool small_tangent_network(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0,
+                           int64_t proj, int64_t networks, at::TensorList weights,
+                           at::TensorList biases);
+void network_tangent_forward(const at::Tensor& x, const at::Tensor& tx, const at::Tensor& scale,
+                             const at::Tensor& tscale, const at::Tensor& w0, const at::Tensor& b0,
+                             int64_t proj, int64_t networks, at::TensorList weights,
+                             at::TensorList biases, int64_t activation, const at::Tensor& out_proj,
+                             at::TensorList outs, const at::Tensor& tan);
+void tangent_activate(int64_t activation, const at::Tensor& z, const at::Tensor& t,
+                      const at::Tensor& scale, const at::Tensor& tscale, const at::Tensor& h,
+                      const at::Tensor& th);
+at::Tensor tangent_grad(const at::Tensor& vec, at::TensorList g_outs, at::IntArrayRef widths,
+                        const at::Tensor& tan);
+std::vector<at::Tensor> radial_tangent(const at::Tensor& vec, const at::Tensor& centers,
+                                       const at::Tensor& widths, int64_t kind, double alpha,
+                                       double basis_lower, double lower, double upper);
 }  // namespace tn_cuda
 #endif
 
@@ -2787,6 +2803,29 @@ void tn_cuda_network_backward(const at::Tensor& scale, const at::Tensor& w0, int
 #endif
 }
 
+bool small_tangent(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0, int64_t proj,
+                   int64_t networks, at::TensorList weights, at::TensorList biases) {
+#ifdef TN_WITH_CUDA
+  return tn_cuda::small_tangent_network(x, w0, b0, proj, networks, weights, biases);
+#else
+  return false;
+#endif
+}
+
+void tn_cuda_network_tangent(const at::Tensor& x, const at::Tensor& tx, const at::Tensor& scale,
+                             const at::Tensor& tscale, const at::Tensor& w0, const at::Tensor& b0,
+                             int64_t proj, int64_t networks, at::TensorList weights,
+                             at::TensorList biases, int64_t activation, const at::Tensor& out_proj,
+                             at::TensorList outs, const at::Tensor& tan) {
+  RECORD_FUNCTION("tensornet_openmm::small_network", std::vector<c10::IValue>());
+#ifdef TN_WITH_CUDA
+  tn_cuda::network_tangent_forward(x, tx, scale, tscale, w0, b0, proj, networks, weights, biases,
+                                   activation, out_proj, outs, tan);
+#else
+  TORCH_CHECK(false, "small networks: no CUDA kernels built");
+#endif
+}
+
 // ---- A projection times the scale, on the CPU ----------------------------------------------------
 // One layer without activation, times a scale per row (the embedding's distance projections of a
 // block of pairs: 32 -> 3 x 128, times the cutoff), with constant weights (a force) on the CPU:
@@ -3661,6 +3700,209 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry_op(
   return {out[0], out[1], out[2]};
 }
 
+// ---- The radial networks differentiated forward in r ------------------------------------------
+// radial_networks' outputs as functions of the pair vectors, their derivatives made in the
+// forward (forward mode): each pair's networks see one input, r, so d/dr of every layer goes
+// along with its values (t' = act'(z) W t, the same products without the bias), and the
+// backward is a sum per pair, dE/dr = sum over the outputs of g . dout/dr, times u. The reverse
+// mode (radial_networks) takes every layer back through its transposed product instead, from
+// the saved pre-activations: the same multiply-adds, but on a GPU a second pass of a small
+// molecule's networks as long chains of dependent reads (network_backward_kernel), and the
+// pre-activations kept. Here nothing pair-sized is kept but the derivatives (as wide as the
+// outputs). Outputs as radial_networks'; the basis and the cutoff are made here from the vectors
+// (tn_math::radial_tangent, the same values as geometry's). Gradients: the vectors' only (first
+// derivatives, constant weights: a force).
+
+// the inputs and their derivatives: cut, d cut / dr, basis, d basis / dr
+std::vector<at::Tensor> radial_tangent_inputs(const at::Tensor& vec, const at::Tensor& centers,
+                                              const at::Tensor& widths, int64_t kind,
+                                              double alpha, double basis_lower, double lower,
+                                              double upper) {
+#ifdef TN_WITH_CUDA
+  if (vec.is_cuda()) {
+    return tn_cuda::radial_tangent(vec, centers, widths, kind, alpha, basis_lower, lower, upper);
+  }
+#endif
+  const int64_t pairs = vec.size(0), k = centers.size(0);
+  std::vector<at::Tensor> out = {at::empty({pairs}, vec.options()), at::empty({pairs}, vec.options()),
+                                 at::empty({pairs, k}, vec.options()),
+                                 at::empty({pairs, k}, vec.options())};
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_radial_tangent", [&] {
+    const tn_math::GeometryParams<scalar_t> g(kind, alpha, basis_lower, lower, upper,
+                                              centers.data_ptr<scalar_t>(),
+                                              widths.data_ptr<scalar_t>(), k);
+    const scalar_t* v = vec.data_ptr<scalar_t>();
+    scalar_t *c = out[0].data_ptr<scalar_t>(), *dc = out[1].data_ptr<scalar_t>(),
+             *b = out[2].data_ptr<scalar_t>(), *db = out[3].data_ptr<scalar_t>();
+    split(pairs, kPairGrain, pairs * (k + 1) * kGeometryWork, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        tn_math::radial_tangent(g, v + 3 * p, c + p, dc + p, b + k * p, db + k * p);
+      }
+    });
+  });
+  return out;
+}
+
+// h = act(z) s and th = act'(z) t s + act(z) ts (scale undefined: s = 1, ts = 0), into h and th
+void tangent_activate(int64_t activation, const at::Tensor& z, const at::Tensor& t,
+                      const at::Tensor& scale, const at::Tensor& tscale, at::Tensor h,
+                      at::Tensor th) {
+#ifdef TN_WITH_CUDA
+  if (z.is_cuda()) {
+    tn_cuda::tangent_activate(activation, z, t, scale.defined() ? scale : at::Tensor(),
+                              tscale.defined() ? tscale : at::Tensor(), h, th);
+    return;
+  }
+#endif
+  at::Tensor v, slope;
+  if (activation == kSiLU) {
+    const at::Tensor sig = at::sigmoid(z);
+    v = z * sig;
+    slope = sig * (1 + z * (1 - sig));
+  } else if (activation == kTanh) {
+    v = at::tanh(z);
+    slope = 1 - v * v;
+  } else {
+    v = z;
+    slope = at::ones_like(z);
+  }
+  if (scale.defined()) {
+    const at::Tensor s = scale.unsqueeze(1), ds = tscale.unsqueeze(1);
+    th.copy_(slope * t * s + v * ds);
+    h.copy_(v * s);
+  } else {
+    th.copy_(slope * t);
+    h.copy_(v);
+  }
+}
+
+class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetworks> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& vec_in,
+                               const at::Tensor& centers_in, const at::Tensor& widths_in,
+                               int64_t kind, double alpha, double basis_lower, double lower,
+                               double upper, const at::Tensor& first_weight,
+                               const at::Tensor& first_bias, int64_t projection, int64_t networks,
+                               at::TensorList weights, at::TensorList biases, int64_t activation) {
+    geometry_checked(vec_in, centers_in, widths_in, kind, lower, upper);
+    TORCH_CHECK(!centers_in.requires_grad() && !widths_in.requires_grad(),
+                "tangent_radial_networks: no gradients for the basis parameters here");
+    bool params = first_weight.requires_grad() || first_bias.requires_grad();
+    for (const at::Tensor& t : weights) params = params || t.requires_grad();
+    for (const at::Tensor& t : biases) params = params || t.requires_grad();
+    TORCH_CHECK(!params, "tangent_radial_networks: no gradients for the weights here (the fused "
+                "kernels are for forces): train with the PyTorch code (fused_kernels=False)");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor vec = vec_in.contiguous();
+    on_cuda("tangent_radial_networks", {vec, centers_in, widths_in});
+    const std::vector<at::Tensor> in =
+        radial_tangent_inputs(vec, centers_in.contiguous(), widths_in.contiguous(), kind, alpha,
+                              basis_lower, lower, upper);
+    const at::Tensor &cut = in[0], &tcut = in[1], &basis = in[2], &tbasis = in[3];
+    const RadialShape sh = radial_checked(basis, cut, first_weight, first_bias, projection,
+                                          networks, weights, biases, activation);
+    const int64_t pairs = basis.size(0), total = first_weight.size(0);
+    std::vector<int64_t> widths = {projection};
+    for (int64_t n = 0; n < networks; ++n) widths.push_back(weights[n * sh.depth + sh.depth - 1].size(0));
+    int64_t all = 0;
+    for (const int64_t w : widths) all += w;
+    at::Tensor tan = at::empty({pairs, all}, basis.options());  // the outputs' d/dr, side by side
+    variable_list outs;
+    for (const int64_t w : widths) outs.push_back(at::empty({pairs, w}, basis.options()));
+    auto tan_of = [&](int64_t o) {
+      int64_t offset = 0;
+      for (int64_t q = 0; q < o; ++q) offset += widths[q];
+      return tan.narrow(1, offset, widths[o]);
+    };
+    if (small_tangent(basis, first_weight, first_bias, projection, networks, weights, biases)) {
+      tn_cuda_network_tangent(basis, tbasis, cut, tcut, first_weight, first_bias, projection,
+                              networks, weights, biases, activation, outs[0],
+                              at::TensorList(outs).slice(1), tan);
+    } else if (pairs > 0) {
+      RECORD_FUNCTION("tensornet_openmm::tangent_networks", std::vector<c10::IValue>());
+      const at::Tensor z0 = at::addmm(first_bias, basis, first_weight.t());
+      const at::Tensor t0 = at::mm(tbasis, first_weight.t());
+      tangent_activate(kIdentity, z0.narrow(1, 0, projection), t0.narrow(1, 0, projection), cut,
+                       tcut, outs[0], tan_of(0));
+      at::Tensor h0 = at::empty({pairs, total - projection}, basis.options());
+      at::Tensor th0 = at::empty_like(h0);
+      tangent_activate(activation, z0.narrow(1, projection, total - projection),
+                       t0.narrow(1, projection, total - projection), at::Tensor(), at::Tensor(),
+                       h0, th0);
+      for (int64_t n = 0; n < networks; ++n) {
+        at::Tensor h = h0.narrow(1, n * sh.first, sh.first), th = th0.narrow(1, n * sh.first, sh.first);
+        for (int64_t l = 0; l < sh.depth; ++l) {
+          const int64_t k = n * sh.depth + l;
+          const at::Tensor z = at::addmm(biases[k], h, weights[k].t());
+          const at::Tensor t = at::mm(th, weights[k].t());
+          if (l == sh.depth - 1) {
+            tangent_activate(activation, z, t, cut, tcut, outs[1 + n], tan_of(1 + n));
+          } else {
+            h = at::empty_like(z);
+            th = at::empty_like(z);
+            tangent_activate(activation, z, t, at::Tensor(), at::Tensor(), h, th);
+          }
+        }
+      }
+    }
+    ctx->save_for_backward({vec, tan});
+    ctx->saved_data["widths"] = widths;
+    ctx->saved_data["inputs"] = static_cast<int64_t>(13 + weights.size() + biases.size());
+    return outs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &vec = saved[0], &tan = saved[1];
+    const std::vector<int64_t> widths = ctx->saved_data["widths"].toIntVector();
+    variable_list result(ctx->saved_data["inputs"].toInt());
+    if (!ctx->needs_input_grad(0)) return result;
+    std::vector<at::Tensor> g;
+    for (size_t o = 0; o < widths.size(); ++o) {
+      g.push_back(grads[o].defined() ? unit_columns(grads[o]) : at::Tensor());
+    }
+#ifdef TN_WITH_CUDA
+    if (vec.is_cuda()) {
+      RECORD_FUNCTION("tensornet_openmm::tangent_grad", std::vector<c10::IValue>());
+      result[0] = tn_cuda::tangent_grad(vec, g, widths, tan);
+      return result;
+    }
+#endif
+    at::Tensor d_r = at::zeros({vec.size(0)}, vec.options());
+    int64_t offset = 0;
+    for (size_t o = 0; o < widths.size(); ++o) {
+      if (g[o].defined()) d_r += (g[o] * tan.narrow(1, offset, widths[o])).sum(1);
+      offset += widths[o];
+    }
+    const at::Tensor r = vec.norm(2, 1, true);
+    result[0] = d_r.unsqueeze(1) * (vec / r);
+    return result;
+  }
+};
+
+std::vector<at::Tensor> tangent_radial_networks_op(
+    const at::Tensor& vec, const at::Tensor& centers, const at::Tensor& widths, int64_t kind,
+    double alpha, double basis_lower, double lower, double upper, const at::Tensor& first_weight,
+    const at::Tensor& first_bias, int64_t projection, int64_t networks, at::TensorList weights,
+    at::TensorList biases, int64_t activation) {
+  return TangentRadialNetworks::apply(vec, centers, widths, kind, alpha, basis_lower, lower, upper,
+                                      first_weight, first_bias, projection, networks, weights,
+                                      biases, activation);
+}
+
+// Whether the model differentiates its radial networks forward (tangent_radial_networks) for
+// pairs on x's device: TENSORNET_OPENMM_TANGENT_NETWORKS unset or empty, on a GPU (on the CPU the
+// reverse mode, radial_networks, runs its products at MKL's peak with its fused activation
+// passes); 0, never; 1, everywhere (the CPU too: tests). Read at each call (a getenv, no launch).
+bool tangent_networks(const at::Tensor& x) {
+  const char* v = std::getenv("TENSORNET_OPENMM_TANGENT_NETWORKS");
+  const std::string text = v == nullptr ? "" : v;
+  TORCH_CHECK(text.empty() || text == "0" || text == "1", "TENSORNET_OPENMM_TANGENT_NETWORKS='",
+              text, "' is not a choice: give 0 (reverse mode), 1 (forward mode everywhere), or ",
+              "leave it unset for forward mode on a GPU");
+  return text == "1" || (text.empty() && x.is_cuda());
+}
+
 // ---- Tabulated radial functions -------------------------------------------------------------
 // cut(r) g(r) for every pair vector, g read from a table (tn_math::table_weights): a layer's
 // radial filters, which a network of three matrix products makes from the radial basis, as four
@@ -3871,6 +4113,12 @@ TORCH_LIBRARY(tensornet_openmm, m) {
       "int projection, int networks, Tensor[] weights, Tensor[] biases, int activation) -> "
       "Tensor[]");
   m.def(
+      "tangent_radial_networks(Tensor vec, Tensor centers, Tensor widths, int kind, float alpha, "
+      "float basis_lower, float lower, float upper, Tensor first_weight, Tensor first_bias, "
+      "int projection, int networks, Tensor[] weights, Tensor[] biases, int activation) -> "
+      "Tensor[]");
+  m.def("tangent_networks(Tensor x) -> bool", tangent_networks);
+  m.def(
       "geometry(Tensor vec, Tensor centers, Tensor widths, int kind, float alpha, "
       "float basis_lower, float lower, float upper) -> (Tensor, Tensor, Tensor)");
   m.def(
@@ -3905,6 +4153,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CPU, m) {
   m.impl("pair_difference", pair_difference_kernel);
   m.impl("pair_search", pair_search_kernel);
   m.impl("radial_networks", radial_networks_op);
+  m.impl("tangent_radial_networks", tangent_radial_networks_op);
 }
 
 #ifdef TN_WITH_CUDA
@@ -3935,6 +4184,7 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, CUDA, m) {
   m.impl("pair_difference", pair_difference_kernel);
   m.impl("pair_search", pair_search_kernel);
   m.impl("radial_networks", radial_networks_op);
+  m.impl("tangent_radial_networks", tangent_radial_networks_op);
 }
 #endif
 
@@ -3961,4 +4211,5 @@ TORCH_LIBRARY_IMPL(tensornet_openmm, Autograd, m) {
   m.impl("pair_difference", pair_difference_op);
   m.impl("pair_search", pair_search_op);
   m.impl("radial_networks", radial_networks_op);
+  m.impl("tangent_radial_networks", tangent_radial_networks_op);
 }

@@ -688,6 +688,11 @@ struct NetArgs {
   const T* g_out[kNetLayers] = {};  // ld_g apart (0: one row for all, an energy sum's)
   int64_t ld_g_proj = 0;
   int64_t ld_g[kNetLayers] = {};
+  const T* tx = nullptr;        // the tangent forward's (TAN): d x / dr (rows, k), d scale / dr
+  const T* tscale = nullptr;    // (rows), and the outputs' derivatives, rows ld_t apart
+  T* t_proj = nullptr;
+  T* t_out[kNetLayers] = {};
+  int64_t ld_t = 0;
   T* g_x = nullptr;             // gradients wanted (null: not)
   T* g_scale = nullptr;
   int64_t mid = 0;     // the widest hidden (not last) further layer
@@ -725,7 +730,9 @@ int64_t forward_chunks(const NetShape& s) { return (s.last + kThreads - 1) / kTh
 // such stages, each waiting for its reads from L2, so the wider a stage the shorter the chain:
 // KT of 128 bytes of a row (float: 32 columns; 64 bytes until session 29), a warp's tile 4.2 KB
 // with the padding, a block's 8 warps' 34 KB of the 48
-template <typename T, int R, int KT, typename Epilogue>
+// (B: the rows that take the bias, the first; the tangent forward's further R - B rows are
+// derivatives, which do not)
+template <typename T, int R, int KT, int B = R, typename Epilogue>
 __device__ __forceinline__ void dense_forward(const T* __restrict__ w, const T* __restrict__ b,
                                               int64_t in, int64_t o_begin, int64_t o_end,
                                               const T* h, int64_t ldh, T* tiles,
@@ -738,7 +745,7 @@ __device__ __forceinline__ void dense_forward(const T* __restrict__ w, const T* 
     const T bias = ok ? b[o] : T(0);
     T acc[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = bias;
+    for (int r = 0; r < R; ++r) acc[r] = r < B ? bias : T(0);
     // a stage's reads into registers: lanes read KT-long pieces of 32 / KT rows at a time; the
     // next stage's are issued before this one is summed, so that their wait overlaps the sums
     T v[KT];
@@ -821,46 +828,81 @@ __device__ __forceinline__ void dense_backward(const T* __restrict__ w, int64_t 
 // layer's outputs this block makes (blockDim.x of them), the layers before it made by each.
 // Shared: the input rows (R x k), the first layer's activations of network n (R x first), two
 // hidden layers' (R x mid each), the warps' weight tiles.
+// TAN (tangent_radial_networks): the rows' derivatives d/dr go along, R more rows of each
+// (shared: 2R rows, the values then the derivatives), through the same products with the same
+// weight tiles (no bias), each layer's t' = act'(z) W t; the outputs' derivatives (times the
+// scale, plus act(z) times the scale's derivative) go to t_proj and t_out, and no z is kept: the
+// backward is then a sum per row (tangent_grad_kernel), not a pass back through the layers.
 // (at most 128 registers a thread: two blocks to a multiprocessor. Unbounded, a block of 4 rows
 // with 32-column tiles took 166, so the radial networks' 232 blocks at alanine dipeptide's 231
 // pairs would have run in two waves; ptxas -v of NVRTC's PTX, scripts/nvrtc_check.py)
-template <typename T, int R, int KT>
+template <typename T, int R, int KT, bool TAN = false>
 __global__ void __launch_bounds__(kThreads, 2) network_forward_kernel(NetArgs<T> a) {
+  constexpr int RR = TAN ? 2 * R : R;  // rows in shared memory: values (then derivatives)
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* xs = reinterpret_cast<T*>(shared_bytes);
-  T* a0 = xs + R * a.k;
-  T* hidden[2] = {a0 + R * a.first, a0 + R * a.first + R * a.mid};
-  T* tiles = hidden[1] + R * a.mid;
+  T* a0 = xs + RR * a.k;
+  T* hidden[2] = {a0 + RR * a.first, a0 + RR * a.first + RR * a.mid};
+  T* tiles = hidden[1] + RR * a.mid;
   const int64_t row0 = blockIdx.x * int64_t(R);
   const int rows = a.rows - row0 < R ? static_cast<int>(a.rows - row0) : R;
   const int n = blockIdx.y / a.chunks, chunk = blockIdx.y % a.chunks;
-  for (int64_t e = threadIdx.x; e < R * a.k; e += blockDim.x) {
-    const int64_t r = e / a.k;
-    xs[e] = r < rows ? a.x[(row0 + r) * a.k + (e - r * a.k)] : T(0);
+  for (int64_t e = threadIdx.x; e < RR * a.k; e += blockDim.x) {
+    if constexpr (TAN) {
+      const int64_t q = e / a.k, r = q % R;  // (q >= R: a derivative's row)
+      const T* x = q < R ? a.x : a.tx;
+      xs[e] = r < rows ? x[(row0 + r) * a.k + (e - q * a.k)] : T(0);
+    } else {
+      const int64_t r = e / a.k;
+      xs[e] = r < rows ? a.x[(row0 + r) * a.k + (e - r * a.k)] : T(0);
+    }
   }
   __syncthreads();
-  if (n == 0 && chunk == 0 && a.proj > 0) {  // the projection: no activation, times the scale
-    dense_forward<T, R, KT>(a.w0, a.b0, a.k, 0, a.proj, xs, a.k, tiles,
-                        [&](int64_t o, const T(&acc)[R]) {
+  // the tangent forward's epilogue of a hidden layer: act(z) and act'(z) t into rows r and
+  // R + r of `to` (ld apart)
+  auto tangent_rows = [&](int64_t o, const T(&acc)[RR], T* to, int64_t ld) {
 #pragma unroll
-                          for (int r = 0; r < R; ++r) {
-                            if (r >= rows) continue;
-                            const int64_t row = row0 + r;
-                            a.z0[row * a.t0 + o] = acc[r];
-                            a.out_proj[row * a.proj + o] =
-                                a.scale != nullptr ? acc[r] * a.scale[row] : acc[r];
-                          }
-                        });
+    for (int r = 0; r < R; ++r) {
+      to[r * ld + o] = activated(a.activation, acc[r]);
+      to[(R + r) * ld + o] = activation_slope(a.activation, acc[r]) * acc[RR - R + r];
+    }
+  };
+  if (n == 0 && chunk == 0 && a.proj > 0) {  // the projection: no activation, times the scale
+    dense_forward<T, RR, KT, R>(a.w0, a.b0, a.k, 0, a.proj, xs, a.k, tiles,
+                                [&](int64_t o, const T(&acc)[RR]) {
+#pragma unroll
+                                  for (int r = 0; r < R; ++r) {
+                                    if (r >= rows) continue;
+                                    const int64_t row = row0 + r;
+                                    if constexpr (TAN) {
+                                      const T t = acc[RR - R + r];
+                                      a.out_proj[row * a.proj + o] =
+                                          a.scale != nullptr ? acc[r] * a.scale[row] : acc[r];
+                                      a.t_proj[row * a.ld_t + o] =
+                                          a.scale != nullptr
+                                              ? t * a.scale[row] + acc[r] * a.tscale[row]
+                                              : t;
+                                    } else {
+                                      a.z0[row * a.t0 + o] = acc[r];
+                                      a.out_proj[row * a.proj + o] =
+                                          a.scale != nullptr ? acc[r] * a.scale[row] : acc[r];
+                                    }
+                                  }
+                                });
   }
   const int64_t col0 = a.proj + n * a.first;  // network n's columns of the first layer
-  dense_forward<T, R, KT>(a.w0, a.b0, a.k, col0, col0 + a.first, xs, a.k, tiles,
-                      [&](int64_t o, const T(&acc)[R]) {
+  dense_forward<T, RR, KT, R>(a.w0, a.b0, a.k, col0, col0 + a.first, xs, a.k, tiles,
+                              [&](int64_t o, const T(&acc)[RR]) {
+                                if constexpr (TAN) {
+                                  tangent_rows(o - col0, acc, a0, a.first);
+                                } else {
 #pragma unroll
-                        for (int r = 0; r < R; ++r) {
-                          if (chunk == 0 && r < rows) a.z0[(row0 + r) * a.t0 + o] = acc[r];
-                          a0[r * a.first + (o - col0)] = activated(a.activation, acc[r]);
-                        }
-                      });
+                                  for (int r = 0; r < R; ++r) {
+                                    if (chunk == 0 && r < rows) a.z0[(row0 + r) * a.t0 + o] = acc[r];
+                                    a0[r * a.first + (o - col0)] = activated(a.activation, acc[r]);
+                                  }
+                                }
+                              });
   __syncthreads();
   const T* h = a0;
   int64_t width_in = a.first;
@@ -870,14 +912,18 @@ __global__ void __launch_bounds__(kThreads, 2) network_forward_kernel(NetArgs<T>
     T* zq = a.z[q];
     if (l + 1 < a.depth) {  // a hidden layer, into shared memory (every chunk's block makes it)
       T* next = hidden[l % 2];
-      dense_forward<T, R, KT>(a.w[q], a.b[q], width_in, 0, width, h, width_in, tiles,
-                          [&](int64_t o, const T(&acc)[R]) {
+      dense_forward<T, RR, KT, R>(a.w[q], a.b[q], width_in, 0, width, h, width_in, tiles,
+                                  [&](int64_t o, const T(&acc)[RR]) {
+                                    if constexpr (TAN) {
+                                      tangent_rows(o, acc, next, width);
+                                    } else {
 #pragma unroll
-                            for (int r = 0; r < R; ++r) {
-                              if (chunk == 0 && r < rows) zq[(row0 + r) * width + o] = acc[r];
-                              next[r * width + o] = activated(a.activation, acc[r]);
-                            }
-                          });
+                                      for (int r = 0; r < R; ++r) {
+                                        if (chunk == 0 && r < rows) zq[(row0 + r) * width + o] = acc[r];
+                                        next[r * width + o] = activated(a.activation, acc[r]);
+                                      }
+                                    }
+                                  });
       __syncthreads();
       h = next;
       width_in = width;
@@ -885,17 +931,27 @@ __global__ void __launch_bounds__(kThreads, 2) network_forward_kernel(NetArgs<T>
       const int64_t o_begin = chunk * int64_t(blockDim.x);
       const int64_t o_end = o_begin + blockDim.x < width ? o_begin + blockDim.x : width;
       T* out = a.out[n];
-      dense_forward<T, R, KT>(a.w[q], a.b[q], width_in, o_begin, o_end, h, width_in, tiles,
-                          [&](int64_t o, const T(&acc)[R]) {
+      T* t_out = a.t_out[n];
+      dense_forward<T, RR, KT, R>(
+          a.w[q], a.b[q], width_in, o_begin, o_end, h, width_in, tiles,
+          [&](int64_t o, const T(&acc)[RR]) {
 #pragma unroll
-                            for (int r = 0; r < R; ++r) {
-                              if (r >= rows) continue;
-                              const int64_t row = row0 + r;
-                              zq[row * width + o] = acc[r];
-                              const T v = activated(a.last_activation, acc[r]);
-                              out[row * width + o] = a.scale != nullptr ? v * a.scale[row] : v;
-                            }
-                          });
+            for (int r = 0; r < R; ++r) {
+              if (r >= rows) continue;
+              const int64_t row = row0 + r;
+              if constexpr (TAN) {
+                const T v = activated(a.last_activation, acc[r]);
+                const T dv = activation_slope(a.last_activation, acc[r]) * acc[RR - R + r];
+                out[row * width + o] = a.scale != nullptr ? v * a.scale[row] : v;
+                t_out[row * a.ld_t + o] =
+                    a.scale != nullptr ? dv * a.scale[row] + v * a.tscale[row] : dv;
+              } else {
+                zq[row * width + o] = acc[r];
+                const T v = activated(a.last_activation, acc[r]);
+                out[row * width + o] = a.scale != nullptr ? v * a.scale[row] : v;
+              }
+            }
+          });
     }
   }
 }
@@ -1011,6 +1067,66 @@ __global__ void __launch_bounds__(kNetBackwardThreads) network_backward_kernel(N
       for (int w = 0; w < warps; ++w) sum += part[threadIdx.x * warps + w];
       a.g_scale[row0 + threadIdx.x] = sum;
     }
+  }
+}
+
+// ---- The radial networks differentiated forward (tangent_radial_networks) ---------------------
+// With the outputs' derivatives d/dr made in the forward, a pair's gradient is one sum: dE/dr =
+// sum over the outputs of g . dout/dr, and the vector's dE/dr u. A warp per pair.
+template <typename T>
+struct TangentArgs {
+  const T* g[kNetLayers + 1] = {};  // each output's gradient (null: zero), rows ld_g apart
+  int64_t ld_g[kNetLayers + 1] = {};
+  int64_t width[kNetLayers + 1] = {};
+  int outputs = 0;
+  const T* tan = nullptr;  // the outputs' derivatives side by side, rows ld_t apart
+  int64_t ld_t = 0;
+  const T* vec = nullptr;  // (rows, 3) pair vectors
+  T* g_vec = nullptr;      // (rows, 3)
+  int64_t rows = 0;
+};
+
+template <typename T>
+__global__ void tangent_grad_kernel(TangentArgs<T> a) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= a.rows) return;  // the whole warp: the shuffles below see all its lanes
+  const T* t = a.tan + row * a.ld_t;
+  T sum = T(0);
+  for (int o = 0; o < a.outputs; ++o) {
+    if (a.g[o] != nullptr) {
+      const T* g = a.g[o] + row * a.ld_g[o];
+      for (int64_t f = lane; f < a.width[o]; f += 32) sum += g[f] * t[f];
+    }
+    t += a.width[o];
+  }
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+  if (lane == 0) {
+    const T* v = a.vec + 3 * row;
+    const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+    for (int c = 0; c < 3; ++c) a.g_vec[3 * row + c] = sum * (v[c] / r);
+  }
+}
+
+// The tangent forward's activation for rows of any length (the products cuBLAS's): h = act(z) s
+// and th = act'(z) t s + act(z) ts, with s and ts per row (null: 1 and 0), one thread per value
+template <typename T>
+__global__ void tangent_activate_kernel(int activation, const T* __restrict__ z, int64_t ld_z,
+                                        const T* __restrict__ t, int64_t ld_t,
+                                        const T* __restrict__ scale, const T* __restrict__ tscale,
+                                        T* __restrict__ h, int64_t ld_h, T* __restrict__ th,
+                                        int64_t ld_th, int64_t rows, int64_t width) {
+  const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (e >= rows * width) return;
+  const int64_t r = e / width, f = e - r * width;
+  const T zv = z[r * ld_z + f], v = activated(activation, zv);
+  const T dv = activation_slope(activation, zv) * t[r * ld_t + f];
+  if (scale != nullptr) {
+    h[r * ld_h + f] = v * scale[r];
+    th[r * ld_th + f] = dv * scale[r] + v * tscale[r];
+  } else {
+    h[r * ld_h + f] = v;
+    th[r * ld_th + f] = dv;
   }
 }
 
@@ -1232,6 +1348,19 @@ __global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restric
   const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (p >= pairs) return;
   tn_math::geometry(g, vec + 3 * p, cut + p, geom + tn_math::kGeometry * p, basis + g.k * p);
+}
+
+// the radial networks' inputs and their derivatives d/dr (tn_math::radial_tangent), a thread
+// per pair
+template <typename T>
+__global__ void radial_tangent_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
+                                      T* __restrict__ cut, T* __restrict__ cut_slope,
+                                      T* __restrict__ basis, T* __restrict__ basis_slope,
+                                      int64_t pairs) {
+  const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (p >= pairs) return;
+  tn_math::radial_tangent(g, vec + 3 * p, cut + p, cut_slope + p, basis + g.k * p,
+                          basis_slope + g.k * p);
 }
 
 template <typename T>
@@ -1856,18 +1985,59 @@ int block_threads(const NetShape& s, bool backward, size_t bytes) {
   return backward_shared(s, 1, bytes, threads) <= kNetworkShared ? threads : kThreads;
 }
 
-// the shared memory of a block of r rows, as launched
-size_t block_shared(const NetShape& s, int r, bool backward, size_t bytes) {
+// the shared memory of a block of r rows, as launched (tangent: the forward with the rows'
+// derivatives, twice the rows' shared memory)
+size_t block_shared(const NetShape& s, int r, bool backward, size_t bytes, bool tangent = false) {
   return backward ? backward_shared(s, r, bytes, block_threads(s, true, bytes))
-                  : forward_shared(s, r, bytes, tile_bytes_setting());
+                  : forward_shared(s, tangent ? 2 * r : r, bytes, tile_bytes_setting());
 }
 
-// Rows per block: the most (up to 8) that still give half the GPU's multiprocessors a block,
+// The shared memory a block of the tangent forward may take: up to kTangentShared where the
+// device lets a kernel opt in to more than the default 48 KB (asked once per device: no
+// synchronisation). The derivatives' rows double the rows' part of a block's shared memory: in
+// 48 KB alanine dipeptide's radial networks would run 2 rows a block, 464 blocks, about two
+// waves of two blocks a multiprocessor, where the plain forward runs 4 rows in 232 blocks (one
+// wave); in 56 KB the tangent forward runs 4 rows too.
+constexpr size_t kTangentShared = 96 * 1024;
+
+size_t tangent_shared_limit() {
+  static int limits[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= 64) return kNetworkShared;
+  if (limits[device] == 0) {
+    int optin = 0;
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    limits[device] = static_cast<int>(
+        std::max(kNetworkShared, std::min(kTangentShared, static_cast<size_t>(optin))));
+  }
+  return static_cast<size_t>(limits[device]);
+}
+
+// A tangent forward kernel's limit of dynamic shared memory raised to tangent_shared_limit(),
+// once per device (raised: the kernel's flags by device), so in the eager calls before a CUDA
+// graph is captured
+template <typename K>
+void raise_shared_limit(K kernel, bool* raised) {
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 0 && device < 64 && raised[device]) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(tangent_shared_limit())));
+  if (device >= 0 && device < 64) raised[device] = true;
+}
+
+// Rows per block: the most (up to 8; the tangent forward's up to 4, whose 8 accumulators a
+// thread are the plain one's at 8) that still give half the GPU's multiprocessors a block,
 // within the shared memory; 0 if not even one row fits.
-int rows_per_block(const NetShape& s, int64_t columns, bool backward, size_t bytes) {
+int rows_per_block(const NetShape& s, int64_t columns, bool backward, size_t bytes,
+                   bool tangent = false) {
   const int64_t sms = multiprocessors();
+  const size_t limit = tangent ? tangent_shared_limit() : kNetworkShared;
   for (int r : {8, 4, 2, 1}) {
-    if (block_shared(s, r, backward, bytes) > kNetworkShared) continue;
+    if (tangent && r > 4) continue;
+    if (block_shared(s, r, backward, bytes, tangent) > limit) continue;
     if (r == 1 || (s.rows + r - 1) / r * columns >= (sms + 1) / 2) return r;
   }
   return 0;
@@ -1882,7 +2052,7 @@ NetArgs<T> net_args(const NetShape& s, int64_t activation, const at::Tensor& sca
   a.rows = s.rows;
   a.k = s.k;
   a.w0 = w0.data_ptr<T>();
-  a.z0 = z0.data_ptr<T>();
+  a.z0 = z0.defined() ? z0.data_ptr<T>() : nullptr;  // (the tangent forward keeps no z)
   a.t0 = s.t0;
   a.proj = s.proj;
   a.first = s.first;
@@ -1894,7 +2064,7 @@ NetArgs<T> net_args(const NetShape& s, int64_t activation, const at::Tensor& sca
   a.widest = s.widest;
   for (size_t q = 0; q < weights.size(); ++q) {
     a.w[q] = weights[q].data_ptr<T>();
-    a.z[q] = z[q].data_ptr<T>();
+    a.z[q] = q < z.size() ? z[q].data_ptr<T>() : nullptr;
     a.width[q] = weights[q].size(0);
   }
   return a;
@@ -1907,6 +2077,25 @@ void launch_network(const NetArgs<T>& a, bool backward, int64_t columns, size_t 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   constexpr int kNarrow = static_cast<int>(64 / sizeof(T));  // a tile's columns
   constexpr int kWide = static_cast<int>(kTileRowBytes / sizeof(T));
+  if constexpr (R <= 4) {
+    if (a.tx != nullptr) {  // the tangent forward
+      static bool raised[2][64] = {};  // (this R's two kernels, by device)
+      if (tile_bytes_setting() == 64) {
+        if (shared > kNetworkShared) {
+          raise_shared_limit(network_forward_kernel<T, R, kNarrow, true>, raised[0]);
+        }
+        network_forward_kernel<T, R, kNarrow, true><<<grid, kThreads, shared, stream>>>(a);
+      } else {
+        if (shared > kNetworkShared) {
+          raise_shared_limit(network_forward_kernel<T, R, kWide, true>, raised[1]);
+        }
+        network_forward_kernel<T, R, kWide, true><<<grid, kThreads, shared, stream>>>(a);
+      }
+      check_launch();
+      return;
+    }
+  }
+  TORCH_CHECK(a.tx == nullptr, "small networks: the tangent forward takes at most 4 rows a block");
   if (backward) {
     network_backward_kernel<T, R><<<grid, threads, shared, stream>>>(a);
   } else if (tile_bytes_setting() == 64) {
@@ -1919,9 +2108,10 @@ void launch_network(const NetArgs<T>& a, bool backward, int64_t columns, size_t 
 
 template <typename T>
 void launch_network_rows(const NetArgs<T>& a, const NetShape& s, bool backward, int64_t columns) {
-  const int r = rows_per_block(s, columns, backward, sizeof(T));
+  const bool tangent = a.tx != nullptr;
+  const int r = rows_per_block(s, columns, backward, sizeof(T), tangent);
   const int threads = block_threads(s, backward, sizeof(T));
-  const size_t shared = block_shared(s, r, backward, sizeof(T));
+  const size_t shared = block_shared(s, r, backward, sizeof(T), tangent);
   switch (r) {
     case 8: launch_network<T, 8>(a, backward, columns, shared, threads); break;
     case 4: launch_network<T, 4>(a, backward, columns, shared, threads); break;
@@ -2001,6 +2191,106 @@ void network_backward(const at::Tensor& scale_in, const at::Tensor& w0, int64_t 
     a.g_scale = g_scale.defined() ? g_scale.data_ptr<scalar_t>() : nullptr;
     launch_network_rows(a, s, true, 1);
   });
+}
+
+// Whether the tangent forward (network_tangent_forward) runs these networks: as small_network,
+// with the shared memory of the rows' derivatives too
+bool small_tangent_network(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& b0,
+                           int64_t proj, int64_t networks, at::TensorList weights,
+                           at::TensorList biases) {
+  if (!small_network(x, w0, b0, proj, networks, weights, biases)) return false;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const NetShape s = net_shape(x.size(0), x.size(1), w0.size(0), proj, networks, weights);
+  return rows_per_block(s, networks * forward_chunks(s), false, x.element_size(), true) > 0;
+}
+
+// The networks' outputs (out_proj, outs) and their derivatives d/dr side by side in ``tan``
+// (rows, proj + each network's last width), from x and tx = dx/dr (rows, k) and the scale and
+// its derivative (rows); all contiguous, made by the caller
+void network_tangent_forward(const at::Tensor& x_in, const at::Tensor& tx_in,
+                             const at::Tensor& scale_in, const at::Tensor& tscale_in,
+                             const at::Tensor& w0, const at::Tensor& b0, int64_t proj,
+                             int64_t networks, at::TensorList weights, at::TensorList biases,
+                             int64_t activation, const at::Tensor& out_proj, at::TensorList outs,
+                             const at::Tensor& tan) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), tx = tx_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous(), tscale = tscale_in.contiguous();
+  const NetShape s = net_shape(x.size(0), x.size(1), w0.size(0), proj, networks, weights);
+  const int64_t columns = networks * forward_chunks(s);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tensornet_openmm_network_tangent_cuda", [&] {
+    NetArgs<scalar_t> a = net_args<scalar_t>(s, activation, scale, w0, weights, at::Tensor(), {});
+    a.x = x.data_ptr<scalar_t>();
+    a.tx = tx.data_ptr<scalar_t>();
+    a.tscale = scale.numel() > 0 ? tscale.data_ptr<scalar_t>() : nullptr;
+    a.b0 = b0.data_ptr<scalar_t>();
+    a.chunks = static_cast<int>(forward_chunks(s));
+    a.out_proj = proj > 0 ? out_proj.data_ptr<scalar_t>() : nullptr;
+    a.ld_t = tan.stride(0);
+    a.t_proj = tan.data_ptr<scalar_t>();
+    int64_t offset = proj;
+    for (size_t q = 0; q < weights.size(); ++q) a.b[q] = biases[q].data_ptr<scalar_t>();
+    for (int64_t n = 0; n < networks; ++n) {
+      a.out[n] = outs[n].data_ptr<scalar_t>();
+      a.t_out[n] = tan.data_ptr<scalar_t>() + offset;
+      offset += outs[n].size(1);
+    }
+    launch_network_rows(a, s, false, columns);
+  });
+}
+
+// h = act(z) s, th = act'(z) t s + act(z) ts (scale empty: s = 1, ts = 0); rows of unit-stride
+// columns, any distance apart
+void tangent_activate(int64_t activation, const at::Tensor& z, const at::Tensor& t,
+                      const at::Tensor& scale_in, const at::Tensor& tscale_in, const at::Tensor& h,
+                      const at::Tensor& th) {
+  const c10::cuda::CUDAGuard guard(z.device());
+  const int64_t rows = z.size(0), width = z.size(1);
+  if (rows * width == 0) return;
+  const at::Tensor scale = scale_in.contiguous(), tscale = tscale_in.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tensornet_openmm_tangent_activate_cuda", [&] {
+    const bool scaled = scale.numel() > 0;
+    tangent_activate_kernel<scalar_t><<<blocks_for(rows * width), kThreads, 0, stream>>>(
+        static_cast<int>(activation), z.data_ptr<scalar_t>(), z.stride(0),
+        t.data_ptr<scalar_t>(), t.stride(0), scaled ? scale.data_ptr<scalar_t>() : nullptr,
+        scaled ? tscale.data_ptr<scalar_t>() : nullptr, h.data_ptr<scalar_t>(), h.stride(0),
+        th.data_ptr<scalar_t>(), th.stride(0), rows, width);
+  });
+  check_launch();
+}
+
+// The pair vectors' gradient u sum_o g_o . tan_o (g_outs: each output's gradient or undefined,
+// columns of unit stride; tan: their derivatives side by side)
+at::Tensor tangent_grad(const at::Tensor& vec, at::TensorList g_outs, at::IntArrayRef widths,
+                        const at::Tensor& tan) {
+  const c10::cuda::CUDAGuard guard(vec.device());
+  const int64_t rows = vec.size(0);
+  at::Tensor g_vec = at::empty({rows, 3}, vec.options());
+  if (rows == 0) return g_vec;
+  TORCH_CHECK(static_cast<int64_t>(g_outs.size()) <= kNetLayers + 1,
+              "tangent_radial_networks: at most ", kNetLayers + 1, " outputs");
+  const at::Tensor v = vec.contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_tangent_grad_cuda", [&] {
+    TangentArgs<scalar_t> a;
+    a.outputs = static_cast<int>(g_outs.size());
+    for (size_t o = 0; o < g_outs.size(); ++o) {
+      a.g[o] = g_outs[o].defined() ? g_outs[o].data_ptr<scalar_t>() : nullptr;
+      a.ld_g[o] = g_outs[o].defined() ? g_outs[o].stride(0) : 0;
+      a.width[o] = widths[o];
+    }
+    a.tan = tan.data_ptr<scalar_t>();
+    a.ld_t = tan.stride(0);
+    a.vec = v.data_ptr<scalar_t>();
+    a.g_vec = g_vec.data_ptr<scalar_t>();
+    a.rows = rows;
+    const int64_t per_block = kThreads / 32;  // a warp per pair
+    const auto blocks = static_cast<unsigned>((rows + per_block - 1) / per_block);
+    tangent_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(a);
+  });
+  check_launch();
+  return g_vec;
 }
 
 // ---- Channel mixing of a few atoms: launcher ---------------------------------------------------
@@ -2184,6 +2474,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
   });
   check_launch();
   return {cut, geom, basis};
+}
+
+// (cut, its d/dr, basis, its d/dr) of contiguous vectors and basis parameters
+std::vector<at::Tensor> radial_tangent(const at::Tensor& vec, const at::Tensor& centers,
+                                       const at::Tensor& widths, int64_t kind, double alpha,
+                                       double basis_lower, double lower, double upper) {
+  const c10::cuda::CUDAGuard guard(vec.device());
+  const int64_t pairs = vec.size(0), k = centers.size(0);
+  std::vector<at::Tensor> out = {at::empty({pairs}, vec.options()), at::empty({pairs}, vec.options()),
+                                 at::empty({pairs, k}, vec.options()),
+                                 at::empty({pairs, k}, vec.options())};
+  if (pairs == 0) return out;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_radial_tangent_cuda", [&] {
+    const tn_math::GeometryParams<scalar_t> g(kind, alpha, basis_lower, lower, upper,
+                                              centers.data_ptr<scalar_t>(),
+                                              widths.data_ptr<scalar_t>(), k);
+    radial_tangent_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
+        g, vec.data_ptr<scalar_t>(), out[0].data_ptr<scalar_t>(), out[1].data_ptr<scalar_t>(),
+        out[2].data_ptr<scalar_t>(), out[3].data_ptr<scalar_t>(), pairs);
+  });
+  check_launch();
+  return out;
 }
 
 at::Tensor geometry_grad(const at::Tensor& vec, const at::Tensor& centers,

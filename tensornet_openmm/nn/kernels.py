@@ -610,6 +610,36 @@ class PairKernels(nn.Module):
             basis, cut, first_weight, first_bias, projection, networks, weights, biases, act
         )
 
+    def tangent_networks(self, like: Tensor) -> bool:
+        """Whether the radial networks of pairs on ``like``'s device run differentiated forward
+        (:meth:`tangent_radial_networks`); here (PyTorch) never."""
+        return False
+
+    def tangent_radial_networks(
+        self,
+        vec: Tensor,
+        centers: Tensor,
+        widths: Tensor,
+        kind: int,
+        alpha: float,
+        basis_lower: float,
+        lower: float,
+        upper: float,
+        first_weight: Tensor,
+        first_bias: Tensor,
+        projection: int,
+        networks: int,
+        weights: list[Tensor],
+        biases: list[Tensor],
+        act: int,
+    ) -> list[Tensor]:
+        """:meth:`radial_networks` of the pair vectors (P, 3), their basis and cutoff made from
+        them as :meth:`geometry` makes them (``centers`` ... ``upper`` its arguments)."""
+        cut, _, basis = self.geometry(vec, centers, widths, kind, alpha, basis_lower, lower, upper)
+        return self._torch_radial_networks(
+            basis, cut, first_weight, first_bias, projection, networks, weights, biases, act
+        )
+
     def _torch_radial_networks(
         self,
         basis: Tensor,
@@ -975,6 +1005,39 @@ class FusedPairKernels(PairKernels):
         return self._torch_radial_networks(
             basis, cut, first_weight, first_bias, projection, networks, weights, biases, act
         )
+
+    def tangent_networks(self, like: Tensor) -> bool:
+        """On a GPU, unless ``TENSORNET_OPENMM_TANGENT_NETWORKS=0``; with ``=1`` on the CPU too
+        (the ``tangent_networks`` operator reads it at each call)."""
+        return self.applies(like) and torch.ops.tensornet_openmm.tangent_networks(like)
+
+    def tangent_radial_networks(
+        self,
+        vec: Tensor,
+        centers: Tensor,
+        widths: Tensor,
+        kind: int,
+        alpha: float,
+        basis_lower: float,
+        lower: float,
+        upper: float,
+        first_weight: Tensor,
+        first_bias: Tensor,
+        projection: int,
+        networks: int,
+        weights: list[Tensor],
+        biases: list[Tensor],
+        act: int,
+    ) -> list[Tensor]:
+        """One operator (``tangent_radial_networks``): the basis, the cutoff and every network
+        with each value's derivative d/dr made alongside (forward mode); the backward is one sum
+        per pair, dE/dr = sum of g . dout/dr, where the reverse mode (:meth:`radial_networks`)
+        takes every layer back. On a small molecule's GPU step: the small-network kernel with
+        the derivatives as more rows of its tiles, and no backward kernel through the layers."""
+        return torch.ops.tensornet_openmm.tangent_radial_networks(
+            vec, centers, widths, kind, alpha, basis_lower, lower, upper, first_weight,
+            first_bias, projection, networks, weights, biases, act,
+        )  # fmt: skip
 
     def pair_difference(
         self,

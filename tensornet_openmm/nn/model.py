@@ -234,8 +234,10 @@ class TensorNet(nn.Module):
         kernels = self.tensor_embedding.pair_kernels
         radial: list[Tensor] = []
         if kernels.applies(edge_vec):  # fused kernels: cutoff, geometry and basis in one pass
-            cut, geom, basis = self._fused_geometry(edge_vec)
-            radial = self.radial_networks(cut, basis)
+            # (the networks differentiated forward make their own basis from the vectors)
+            tangent = self._one_operator(edge_vec) and kernels.tangent_networks(edge_vec)
+            cut, geom, basis = self._fused_geometry(edge_vec, tangent)
+            radial = self.radial_networks(cut, basis, edge_vec if tangent else None)
             x = self.tensor_embedding(
                 z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom, edge_vec,
                 radial[0] if len(radial) > 0 else None,
@@ -250,41 +252,65 @@ class TensorNet(nn.Module):
             x = layer(x, src, dst, cut, basis, self_basis, charge_factor, half, edge_vec, filters)
         return self._head(x, z)
 
-    def radial_networks(self, cut: Tensor, basis: Tensor) -> list[Tensor]:
-        """Every pair's radial functions for the embedding and each layer, (P, 3, F) each, from
-        one operator (:meth:`PairKernels.radial_networks`: the networks' first linears, which
-        share the basis as input, one matrix product each way), where that applies: the fused
+    def _one_operator(self, edge_vec: Tensor) -> bool:
+        """Whether every pair network runs as one operator (:meth:`radial_networks`): the fused
         kernels with the weights stored (:meth:`store_self_pair_terms`, a force's copy), the
-        networks run (no radial tables) and the pairs one block (a small molecule, or any
-        system on a GPU). Else an empty list: each layer runs its own network."""
+        networks run (no radial tables), none with weights to train (the fused kernels have no
+        gradients for them) and the pairs one block (a small molecule, or any system on a
+        GPU)."""
         emb = self.tensor_embedding
-        kernels = emb.pair_kernels
-        f = emb.hidden_channels
-        out: list[Tensor] = []
+        pairs = edge_vec.shape[0]
         if (
             self.stored_first_bias.numel() == 0
             or self.mlp_activation < 0
             or emb.radial_table.numel() > 0
-            or pair_block(basis.shape[0], f, basis.device, True) < basis.shape[0]
-            or not kernels.applies(basis)
+            or pair_block(pairs, emb.hidden_channels, edge_vec.device, True) < pairs
+            or not emb.pair_kernels.applies(edge_vec)
         ):
+            return False
+        for layer in self.layers:
+            if layer.radial_table.numel() > 0 or layer.linears_scalar[1].weight.requires_grad:
+                return False
+        return True
+
+    def radial_networks(
+        self, cut: Tensor, basis: Tensor, vec: Optional[Tensor] = None
+    ) -> list[Tensor]:
+        """Every pair's radial functions for the embedding and each layer, (P, 3, F) each, from
+        one operator where that applies (:meth:`_one_operator`; else an empty list: each layer
+        runs its own network): :meth:`PairKernels.radial_networks` (the networks' first
+        linears, which share the basis as input, one matrix product each way), or given the
+        pair vectors ``vec`` the same networks differentiated forward in r
+        (:meth:`PairKernels.tangent_radial_networks`, which makes the basis and the cutoff
+        itself)."""
+        emb = self.tensor_embedding
+        kernels = emb.pair_kernels
+        f = emb.hidden_channels
+        out: list[Tensor] = []
+        if not self._one_operator(basis if vec is None else vec):
             return out
         weights: list[Tensor] = []
         biases: list[Tensor] = []
         for layer in self.layers:
             lin = layer.linears_scalar
-            if layer.radial_table.numel() > 0 or lin[1].weight.requires_grad:
-                return out  # (weights to train: the fused kernels have no gradients for them)
             weights.append(lin[1].weight)
             weights.append(lin[2].weight)
             biases.append(lin[1].bias)
             biases.append(lin[2].bias)
-        made = kernels.radial_networks(
-            basis, cut, self.stored_first_weight, self.stored_first_bias, 3 * f,
-            len(self.layers), weights, biases, self.mlp_activation,
-        )  # fmt: skip
+        if vec is not None:
+            kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
+            made = kernels.tangent_radial_networks(
+                vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
+                self.cutoff_upper, self.stored_first_weight, self.stored_first_bias, 3 * f,
+                len(self.layers), weights, biases, self.mlp_activation,
+            )  # fmt: skip
+        else:
+            made = kernels.radial_networks(
+                basis, cut, self.stored_first_weight, self.stored_first_bias, 3 * f,
+                len(self.layers), weights, biases, self.mlp_activation,
+            )  # fmt: skip
         for radial in made:
-            out.append(radial.reshape(basis.shape[0], 3, f))
+            out.append(radial.reshape(radial.shape[0], 3, f))
         return out
 
     def _tabulated(self) -> bool:
@@ -308,11 +334,14 @@ class TensorNet(nn.Module):
             energy = energy + self.mean
         return energy, _grads([energy], [x], [torch.ones_like(energy)], False)[0]
 
-    def _fused_geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _fused_geometry(
+        self, edge_vec: Tensor, no_basis: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Cosine cutoff (P,), packed geometry (P, 10) and radial basis (P, K) of pair vectors
-        in one operator (the fused kernels); no basis where every layer reads a table."""
+        in one operator (the fused kernels); no basis where every layer reads a table or
+        ``no_basis`` (the networks differentiated forward make their own)."""
         kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
-        if self._tabulated():  # the layers read tables: no basis functions needed
+        if no_basis or self._tabulated():  # no basis functions needed
             centers, widths = centers[:0], widths[:0]
         return self.tensor_embedding.pair_kernels.geometry(
             edge_vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,

@@ -31,7 +31,8 @@ struct dim3 {
 
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount, cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
@@ -51,8 +52,13 @@ inline int64_t env_number(const char* name, const char* value, int64_t least, co
 }
 }  // namespace emu
 
-// TN_EMULATED_MULTIPROCESSORS (default 132, an H100's): how many the launchers see
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+// TN_EMULATED_MULTIPROCESSORS (default 132, an H100's): how many the launchers see; a block's
+// shared memory by opt-in: an H100's 227 KB
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+    *value = 227 * 1024;
+    return cudaSuccess;
+  }
   const char* v = std::getenv("TN_EMULATED_MULTIPROCESSORS");
   *value = v == nullptr ? 132
                         : static_cast<int>(emu::env_number("TN_EMULATED_MULTIPROCESSORS", v, 1,
@@ -72,6 +78,35 @@ struct CUDAGuard {
 struct CUDAStream {};
 inline CUDAStream getCurrentCUDAStream() { return {}; }
 }  // namespace c10::cuda
+
+namespace emu {
+
+// each kernel's limit of dynamic shared memory raised by cudaFuncSetAttribute (else 48 KB)
+struct SharedLimits {
+  std::mutex lock;
+  std::map<const void*, size_t> bytes;
+};
+inline SharedLimits& shared_limits() {
+  static SharedLimits l;
+  return l;
+}
+
+inline size_t shared_limit(const void* kernel) {
+  SharedLimits& l = shared_limits();
+  const std::lock_guard<std::mutex> hold(l.lock);
+  const auto it = l.bytes.find(kernel);
+  return it == l.bytes.end() ? 48 * 1024 : it->second;
+}
+}  // namespace emu
+
+template <typename... P>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(P...), cudaFuncAttribute, int value) {
+  if (value < 0 || value > 227 * 1024) return 1;  // (cudaErrorInvalidValue)
+  emu::SharedLimits& l = emu::shared_limits();
+  const std::lock_guard<std::mutex> hold(l.lock);
+  l.bytes[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
 
 namespace emu {
 
@@ -124,8 +159,9 @@ void cuda_launch(void (*kernel)(P...), const char* name, bool barriers, dim3 gri
               "an empty launch (CUDA's invalid configuration)");
   TORCH_CHECK(block.x * block.y <= 1024, "more than 1024 threads a block");
   TORCH_CHECK((block.x * block.y) % 32 == 0, "emulated blocks are whole warps");
-  TORCH_CHECK(shared <= 48 * 1024, "more than 48 KB of dynamic shared memory: a GPU refuses the "
-              "launch unless cudaFuncSetAttribute raised the kernel's limit");
+  TORCH_CHECK(shared <= shared_limit(reinterpret_cast<const void*>(kernel)),
+              "more dynamic shared memory than the kernel's limit (48 KB unless "
+              "cudaFuncSetAttribute raised it): a GPU refuses the launch");
   {
     const std::lock_guard<std::mutex> hold(launches().lock);
     ++launches().counts[name];
