@@ -92,7 +92,7 @@ def device_source(cu: str, math: str) -> str:
             instances.append(f"template __global__ void small_mix_kernel<{t}>(MixArgs<{t}>);")
             if "tangent_grad_kernel" in body:
                 instances.append(f"template __global__ void tangent_grad_kernel<{t}>"
-                                 f"(TangentArgs<{t}>);")  # fmt: skip
+                                 f"(TangentArgs<{t}>, tn_math::GeometryParams<{t}>);")  # fmt: skip
             instances.append(f"template __global__ void gate_grad_kernel<{t}>(const {t}*, "
                              f"const {t}*, {t}*, int64_t, int64_t);")  # fmt: skip
     return (PRELUDE + math + "\nnamespace tn_cuda {\n" + body + "\n" + "\n".join(instances)

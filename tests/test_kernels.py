@@ -569,6 +569,7 @@ def _tangent_case(
     vec = (directions / directions.norm(dim=1, keepdim=True) * lengths[:, None]).requires_grad_()
     _, _, w0, b0, weights, biases = _network_inputs(seed, pairs, functions, f, networks)
     geo = (centers, widths, kind, alpha, basis_lower, model.cutoff_lower, model.cutoff_upper)
+
     def scaled(w):  # (values of order one, as a trained network's)
         return (w / w.shape[1] ** 0.5).to(dtype)
 
@@ -580,35 +581,41 @@ def _tangent_case(
 @pytest.mark.parametrize("act", [0, 1], ids=["silu", "tanh"])
 @pytest.mark.parametrize("rbf_type", ["expnorm", "gauss"])
 def test_tangent_radial_networks_equal_the_reverse_mode(rbf_type, act, two_threads):
-    """tangent_radial_networks (the radial networks of the pair vectors, differentiated forward
-    in r) against geometry + radial_networks (reverse mode) in float64 (on a GPU: the small
-    networks' kernel with the derivatives as more rows): the same outputs, the same
-    vectors' gradients for every output seeded and for some outputs unused, gradcheck (central
-    differences), pairs beyond the cutoff with no gradient; weights to train refused."""
+    """tangent_radial_networks (the cutoff, the geometry and the radial networks of the pair
+    vectors, the networks differentiated forward in r) against geometry + radial_networks
+    (reverse mode) in float64 (on a GPU: the small networks' kernel with the derivatives as more
+    rows): the same outputs (the cutoff and the geometry to the last bit), the same vectors'
+    gradients for every output seeded, for the networks alone (some unused), for the cutoff and
+    the geometry alone, gradcheck (central differences), pairs beyond the cutoff with no
+    gradient from the networks; weights to train and bad shapes refused."""
     vec, geo, nets = _tangent_case(rbf_type, act)
     ops = torch.ops.tensornet_openmm
 
     def reverse(v):
-        cut, _, basis = ops.geometry(v, *geo)
-        return ops.radial_networks(basis, cut, *nets)
+        cut, geom, basis = ops.geometry(v, *geo)
+        return [cut, geom, *ops.radial_networks(basis, cut, *nets)]
 
     def tangent(v):
         return ops.tangent_radial_networks(v, *geo, *nets)
 
     got, expected = tangent(vec), reverse(vec)
-    assert [t.shape for t in got] == [(41, 18)] * 3
-    for a, e in zip(got, expected, strict=True):
+    assert [t.shape for t in got] == [(41,), (41, 10)] + [(41, 18)] * 3
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for a, e in zip(got[2:], expected[2:], strict=True):
         torch.testing.assert_close(a, e, rtol=1e-13, atol=1e-13)
     g = torch.Generator().manual_seed(4)
     seeds = [torch.randn(e.shape, generator=g, dtype=torch.float64) for e in expected]
     (actual,) = torch.autograd.grad(got, vec, seeds)
     (wanted,) = torch.autograd.grad(expected, vec, seeds)
     torch.testing.assert_close(actual, wanted, rtol=1e-11, atol=1e-12)
+    (networks_only,) = torch.autograd.grad(tangent(vec)[2:], vec, seeds[2:])
     beyond = vec.detach().norm(dim=1) >= 5.0
-    assert beyond.any() and (actual[beyond] == 0).all()
-    (actual,) = torch.autograd.grad(tangent(vec)[2].sum(), vec)  # the others unused
-    (wanted,) = torch.autograd.grad(reverse(vec)[2].sum(), vec)
-    torch.testing.assert_close(actual, wanted, rtol=1e-11, atol=1e-12)
+    assert beyond.any() and (networks_only[beyond] == 0).all()
+    for used in ([4], [0, 1], [1]):  # a network alone; the cutoff and the geometry; the geometry
+        got, expected = tangent(vec), reverse(vec)
+        (actual,) = torch.autograd.grad([got[o] for o in used], vec, [seeds[o] for o in used])
+        (wanted,) = torch.autograd.grad([expected[o] for o in used], vec, [seeds[o] for o in used])
+        torch.testing.assert_close(actual, wanted, rtol=1e-11, atol=1e-12, msg=str(used))
     assert torch.autograd.gradcheck(lambda v: tangent(v), (vec,))
     w0, b0, proj, networks, weights, biases, act_ = nets
     trained = [w.clone().requires_grad_() for w in weights]
@@ -634,7 +641,7 @@ def test_tangent_radial_networks_in_float32_are_the_reverse_modes_to_rounding(pa
     ops = torch.ops.tensornet_openmm
     cut, _, basis = ops.geometry(vec, *geo)
     expected = ops.radial_networks(basis, cut, *nets)
-    got = ops.tangent_radial_networks(vec, *geo, *nets)
+    got = ops.tangent_radial_networks(vec, *geo, *nets)[2:]
     for a, e in zip(got, expected, strict=True):  # (the CPU's reverse mode adds its biases apart)
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
     (wanted,) = torch.autograd.grad(sum(e.sum() for e in expected), vec)

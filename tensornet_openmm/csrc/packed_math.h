@@ -417,13 +417,19 @@ TN_MATH void geometry(const GeometryParams<T>& g, const T* v, T* cut, T* geom, T
   }
 }
 
-// The radial networks' inputs differentiated forward (tangent_radial_networks): the cutoff and
-// the basis (the same values as geometry's) and their derivatives d/dr, of one pair vector v
+// geometry's values (cut, geom and basis, the same bits) and, for the radial networks
+// differentiated forward (tangent_radial_networks), the derivatives d/dr of the cutoff and the
+// basis, of one pair vector v
 template <typename T>
 TN_MATH void radial_tangent(const GeometryParams<T>& g, const T* v, T* cut, T* cut_slope,
-                            T* basis, T* basis_slope) {
+                            T* geom, T* basis, T* basis_slope) {
   const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
   *cut = cosine_cut(r, g.lower, g.upper, cut_slope);
+  const T u[3] = {v[0] / r, v[1] / r, v[2] / r};
+  geom[0] = T(1);
+  geom[1] = u[0]; geom[2] = u[1]; geom[3] = u[2];
+  geom[4] = u[0] * u[0]; geom[5] = u[1] * u[1]; geom[6] = u[2] * u[2];
+  geom[7] = u[0] * u[1]; geom[8] = u[0] * u[2]; geom[9] = u[1] * u[2];
   T c0 = T(1), c0_slope = T(0), e = T(0);
   if (g.kind == kExpNormal) {
     c0 = cosine_cut(r, T(0), g.upper, &c0_slope);
@@ -432,13 +438,14 @@ TN_MATH void radial_tangent(const GeometryParams<T>& g, const T* v, T* cut, T* c
   for (int64_t k = 0; k < g.k; ++k) basis[k] = basis_value(g, k, r, c0, c0_slope, e, basis_slope + k);
 }
 
-// The gradient with respect to v (3) from those of cut, geom and basis (each may be null).
+// The gradient with respect to v (3) from those of cut, geom and basis (each may be null), and
+// any further dL/dr (d_r_more: the radial networks', tangent_radial_networks).
 template <typename T>
 TN_MATH void geometry_grad(const GeometryParams<T>& g, const T* v, const T* g_cut,
-                           const T* g_geom, const T* g_basis, T* g_v) {
+                           const T* g_geom, const T* g_basis, T* g_v, T d_r_more = T(0)) {
   const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
   const T u[3] = {v[0] / r, v[1] / r, v[2] / r};
-  T d_r = T(0);  // dL/dr
+  T d_r = d_r_more;  // dL/dr
   if (g_cut != nullptr) {
     T slope;
     cosine_cut(r, g.lower, g.upper, &slope);

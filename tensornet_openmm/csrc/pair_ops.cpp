@@ -126,8 +126,10 @@ void network_tangent_forward(const at::Tensor& x, const at::Tensor& tx, const at
 void tangent_activate(int64_t activation, const at::Tensor& z, const at::Tensor& t,
                       const at::Tensor& scale, const at::Tensor& tscale, const at::Tensor& h,
                       const at::Tensor& th);
-at::Tensor tangent_grad(const at::Tensor& vec, at::TensorList g_outs, at::IntArrayRef widths,
-                        const at::Tensor& tan);
+at::Tensor tangent_grad(const at::Tensor& vec, const at::Tensor& centers, const at::Tensor& widths_,
+                        int64_t kind, double alpha, double basis_lower, double lower, double upper,
+                        const at::Tensor& g_cut, const at::Tensor& g_geom, at::TensorList g_outs,
+                        at::IntArrayRef widths, const at::Tensor& tan);
 std::vector<at::Tensor> radial_tangent(const at::Tensor& vec, const at::Tensor& centers,
                                        const at::Tensor& widths, int64_t kind, double alpha,
                                        double basis_lower, double lower, double upper);
@@ -3709,11 +3711,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry_op(
 // the saved pre-activations: the same multiply-adds, but on a GPU a second pass of a small
 // molecule's networks as long chains of dependent reads (network_backward_kernel), and the
 // pre-activations kept. Here nothing pair-sized is kept but the derivatives (as wide as the
-// outputs). Outputs as radial_networks'; the basis and the cutoff are made here from the vectors
-// (tn_math::radial_tangent, the same values as geometry's). Gradients: the vectors' only (first
+// outputs). It takes geometry's place too: outputs the cutoff (P) and the geometry (P, 10), the
+// same values as geometry's (tn_math::radial_tangent, which makes the basis here as well), then
+// radial_networks' outputs; and one backward for all of them (tangent_grad: geometry_grad's
+// terms plus the networks' dE/dr), where geometry and its backward, and autograd's sum of two
+// gradients of the vectors, would be three more launches. Gradients: the vectors' only (first
 // derivatives, constant weights: a force).
 
-// the inputs and their derivatives: cut, d cut / dr, basis, d basis / dr
+// the inputs and their derivatives: cut, d cut / dr, geom, basis, d basis / dr
 std::vector<at::Tensor> radial_tangent_inputs(const at::Tensor& vec, const at::Tensor& centers,
                                               const at::Tensor& widths, int64_t kind,
                                               double alpha, double basis_lower, double lower,
@@ -3725,6 +3730,7 @@ std::vector<at::Tensor> radial_tangent_inputs(const at::Tensor& vec, const at::T
 #endif
   const int64_t pairs = vec.size(0), k = centers.size(0);
   std::vector<at::Tensor> out = {at::empty({pairs}, vec.options()), at::empty({pairs}, vec.options()),
+                                 at::empty({pairs, tn_math::kGeometry}, vec.options()),
                                  at::empty({pairs, k}, vec.options()),
                                  at::empty({pairs, k}, vec.options())};
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_radial_tangent", [&] {
@@ -3733,10 +3739,12 @@ std::vector<at::Tensor> radial_tangent_inputs(const at::Tensor& vec, const at::T
                                               widths.data_ptr<scalar_t>(), k);
     const scalar_t* v = vec.data_ptr<scalar_t>();
     scalar_t *c = out[0].data_ptr<scalar_t>(), *dc = out[1].data_ptr<scalar_t>(),
-             *b = out[2].data_ptr<scalar_t>(), *db = out[3].data_ptr<scalar_t>();
+             *o = out[2].data_ptr<scalar_t>(), *b = out[3].data_ptr<scalar_t>(),
+             *db = out[4].data_ptr<scalar_t>();
     split(pairs, kPairGrain, pairs * (k + 1) * kGeometryWork, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        tn_math::radial_tangent(g, v + 3 * p, c + p, dc + p, b + k * p, db + k * p);
+        tn_math::radial_tangent(g, v + 3 * p, c + p, dc + p, o + tn_math::kGeometry * p,
+                                b + k * p, db + k * p);
       }
     });
   });
@@ -3798,7 +3806,7 @@ class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetw
     const std::vector<at::Tensor> in =
         radial_tangent_inputs(vec, centers_in.contiguous(), widths_in.contiguous(), kind, alpha,
                               basis_lower, lower, upper);
-    const at::Tensor &cut = in[0], &tcut = in[1], &basis = in[2], &tbasis = in[3];
+    const at::Tensor &cut = in[0], &tcut = in[1], &basis = in[3], &tbasis = in[4];
     const RadialShape sh = radial_checked(basis, cut, first_weight, first_bias, projection,
                                           networks, weights, biases, activation);
     const int64_t pairs = basis.size(0), total = first_weight.size(0);
@@ -3807,7 +3815,7 @@ class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetw
     int64_t all = 0;
     for (const int64_t w : widths) all += w;
     at::Tensor tan = at::empty({pairs, all}, basis.options());  // the outputs' d/dr, side by side
-    variable_list outs;
+    variable_list outs = {cut, in[2]};  // the cutoff and the geometry, then the networks'
     for (const int64_t w : widths) outs.push_back(at::empty({pairs, w}, basis.options()));
     auto tan_of = [&](int64_t o) {
       int64_t offset = 0;
@@ -3816,14 +3824,14 @@ class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetw
     };
     if (small_tangent(basis, first_weight, first_bias, projection, networks, weights, biases)) {
       tn_cuda_network_tangent(basis, tbasis, cut, tcut, first_weight, first_bias, projection,
-                              networks, weights, biases, activation, outs[0],
-                              at::TensorList(outs).slice(1), tan);
+                              networks, weights, biases, activation, outs[2],
+                              at::TensorList(outs).slice(3), tan);
     } else if (pairs > 0) {
       RECORD_FUNCTION("tensornet_openmm::tangent_networks", std::vector<c10::IValue>());
       const at::Tensor z0 = at::addmm(first_bias, basis, first_weight.t());
       const at::Tensor t0 = at::mm(tbasis, first_weight.t());
       tangent_activate(kIdentity, z0.narrow(1, 0, projection), t0.narrow(1, 0, projection), cut,
-                       tcut, outs[0], tan_of(0));
+                       tcut, outs[2], tan_of(0));
       at::Tensor h0 = at::empty({pairs, total - projection}, basis.options());
       at::Tensor th0 = at::empty_like(h0);
       tangent_activate(activation, z0.narrow(1, projection, total - projection),
@@ -3836,7 +3844,7 @@ class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetw
           const at::Tensor z = at::addmm(biases[k], h, weights[k].t());
           const at::Tensor t = at::mm(th, weights[k].t());
           if (l == sh.depth - 1) {
-            tangent_activate(activation, z, t, cut, tcut, outs[1 + n], tan_of(1 + n));
+            tangent_activate(activation, z, t, cut, tcut, outs[3 + n], tan_of(1 + n));
           } else {
             h = at::empty_like(z);
             th = at::empty_like(z);
@@ -3845,8 +3853,10 @@ class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetw
         }
       }
     }
-    ctx->save_for_backward({vec, tan});
+    ctx->save_for_backward({vec, tan, centers_in, widths_in});
     ctx->saved_data["widths"] = widths;
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["geometry"] = std::vector<double>{alpha, basis_lower, lower, upper};
     ctx->saved_data["inputs"] = static_cast<int64_t>(13 + weights.size() + biases.size());
     return outs;
   }
@@ -3854,28 +3864,51 @@ class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetw
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &vec = saved[0], &tan = saved[1];
+    const at::Tensor centers = saved[2].contiguous(), basis_widths = saved[3].contiguous();
     const std::vector<int64_t> widths = ctx->saved_data["widths"].toIntVector();
+    const int64_t kind = ctx->saved_data["kind"].toInt();
+    const std::vector<double> geo = ctx->saved_data["geometry"].toDoubleVector();
     variable_list result(ctx->saved_data["inputs"].toInt());
     if (!ctx->needs_input_grad(0)) return result;
+    const at::Tensor g_cut = grads[0].defined() ? grads[0].contiguous() : at::Tensor();
+    const at::Tensor g_geom = grads[1].defined() ? grads[1].contiguous() : at::Tensor();
     std::vector<at::Tensor> g;
     for (size_t o = 0; o < widths.size(); ++o) {
-      g.push_back(grads[o].defined() ? unit_columns(grads[o]) : at::Tensor());
+      g.push_back(grads[2 + o].defined() ? unit_columns(grads[2 + o]) : at::Tensor());
     }
 #ifdef TN_WITH_CUDA
     if (vec.is_cuda()) {
       RECORD_FUNCTION("tensornet_openmm::tangent_grad", std::vector<c10::IValue>());
-      result[0] = tn_cuda::tangent_grad(vec, g, widths, tan);
+      result[0] = tn_cuda::tangent_grad(vec, centers, basis_widths, kind, geo[0], geo[1], geo[2],
+                                        geo[3], g_cut, g_geom, g, widths, tan);
       return result;
     }
 #endif
-    at::Tensor d_r = at::zeros({vec.size(0)}, vec.options());
+    at::Tensor d_r = at::zeros({vec.size(0)}, vec.options());  // the networks' dE/dr
     int64_t offset = 0;
     for (size_t o = 0; o < widths.size(); ++o) {
       if (g[o].defined()) d_r += (g[o] * tan.narrow(1, offset, widths[o])).sum(1);
       offset += widths[o];
     }
-    const at::Tensor r = vec.norm(2, 1, true);
-    result[0] = d_r.unsqueeze(1) * (vec / r);
+    const int64_t pairs = vec.size(0);
+    at::Tensor g_vec = at::empty({pairs, 3}, vec.options());
+    AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_tangent_grad", [&] {
+      const tn_math::GeometryParams<scalar_t> gp(kind, geo[0], geo[1], geo[2], geo[3],
+                                                 centers.data_ptr<scalar_t>(),
+                                                 basis_widths.data_ptr<scalar_t>(), centers.size(0));
+      const scalar_t *v = vec.data_ptr<scalar_t>(), *dr = d_r.data_ptr<scalar_t>();
+      const scalar_t *gc = g_cut.defined() ? g_cut.data_ptr<scalar_t>() : nullptr,
+                     *gg = g_geom.defined() ? g_geom.data_ptr<scalar_t>() : nullptr;
+      scalar_t* out = g_vec.data_ptr<scalar_t>();
+      split(pairs, kPairGrain, pairs * kGeometryWork, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          tn_math::geometry_grad(gp, v + 3 * p, gc == nullptr ? nullptr : gc + p,
+                                 gg == nullptr ? nullptr : gg + tn_math::kGeometry * p,
+                                 static_cast<const scalar_t*>(nullptr), out + 3 * p, dr[p]);
+        }
+      });
+    });
+    result[0] = g_vec;
     return result;
   }
 };

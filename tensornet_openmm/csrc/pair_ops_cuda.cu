@@ -1072,9 +1072,12 @@ __global__ void __launch_bounds__(kNetBackwardThreads) network_backward_kernel(N
 
 // ---- The radial networks differentiated forward (tangent_radial_networks) ---------------------
 // With the outputs' derivatives d/dr made in the forward, a pair's gradient is one sum: dE/dr =
-// sum over the outputs of g . dout/dr, and the vector's dE/dr u. A warp per pair.
+// sum over the outputs of g . dout/dr, to which the vector's gradient through the cutoff and
+// the geometry (tn_math::geometry_grad, geometry_grad_kernel's) adds. A warp per pair.
 template <typename T>
 struct TangentArgs {
+  const T* g_cut = nullptr;   // the cutoff's and the geometry's gradients (null: zero)
+  const T* g_geom = nullptr;
   const T* g[kNetLayers + 1] = {};  // each output's gradient (null: zero), rows ld_g apart
   int64_t ld_g[kNetLayers + 1] = {};
   int64_t width[kNetLayers + 1] = {};
@@ -1087,7 +1090,7 @@ struct TangentArgs {
 };
 
 template <typename T>
-__global__ void tangent_grad_kernel(TangentArgs<T> a) {
+__global__ void tangent_grad_kernel(TangentArgs<T> a, tn_math::GeometryParams<T> geo) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= a.rows) return;  // the whole warp: the shuffles below see all its lanes
@@ -1102,9 +1105,9 @@ __global__ void tangent_grad_kernel(TangentArgs<T> a) {
   }
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
   if (lane == 0) {
-    const T* v = a.vec + 3 * row;
-    const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
-    for (int c = 0; c < 3; ++c) a.g_vec[3 * row + c] = sum * (v[c] / r);
+    tn_math::geometry_grad(geo, a.vec + 3 * row, a.g_cut == nullptr ? nullptr : a.g_cut + row,
+                           a.g_geom == nullptr ? nullptr : a.g_geom + tn_math::kGeometry * row,
+                           static_cast<const T*>(nullptr), a.g_vec + 3 * row, sum);
   }
 }
 
@@ -1350,17 +1353,17 @@ __global__ void geometry_kernel(tn_math::GeometryParams<T> g, const T* __restric
   tn_math::geometry(g, vec + 3 * p, cut + p, geom + tn_math::kGeometry * p, basis + g.k * p);
 }
 
-// the radial networks' inputs and their derivatives d/dr (tn_math::radial_tangent), a thread
-// per pair
+// geometry's values and the derivatives d/dr of the cutoff and the basis
+// (tn_math::radial_tangent), a thread per pair
 template <typename T>
 __global__ void radial_tangent_kernel(tn_math::GeometryParams<T> g, const T* __restrict__ vec,
                                       T* __restrict__ cut, T* __restrict__ cut_slope,
-                                      T* __restrict__ basis, T* __restrict__ basis_slope,
-                                      int64_t pairs) {
+                                      T* __restrict__ geom, T* __restrict__ basis,
+                                      T* __restrict__ basis_slope, int64_t pairs) {
   const int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (p >= pairs) return;
-  tn_math::radial_tangent(g, vec + 3 * p, cut + p, cut_slope + p, basis + g.k * p,
-                          basis_slope + g.k * p);
+  tn_math::radial_tangent(g, vec + 3 * p, cut + p, cut_slope + p, geom + tn_math::kGeometry * p,
+                          basis + g.k * p, basis_slope + g.k * p);
 }
 
 template <typename T>
@@ -2260,10 +2263,13 @@ void tangent_activate(int64_t activation, const at::Tensor& z, const at::Tensor&
   check_launch();
 }
 
-// The pair vectors' gradient u sum_o g_o . tan_o (g_outs: each output's gradient or undefined,
-// columns of unit stride; tan: their derivatives side by side)
-at::Tensor tangent_grad(const at::Tensor& vec, at::TensorList g_outs, at::IntArrayRef widths,
-                        const at::Tensor& tan) {
+// The pair vectors' gradient: u sum_o g_o . tan_o (g_outs: each output's gradient or
+// undefined, columns of unit stride; tan: their derivatives side by side) plus geometry_grad's
+// from the cutoff's and the geometry's (each undefined: zero)
+at::Tensor tangent_grad(const at::Tensor& vec, const at::Tensor& centers, const at::Tensor& widths_,
+                        int64_t kind, double alpha, double basis_lower, double lower, double upper,
+                        const at::Tensor& g_cut_in, const at::Tensor& g_geom_in,
+                        at::TensorList g_outs, at::IntArrayRef widths, const at::Tensor& tan) {
   const c10::cuda::CUDAGuard guard(vec.device());
   const int64_t rows = vec.size(0);
   at::Tensor g_vec = at::empty({rows, 3}, vec.options());
@@ -2271,9 +2277,16 @@ at::Tensor tangent_grad(const at::Tensor& vec, at::TensorList g_outs, at::IntArr
   TORCH_CHECK(static_cast<int64_t>(g_outs.size()) <= kNetLayers + 1,
               "tangent_radial_networks: at most ", kNetLayers + 1, " outputs");
   const at::Tensor v = vec.contiguous();
+  const at::Tensor g_cut = g_cut_in.defined() ? g_cut_in.contiguous() : at::Tensor();
+  const at::Tensor g_geom = g_geom_in.defined() ? g_geom_in.contiguous() : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_tangent_grad_cuda", [&] {
+    const tn_math::GeometryParams<scalar_t> geo(kind, alpha, basis_lower, lower, upper,
+                                                centers.data_ptr<scalar_t>(),
+                                                widths_.data_ptr<scalar_t>(), centers.size(0));
     TangentArgs<scalar_t> a;
+    a.g_cut = const_data_or_null<scalar_t>(g_cut);
+    a.g_geom = const_data_or_null<scalar_t>(g_geom);
     a.outputs = static_cast<int>(g_outs.size());
     for (size_t o = 0; o < g_outs.size(); ++o) {
       a.g[o] = g_outs[o].defined() ? g_outs[o].data_ptr<scalar_t>() : nullptr;
@@ -2287,7 +2300,7 @@ at::Tensor tangent_grad(const at::Tensor& vec, at::TensorList g_outs, at::IntArr
     a.rows = rows;
     const int64_t per_block = kThreads / 32;  // a warp per pair
     const auto blocks = static_cast<unsigned>((rows + per_block - 1) / per_block);
-    tangent_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(a);
+    tangent_grad_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(a, geo);
   });
   check_launch();
   return g_vec;
@@ -2476,13 +2489,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry(const at::Tensor& vec,
   return {cut, geom, basis};
 }
 
-// (cut, its d/dr, basis, its d/dr) of contiguous vectors and basis parameters
+// (cut, its d/dr, geom, basis, its d/dr) of contiguous vectors and basis parameters
 std::vector<at::Tensor> radial_tangent(const at::Tensor& vec, const at::Tensor& centers,
                                        const at::Tensor& widths, int64_t kind, double alpha,
                                        double basis_lower, double lower, double upper) {
   const c10::cuda::CUDAGuard guard(vec.device());
   const int64_t pairs = vec.size(0), k = centers.size(0);
   std::vector<at::Tensor> out = {at::empty({pairs}, vec.options()), at::empty({pairs}, vec.options()),
+                                 at::empty({pairs, tn_math::kGeometry}, vec.options()),
                                  at::empty({pairs, k}, vec.options()),
                                  at::empty({pairs, k}, vec.options())};
   if (pairs == 0) return out;
@@ -2493,7 +2507,8 @@ std::vector<at::Tensor> radial_tangent(const at::Tensor& vec, const at::Tensor& 
                                               widths.data_ptr<scalar_t>(), k);
     radial_tangent_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
         g, vec.data_ptr<scalar_t>(), out[0].data_ptr<scalar_t>(), out[1].data_ptr<scalar_t>(),
-        out[2].data_ptr<scalar_t>(), out[3].data_ptr<scalar_t>(), pairs);
+        out[2].data_ptr<scalar_t>(), out[3].data_ptr<scalar_t>(), out[4].data_ptr<scalar_t>(),
+        pairs);
   });
   check_launch();
   return out;

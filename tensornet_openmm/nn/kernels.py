@@ -633,10 +633,13 @@ class PairKernels(nn.Module):
         biases: list[Tensor],
         act: int,
     ) -> list[Tensor]:
-        """:meth:`radial_networks` of the pair vectors (P, 3), their basis and cutoff made from
-        them as :meth:`geometry` makes them (``centers`` ... ``upper`` its arguments)."""
-        cut, _, basis = self.geometry(vec, centers, widths, kind, alpha, basis_lower, lower, upper)
-        return self._torch_radial_networks(
+        """[cut, geom] + :meth:`radial_networks` of the pair vectors (P, 3): the cutoff and the
+        geometry as :meth:`geometry` makes them (``centers`` ... ``upper`` its arguments), then
+        the networks of its basis."""
+        cut, geom, basis = self.geometry(
+            vec, centers, widths, kind, alpha, basis_lower, lower, upper
+        )
+        return [cut, geom] + self._torch_radial_networks(
             basis, cut, first_weight, first_bias, projection, networks, weights, biases, act
         )
 
@@ -1029,11 +1032,13 @@ class FusedPairKernels(PairKernels):
         biases: list[Tensor],
         act: int,
     ) -> list[Tensor]:
-        """One operator (``tangent_radial_networks``): the basis, the cutoff and every network
-        with each value's derivative d/dr made alongside (forward mode); the backward is one sum
-        per pair, dE/dr = sum of g . dout/dr, where the reverse mode (:meth:`radial_networks`)
-        takes every layer back. On a small molecule's GPU step: the small-network kernel with
-        the derivatives as more rows of its tiles, and no backward kernel through the layers."""
+        """One operator (``tangent_radial_networks``) in :meth:`geometry`'s place and
+        :meth:`radial_networks`': the cutoff, the geometry, the basis and every network, with
+        each value's derivative d/dr made alongside (forward mode); the backward is one kernel
+        for every output, the networks' part one sum per pair (dE/dr = sum of g . dout/dr),
+        where reverse mode takes every layer back. On a small molecule's GPU step: the
+        small-network kernel with the derivatives as more rows of its tiles, and no backward
+        kernel through the layers."""
         return torch.ops.tensornet_openmm.tangent_radial_networks(
             vec, centers, widths, kind, alpha, basis_lower, lower, upper, first_weight,
             first_bias, projection, networks, weights, biases, act,

@@ -234,10 +234,13 @@ class TensorNet(nn.Module):
         kernels = self.tensor_embedding.pair_kernels
         radial: list[Tensor] = []
         if kernels.applies(edge_vec):  # fused kernels: cutoff, geometry and basis in one pass
-            # (the networks differentiated forward make their own basis from the vectors)
-            tangent = self._one_operator(edge_vec) and kernels.tangent_networks(edge_vec)
-            cut, geom, basis = self._fused_geometry(edge_vec, tangent)
-            radial = self.radial_networks(cut, basis, edge_vec if tangent else None)
+            if self._one_operator(edge_vec) and kernels.tangent_networks(edge_vec):
+                # ... and the networks, differentiated forward, in the same operator
+                cut, geom, radial = self._tangent_radial(edge_vec)
+                basis = edge_vec.new_empty((edge_vec.shape[0], 0))  # (made and used inside)
+            else:
+                cut, geom, basis = self._fused_geometry(edge_vec)
+                radial = self.radial_networks(cut, basis)
             x = self.tensor_embedding(
                 z, src, dst, cut, geom.narrow(1, 1, 3), basis, self_basis, half, geom, edge_vec,
                 radial[0] if len(radial) > 0 else None,
@@ -273,22 +276,9 @@ class TensorNet(nn.Module):
                 return False
         return True
 
-    def radial_networks(
-        self, cut: Tensor, basis: Tensor, vec: Optional[Tensor] = None
-    ) -> list[Tensor]:
-        """Every pair's radial functions for the embedding and each layer, (P, 3, F) each, from
-        one operator where that applies (:meth:`_one_operator`; else an empty list: each layer
-        runs its own network): :meth:`PairKernels.radial_networks` (the networks' first
-        linears, which share the basis as input, one matrix product each way), or given the
-        pair vectors ``vec`` the same networks differentiated forward in r
-        (:meth:`PairKernels.tangent_radial_networks`, which makes the basis and the cutoff
-        itself)."""
-        emb = self.tensor_embedding
-        kernels = emb.pair_kernels
-        f = emb.hidden_channels
-        out: list[Tensor] = []
-        if not self._one_operator(basis if vec is None else vec):
-            return out
+    def _network_weights(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The layers' pair networks' further weights and biases, in order (the one-operator
+        networks' lists)."""
         weights: list[Tensor] = []
         biases: list[Tensor] = []
         for layer in self.layers:
@@ -297,21 +287,42 @@ class TensorNet(nn.Module):
             weights.append(lin[2].weight)
             biases.append(lin[1].bias)
             biases.append(lin[2].bias)
-        if vec is not None:
-            kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
-            made = kernels.tangent_radial_networks(
-                vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
-                self.cutoff_upper, self.stored_first_weight, self.stored_first_bias, 3 * f,
-                len(self.layers), weights, biases, self.mlp_activation,
-            )  # fmt: skip
-        else:
-            made = kernels.radial_networks(
-                basis, cut, self.stored_first_weight, self.stored_first_bias, 3 * f,
-                len(self.layers), weights, biases, self.mlp_activation,
-            )  # fmt: skip
+        return weights, biases
+
+    def radial_networks(self, cut: Tensor, basis: Tensor) -> list[Tensor]:
+        """Every pair's radial functions for the embedding and each layer, (P, 3, F) each, from
+        one operator (:meth:`PairKernels.radial_networks`: the networks' first linears, which
+        share the basis as input, one matrix product each way) where that applies
+        (:meth:`_one_operator`); else an empty list: each layer runs its own network."""
+        f = self.tensor_embedding.hidden_channels
+        out: list[Tensor] = []
+        if not self._one_operator(basis):
+            return out
+        weights, biases = self._network_weights()
+        made = self.tensor_embedding.pair_kernels.radial_networks(
+            basis, cut, self.stored_first_weight, self.stored_first_bias, 3 * f,
+            len(self.layers), weights, biases, self.mlp_activation,
+        )  # fmt: skip
         for radial in made:
-            out.append(radial.reshape(radial.shape[0], 3, f))
+            out.append(radial.reshape(basis.shape[0], 3, f))
         return out
+
+    def _tangent_radial(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The cutoff (P,), the packed geometry (P, 10) and :meth:`radial_networks`' functions
+        of the pair vectors from one operator, the networks differentiated forward in r
+        (:meth:`PairKernels.tangent_radial_networks`), where :meth:`_one_operator` applies."""
+        f = self.tensor_embedding.hidden_channels
+        kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
+        weights, biases = self._network_weights()
+        made = self.tensor_embedding.pair_kernels.tangent_radial_networks(
+            edge_vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
+            self.cutoff_upper, self.stored_first_weight, self.stored_first_bias, 3 * f,
+            len(self.layers), weights, biases, self.mlp_activation,
+        )  # fmt: skip
+        out: list[Tensor] = []
+        for radial in made[2:]:
+            out.append(radial.reshape(edge_vec.shape[0], 3, f))
+        return made[0], made[1], out
 
     def _tabulated(self) -> bool:
         """Whether the embedding and every layer have radial tables
@@ -334,14 +345,11 @@ class TensorNet(nn.Module):
             energy = energy + self.mean
         return energy, _grads([energy], [x], [torch.ones_like(energy)], False)[0]
 
-    def _fused_geometry(
-        self, edge_vec: Tensor, no_basis: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _fused_geometry(self, edge_vec: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Cosine cutoff (P,), packed geometry (P, 10) and radial basis (P, K) of pair vectors
-        in one operator (the fused kernels); no basis where every layer reads a table or
-        ``no_basis`` (the networks differentiated forward make their own)."""
+        in one operator (the fused kernels); no basis where every layer reads a table."""
         kind, centers, widths, alpha, basis_lower = self.distance_expansion.fused_parameters()
-        if no_basis or self._tabulated():  # no basis functions needed
+        if self._tabulated():  # the layers read tables: no basis functions needed
             centers, widths = centers[:0], widths[:0]
         return self.tensor_embedding.pair_kernels.geometry(
             edge_vec, centers, widths, kind, alpha, basis_lower, self.cutoff_lower,
