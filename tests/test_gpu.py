@@ -679,6 +679,92 @@ def test_small_network_kernels_on_cuda_equal_cpu(dtype):
         assert "network_forward_kernel" in names and "network_backward_kernel" in names, case
 
 
+def _tangent_case(device, dtype, pairs, functions, f, act, seed):
+    """tangent_radial_networks of ``pairs`` vectors (some beyond the 5 A cutoff) through the
+    bench model's shape of networks (a projection of 3 f, two networks f -> 2 f -> 3 f): every
+    output and the vectors' gradient seeded through all of them, on ``device`` in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, fan=1):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) / fan**0.5
+
+    directions = rand(pairs, 3)
+    lengths = torch.rand(pairs, generator=g, dtype=torch.float64) * 5.5 + 0.3
+    vec = directions / directions.norm(dim=1, keepdim=True) * lengths[:, None]
+    centers = torch.linspace(0.0, 1.0, functions, dtype=torch.float64)
+    widths = torch.full((functions,), 20.0, dtype=torch.float64)
+    w0, b0 = rand(5 * f, functions, fan=functions), rand(5 * f)
+    weights = [w for _ in range(2) for w in (rand(2 * f, f, fan=f), rand(3 * f, 2 * f, fan=2 * f))]
+    biases = [b for _ in range(2) for b in (rand(2 * f), rand(3 * f))]
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype)
+
+    x = cast(vec).requires_grad_()
+    outs = torch.ops.tensornet_openmm.tangent_radial_networks(
+        x, cast(centers), cast(widths), 0, 1.6, 0.0, 0.0, 5.0, cast(w0), cast(b0), 3 * f, 2,
+        [cast(w) for w in weights], [cast(b) for b in biases], act,
+    )  # fmt: skip
+    loss = sum((o * cast(rand(*o.shape))).sum() for o in outs)
+    (grad,) = torch.autograd.grad(loss, x)
+    return [t.detach().cpu().double() for t in (*outs, grad)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tangent_radial_networks_on_cuda_equal_cpu(dtype):
+    """The radial networks differentiated forward on a GPU (tangent_radial_networks:
+    radial_tangent_kernel, the small-network forward kernel with the derivatives as more rows,
+    tangent_grad_kernel; above 2,048 pairs cuBLAS's products and tangent_activate_kernel) give
+    the CPU's outputs and vectors' gradient (float64: to 1e-12; float32: to its rounding): the
+    bench model's networks at alanine dipeptide's 231 pairs (4 rows a block in 56 KB of shared
+    memory, the kernel's limit raised), odd small shapes with tanh, and 2,100 pairs; no
+    backward kernel through the layers runs, in a CUDA graph too."""
+    cuda_kernels()
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
+    for k, (pairs, functions, f, act) in enumerate(
+        [(231, 32, 128, 0), (5, 8, 7, 1), (300, 16, 11, 1), (2100, 32, 16, 0)]
+    ):
+        expected = _tangent_case("cpu", torch.float64, pairs, functions, f, act, k)
+        got = []
+        names = _cuda_kernel_names(
+            lambda: got.extend(  # noqa: B023
+                _tangent_case("cuda", dtype, pairs, functions, f, act, k)  # noqa: B023
+            )
+        )
+        for a, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, e, **tol, msg=f"tangent networks {pairs} x {f}")
+        assert "tangent_grad_kernel" in names and "network_backward_kernel" not in names, k
+        small = "network_forward_kernel" in names
+        assert small == (pairs <= 2048) and ("tangent_activate_kernel" in names) != small, k
+
+    # captured: the raised shared-memory limit set in the eager call before
+    def on_gpu(t):
+        return t.to(device="cuda", dtype=dtype)
+
+    x = on_gpu(torch.randn(231, 3) * 2.0)
+    shapes = [(256, 128), (384, 256)] * 2
+    args = (
+        on_gpu(torch.linspace(0.0, 1.0, 32)), on_gpu(torch.full((32,), 20.0)), 0, 1.6, 0.0, 0.0,
+        5.0, on_gpu(torch.randn(640, 32) / 6), on_gpu(torch.zeros(640)), 384, 2,
+        [on_gpu(torch.randn(s) / s[1] ** 0.5) for s in shapes],
+        [on_gpu(torch.zeros(s[0])) for s in shapes], 0,
+    )  # fmt: skip
+    op = torch.ops.tensornet_openmm.tangent_radial_networks
+    eager = [t.clone() for t in op(x, *args)]
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(x, *args)  # (warm-up on the capture's stream)
+        with torch.cuda.graph(graph, stream=stream):
+            captured = op(x, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, e in zip(captured, eager, strict=True):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["component_mix", "gated_mix"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_small_mix_kernel_on_cuda_equals_cpu(dtype, gated):
@@ -796,7 +882,9 @@ def _autograd_nodes(output):
 def test_cuda_force_module_runs_the_fused_cuda_kernels():
     """The force module as create_force makes it on a GPU machine (kernels by default), moved
     and frozen as openmm-torch does: its pair sums and 3x3 algebra go through the fused
-    operators on CUDA tensors, and it gives the eager model's energy and forces (float64)."""
+    operators on CUDA tensors, the geometry and the radial networks through one operator
+    differentiated forward (TangentRadialNetworks: no Geometry, no RadialNetworks), and it gives
+    the eager model's energy and forces (float64)."""
     cuda_kernels()
     model = small_model()
     z, pos = molecule()
@@ -807,10 +895,11 @@ def test_cuda_force_module_runs_the_fused_cuda_kernels():
     energy = frozen(x)
     nodes = _autograd_nodes(energy)
     fused = (
-        "Geometry", "Mlp", "EmbeddingSums", "EmbeddingPrepare", "MessagesSelf",
+        "TangentRadialNetworks", "Mlp", "EmbeddingSums", "EmbeddingPrepare", "MessagesSelf",
         "PackedProductNormalize", "PackedSquareAdd", "PackedNormalize", "ComponentMix",
     )  # fmt: skip
     assert not [op for op in fused if op not in nodes], sorted(nodes)
+    assert "Geometry" not in nodes and "RadialNetworks" not in nodes, sorted(nodes)
     (grad,) = torch.autograd.grad(energy, x)
     ref_energy, ref_forces = eager(model, z, pos)
     assert energy.item() == pytest.approx(ref_energy, rel=1e-10)

@@ -32,7 +32,7 @@
 #                                     the radial networks in reverse mode
 #                                     (..._TANGENT_NETWORKS=0), ours and tables, graphs on;
 #                                     each setting's kernel times; then the 4,866-atom step
-#                                     in forward and in reverse mode
+#                                     in forward (=1) and in reverse mode
 #   sums     (none)                   the 4,866-atom step with the gathered pair sums and     2 min
 #                                     without (TENSORNET_OPENMM_GATHER_SUMS=0: atomic adds),
 #                                     ours, graphs off
@@ -163,8 +163,8 @@ networks)
     # 22 atoms, the radial networks' kernels. Last, the channel mixing through cuBLAS's batched
     # product instead of small_mix_kernel (session 30). Second, the radial networks in reverse
     # mode (radial_networks: session 29's backward kernel) instead of forward mode (session 31's
-    # default on a GPU: the derivatives d/dr in the forward kernel, no backward through the
-    # layers). Each setting in a fresh process, one round (five settings: two rounds and the
+    # default on a GPU up to 2,048 pairs: the derivatives d/dr in the forward kernel, no
+    # backward through the layers). Each setting in a fresh process, one round (five settings: two rounds and the
     # kernel times took more than 6 minutes)
     settings=("TENSORNET_OPENMM_NETWORK_BACKWARD_THREADS=1024"
               "TENSORNET_OPENMM_TANGENT_NETWORKS=0"
@@ -188,9 +188,9 @@ networks)
             --top 60 >>"$out/networks_kernels.log" 2>&1
     done
     grep -E "^==|per call|network|tangent|gemm|Kernel|mix" "$out/networks_kernels.log" | cut -c1-120
-    # forward mode against reverse mode at 4,866 atoms (the networks through cuBLAS, the
-    # derivatives as a second product per layer), in turns
-    for setting in TENSORNET_OPENMM_TANGENT_NETWORKS= TENSORNET_OPENMM_TANGENT_NETWORKS=0; do
+    # forward mode (=1: above 2,048 pairs not the default) against reverse mode at 4,866 atoms
+    # (the networks through cuBLAS, the derivatives as a second product per layer), in turns
+    for setting in TENSORNET_OPENMM_TANGENT_NETWORKS=1 TENSORNET_OPENMM_TANGENT_NETWORKS=0; do
         echo "== $setting" >>"$out/networks_box.log"
         env "$setting" timeout 60 "${bench[@]}" --systems water --water-sizes 5000 \
             --routes ours --graphs off --seconds 1.5 --timeout 45 >>"$out/networks_box.log" 2>&1

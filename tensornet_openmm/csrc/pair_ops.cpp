@@ -3924,16 +3924,19 @@ std::vector<at::Tensor> tangent_radial_networks_op(
 }
 
 // Whether the model differentiates its radial networks forward (tangent_radial_networks) for
-// pairs on x's device: TENSORNET_OPENMM_TANGENT_NETWORKS unset or empty, on a GPU (on the CPU the
+// the pairs x (P, 3): TENSORNET_OPENMM_TANGENT_NETWORKS unset or empty, on a GPU where they are
+// a small network's rows (at most tn_math::kNetworkRows: the tangent forward kernel; above,
+// cuBLAS's products either way, and reverse mode is what the leases timed); on the CPU the
 // reverse mode, radial_networks, runs its products at MKL's peak with its fused activation
-// passes); 0, never; 1, everywhere (the CPU too: tests). Read at each call (a getenv, no launch).
+// passes. 0: never; 1: everywhere (larger systems and the CPU too). Read at each call (a
+// getenv, no launch).
 bool tangent_networks(const at::Tensor& x) {
   const char* v = std::getenv("TENSORNET_OPENMM_TANGENT_NETWORKS");
   const std::string text = v == nullptr ? "" : v;
   TORCH_CHECK(text.empty() || text == "0" || text == "1", "TENSORNET_OPENMM_TANGENT_NETWORKS='",
               text, "' is not a choice: give 0 (reverse mode), 1 (forward mode everywhere), or ",
-              "leave it unset for forward mode on a GPU");
-  return text == "1" || (text.empty() && x.is_cuda());
+              "leave it unset for forward mode on a GPU up to ", tn_math::kNetworkRows, " pairs");
+  return text == "1" || (text.empty() && x.is_cuda() && x.size(0) <= tn_math::kNetworkRows);
 }
 
 // ---- Tabulated radial functions -------------------------------------------------------------

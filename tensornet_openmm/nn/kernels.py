@@ -1010,7 +1010,8 @@ class FusedPairKernels(PairKernels):
         )
 
     def tangent_networks(self, like: Tensor) -> bool:
-        """On a GPU, unless ``TENSORNET_OPENMM_TANGENT_NETWORKS=0``; with ``=1`` on the CPU too
+        """On a GPU up to 2,048 pairs (the small-network kernels), unless
+        ``TENSORNET_OPENMM_TANGENT_NETWORKS=0``; with ``=1`` for more pairs and on the CPU too
         (the ``tangent_networks`` operator reads it at each call)."""
         return self.applies(like) and torch.ops.tensornet_openmm.tangent_networks(like)
 
