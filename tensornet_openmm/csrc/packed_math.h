@@ -395,22 +395,38 @@ TN_MATH T basis_value(const GeometryParams<T>& g, int64_t k, T r, T c0, T c0_slo
   return value;
 }
 
+// the factors every basis value at r shares (basis_value's c0, its slope and e): the
+// exp-normal basis's inner cutoff and exp(alpha (basis_lower - r)); 1, 0 and 0 for Gaussians
+template <typename T>
+TN_MATH void basis_factors(const GeometryParams<T>& g, T r, T* c0, T* c0_slope, T* e) {
+  *c0 = T(1);
+  *c0_slope = T(0);
+  *e = T(0);
+  if (g.kind == kExpNormal) {
+    *c0 = cosine_cut(r, T(0), g.upper, c0_slope);
+    *e = exp(g.alpha * (g.basis_lower - r));
+  }
+}
+
+// geom (kGeometry) = (1, u, u u^T as [xx, yy, zz, xy, xz, yz]) of u = v / r
+template <typename T>
+TN_MATH void packed_direction(const T* v, T r, T* geom) {
+  const T u[3] = {v[0] / r, v[1] / r, v[2] / r};
+  geom[0] = T(1);
+  geom[1] = u[0]; geom[2] = u[1]; geom[3] = u[2];
+  geom[4] = u[0] * u[0]; geom[5] = u[1] * u[1]; geom[6] = u[2] * u[2];
+  geom[7] = u[0] * u[1]; geom[8] = u[0] * u[2]; geom[9] = u[1] * u[2];
+}
+
 // cut (1), geom (kGeometry) and basis (k) of one pair vector v (3).
 template <typename T>
 TN_MATH void geometry(const GeometryParams<T>& g, const T* v, T* cut, T* geom, T* basis) {
   const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
   T slope;
   *cut = cosine_cut(r, g.lower, g.upper, &slope);
-  const T u[3] = {v[0] / r, v[1] / r, v[2] / r};
-  geom[0] = T(1);
-  geom[1] = u[0]; geom[2] = u[1]; geom[3] = u[2];
-  geom[4] = u[0] * u[0]; geom[5] = u[1] * u[1]; geom[6] = u[2] * u[2];
-  geom[7] = u[0] * u[1]; geom[8] = u[0] * u[2]; geom[9] = u[1] * u[2];
-  T c0 = T(1), c0_slope = T(0), e = T(0);
-  if (g.kind == kExpNormal) {
-    c0 = cosine_cut(r, T(0), g.upper, &c0_slope);
-    e = exp(g.alpha * (g.basis_lower - r));
-  }
+  packed_direction(v, r, geom);
+  T c0, c0_slope, e;
+  basis_factors(g, r, &c0, &c0_slope, &e);
   for (int64_t k = 0; k < g.k; ++k) {
     T unused;
     basis[k] = basis_value(g, k, r, c0, c0_slope, e, &unused);
@@ -425,16 +441,9 @@ TN_MATH void radial_tangent(const GeometryParams<T>& g, const T* v, T* cut, T* c
                             T* geom, T* basis, T* basis_slope) {
   const T r = sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
   *cut = cosine_cut(r, g.lower, g.upper, cut_slope);
-  const T u[3] = {v[0] / r, v[1] / r, v[2] / r};
-  geom[0] = T(1);
-  geom[1] = u[0]; geom[2] = u[1]; geom[3] = u[2];
-  geom[4] = u[0] * u[0]; geom[5] = u[1] * u[1]; geom[6] = u[2] * u[2];
-  geom[7] = u[0] * u[1]; geom[8] = u[0] * u[2]; geom[9] = u[1] * u[2];
-  T c0 = T(1), c0_slope = T(0), e = T(0);
-  if (g.kind == kExpNormal) {
-    c0 = cosine_cut(r, T(0), g.upper, &c0_slope);
-    e = exp(g.alpha * (g.basis_lower - r));
-  }
+  packed_direction(v, r, geom);
+  T c0, c0_slope, e;
+  basis_factors(g, r, &c0, &c0_slope, &e);
   for (int64_t k = 0; k < g.k; ++k) basis[k] = basis_value(g, k, r, c0, c0_slope, e, basis_slope + k);
 }
 
@@ -452,11 +461,8 @@ TN_MATH void geometry_grad(const GeometryParams<T>& g, const T* v, const T* g_cu
     d_r += *g_cut * slope;
   }
   if (g_basis != nullptr) {
-    T c0 = T(1), c0_slope = T(0), e = T(0);
-    if (g.kind == kExpNormal) {
-      c0 = cosine_cut(r, T(0), g.upper, &c0_slope);
-      e = exp(g.alpha * (g.basis_lower - r));
-    }
+    T c0, c0_slope, e;
+    basis_factors(g, r, &c0, &c0_slope, &e);
     for (int64_t k = 0; k < g.k; ++k) {
       T slope;
       basis_value(g, k, r, c0, c0_slope, e, &slope);
