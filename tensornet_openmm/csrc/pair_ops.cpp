@@ -3827,7 +3827,7 @@ class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetw
                               networks, weights, biases, activation, outs[2],
                               at::TensorList(outs).slice(3), tan);
     } else if (pairs > 0) {
-      RECORD_FUNCTION("tensornet_openmm::tangent_networks", std::vector<c10::IValue>());
+      RECORD_FUNCTION("tensornet_openmm::tangent_products", std::vector<c10::IValue>());
       const at::Tensor z0 = at::addmm(first_bias, basis, first_weight.t());
       const at::Tensor t0 = at::mm(tbasis, first_weight.t());
       tangent_activate(kIdentity, z0.narrow(1, 0, projection), t0.narrow(1, 0, projection), cut,
