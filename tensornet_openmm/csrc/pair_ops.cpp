@@ -3626,6 +3626,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> geometry_kernel(
   return {cut, geom, basis};
 }
 
+// The CPU's loop of geometry_grad_kernel; d_r (pairs), where defined, a further dL/dr per pair
+// (tangent_radial_networks' backward: its networks')
+at::Tensor geometry_grad_cpu(const at::Tensor& vec, const at::Tensor& centers,
+                             const at::Tensor& widths, int64_t kind, double alpha,
+                             double basis_lower, double lower, double upper,
+                             const at::Tensor& g_cut, const at::Tensor& g_geom,
+                             const at::Tensor& g_basis, const at::Tensor& d_r = at::Tensor()) {
+  const int64_t pairs = vec.size(0), k = centers.size(0);
+  at::Tensor g_vec = at::empty_like(vec);
+  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry_backward", [&] {
+    const tn_math::GeometryParams<scalar_t> g(kind, alpha, basis_lower, lower, upper,
+                                              centers.data_ptr<scalar_t>(),
+                                              widths.data_ptr<scalar_t>(), centers.size(0));
+    const scalar_t* v = vec.data_ptr<scalar_t>();
+    const scalar_t *gc = g_cut.defined() ? g_cut.data_ptr<scalar_t>() : nullptr,
+                   *gg = g_geom.defined() ? g_geom.data_ptr<scalar_t>() : nullptr,
+                   *gb = g_basis.defined() ? g_basis.data_ptr<scalar_t>() : nullptr,
+                   *dr = d_r.defined() ? d_r.data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = g_vec.data_ptr<scalar_t>();
+    split(pairs, kPairGrain, pairs * (k + 1) * kGeometryWork, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        tn_math::geometry_grad(g, v + 3 * p, gc == nullptr ? nullptr : gc + p,
+                               gg == nullptr ? nullptr : gg + tn_math::kGeometry * p,
+                               gb == nullptr ? nullptr : gb + k * p, out + 3 * p,
+                               dr == nullptr ? scalar_t(0) : dr[p]);
+      }
+    });
+  });
+  return g_vec;
+}
+
 at::Tensor geometry_grad_kernel(const at::Tensor& vec, const at::Tensor& centers,
                                 const at::Tensor& widths, int64_t kind, double alpha,
                                 double basis_lower, double lower, double upper,
@@ -3637,26 +3668,8 @@ at::Tensor geometry_grad_kernel(const at::Tensor& vec, const at::Tensor& centers
                                   g_cut, g_geom, g_basis);
   }
 #endif
-  const int64_t pairs = vec.size(0), k = centers.size(0);
-  at::Tensor g_vec = at::empty_like(vec);
-  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_geometry_backward", [&] {
-    const tn_math::GeometryParams<scalar_t> g(kind, alpha, basis_lower, lower, upper,
-                                              centers.data_ptr<scalar_t>(),
-                                              widths.data_ptr<scalar_t>(), centers.size(0));
-    const scalar_t* v = vec.data_ptr<scalar_t>();
-    const scalar_t *gc = g_cut.defined() ? g_cut.data_ptr<scalar_t>() : nullptr,
-                   *gg = g_geom.defined() ? g_geom.data_ptr<scalar_t>() : nullptr,
-                   *gb = g_basis.defined() ? g_basis.data_ptr<scalar_t>() : nullptr;
-    scalar_t* out = g_vec.data_ptr<scalar_t>();
-    split(pairs, kPairGrain, pairs * (k + 1) * kGeometryWork, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        tn_math::geometry_grad(g, v + 3 * p, gc == nullptr ? nullptr : gc + p,
-                               gg == nullptr ? nullptr : gg + tn_math::kGeometry * p,
-                               gb == nullptr ? nullptr : gb + k * p, out + 3 * p);
-      }
-    });
-  });
-  return g_vec;
+  return geometry_grad_cpu(vec, centers, widths, kind, alpha, basis_lower, lower, upper, g_cut,
+                           g_geom, g_basis);
 }
 
 class Geometry : public torch::autograd::Function<Geometry> {
@@ -3890,25 +3903,8 @@ class TangentRadialNetworks : public torch::autograd::Function<TangentRadialNetw
       if (g[o].defined()) d_r += (g[o] * tan.narrow(1, offset, widths[o])).sum(1);
       offset += widths[o];
     }
-    const int64_t pairs = vec.size(0);
-    at::Tensor g_vec = at::empty({pairs, 3}, vec.options());
-    AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "tensornet_openmm_tangent_grad", [&] {
-      const tn_math::GeometryParams<scalar_t> gp(kind, geo[0], geo[1], geo[2], geo[3],
-                                                 centers.data_ptr<scalar_t>(),
-                                                 basis_widths.data_ptr<scalar_t>(), centers.size(0));
-      const scalar_t *v = vec.data_ptr<scalar_t>(), *dr = d_r.data_ptr<scalar_t>();
-      const scalar_t *gc = g_cut.defined() ? g_cut.data_ptr<scalar_t>() : nullptr,
-                     *gg = g_geom.defined() ? g_geom.data_ptr<scalar_t>() : nullptr;
-      scalar_t* out = g_vec.data_ptr<scalar_t>();
-      split(pairs, kPairGrain, pairs * kGeometryWork, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          tn_math::geometry_grad(gp, v + 3 * p, gc == nullptr ? nullptr : gc + p,
-                                 gg == nullptr ? nullptr : gg + tn_math::kGeometry * p,
-                                 static_cast<const scalar_t*>(nullptr), out + 3 * p, dr[p]);
-        }
-      });
-    });
-    result[0] = g_vec;
+    result[0] = geometry_grad_cpu(vec, centers, basis_widths, kind, geo[0], geo[1], geo[2], geo[3],
+                                  g_cut, g_geom, at::Tensor(), d_r);
     return result;
   }
 };

@@ -1933,18 +1933,26 @@ NetShape net_shape(int64_t rows, int64_t k, int64_t t0, int64_t proj, int64_t ne
   return s;
 }
 
-// the current device's multiprocessors (asked once per device: no synchronisation)
-int64_t multiprocessors() {
-  static int counts[64] = {};
+// an attribute of the current device, asked once per device (no synchronisation); `outside`
+// for a device index beyond the first 64
+template <cudaDeviceAttr A>
+int device_attribute(int outside) {
+  static int values[64] = {};
+  static bool asked[64] = {};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int count = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = count > 0 ? count : 1;
+  if (device < 0 || device >= 64) return outside;
+  if (!asked[device]) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&values[device], A, device));
+    asked[device] = true;
   }
-  return counts[device];
+  return values[device];
+}
+
+// the current device's multiprocessors
+int64_t multiprocessors() {
+  const int count = device_attribute<cudaDevAttrMultiProcessorCount>(132);
+  return count > 0 ? count : 1;
 }
 
 // A launcher's setting, read from the environment: one of ``allowed`` (unset or empty: the
@@ -1996,26 +2004,15 @@ size_t block_shared(const NetShape& s, int r, bool backward, size_t bytes, bool 
 }
 
 // The shared memory a block of the tangent forward may take: up to kTangentShared where the
-// device lets a kernel opt in to more than the default 48 KB (asked once per device: no
-// synchronisation). The derivatives' rows double the rows' part of a block's shared memory: in
+// device lets a kernel opt in to more than the default 48 KB. The derivatives' rows double the rows' part of a block's shared memory: in
 // 48 KB alanine dipeptide's radial networks would run 2 rows a block, 464 blocks, about two
 // waves of two blocks a multiprocessor, where the plain forward runs 4 rows in 232 blocks (one
 // wave); in 56 KB the tangent forward runs 4 rows too.
 constexpr size_t kTangentShared = 96 * 1024;
 
 size_t tangent_shared_limit() {
-  static int limits[64] = {};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= 64) return kNetworkShared;
-  if (limits[device] == 0) {
-    int optin = 0;
-    C10_CUDA_CHECK(
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    limits[device] = static_cast<int>(
-        std::max(kNetworkShared, std::min(kTangentShared, static_cast<size_t>(optin))));
-  }
-  return static_cast<size_t>(limits[device]);
+  const int optin = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(0);
+  return std::max(kNetworkShared, std::min(kTangentShared, static_cast<size_t>(optin)));
 }
 
 // A tangent forward kernel's limit of dynamic shared memory raised to tangent_shared_limit(),
